@@ -1,0 +1,103 @@
+"""The ``fedlm`` command line: run, compare, and data tools. Errors print one line; ``--debug`` shows tracebacks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fedlm.errors import FedlmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated training of large language models.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect data and partitions.")
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="experiment YAML (default: the embedded quickstart defaults)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show full tracebacks")]
+
+
+def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
+    """Run ``action``; a FedlmError (or a broken input found deeper) becomes one line and exit code 2."""
+    try:
+        return action()
+    except FedlmError as exc:
+        if debug:
+            raise
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted; continue with --resume", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in output_dir from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output_dir")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run a federated experiment; results go to the config's `output_dir`."""
+
+    def action() -> None:
+        from fedlm.config_io import load_config
+        from fedlm.experiment import build_session, run_federated
+        from fedlm.reporting.progress import RunConsole
+        from fedlm.reporting.run_dir import prepare_run_dir
+
+        cfg = load_config(config, set_ or [])
+        run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
+        console = RunConsole(run_dir.log)
+        session = build_session(cfg, console)
+        run_federated(session, run_dir, resume, console)
+        console.print(f"[green]done[/green]: {run_dir.root} (report.md, metrics.jsonl, adapter/)")
+
+    _guarded(debug, action)
+
+
+@app.command()
+def compare(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output folder")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare base model, local-only clients, centralized and federated training on the same budget."""
+
+    def action() -> None:
+        from fedlm.compare import run_compare
+        from fedlm.config_io import load_config
+
+        cfg = load_config(config, set_ or [])
+        run_compare(cfg, overwrite=overwrite)
+
+    _guarded(debug, action)
+
+
+@data_app.command("partition")
+def data_partition(config: ConfigArg = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Print each client's training-set size and field mix under the config's partition."""
+
+    def action() -> None:
+        from fedlm.config_io import load_config
+        from fedlm.data.describe import print_partition
+
+        print_partition(load_config(config, set_ or []))
+
+    _guarded(debug, action)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="fedlm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

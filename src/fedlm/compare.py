@@ -1,0 +1,135 @@
+"""``fedlm compare``: base model, local-only clients, centralized and federated training on equal budgets.
+
+(a) base: the starting model (LoRA with B = 0 is exactly the base model);
+(b) local-only: each client trains alone for as many optimizer steps as it trains in the federation;
+(c) centralized: one trainer on the union of the clients' data for the federation's total number of steps;
+(d) federated: the configured federation (a full run directory under ``federated/``).
+All four are scored by the same evaluator on the same global test set and client test shares.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fedlm.config import ExperimentConfig
+from fedlm.errors import FedlmError
+from fedlm.evaluation.evaluator import GLOBAL_SPLIT
+from fedlm.experiment import Session, build_session, run_federated
+from fedlm.federation.sampling import sample_clients
+from fedlm.federation.schedule import lr_at
+from fedlm.federation.trainer import LocalPlan
+from fedlm.federation.update import TensorDict
+from fedlm.reporting.progress import Progress, RunConsole
+from fedlm.reporting.report import markdown_table
+from fedlm.reporting.run_dir import RunDir
+from fedlm.seeding import derive_seed
+
+METRICS = ("loss", "perplexity", "rouge_l", "exact_match")
+
+
+def local_step_counts(config: ExperimentConfig, client_names: list[str]) -> dict[str, int]:
+    """Optimizer steps each client takes in the federation: rounds it is sampled in x local_steps."""
+    counts = dict.fromkeys(client_names, 0)
+    for round_num in range(1, config.federation.rounds + 1):
+        for client in sample_clients(client_names, config.federation.clients_per_round, config.seed, round_num):
+            counts[client] += config.federation.local_steps
+    return counts
+
+
+def train_alone(session: Session, name: str, examples: list, steps: int, progress: Progress) -> TensorDict:
+    """Train one model from the starting adapter on ``examples`` for ``steps`` steps (the same lr schedule)."""
+    fed = session.config.federation
+    lrs = [lr_at(s / steps, base_lr=fed.lr, schedule=fed.lr_schedule, min_lr_ratio=fed.min_lr_ratio) for s in range(steps)]
+    plan = LocalPlan(round=1, lrs=lrs, batch_size=fed.batch_size, seed=derive_seed(session.config.seed, "baseline", name))
+    task = progress.task(f"train {name}", 1)
+    update = session.trainer().train(name, examples, session.initial_state, plan)
+    task.done()
+    return {k: session.initial_state[k] + update.tensors[k] for k in update.tensors}
+
+
+def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
+    """Run the four arms into ``output_dir`` and write ``comparison.md`` and ``comparison.json`` there."""
+    root = Path(config.output_dir)
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise FedlmError(f"output_dir {str(root)!r} already holds results; pass --overwrite or set another `output_dir`")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    console = RunConsole(root / "compare.log")
+    session = build_session(config, console)
+    arms: dict[str, list[dict[str, Any]]] = {}
+    with Progress(console) as progress:
+        evaluator = session.evaluator(progress)
+        arms["base"] = evaluator.evaluate(session.initial_state, 0).records
+        console.print(f"base: {_global(arms['base'])}")
+        counts = local_step_counts(config, session.data.client_names)
+        for client, steps in counts.items():
+            if steps == 0:
+                continue
+            state = train_alone(session, f"local-{client}", session.data.client_train[client], steps, progress)
+            arms[f"local:{client}"] = evaluator.evaluate(state, 0).records
+            console.print(f"local-only {client} ({steps} steps): {_global(arms[f'local:{client}'])}")
+        total = sum(counts.values())
+        state = train_alone(session, "centralized", session.data.union_train(), total, progress)
+        arms["centralized"] = evaluator.evaluate(state, 0).records
+        console.print(f"centralized ({total} steps): {_global(arms['centralized'])}")
+    fed_dir = RunDir(root / "federated")
+    fed_dir.root.mkdir(parents=True, exist_ok=True)
+    final = run_federated(session, fed_dir, resume=False, console=console)
+    arms["federated"] = session.evaluator(None).evaluate(final, config.federation.rounds).records
+    summary = summarize(arms, session.data.client_names)
+    (root / "comparison.json").write_text(json.dumps(summary, indent=1))
+    (root / "comparison.md").write_text(comparison_markdown(summary))
+    console.print(comparison_markdown(summary))
+    return summary
+
+
+def summarize(arms: dict[str, list[dict[str, Any]]], clients: list[str]) -> dict[str, Any]:
+    """Global-test metrics per arm (local-only also as the mean over clients) and each client's test share."""
+    rows = {name: _by_split(records) for name, records in arms.items()}
+    local = [name for name in rows if name.startswith("local:")]
+    global_rows = []
+    for name in ("base", "centralized", "federated"):
+        global_rows.append({"method": name, **{m: rows[name][GLOBAL_SPLIT].get(m) for m in METRICS}})
+    if local:
+        mean = {m: _mean([rows[n][GLOBAL_SPLIT].get(m) for n in local]) for m in METRICS}
+        global_rows.insert(1, {"method": "local-only (mean)", **mean})
+    per_client = []
+    for client in clients:
+        split = f"client_{client}_test"
+        row: dict[str, Any] = {"client": client}
+        for name in ("base", "centralized", "federated", f"local:{client}"):
+            key = "local-only" if name.startswith("local:") else name
+            row[key] = rows.get(name, {}).get(split, {}).get("rouge_l" if "rouge_l" in rows["base"][GLOBAL_SPLIT] else "loss")
+        per_client.append(row)
+    local_global = {n.removeprefix("local:"): {m: rows[n][GLOBAL_SPLIT].get(m) for m in METRICS} for n in local}
+    return {"global_test": global_rows, "per_client": per_client, "local_only_global_test": local_global}
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    """The comparison tables in markdown."""
+    per_metric = "rouge_l" if summary["global_test"][0].get("rouge_l") is not None else "loss"
+    return (
+        "## Global test set\n\n"
+        + markdown_table(summary["global_test"], ["method", *METRICS])
+        + f"\n\n## Each client's test share ({per_metric})\n\n"
+        + markdown_table(summary["per_client"], ["client", "base", "local-only", "centralized", "federated"])
+        + "\n"
+    )
+
+
+def _by_split(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["split"]: r for r in records}
+
+
+def _global(records: list[dict[str, Any]]) -> str:
+    glob = _by_split(records)[GLOBAL_SPLIT]
+    return ", ".join(f"{m} {glob[m]:.4f}" for m in METRICS if glob.get(m) is not None)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

@@ -1,0 +1,152 @@
+"""The experiment config: one typed, validated pydantic model per YAML section.
+
+Unknown keys and bad values are refused at load time with a message that names the field and the fix
+(see :mod:`fedlm.config_io` for YAML loading, ``--set`` overrides and error formatting).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which base model to load and how.
+
+    ``name`` is an alias (``smollm2-135m-instruct``, ``tiny-random-llama``), a local directory, a ``.gguf`` file
+    or a Hugging Face hub id.
+    """
+
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    revision: str | None = None
+
+
+class PeftConfig(Section):
+    """The parameter-efficient method. Only the trainable tensors of this adapter ever leave a client."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+class DataConfig(Section):
+    """Where the examples come from and how they become token sequences."""
+
+    train: str = Field("embedded:wordnet_defs", description="file, folder, or embedded:<name>")
+    test: str | None = Field(None, description="held-out file; without it a seeded split of `train`")
+    format: Literal["auto", "alpaca", "messages"] = "auto"
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    max_length: int = Field(256, ge=8, description="tokens per example; longer ones are cut from the right")
+    max_train_examples: int | None = Field(None, ge=1)
+    system_prompt: str | None = Field(None, description="system message put before every conversation")
+
+
+class PartitionConfig(Section):
+    """How the training (and test) examples are split among clients."""
+
+    method: Literal["iid", "dirichlet", "by_field", "quantity"] = "by_field"
+    num_clients: int | None = Field(None, ge=1, description="required except for by_field")
+    field: str | None = "domain"
+    alpha: float = Field(0.5, gt=0.0)
+    min_examples: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> PartitionConfig:
+        if self.method != "by_field" and self.num_clients is None:
+            raise ValueError(f"`partition.num_clients` is required for `partition.method: {self.method}`")
+        if self.method in ("by_field", "dirichlet") and not self.field:
+            raise ValueError(f"`partition.field` is required for `partition.method: {self.method}`")
+        return self
+
+
+class FederationConfig(Section):
+    """What a round is and who runs it."""
+
+    runtime: Literal["simulation"] = "simulation"
+    rounds: int = Field(3, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
+    min_clients: int = Field(1, ge=1, description="fewest valid updates for a round to be aggregated")
+    local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for linear and cosine")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class AggregationConfig(BaseModel):
+    """The server aggregator by registered name; its own parameters sit beside ``name`` and are checked by it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "fedavg"
+
+    def params(self) -> dict[str, Any]:
+        """The aggregator's parameters: every key but ``name``."""
+        return dict(self.model_extra or {})
+
+
+class ObjectiveConfig(Section):
+    """The training objective. A bare string in YAML (``objective: sft``) means ``{name: sft}``."""
+
+    name: Literal["sft"] = "sft"
+
+
+class EvalConfig(Section):
+    """When and how the global model is evaluated."""
+
+    every: int = Field(1, ge=0, description="evaluate every N rounds (0: only the last round)")
+    at_start: bool = Field(True, description="evaluate the starting model as round 0")
+    generate: bool = True
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="seeded subsample of the test set")
+
+
+class ExperimentConfig(Section):
+    """One federated experiment."""
+
+    seed: int = 0
+    output_dir: str = "runs/experiment"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        n, k = self.partition.num_clients, self.federation.clients_per_round
+        if n is not None and k is not None and k > n:
+            raise ValueError(
+                f"`federation.clients_per_round` must be <= `partition.num_clients` ({n}), got {k}"
+            )
+        if k is not None and self.federation.min_clients > k:
+            raise ValueError(
+                f"`federation.min_clients` ({self.federation.min_clients}) must be <= "
+                f"`federation.clients_per_round` ({k})"
+            )
+        return self

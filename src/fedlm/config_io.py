@@ -1,0 +1,89 @@
+"""Loading the experiment config from YAML, applying ``--set a.b=value`` overrides, saving it resolved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from fedlm.config import ExperimentConfig
+from fedlm.errors import FedlmError
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or the embedded defaults when ``path`` is None), apply overrides, validate.
+
+    Raises:
+        FedlmError: the file is missing or not YAML, an override is malformed, or a field is invalid.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FedlmError(f"config file {str(path)!r} does not exist; pass the path of a YAML file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise FedlmError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise FedlmError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping into an :class:`ExperimentConfig`, with one readable line per problem."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise FedlmError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Turn pydantic's report into lines like "`federation.rounds`: Input should be greater than or equal to 1"."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"`{loc}` is not a known config key; remove it or check its spelling")
+        elif loc:
+            lines.append(f"`{loc}`: {err['msg']} (got {err.get('input')!r})")
+        else:
+            lines.append(err["msg"].removeprefix("Value error, "))
+    return "invalid config: " + "; ".join(lines)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in the nested mapping ``raw``; the value is parsed as YAML (``8``, ``true``, ``[a, b]``)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise FedlmError(f"override {item!r} must look like section.key=value, e.g. federation.rounds=5")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise FedlmError(f"override {item!r}: `{part}` is a value, not a section")
+        node = child
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if parts[-1] == "name" and value is not None:
+        value = str(value)
+    node[parts[-1]] = value
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as plain data, every default filled in (aggregator parameters kept)."""
+    return config.model_dump(mode="json")
+
+
+def save_config(config: ExperimentConfig, path: Path) -> None:
+    """Write the resolved config as YAML (it loads back to an equal config)."""
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

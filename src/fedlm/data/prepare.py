@@ -1,0 +1,149 @@
+"""From ``data`` and ``partition`` config to tokenized per-client training sets and a test set with client shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.config import DataConfig, EvalConfig, PartitionConfig
+from fedlm.data.formats import Message, detect_format, prompt_and_reference, to_messages
+from fedlm.data.partition import Partition, partition_examples
+from fedlm.data.readers import EMBEDDED_PREFIX, Record, read_records
+from fedlm.data.tokenize import TokenizedExample, tokenize_conversation
+from fedlm.errors import FedlmError
+from fedlm.seeding import derive_seed
+
+
+@dataclass
+class TestExample:
+    """One held-out example: its record (all fields), prompt, reference answer and tokenized conversation."""
+
+    record: Record
+    prompt: list[Message]
+    reference: str
+    tokens: TokenizedExample
+    client: str | None
+
+
+@dataclass
+class FederatedData:
+    """Each client's tokenized training examples, and the shared test set whose examples carry a client share."""
+
+    client_names: list[str]
+    client_train: dict[str, list[TokenizedExample]]
+    test: list[TestExample]
+
+    def union_train(self) -> list[TokenizedExample]:
+        """All clients' training examples, in client order (for the centralized baseline)."""
+        return [ex for name in self.client_names for ex in self.client_train[name]]
+
+
+def load_split_records(data: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
+    """Train and test records: ``data.test`` if given (or the embedded test split), else a seeded split."""
+    train = read_records(data.train, "data.train")
+    if data.test is not None:
+        test = read_records(data.test, "data.test")
+    elif data.train.startswith(EMBEDDED_PREFIX) and "/" not in data.train:
+        test = read_records(f"{data.train}/test", "data.test")
+    else:
+        order = np.random.default_rng(derive_seed(seed, "test-split") % 2**32).permutation(len(train))
+        cut = max(1, int(round(len(train) * data.test_fraction)))
+        if cut >= len(train):
+            raise FedlmError(f"`data.test_fraction` {data.test_fraction} leaves no training examples out of {len(train)}")
+        test = [train[i] for i in sorted(order[:cut])]
+        train = [train[i] for i in sorted(order[cut:])]
+    if data.max_train_examples is not None and len(train) > data.max_train_examples:
+        train = _subsample(train, data.max_train_examples, derive_seed(seed, "train-subsample"))
+    return train, test
+
+
+def prepare_federated_data(
+    data: DataConfig,
+    partition: PartitionConfig,
+    evaluation: EvalConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+) -> FederatedData:
+    """Read, convert, partition and tokenize; every client must end up with at least one usable example."""
+    train_records, test_records = load_split_records(data, seed)
+    if evaluation.max_examples is not None and len(test_records) > evaluation.max_examples:
+        test_records = _subsample(test_records, evaluation.max_examples, derive_seed(seed, "eval-subsample"))
+    fmt = detect_format(train_records, data.format, "data.train")
+    detect_format(test_records, fmt, "data.test")
+    train_part = split_among_clients(train_records, partition, seed)
+    test_owner = assign_test_shares(test_records, train_part, partition, seed)
+    client_train: dict[str, list[TokenizedExample]] = {}
+    for name, indices in zip(train_part.client_names, train_part.client_indices):
+        examples = [_tokenize(train_records[i], fmt, data, tokenizer, f"data.train example {i}") for i in indices]
+        examples = [ex for ex in examples if ex.num_target_tokens > 0]
+        if not examples:
+            raise FedlmError(
+                f"client {name!r} has no training example with response tokens within `data.max_length` "
+                f"({data.max_length}); raise `data.max_length`"
+            )
+        client_train[name] = examples
+    test = []
+    for i, record in enumerate(test_records):
+        messages = to_messages(record, fmt, data.system_prompt, f"data.test example {i}")
+        prompt, reference = prompt_and_reference(messages)
+        tokens = tokenize_conversation(tokenizer, messages, data.max_length)
+        test.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=test_owner[i]))
+    return FederatedData(client_names=list(train_part.client_names), client_train=client_train, test=test)
+
+
+def split_among_clients(records: list[Record], partition: PartitionConfig, seed: int) -> Partition:
+    """The training partition for ``partition`` (its seed derived from the experiment seed)."""
+    return partition_examples(
+        records,
+        method=partition.method,
+        num_clients=partition.num_clients,
+        seed=derive_seed(seed, "partition") % 2**32,
+        alpha=partition.alpha,
+        field=partition.field,
+        min_examples=partition.min_examples,
+        role="train",
+    )
+
+
+def assign_test_shares(
+    records: list[Record], train_part: Partition, partition: PartitionConfig, seed: int
+) -> list[str | None]:
+    """The client whose test share each test example belongs to (None: only in the global test set).
+
+    ``by_field`` matches the example's field value to the client's name; the other methods partition the test
+    set with the same seed, so each client's test share follows its training distribution.
+    """
+    if partition.method == "by_field":
+        names = set(train_part.client_names)
+        owner = []
+        for record in records:
+            value = record.get(partition.field or "")
+            owner.append(str(value) if value is not None and str(value) in names else None)
+        return owner
+    test_part = partition_examples(
+        records,
+        method=partition.method,
+        num_clients=len(train_part.client_names),
+        seed=derive_seed(seed, "partition") % 2**32,
+        alpha=partition.alpha,
+        field=partition.field,
+        role="test",
+    )
+    owner: list[str | None] = [None] * len(records)
+    for name, indices in zip(train_part.client_names, test_part.client_indices):
+        for i in indices:
+            owner[i] = name
+    return owner
+
+
+def _tokenize(
+    record: Record, fmt: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, where: str
+) -> TokenizedExample:
+    return tokenize_conversation(tokenizer, to_messages(record, fmt, data.system_prompt, where), data.max_length)
+
+
+def _subsample(records: list[Record], count: int, seed: int) -> list[Record]:
+    keep = np.random.default_rng(seed % 2**32).choice(len(records), size=count, replace=False)
+    return [records[i] for i in sorted(keep)]

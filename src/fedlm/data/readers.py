@@ -1,0 +1,103 @@
+"""Reading example records from JSON, JSONL, CSV and Parquet files, ``datasets.save_to_disk`` folders,
+and the datasets embedded in fedlm (``embedded:<name>``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedlm.errors import FedlmError
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+Record = dict[str, Any]
+
+
+def embedded_path(spec: str) -> Path:
+    """``embedded:wordnet_defs`` -> its train file; ``embedded:wordnet_defs/test`` -> its test file."""
+    name = spec.removeprefix(EMBEDDED_PREFIX)
+    dataset, _, split = name.partition("/")
+    path = EMBEDDED_DIR / dataset / f"{split or 'train'}.jsonl"
+    if not path.is_file():
+        known = sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir())
+        raise FedlmError(f"embedded dataset {spec!r} does not exist; known: {', '.join(known)} (add /test for the test split)")
+    return path
+
+
+def read_records(source: str, field_name: str = "data.train") -> list[Record]:
+    """Read every record of ``source`` (a file, a ``load_from_disk`` folder, or ``embedded:<name>``).
+
+    Raises:
+        FedlmError: the path does not exist, its format is unknown, or it holds no records.
+    """
+    path = embedded_path(source) if source.startswith(EMBEDDED_PREFIX) else Path(source).expanduser()
+    if not path.exists():
+        raise FedlmError(f"`{field_name}`: {source!r} does not exist; give a .json/.jsonl/.csv/.parquet file or a dataset folder")
+    if path.is_dir():
+        records = _read_saved_dataset(path, field_name)
+    else:
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        if suffix not in readers:
+            raise FedlmError(f"`{field_name}`: unknown file type {suffix!r} for {source!r}; use .json, .jsonl, .csv or .parquet")
+        records = readers[suffix](path, field_name)
+    if not records:
+        raise FedlmError(f"`{field_name}`: {source!r} holds no examples")
+    return records
+
+
+def _read_jsonl(path: Path, field_name: str) -> list[Record]:
+    records = []
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FedlmError(f"`{field_name}`: {path} line {line_no} is not JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise FedlmError(f"`{field_name}`: {path} line {line_no} is not a JSON object")
+            records.append(record)
+    return records
+
+
+def _read_json(path: Path, field_name: str) -> list[Record]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FedlmError(f"`{field_name}`: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise FedlmError(f"`{field_name}`: {path} must hold a JSON list of objects (or {{\"data\": [...]}})")
+    return data
+
+
+def _read_csv(path: Path, field_name: str) -> list[Record]:
+    import pandas as pd
+
+    frame = pd.read_csv(path, keep_default_na=False, dtype=str)
+    return frame.to_dict(orient="records")
+
+
+def _read_parquet(path: Path, field_name: str) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def _read_saved_dataset(path: Path, field_name: str) -> list[Record]:
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise FedlmError(f"`{field_name}`: folder {str(path)!r} is not a datasets.save_to_disk folder") from None
+    if isinstance(data, DatasetDict):
+        split = "train" if "train" in data else next(iter(data))
+        data = data[split]
+    if not isinstance(data, Dataset):
+        raise FedlmError(f"`{field_name}`: folder {str(path)!r} does not hold a dataset")
+    return data.to_list()

@@ -1,0 +1,137 @@
+"""Evaluating a global (or any) adapter state on the test set: loss, perplexity and generation metrics.
+
+Loss is computed once per example and grouped, so the global test set and every client's test share cost one
+pass; likewise generation runs once on the global test set and the per-client metrics group its predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.config import EvalConfig
+from fedlm.data.collate import collate_for_loss, collate_prompts
+from fedlm.data.prepare import TestExample
+from fedlm.data.tokenize import IGNORE_INDEX, tokenize_prompt
+from fedlm.evaluation.text_metrics import exact_match, rouge_l
+from fedlm.models.adapters import load_trainable_state
+from fedlm.reporting.progress import Progress
+
+GLOBAL_SPLIT = "global_test"
+
+
+@dataclass
+class EvalResult:
+    """``metrics.jsonl`` records (global and per-client splits) and one prediction row per test example."""
+
+    records: list[dict[str, Any]]
+    predictions: list[dict[str, Any]]
+
+
+@dataclass
+class Evaluator:
+    """Scores adapter states on a fixed test set."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    test: Sequence[TestExample]
+    config: EvalConfig
+    device: torch.device
+    max_prompt_length: int
+    progress: Progress | None = None
+
+    def evaluate(self, state: Mapping[str, torch.Tensor] | None, round_num: int) -> EvalResult:
+        """Evaluate ``state`` (None: the model as it is, e.g. adapter disabled by the caller) at ``round_num``."""
+        if state is not None:
+            load_trainable_state(self.model, state)
+        self.model.eval()
+        nll, counts = self._per_example_nll()
+        generations = self._generate() if self.config.generate else [None] * len(self.test)
+        rows = [self._prediction_row(ex, gen, n, c) for ex, gen, n, c in zip(self.test, generations, nll, counts)]
+        groups: dict[str | None, list[int]] = {None: list(range(len(self.test)))}
+        for i, ex in enumerate(self.test):
+            if ex.client is not None:
+                groups.setdefault(ex.client, []).append(i)
+        records = [self._record(round_num, client, idx, rows) for client, idx in groups.items()]
+        return EvalResult(records=records, predictions=rows)
+
+    def _per_example_nll(self) -> tuple[list[float], list[int]]:
+        """Summed NLL over each example's response tokens, and how many tokens that is."""
+        nll: list[float] = []
+        counts: list[int] = []
+        size = self.config.batch_size
+        task = self.progress.task("loss", len(self.test)) if self.progress else None
+        with torch.no_grad():
+            for start in range(0, len(self.test), size):
+                chunk = [ex.tokens for ex in self.test[start : start + size]]
+                batch = {k: v.to(self.device) for k, v in collate_for_loss(chunk, self.tokenizer.pad_token_id).items()}
+                labels = batch.pop("labels")
+                logits = self.model(**batch).logits[:, :-1].float()  # (B, T-1, V)
+                target = labels[:, 1:]  # (B, T-1)
+                token_nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+                nll.extend(token_nll.sum(dim=1).tolist())
+                counts.extend((target != IGNORE_INDEX).sum(dim=1).tolist())
+                if task is not None:
+                    task.advance(len(chunk))
+        return nll, counts
+
+    def _generate(self) -> list[str]:
+        """Greedy answers for every test prompt, batched, longest prompts first (less padding)."""
+        prompts = [tokenize_prompt(self.tokenizer, ex.prompt, self.max_prompt_length) for ex in self.test]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
+        size = self.config.batch_size
+        task = self.progress.task("generate", len(prompts)) if self.progress else None
+        with torch.no_grad():
+            for start in range(0, len(order), size):
+                idx = order[start : start + size]
+                batch = {k: v.to(self.device) for k, v in collate_prompts([prompts[i] for i in idx], self.tokenizer.pad_token_id).items()}
+                out = self.model.generate(
+                    **batch,
+                    max_new_tokens=self.config.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=self.tokenizer.eos_token_id,
+                )
+                new_tokens = out[:, batch["input_ids"].shape[1] :]  # (B, new)
+                for i, text in zip(idx, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    answers[i] = text.strip()
+                if task is not None:
+                    task.advance(len(idx))
+        return answers
+
+    def _prediction_row(self, ex: TestExample, generated: str | None, nll: float, count: int) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "prompt": "\n".join(m["content"] for m in ex.prompt if m["role"] == "user"),
+            "prediction": generated,
+            "reference": ex.reference,
+            "client": ex.client,
+            "nll": nll,
+            "num_tokens": count,
+        }
+        for key, value in ex.record.items():
+            row.setdefault(key, value)
+        return row
+
+    def _record(self, round_num: int, client: str | None, idx: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        tokens = sum(rows[i]["num_tokens"] for i in idx)
+        loss = sum(rows[i]["nll"] for i in idx) / max(tokens, 1)
+        record: dict[str, Any] = {
+            "round": round_num,
+            "split": GLOBAL_SPLIT if client is None else f"client_{client}_test",
+            "client": client,
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "num_examples": len(idx),
+        }
+        if self.config.generate:
+            record["exact_match"] = sum(exact_match(rows[i]["prediction"], rows[i]["reference"]) for i in idx) / len(idx)
+            record["rouge_l"] = sum(rouge_l(rows[i]["prediction"], rows[i]["reference"]) for i in idx) / len(idx)
+        return record

@@ -1,0 +1,138 @@
+"""Building a federated experiment from its config and running it into a run directory (new or resumed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from peft import PeftModel
+
+from fedlm.aggregation.base import build_aggregator
+from fedlm.config import ExperimentConfig
+from fedlm.config_io import config_to_dict
+from fedlm.data.prepare import FederatedData, prepare_federated_data
+from fedlm.errors import FedlmError
+from fedlm.evaluation.evaluator import Evaluator
+from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
+from fedlm.federation.server import ServerLoop
+from fedlm.federation.trainer import ClientTrainer
+from fedlm.federation.update import TensorDict
+from fedlm.models.adapters import attach_adapter, save_adapter, trainable_state
+from fedlm.models.loading import LoadedModel, load_base_model
+from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.progress import Progress, RunConsole
+from fedlm.reporting.report import write_report
+from fedlm.reporting.run_dir import RunDir
+from fedlm.runtime.simulation import SimulationRuntime
+from fedlm.seeding import derive_seed
+
+# Keys that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = {"federation.rounds"}
+
+
+@dataclass
+class Session:
+    """What every run of a config shares: the base model with its adapter, the data, the starting adapter."""
+
+    config: ExperimentConfig
+    loaded: LoadedModel
+    model: PeftModel
+    data: FederatedData
+    initial_state: TensorDict
+
+    def evaluator(self, progress: Progress | None) -> Evaluator:
+        """An evaluator on the shared test set."""
+        return Evaluator(self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress)
+
+    def trainer(self, hooks: list | None = None) -> ClientTrainer:
+        """A client trainer on the shared model."""
+        fed = self.config.federation
+        return ClientTrainer(self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [])
+
+
+def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
+    """Load the base model once, attach the adapter, read, partition and tokenize the data."""
+    loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31)
+    console.print(f"model {config.model.name}: {loaded.dtype} on {loaded.device}")
+    model = attach_adapter(loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31)
+    data = prepare_federated_data(config.data, config.partition, config.eval, loaded.tokenizer, config.seed)
+    k, n = config.federation.clients_per_round, len(data.client_names)
+    if k is not None and k > n:
+        raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
+    sizes = ", ".join(f"{c}: {len(data.client_train[c])}" for c in data.client_names)
+    console.print(f"{n} clients ({sizes}); {len(data.test)} test examples")
+    return Session(config, loaded, model, data, trainable_state(model))
+
+
+def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:
+    """Run (or resume) the federation of ``session`` into ``run_dir``; returns the final global adapter state."""
+    config = session.config
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    log = MetricsLog(run_dir.metrics)
+    state, start = session.initial_state, 0
+    aggregator = build_aggregator(config.aggregation.name, config.aggregation.params())
+    if resume:
+        check_resumable(run_dir, config)
+        checkpoints = list_checkpoints(run_dir.checkpoints)
+        if checkpoints:
+            ckpt = load_checkpoint(checkpoints[-1])
+            state, start = ckpt.global_state, ckpt.round
+            aggregator.load_state_dict(ckpt.aggregator_state)
+        log.truncate_after_round(start if checkpoints else -1)
+        console.print(f"resuming {run_dir.root} after round {start}")
+    run_dir.config.write_text(config_yaml)
+    with Progress(console) as progress:
+        runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
+        loop = ServerLoop(config, config_yaml, session.data.client_names, runtime, aggregator, session.evaluator(progress), run_dir, log, console)
+        state = loop.run(state, start)
+    finish_run(session, run_dir, state, log)
+    return state
+
+
+def finish_run(session: Session, run_dir: RunDir, state: TensorDict, log: MetricsLog) -> None:
+    """Save the final adapter (loadable with ``peft.PeftModel.from_pretrained``) and write the report."""
+    save_adapter(session.model, state, run_dir.adapter)
+    session.loaded.tokenizer.save_pretrained(str(run_dir.adapter))
+    write_report(run_dir.root, log.read(), title=f"fedlm run: {run_dir.root.name}", config_summary=config_summary(session))
+
+
+def config_summary(session: Session) -> dict[str, Any]:
+    """The settings a reader of the report needs first."""
+    c = session.config
+    return {
+        "model": c.model.name,
+        "dtype": str(session.loaded.dtype).removeprefix("torch."),
+        "peft": f"{c.peft.method} r={c.peft.r} alpha={c.peft.alpha} targets={c.peft.target_modules}",
+        "data": c.data.train,
+        "partition": f"{c.partition.method} ({len(session.data.client_names)} clients)",
+        "rounds": c.federation.rounds,
+        "clients_per_round": c.federation.clients_per_round or len(session.data.client_names),
+        "local_steps x batch": f"{c.federation.local_steps} x {c.federation.batch_size}",
+        "lr": f"{c.federation.lr} ({c.federation.lr_schedule})",
+        "aggregation": c.aggregation.name,
+        "seed": c.seed,
+    }
+
+
+def check_resumable(run_dir: RunDir, config: ExperimentConfig) -> None:
+    """Refuse to resume a run whose saved config differs from ``config`` (except the number of rounds)."""
+    if not run_dir.config.is_file():
+        raise FedlmError(f"--resume: {run_dir.config} is missing, so this folder holds no fedlm run")
+    saved = _flatten(yaml.safe_load(run_dir.config.read_text()))
+    now = _flatten(config_to_dict(config))
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
+    if changed:
+        raise FedlmError(
+            f"--resume: the config differs from the saved run in {', '.join(changed)}; "
+            "resume with the same config (only `federation.rounds` may grow) or start a new `output_dir`"
+        )
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out

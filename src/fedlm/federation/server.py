@@ -1,0 +1,137 @@
+"""The server loop: sample clients, have the runtime train them, validate, aggregate, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+from fedlm.aggregation.base import Aggregator
+from fedlm.config import ExperimentConfig
+from fedlm.errors import FedlmError
+from fedlm.evaluation.evaluator import Evaluator
+from fedlm.federation.checkpoint import Checkpoint, save_checkpoint
+from fedlm.federation.sampling import sample_clients
+from fedlm.federation.schedule import lr_at
+from fedlm.federation.trainer import LocalPlan
+from fedlm.federation.update import ClientFailure, ClientUpdate, TensorDict
+from fedlm.federation.validation import split_valid
+from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.progress import RunConsole
+from fedlm.reporting.run_dir import RunDir
+from fedlm.runtime.base import Runtime
+from fedlm.seeding import derive_seed
+
+
+def round_lrs(config: ExperimentConfig, round_num: int) -> list[float]:
+    """Per-step learning rates of round ``round_num`` (1-based) on the schedule over all rounds' local steps."""
+    fed = config.federation
+    total = fed.rounds * fed.local_steps
+    first = (round_num - 1) * fed.local_steps
+    return [
+        lr_at((first + s) / total, base_lr=fed.lr, schedule=fed.lr_schedule, min_lr_ratio=fed.min_lr_ratio)
+        for s in range(fed.local_steps)
+    ]
+
+
+@dataclass
+class ServerLoop:
+    """Runs rounds ``start+1 .. federation.rounds`` and returns the final global adapter state."""
+
+    config: ExperimentConfig
+    config_yaml: str
+    client_names: list[str]
+    runtime: Runtime
+    aggregator: Aggregator
+    evaluator: Evaluator
+    run_dir: RunDir
+    log: MetricsLog
+    console: RunConsole
+
+    def run(self, state: TensorDict, start_round: int) -> TensorDict:
+        """Train from ``state`` after round ``start_round`` (0 for a new run)."""
+        rounds = self.config.federation.rounds
+        if start_round == 0 and self.config.eval.at_start:
+            self.evaluate(state, 0)
+        for round_num in range(start_round + 1, rounds + 1):
+            state = self.run_round(state, round_num)
+            if self._eval_due(round_num):
+                self.evaluate(state, round_num)
+            if round_num % self.config.federation.checkpoint_every == 0 or round_num == rounds:
+                self.checkpoint(state, round_num)
+        return state
+
+    def run_round(self, state: TensorDict, round_num: int) -> TensorDict:
+        """One round: the clients' updates, validated and aggregated (or the round skipped)."""
+        fed = self.config.federation
+        chosen = sample_clients(self.client_names, fed.clients_per_round, self.config.seed, round_num)
+        lrs = round_lrs(self.config, round_num)
+        plans = {c: LocalPlan(round_num, lrs, fed.batch_size, derive_seed(self.config.seed, "local", round_num, c)) for c in chosen}
+        started = time.perf_counter()
+        results = self.runtime.train_clients(plans, state)
+        updates = [r for r in results if isinstance(r, ClientUpdate)]
+        failures = [r for r in results if isinstance(r, ClientFailure)]
+        accepted, rejected = split_valid(updates, state, round_num)
+        failures += rejected
+        for update in accepted:
+            self.log.append({"round": round_num, "split": "train", "client": update.client_id, "num_examples": update.num_examples, **update.metrics})
+        skipped = len(accepted) < fed.min_clients
+        if not accepted and failures:
+            raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
+        if not skipped:
+            result = self.aggregator.aggregate(state, accepted)
+            state = result.params
+        train_time = time.perf_counter() - started
+        self._log_round(round_num, chosen, accepted, failures, skipped, train_time)
+        return state
+
+    def evaluate(self, state: TensorDict, round_num: int) -> None:
+        """Evaluate ``state``, log its records and save the predictions of this round."""
+        result = self.evaluator.evaluate(state, round_num)
+        for record in result.records:
+            self.log.append(record)
+        self.run_dir.predictions.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir.predictions / f"round_{round_num:04d}.jsonl"
+        path.write_text("".join(json.dumps(row, default=str) + "\n" for row in result.predictions))
+        glob = result.records[0]
+        shown = ", ".join(f"{k} {glob[k]:.4f}" for k in ("loss", "perplexity", "rouge_l", "exact_match") if k in glob)
+        self.console.print(f"round {round_num}: global test {shown}")
+
+    def checkpoint(self, state: TensorDict, round_num: int) -> None:
+        """Save a resumable checkpoint after ``round_num``."""
+        ckpt = Checkpoint(round_num, state, self.aggregator.state_dict(), {"seed": self.config.seed})
+        save_checkpoint(self.run_dir.checkpoints, ckpt, self.config_yaml, self.config.federation.keep_checkpoints)
+
+    def _eval_due(self, round_num: int) -> bool:
+        every = self.config.eval.every
+        return round_num == self.config.federation.rounds or (every > 0 and round_num % every == 0)
+
+    def _log_round(
+        self,
+        round_num: int,
+        chosen: Sequence[str],
+        accepted: Sequence[ClientUpdate],
+        failures: Sequence[ClientFailure],
+        skipped: bool,
+        train_time: float,
+    ) -> None:
+        for failure in failures:
+            self.console.print(f"[yellow]round {round_num}: client {failure.client_id} left out: {failure.reason}[/yellow]")
+        mean_loss = sum(u.metrics["loss"] for u in accepted) / max(len(accepted), 1)
+        record: dict[str, Any] = {
+            "round": round_num,
+            "split": "aggregate",
+            "client": None,
+            "clients": list(chosen),
+            "num_updates": len(accepted),
+            "rejected": [{"client": f.client_id, "reason": f.reason} for f in failures],
+            "skipped": skipped,
+            "train_loss": mean_loss if accepted else None,
+            "train_time_s": train_time,
+        }
+        self.log.append(record)
+        note = " (skipped: too few valid updates)" if skipped else ""
+        self.console.print(f"round {round_num}/{self.config.federation.rounds}: {len(accepted)} updates, train loss {mean_loss:.4f}, {train_time:.1f}s{note}")

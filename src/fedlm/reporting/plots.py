@@ -1,0 +1,204 @@
+"""Per-round metric plots of a federated run (PNG, matplotlib ``Agg``).
+
+Records come from ``metrics.jsonl`` (see :mod:`fedlm.reporting.metrics_log`).
+The series helpers here are also used by :mod:`fedlm.reporting.report`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be set first)
+from matplotlib.axes import Axes  # noqa: E402
+
+__all__ = [
+    "GLOBAL_TEST",
+    "TRAIN",
+    "GENERATION_METRICS",
+    "finite",
+    "is_client_test",
+    "client_name",
+    "split_series",
+    "client_test_series",
+    "mean_train_loss",
+    "plot_metrics",
+]
+
+GLOBAL_TEST = "global_test"
+TRAIN = "train"
+# Metrics that get their own figure when present on global_test.
+GENERATION_METRICS: tuple[str, ...] = ("perplexity", "exact_match", "rouge_l")
+# Above this many curves the legend goes outside the axes.
+_LEGEND_INSIDE_MAX = 6
+
+Series = dict[int, float]
+
+
+def finite(value: Any) -> float | None:
+    """Return ``value`` as a float if it is a finite real number, else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _round_of(record: Mapping[str, Any]) -> int | None:
+    """The record's integer round, or None if absent/invalid."""
+    r = record.get("round")
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        return None
+    return int(r)
+
+
+def is_client_test(record: Mapping[str, Any]) -> bool:
+    """Whether a record is a per-client test evaluation (``client_<c>_test``)."""
+    split = record.get("split")
+    return (
+        isinstance(split, str)
+        and split.startswith("client_")
+        and split.endswith("_test")
+        and len(split) > len("client__test")
+    )
+
+
+def client_name(record: Mapping[str, Any]) -> str:
+    """Client of a record: its ``client`` field, else parsed from the split."""
+    client = record.get("client")
+    if client is not None:
+        return str(client)
+    split = str(record.get("split", ""))
+    return split[len("client_") : -len("_test")] if is_client_test(record) else split
+
+
+def split_series(records: Iterable[Mapping[str, Any]], split: str, metric: str) -> Series:
+    """Per-round values of ``metric`` on ``split`` (the last record of a round wins).
+
+    Args:
+        records: Metrics records.
+        split: Split name, e.g. ``"global_test"``.
+        metric: Metric key, e.g. ``"loss"``.
+
+    Returns:
+        ``{round: value}`` sorted by round, finite values only.
+    """
+    out: Series = {}
+    for rec in records:
+        rnd, val = _round_of(rec), finite(rec.get(metric))
+        if rec.get("split") == split and rnd is not None and val is not None:
+            out[rnd] = val
+    return dict(sorted(out.items()))
+
+
+def client_test_series(records: Iterable[Mapping[str, Any]], metric: str) -> dict[str, Series]:
+    """Per-client per-round values of ``metric`` on the client test splits.
+
+    Returns:
+        ``{client: {round: value}}``, clients sorted by name.
+    """
+    out: dict[str, Series] = {}
+    for rec in records:
+        rnd, val = _round_of(rec), finite(rec.get(metric))
+        if is_client_test(rec) and rnd is not None and val is not None:
+            out.setdefault(client_name(rec), {})[rnd] = val
+    return {c: dict(sorted(s.items())) for c, s in sorted(out.items())}
+
+
+def mean_train_loss(records: Iterable[Mapping[str, Any]]) -> dict[int, tuple[float, int]]:
+    """Mean train loss over clients per round.
+
+    Returns:
+        ``{round: (mean_loss, num_clients)}`` sorted by round; for a client
+        with several train records in one round the last one counts.
+    """
+    per_round: dict[int, dict[str, float]] = {}
+    for rec in records:
+        rnd, val = _round_of(rec), finite(rec.get("loss"))
+        if rec.get("split") == TRAIN and rnd is not None and val is not None:
+            per_round.setdefault(rnd, {})[str(rec.get("client"))] = val
+    return {
+        r: (sum(v.values()) / len(v), len(v)) for r, v in sorted(per_round.items())
+    }
+
+
+def _plot_series(ax: Axes, series: Series, label: str, **style: Any) -> None:
+    """Draw one ``{round: value}`` series as a line with markers."""
+    xs = list(series)
+    ax.plot(xs, [series[x] for x in xs], label=label, **style)
+
+
+def _finish(fig: plt.Figure, ax: Axes, ylabel: str, title: str, path: Path) -> Path:
+    """Label axes, place the legend, save the figure to ``path`` and close it."""
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    n_curves = len(ax.get_lines())
+    if n_curves > _LEGEND_INSIDE_MAX:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    else:
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _plot_loss(records: list[dict], out_dir: Path) -> Path | None:
+    """``loss.png``: global_test loss (bold) and mean client train loss (dashed)."""
+    test = split_series(records, GLOBAL_TEST, "loss")
+    train = {r: m for r, (m, _) in mean_train_loss(records).items()}
+    if not test and not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if test:
+        _plot_series(ax, test, "global_test loss", linewidth=2.5, marker="o", color="black")
+    if train:
+        _plot_series(ax, train, "mean client train loss", linestyle="--", marker="s")
+    return _finish(fig, ax, "loss", "Loss per round", out_dir / "loss.png")
+
+
+def _plot_metric(records: list[dict], metric: str, out_dir: Path) -> Path | None:
+    """``<metric>.png``: per-client test curves (thin) and global_test (bold)."""
+    glob = split_series(records, GLOBAL_TEST, metric)
+    if not glob:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for client, series in client_test_series(records, metric).items():
+        _plot_series(ax, series, client, linewidth=0.9, alpha=0.8, marker=".")
+    _plot_series(ax, glob, GLOBAL_TEST, linewidth=2.8, marker="o", color="black", zorder=3)
+    return _finish(fig, ax, metric, f"{metric} per round", out_dir / f"{metric}.png")
+
+
+def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
+    """Write the per-round metric plots of a run as PNGs.
+
+    Writes ``loss.png`` (global_test loss and mean client train loss, dashed)
+    and one ``<metric>.png`` for each of ``perplexity``, ``exact_match`` and
+    ``rouge_l`` that has data on ``global_test`` (per-client test curves thin,
+    global_test bold). Plots without data are skipped.
+
+    Args:
+        records: Metrics records (as read from ``metrics.jsonl``).
+        out_dir: Output directory; created if missing.
+
+    Returns:
+        Paths of the PNGs written, in the order above.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    loss = _plot_loss(records, out_dir)
+    if loss is not None:
+        written.append(loss)
+    for metric in GENERATION_METRICS:
+        path = _plot_metric(records, metric, out_dir)
+        if path is not None:
+            written.append(path)
+    return written

@@ -1,0 +1,188 @@
+"""Markdown report (``report.md``) of a federated run.
+
+Built from the records of ``metrics.jsonl``: configuration summary, global
+test metrics per round, the final round's per-client test metrics, the mean
+train loss per round, the plots, and optional extra sections.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedlm.reporting.plots import (
+    GLOBAL_TEST,
+    client_name,
+    finite,
+    is_client_test,
+    mean_train_loss,
+    plot_metrics,
+)
+
+__all__ = ["EVAL_METRICS", "format_value", "markdown_table", "write_report"]
+
+# Evaluation metric columns, in table order (only those with data are shown).
+EVAL_METRICS: tuple[str, ...] = ("loss", "perplexity", "exact_match", "rouge_l")
+MISSING = "–"
+
+
+def format_value(value: Any) -> str:
+    """Format one table cell.
+
+    None → ``"–"``; bools and integers as-is; other reals with 4 significant
+    digits (``"{:.4g}"``); mappings/sequences as compact JSON; anything else
+    via ``str``. ``|`` and newlines are escaped so the cell cannot break the
+    table.
+
+    Args:
+        value: Cell value.
+
+    Returns:
+        The cell text.
+    """
+    if value is None:
+        text = MISSING
+    elif isinstance(value, bool):
+        text = str(value)
+    elif isinstance(value, numbers.Integral):
+        text = str(int(value))
+    elif isinstance(value, numbers.Real):
+        f = float(value)
+        text = f"{f:.4g}" if math.isfinite(f) else str(f)
+    elif isinstance(value, (Mapping, list, tuple)):
+        text = json.dumps(value, default=str, separators=(", ", ": "))
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\r\n", " ").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Render rows as a GitHub-flavoured markdown table.
+
+    Args:
+        rows: One mapping per row; a missing key renders like None (``"–"``).
+        columns: Column keys, also used as the header.
+
+    Returns:
+        The table (header, separator, one line per row), no trailing newline.
+
+    Raises:
+        ValueError: If ``columns`` is empty.
+    """
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    header = "| " + " | ".join(format_value(str(c)) for c in columns) + " |"
+    sep = "|" + "|".join(" --- " for _ in columns) + "|"
+    body = [
+        "| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows
+    ]
+    return "\n".join([header, sep, *body])
+
+
+def _round(record: Mapping[str, Any]) -> int | None:
+    """The record's integer round, or None."""
+    r = record.get("round")
+    return int(r) if isinstance(r, numbers.Integral) and not isinstance(r, bool) else None
+
+
+def _present(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> list[str]:
+    """The metrics that have at least one value in ``rows``, in given order."""
+    return [m for m in metrics if any(row.get(m) is not None for row in rows)]
+
+
+def _metric_row(record: Mapping[str, Any], **lead: Any) -> dict[str, Any]:
+    """A table row: ``lead`` columns plus the finite evaluation metrics."""
+    return {**lead, **{m: finite(record.get(m)) for m in EVAL_METRICS}}
+
+
+def _global_section(records: Sequence[Mapping[str, Any]]) -> str:
+    """Table of global_test metrics per evaluated round."""
+    by_round: dict[int, Mapping[str, Any]] = {}
+    for rec in records:
+        rnd = _round(rec)
+        if rec.get("split") == GLOBAL_TEST and rnd is not None:
+            by_round[rnd] = rec  # last record of a round wins
+    rows = [_metric_row(by_round[r], round=r) for r in sorted(by_round)]
+    cols = _present(rows, EVAL_METRICS)
+    if not rows or not cols:
+        return "## Global test metrics\n\n_No global_test evaluations recorded._"
+    return "## Global test metrics\n\n" + markdown_table(rows, ["round", *cols])
+
+
+def _client_section(records: Sequence[Mapping[str, Any]]) -> str:
+    """Table of the final round's per-client test metrics."""
+    tests = [r for r in records if is_client_test(r) and _round(r) is not None]
+    if not tests:
+        return "## Per-client test metrics\n\n_No per-client test evaluations recorded._"
+    last = max(_round(r) for r in tests)  # type: ignore[type-var]
+    by_client = {client_name(r): r for r in tests if _round(r) == last}
+    rows = [_metric_row(by_client[c], client=c) for c in sorted(by_client)]
+    cols = _present(rows, EVAL_METRICS)
+    table = markdown_table(rows, ["client", *cols])
+    return f"## Per-client test metrics (round {last})\n\n{table}"
+
+
+def _train_section(records: Sequence[Mapping[str, Any]]) -> str:
+    """Table of the mean client train loss per round."""
+    means = mean_train_loss(records)
+    if not means:
+        return "## Train loss\n\n_No train records._"
+    rows = [
+        {"round": r, "mean_train_loss": m, "clients": n} for r, (m, n) in means.items()
+    ]
+    return "## Train loss (mean over clients)\n\n" + markdown_table(
+        rows, ["round", "mean_train_loss", "clients"]
+    )
+
+
+def _plots_section(run_dir: Path, records: list[dict]) -> str:
+    """Write the plots into ``run_dir/plots`` and return their embeds."""
+    paths = plot_metrics(records, run_dir / "plots")
+    if not paths:
+        return "## Plots\n\n_No data to plot._"
+    embeds = [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in paths]
+    return "## Plots\n\n" + "\n\n".join(embeds)
+
+
+def write_report(
+    run_dir: Path,
+    records: list[dict],
+    *,
+    title: str,
+    config_summary: Mapping[str, Any],
+    extra_sections: Sequence[tuple[str, str]] = (),
+) -> Path:
+    """Write ``run_dir/report.md`` (and the plots under ``run_dir/plots/``).
+
+    Args:
+        run_dir: The run directory; created if missing.
+        records: Metrics records (as read from ``metrics.jsonl``).
+        title: Report title (level-1 heading).
+        config_summary: Key/value pairs shown in the configuration table.
+        extra_sections: ``(heading, markdown body)`` pairs appended at the end.
+
+    Returns:
+        Path of the written ``report.md``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_rows = [{"key": k, "value": v} for k, v in config_summary.items()]
+    config = (
+        markdown_table(config_rows, ["key", "value"]) if config_rows else "_No configuration given._"
+    )
+    sections = [
+        f"# {title}",
+        f"## Configuration\n\n{config}",
+        _global_section(records),
+        _client_section(records),
+        _train_section(records),
+        _plots_section(run_dir, records),
+        *(f"## {heading}\n\n{body.strip()}" for heading, body in extra_sections),
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,65 @@
+"""The run directory: created fresh, or reused only with ``--resume`` / ``--overwrite``."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedlm.errors import FedlmError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run's output folder."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "run.log"
+
+
+def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDir:
+    """Create the run folder; refuse to write over an existing non-empty one unless asked.
+
+    Raises:
+        FedlmError: the folder exists (without --resume/--overwrite), or --resume finds nothing to resume.
+    """
+    if resume and overwrite:
+        raise FedlmError("--resume and --overwrite exclude each other; choose one")
+    root = Path(path)
+    exists = root.exists() and any(root.iterdir())
+    if resume:
+        if not exists:
+            raise FedlmError(f"--resume: {str(root)!r} holds no run to resume; drop --resume to start a new run")
+        return RunDir(root)
+    if exists:
+        if not overwrite:
+            raise FedlmError(
+                f"output_dir {str(root)!r} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                "or set another `output_dir`"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    return RunDir(root)
