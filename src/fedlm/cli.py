@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,8 +54,10 @@ def run(
 
         cfg = load_config(config, set_ or [])
         run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
-        console = RunConsole(run_dir.log)
+        console = RunConsole()
         session = build_session(cfg, console)
+        run_dir.create()
+        console.attach(run_dir.log)
         run_federated(session, run_dir, resume, console)
         console.print(f"[green]done[/green]: {run_dir.root} (report.md, metrics.jsonl, adapter/)")
 
@@ -96,6 +99,7 @@ def data_partition(config: ConfigArg = None, set_: SetOpt = None, debug: DebugOp
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     app(prog_name="fedlm")
 
 

@@ -10,12 +10,9 @@ All four are scored by the same evaluator on the same global test set and client
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
 from fedlm.evaluation.evaluator import GLOBAL_SPLIT
 from fedlm.experiment import Session, build_session, run_federated
 from fedlm.federation.sampling import sample_clients
@@ -24,7 +21,7 @@ from fedlm.federation.trainer import LocalPlan
 from fedlm.federation.update import TensorDict
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import markdown_table
-from fedlm.reporting.run_dir import RunDir
+from fedlm.reporting.run_dir import RunDir, prepare_run_dir
 from fedlm.seeding import derive_seed
 
 METRICS = ("loss", "perplexity", "rouge_l", "exact_match")
@@ -52,14 +49,12 @@ def train_alone(session: Session, name: str, examples: list, steps: int, progres
 
 def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     """Run the four arms into ``output_dir`` and write ``comparison.md`` and ``comparison.json`` there."""
-    root = Path(config.output_dir)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise FedlmError(f"output_dir {str(root)!r} already holds results; pass --overwrite or set another `output_dir`")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    console = RunConsole(root / "compare.log")
+    target = prepare_run_dir(config.output_dir, resume=False, overwrite=overwrite)
+    console = RunConsole()
     session = build_session(config, console)
+    target.create()
+    root = target.root
+    console.attach(root / "compare.log")
     arms: dict[str, list[dict[str, Any]]] = {}
     with Progress(console) as progress:
         evaluator = session.evaluator(progress)

@@ -18,14 +18,25 @@ class RunConsole:
     def __init__(self, log_path: Path | None = None, quiet: bool = False) -> None:
         self.console = Console(stderr=True, quiet=quiet)
         self.log_path = log_path
+        self._pending: list[str] = []
 
     def print(self, message: str) -> None:
-        """Show ``message`` and save it."""
+        """Show ``message`` and save it (held back until a log file is attached)."""
         self.console.print(message)
-        if self.log_path is not None:
-            text = Console(width=200).render_str(message).plain
-            with self.log_path.open("a") as handle:
-                handle.write(text + "\n")
+        self._pending.append(Console(width=200).render_str(message).plain)
+        self._flush()
+
+    def attach(self, log_path: Path) -> None:
+        """Start saving to ``log_path``, including every line printed before."""
+        self.log_path = log_path
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.log_path is None or not self._pending:
+            return
+        with self.log_path.open("a") as handle:
+            handle.write("".join(line + "\n" for line in self._pending))
+        self._pending.clear()
 
 
 @dataclass

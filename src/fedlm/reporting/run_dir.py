@@ -14,6 +14,13 @@ class RunDir:
     """Paths inside one run's output folder."""
 
     root: Path
+    replace: bool = False
+
+    def create(self) -> None:
+        """Make the folder (first removing the old run if it was checked to be replaced with --overwrite)."""
+        if self.replace and self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
 
     @property
     def config(self) -> Path:
@@ -41,7 +48,9 @@ class RunDir:
 
 
 def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDir:
-    """Create the run folder; refuse to write over an existing non-empty one unless asked.
+    """Check the run folder can be used; nothing is created or deleted until :meth:`RunDir.create`.
+
+    An existing non-empty folder is refused unless ``resume`` (continue it) or ``overwrite`` (replace it).
 
     Raises:
         FedlmError: the folder exists (without --resume/--overwrite), or --resume finds nothing to resume.
@@ -60,6 +69,5 @@ def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDi
                 f"output_dir {str(root)!r} already holds a run; pass --resume to continue it, --overwrite to replace it, "
                 "or set another `output_dir`"
             )
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+        return RunDir(root, replace=True)
     return RunDir(root)

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny-model experiment config and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config for the tiny random model on a slice of the embedded data; seconds per run."""
+    config: dict[str, Any] = {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"name": "tiny-random-llama"},
+        "peft": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"max_train_examples": 240, "max_length": 128},
+        "partition": {"method": "by_field", "field": "domain"},
+        "federation": {"rounds": 2, "clients_per_round": 3, "local_steps": 2, "batch_size": 4, "lr": 0.003},
+        "eval": {"max_examples": 16, "max_new_tokens": 6, "batch_size": 8},
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **values}
+        else:
+            config[name] = values
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """Write ``config`` as YAML and return its path."""
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    """Typer's CLI runner."""
+    return CliRunner()

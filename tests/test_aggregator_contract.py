@@ -1,0 +1,79 @@
+"""Contract tests over every registered aggregator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedlm.aggregation.base import build_aggregator, registered_aggregators
+from fedlm.federation.update import ClientUpdate
+from fedlm.federation.validation import split_valid
+
+ALL = registered_aggregators()
+
+
+def _params() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def _updates(n: int, seed: int = 1) -> list[ClientUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        ClientUpdate(f"c{i}", 1, 10 + 5 * i, {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)})
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_identical_clients_give_their_model_back(name: str) -> None:
+    params = _params()
+    delta = {k: torch.full_like(v, 0.1) for k, v in params.items()}
+    updates = [ClientUpdate(f"c{i}", 1, 7, {k: v.clone() for k, v in delta.items()}) for i in range(3)]
+    out = build_aggregator(name, {}).aggregate(params, updates).params
+    for k in params:
+        assert torch.allclose(out[k], params[k] + delta[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_client_order_does_not_matter(name: str) -> None:
+    params, updates = _params(), _updates(4)
+    forward = build_aggregator(name, {}).aggregate(params, updates).params
+    backward = build_aggregator(name, {}).aggregate(params, updates[::-1]).params
+    for k in params:
+        assert torch.allclose(forward[k], backward[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_survives_save_and_load(name: str) -> None:
+    params = _params()
+    first = build_aggregator(name, {})
+    params = first.aggregate(params, _updates(3, 1)).params
+    second = build_aggregator(name, {})
+    second.load_state_dict(first.state_dict())
+    a = first.aggregate(params, _updates(3, 2)).params
+    b = second.aggregate(params, _updates(3, 2)).params
+    for k in params:
+        assert torch.equal(a[k], b[k])
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda u: ClientUpdate(u.client_id, u.round, u.num_examples, {**u.tensors, "a": torch.full((4, 3), float("nan"))}), "NaN"),
+        (lambda u: ClientUpdate(u.client_id, u.round, u.num_examples, {"a": u.tensors["a"]}), "missing"),
+        (lambda u: ClientUpdate(u.client_id, u.round, u.num_examples, {**u.tensors, "b": torch.zeros(6)}), "shape"),
+        (lambda u: ClientUpdate(u.client_id, u.round, 0, u.tensors), "num_examples"),
+        (lambda u: ClientUpdate(u.client_id, 0, u.num_examples, u.tensors), "round"),
+        (lambda u: ClientUpdate("c0", u.round, u.num_examples, u.tensors), "second update"),
+    ],
+)
+@pytest.mark.parametrize("name", ALL)
+def test_bad_updates_are_rejected_and_the_rest_aggregated(name: str, mutate, reason: str) -> None:
+    params, updates = _params(), _updates(3)
+    bad = mutate(updates[1])
+    accepted, rejected = split_valid([updates[0], bad, updates[2]], params, round_num=1)
+    assert [u.client_id for u in accepted] == ["c0", "c2"]
+    assert len(rejected) == 1 and reason in rejected[0].reason
+    out = build_aggregator(name, {}).aggregate(params, accepted).params
+    assert all(torch.isfinite(v).all() for v in out.values())
