@@ -7,7 +7,7 @@ are seeded from (seed, round, client), so a round replays identically after a re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,9 +48,15 @@ class ClientTrainer:
     hooks: Sequence[TrainerHook] = field(default_factory=list)
 
     def train(
-        self, client_id: str, examples: Sequence[TokenizedExample], global_state: Mapping[str, torch.Tensor], plan: LocalPlan
+        self,
+        client_id: str,
+        examples: Sequence[TokenizedExample],
+        global_state: Mapping[str, torch.Tensor],
+        plan: LocalPlan,
+        on_step: Callable[[], None] | None = None,
     ) -> ClientUpdate:
-        """Run ``len(plan.lrs)`` optimizer steps; raise :class:`NonFiniteLossError` on a NaN/Inf loss."""
+        """Run ``len(plan.lrs)`` optimizer steps (calling ``on_step`` after each); raise
+        :class:`NonFiniteLossError` on a NaN/Inf loss."""
         load_trainable_state(self.model, global_state)
         named = named_trainable_parameters(self.model)
         optimizer = torch.optim.AdamW(list(named.values()), lr=plan.lrs[0], weight_decay=self.weight_decay)
@@ -69,6 +75,8 @@ class ClientTrainer:
                     )
                 losses.append(loss)
                 tokens += int((batch["labels"] != -100).sum())
+                if on_step is not None:
+                    on_step()
         self.model.eval()
         delta = _difference(trainable_state(self.model), global_state)
         metrics = {"loss": sum(losses) / len(losses), "steps": float(len(losses)), "lr": plan.lrs[0], "tokens": float(tokens)}

@@ -10,13 +10,11 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (backend must be set first)
-from matplotlib.axes import Axes  # noqa: E402
+if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn (it costs ~30 MiB and ~1 s)
+    import matplotlib.pyplot as plt
+    from matplotlib.axes import Axes
 
 __all__ = [
     "GLOBAL_TEST",
@@ -133,6 +131,16 @@ def _plot_series(ax: Axes, series: Series, label: str, **style: Any) -> None:
     ax.plot(xs, [series[x] for x in xs], label=label, **style)
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the headless ``Agg`` backend, imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
 def _finish(fig: plt.Figure, ax: Axes, ylabel: str, title: str, path: Path) -> Path:
     """Label axes, place the legend, save the figure to ``path`` and close it."""
     ax.set_xlabel("round")
@@ -146,7 +154,7 @@ def _finish(fig: plt.Figure, ax: Axes, ylabel: str, title: str, path: Path) -> P
     else:
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -156,7 +164,7 @@ def _plot_loss(records: list[dict], out_dir: Path) -> Path | None:
     train = {r: m for r, (m, _) in mean_train_loss(records).items()}
     if not test and not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     if test:
         _plot_series(ax, test, "global_test loss", linewidth=2.5, marker="o", color="black")
     if train:
@@ -169,7 +177,7 @@ def _plot_metric(records: list[dict], metric: str, out_dir: Path) -> Path | None
     glob = split_series(records, GLOBAL_TEST, metric)
     if not glob:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for client, series in client_test_series(records, metric).items():
         _plot_series(ax, series, client, linewidth=0.9, alpha=0.8, marker=".")
     _plot_series(ax, glob, GLOBAL_TEST, linewidth=2.8, marker="o", color="black", zorder=3)

@@ -33,12 +33,11 @@ class SimulationRuntime:
         total = sum(len(plan.lrs) for plan in plans.values())
         task = self.progress.task("train", total) if self.progress else None
         for client_id, plan in plans.items():
+            on_step = task.advance if task is not None else None
             try:
-                results.append(self.trainer.train(client_id, self.client_train[client_id], global_state, plan))
+                results.append(self.trainer.train(client_id, self.client_train[client_id], global_state, plan, on_step))
             except NonFiniteLossError as exc:
                 results.append(ClientFailure(client_id, plan.round, str(exc)))
-            if task is not None:
-                task.advance(len(plan.lrs))
         if task is not None:
             task.done()
         return results
