@@ -1,6 +1,6 @@
 """Resumable checkpoints: the global adapter, the aggregator state, the round, RNG state and the config.
 
-Each checkpoint is a folder ``checkpoints/round_XXXX`` written in a temporary folder and renamed into place, so
+Each checkpoint is a folder ``checkpoints/round_NNNN`` written in a temporary folder and renamed into place, so
 a crash never leaves a half-written checkpoint that looks complete. All randomness in fedlm is derived from the
 config seed, the round and the client (``fedlm.seeding``), so the round number is all the RNG state a resumed
 run needs; torch's global RNG state is saved too, for code outside fedlm that uses it.
@@ -38,7 +38,7 @@ class Checkpoint:
 
 
 def save_checkpoint(root: Path, checkpoint: Checkpoint, config_yaml: str, keep: int) -> Path:
-    """Write ``root/round_XXXX`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write ``root/round_NNNN`` atomically, then delete all but the newest ``keep`` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{_PREFIX}{checkpoint.round:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
