@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from peft import PeftModel
 
-from fedlm.aggregation.base import build_aggregator
+from fedlm.aggregation.base import TrainerHook, build_aggregator
 from fedlm.config import ExperimentConfig
 from fedlm.config_io import config_to_dict
 from fedlm.data.prepare import FederatedData, prepare_federated_data
@@ -45,7 +45,7 @@ class Session:
         """An evaluator on the shared test set."""
         return Evaluator(self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress)
 
-    def trainer(self, hooks: list | None = None) -> ClientTrainer:
+    def trainer(self, hooks: list[TrainerHook] | None = None) -> ClientTrainer:
         """A client trainer on the shared model."""
         fed = self.config.federation
         return ClientTrainer(self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [])
