@@ -94,21 +94,22 @@ def summarize(arms: dict[str, list[dict[str, Any]]], clients: list[str]) -> dict
     if local:
         mean = {m: _mean([rows[n][GLOBAL_SPLIT].get(m) for n in local]) for m in METRICS}
         global_rows.insert(1, {"method": "local-only (mean)", **mean})
+    metric = "rouge_l" if rows["base"][GLOBAL_SPLIT].get("rouge_l") is not None else "loss"
     per_client = []
     for client in clients:
         split = f"client_{client}_test"
         row: dict[str, Any] = {"client": client}
         for name in ("base", "centralized", "federated", f"local:{client}"):
             key = "local-only" if name.startswith("local:") else name
-            row[key] = rows.get(name, {}).get(split, {}).get("rouge_l" if "rouge_l" in rows["base"][GLOBAL_SPLIT] else "loss")
+            row[key] = rows.get(name, {}).get(split, {}).get(metric)
         per_client.append(row)
     local_global = {n.removeprefix("local:"): {m: rows[n][GLOBAL_SPLIT].get(m) for m in METRICS} for n in local}
-    return {"global_test": global_rows, "per_client": per_client, "local_only_global_test": local_global}
+    return {"global_test": global_rows, "per_client_metric": metric, "per_client": per_client, "local_only_global_test": local_global}
 
 
 def comparison_markdown(summary: dict[str, Any]) -> str:
     """The comparison tables in markdown."""
-    per_metric = "rouge_l" if summary["global_test"][0].get("rouge_l") is not None else "loss"
+    per_metric = summary["per_client_metric"]
     return (
         "## Global test set\n\n"
         + markdown_table(summary["global_test"], ["method", *METRICS])
