@@ -10,13 +10,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import PreTrainedModel
 
 from fedlm.config import PeftConfig
 from fedlm.errors import FedlmError
-
-TensorDict = dict[str, torch.Tensor]
+from fedlm.federation.update import TensorDict
+from fedlm.seeding import seeded_torch
 
 
 def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int) -> PeftModel:
@@ -33,8 +33,7 @@ def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int) -> Pef
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         try:
             peft_model = get_peft_model(model, lora)
         except ValueError as exc:
@@ -69,14 +68,6 @@ def save_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: P
     """Save ``state`` as a PEFT adapter folder, loadable with ``PeftModel.from_pretrained(base, out_dir)``."""
     load_trainable_state(model, state)
     model.save_pretrained(str(out_dir))
-
-
-def load_adapter_file(model: PeftModel, adapter_dir: Path) -> None:
-    """Load a saved PEFT adapter folder into ``model``'s active adapter."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
 
 
 def state_name(param_name: str) -> str:

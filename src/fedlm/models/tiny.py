@@ -6,6 +6,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from fedlm.seeding import seeded_torch
+
 TINY_ALIAS = "tiny-random-llama"
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML, the format of SmolLM2's own template (no default system prompt).
@@ -53,7 +55,6 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.
         eos_token_id=2,
         pad_token_id=0,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         model = LlamaForCausalLM(config)
     return model.to(dtype)
