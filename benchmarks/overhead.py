@@ -138,24 +138,21 @@ def arm_central(config: Any, steps: int) -> dict[str, Any]:
 def arm_federated(config: Any, steps: int) -> dict[str, Any]:
     """(c) ``ROUNDS`` rounds of ``ServerLoop.run_round`` over the simulation runtime (no evaluation, no checkpoints)."""
     from fedlm.aggregation.base import build_aggregator
-    from fedlm.experiment import build_session
-    from fedlm.federation.server import ServerLoop
+    from fedlm.experiment import build_server_loop, build_session
     from fedlm.reporting.metrics_log import MetricsLog
     from fedlm.reporting.progress import RunConsole
     from fedlm.reporting.run_dir import RunDir
-    from fedlm.runtime.simulation import SimulationRuntime
 
     console = RunConsole(quiet=True)
     session = build_session(config, console)
     fed, data = config.federation, session.data
     aggregator = build_aggregator(config.aggregation.name, config.aggregation.params())
-    runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), data.client_train)
     plans = [(data.client_train[c], derive_seed(SEED, "local", rnd, c)) for rnd in range(1, fed.rounds + 1)
              for c in sample_clients(data.client_names, fed.clients_per_round, SEED, rnd)]  # as ServerLoop.run_round
     tokens = sum(padded_tokens(ex, batch_indices(len(ex), fed.local_steps, fed.batch_size, seed)) for ex, seed in plans)
     with tempfile.TemporaryDirectory() as tmp:
         log = MetricsLog((run_dir := RunDir(Path(tmp))).metrics)
-        loop = ServerLoop(config, "", data.client_names, runtime, aggregator, None, run_dir, log, console)  # type: ignore[arg-type]
+        loop = build_server_loop(session, aggregator, run_dir, log, console, evaluate=False)
         state, hwm_before = session.initial_state, hwm_kib()
         started = time.perf_counter()
         for rnd in range(1, fed.rounds + 1):

@@ -25,21 +25,53 @@ def _updates(n: int, seed: int = 1) -> list[ClientUpdate]:
     ]
 
 
+def _build(name: str):
+    agg = build_aggregator(name, {})
+    agg.start([f"c{i}" for i in range(6)])
+    return agg
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_identical_clients_give_their_model_back(name: str) -> None:
+def test_identical_clients_act_as_one_client(name: str) -> None:
+    """K identical updates give what one such update gives; FedAvg-like aggregators return params + delta."""
     params = _params()
     delta = {k: torch.full_like(v, 0.1) for k, v in params.items()}
     updates = [ClientUpdate(f"c{i}", 1, 7, {k: v.clone() for k, v in delta.items()}) for i in range(3)]
-    out = build_aggregator(name, {}).aggregate(params, updates).params
+    many = _build(name).aggregate(params, updates).params
+    one = _build(name).aggregate(params, updates[:1]).params
     for k in params:
-        assert torch.allclose(out[k], params[k] + delta[k], atol=1e-6)
+        assert torch.allclose(many[k], one[k], atol=1e-6)
+        if _build(name).returns_mean_update:
+            assert torch.allclose(many[k], params[k] + delta[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_zero_updates_are_a_fixed_point(name: str) -> None:
+    params = _params()
+    agg = _build(name)
+    for rnd in range(1, 3):
+        zeros = [ClientUpdate(f"c{i}", rnd, 5 + i, {k: torch.zeros_like(v) for k, v in params.items()}) for i in range(3)]
+        out = agg.aggregate(params, zeros).params
+        for k in params:
+            assert torch.equal(out[k], params[k])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_client_with_zero_weight_changes_nothing(name: str) -> None:
+    params, updates = _params(), _updates(3)
+    heavy = {k: 100 * torch.ones_like(v) for k, v in params.items()}
+    with_zero = updates + [ClientUpdate("c5", 1, 0, heavy)]
+    a = _build(name).aggregate(params, updates).params
+    b = _build(name).aggregate(params, with_zero).params
+    for k in params:
+        assert torch.allclose(a[k], b[k], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL)
 def test_client_order_does_not_matter(name: str) -> None:
     params, updates = _params(), _updates(4)
-    forward = build_aggregator(name, {}).aggregate(params, updates).params
-    backward = build_aggregator(name, {}).aggregate(params, updates[::-1]).params
+    forward = _build(name).aggregate(params, updates).params
+    backward = _build(name).aggregate(params, updates[::-1]).params
     for k in params:
         assert torch.allclose(forward[k], backward[k], atol=1e-6)
 
@@ -47,9 +79,9 @@ def test_client_order_does_not_matter(name: str) -> None:
 @pytest.mark.parametrize("name", ALL)
 def test_state_survives_save_and_load(name: str) -> None:
     params = _params()
-    first = build_aggregator(name, {})
+    first = _build(name)
     params = first.aggregate(params, _updates(3, 1)).params
-    second = build_aggregator(name, {})
+    second = _build(name)
     second.load_state_dict(first.state_dict())
     a = first.aggregate(params, _updates(3, 2)).params
     b = second.aggregate(params, _updates(3, 2)).params
@@ -75,5 +107,5 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(name: str, mutate, rea
     accepted, rejected = split_valid([updates[0], bad, updates[2]], params, round_num=1)
     assert [u.client_id for u in accepted] == ["c0", "c2"]
     assert len(rejected) == 1 and reason in rejected[0].reason
-    out = build_aggregator(name, {}).aggregate(params, accepted).params
+    out = _build(name).aggregate(params, accepted).params
     assert all(torch.isfinite(v).all() for v in out.values())

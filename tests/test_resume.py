@@ -46,10 +46,10 @@ def test_crash_in_round_2_then_resume_gives_the_same_adapter(tmp_path: Path, run
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", **SECTIONS))
     original = SimulationRuntime.train_clients
 
-    def crash_in_round_2(self, plans, state):
-        if next(iter(plans.values())).round == 2:
+    def crash_in_round_2(self, tasks):
+        if next(iter(tasks.values())).plan.round == 2:
             raise KeyboardInterrupt
-        return original(self, plans, state)
+        return original(self, tasks)
 
     monkeypatch.setattr(SimulationRuntime, "train_clients", crash_in_round_2)
     first = runner.invoke(app, ["run", str(cfg)])

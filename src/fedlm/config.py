@@ -39,6 +39,19 @@ class PeftConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    client_ranks: list[int] | dict[str, int] | None = Field(
+        None,
+        description="per-client LoRA rank <= r: a list in client order or a mapping client name -> rank",
+    )
+
+    @model_validator(mode="after")
+    def _ranks_within_r(self) -> PeftConfig:
+        ranks = self.client_ranks
+        values = list(ranks.values()) if isinstance(ranks, dict) else (ranks or [])
+        bad = [v for v in values if not 1 <= v <= self.r]
+        if bad:
+            raise ValueError(f"`peft.client_ranks` must lie in 1..`peft.r` ({self.r}), got {bad[0]}")
+        return self
 
 
 class DataConfig(Section):
@@ -81,6 +94,7 @@ class FederationConfig(Section):
     local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0.0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer, fresh every round")
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for linear and cosine")
     weight_decay: float = Field(0.0, ge=0.0)
@@ -95,9 +109,13 @@ class AggregationConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = "fedavg"
+    lora: Literal["naive", "exact", "ffa"] = Field(
+        "naive",
+        description="naive: average A and B; exact: average B A and SVD back (FlexLoRA); ffa: frozen A, B only",
+    )
 
     def params(self) -> dict[str, Any]:
-        """The aggregator's parameters: every key but ``name``."""
+        """The aggregator's parameters: every key but ``name`` and ``lora``."""
         return dict(self.model_extra or {})
 
 
@@ -143,6 +161,11 @@ class ExperimentConfig(Section):
         if n is not None and k is not None and k > n:
             raise ValueError(
                 f"`federation.clients_per_round` must be <= `partition.num_clients` ({n}), got {k}"
+            )
+        ranks = self.peft.client_ranks
+        if isinstance(ranks, list) and n is not None and len(ranks) != n:
+            raise ValueError(
+                f"`peft.client_ranks` has {len(ranks)} entries but `partition.num_clients` is {n}; give one rank per client"
             )
         if k is not None and self.federation.min_clients > k:
             raise ValueError(

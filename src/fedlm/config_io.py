@@ -39,9 +39,13 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Exper
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw mapping into an :class:`ExperimentConfig`, with one readable line per problem."""
     try:
-        return ExperimentConfig.model_validate(raw)
+        config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise FedlmError(format_validation_error(exc)) from None
+    from fedlm.aggregation.compat import check_aggregation  # the registry imports algorithm modules: load lazily
+
+    check_aggregation(config)
+    return config
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -8,7 +8,9 @@ from typing import Any
 import yaml
 from peft import PeftModel
 
-from fedlm.aggregation.base import TrainerHook, build_aggregator
+from fedlm.aggregation.base import Aggregator, TrainerHook, build_aggregator
+from fedlm.aggregation.lora import build_lora_mode
+from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
 from fedlm.config import ExperimentConfig
 from fedlm.config_io import config_to_dict
 from fedlm.data.prepare import FederatedData, prepare_federated_data
@@ -48,21 +50,47 @@ class Session:
     def trainer(self, hooks: list[TrainerHook] | None = None) -> ClientTrainer:
         """A client trainer on the shared model."""
         fed = self.config.federation
-        return ClientTrainer(self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [])
+        return ClientTrainer(
+            self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [], fed.optimizer
+        )
 
 
 def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
     """Load the base model once, attach the adapter, read, partition and tokenize the data."""
     loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31)
     console.print(f"model {config.model.name}: {loaded.dtype} on {loaded.device}")
-    model = attach_adapter(loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31)
+    model = attach_adapter(
+        loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
+    )
     data = prepare_federated_data(config.data, config.partition, config.eval, loaded.tokenizer, config.seed)
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:
         raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
+    resolve_client_ranks(config.peft.client_ranks, data.client_names, config.peft.r)  # refuse a bad list now
     sizes = ", ".join(f"{c}: {len(data.client_train[c])}" for c in data.client_names)
     console.print(f"{n} clients ({sizes}); {len(data.test)} test examples")
     return Session(config, loaded, model, data, trainable_state(model))
+
+
+def build_server_loop(
+    session: Session,
+    aggregator: Aggregator,
+    run_dir: RunDir,
+    log: MetricsLog,
+    console: RunConsole,
+    progress: Progress | None = None,
+    evaluate: bool = True,
+) -> ServerLoop:
+    """The server loop of ``session`` over the simulation runtime, with the LoRA mode and client ranks of its config."""
+    config = session.config
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    names = session.data.client_names
+    aggregator.start(names)
+    runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
+    lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
+    ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
+    evaluator = session.evaluator(progress) if evaluate else None
+    return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks)  # type: ignore[arg-type]
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:
@@ -83,9 +111,7 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
         console.print(f"resuming {run_dir.root} after round {start}")
     run_dir.config.write_text(config_yaml)
     with Progress(console) as progress:
-        runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
-        loop = ServerLoop(config, config_yaml, session.data.client_names, runtime, aggregator, session.evaluator(progress), run_dir, log, console)
-        state = loop.run(state, start)
+        state = build_server_loop(session, aggregator, run_dir, log, console, progress).run(state, start)
     finish_run(session, run_dir, state, log)
     return state
 
@@ -110,7 +136,8 @@ def config_summary(session: Session) -> dict[str, Any]:
         "clients_per_round": c.federation.clients_per_round or len(session.data.client_names),
         "local_steps x batch": f"{c.federation.local_steps} x {c.federation.batch_size}",
         "lr": f"{c.federation.lr} ({c.federation.lr_schedule})",
-        "aggregation": c.aggregation.name,
+        "aggregation": f"{c.aggregation.name} (lora: {c.aggregation.lora})",
+        "client ranks": c.peft.client_ranks or f"all {c.peft.r}",
         "seed": c.seed,
     }
 

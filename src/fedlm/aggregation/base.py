@@ -7,6 +7,7 @@ contract and keeps state (``state_dict``/``load_state_dict``, saved in every che
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,15 +34,66 @@ class AggregationResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class TrainerHook:
-    """Client-side part of an algorithm (e.g. FedProx's proximal term), run by the client trainer.
+@dataclass(frozen=True)
+class ClientContext:
+    """What a trainer hook learns about the client it runs on this round.
 
-    Hooks let an algorithm change local training without copying the trainer. The default does nothing.
+    Attributes:
+        client_id: The client's name.
+        round: The round (1-based).
+        extras: Tensors the server sent to this client besides the adapter (e.g. SCAFFOLD's server control
+            variate c); they count as downloaded bytes.
+        memory: The client's own state from its previous round (e.g. SCAFFOLD's c_i). It never leaves the
+            client in a deployment; the simulation keeps it in the aggregator's state, saved in checkpoints.
+        rank: The client's LoRA rank (None: the global rank), set by the server loop.
     """
+
+    client_id: str
+    round: int
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    memory: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    rank: int | None = None
+
+
+@dataclass
+class HookOutput:
+    """What a hook adds to the client's answer: ``extras`` are uploaded, ``memory`` stays with the client."""
+
+    extras: TensorDict = field(default_factory=dict)
+    memory: TensorDict = field(default_factory=dict)
+
+
+class TrainerHook:
+    """Client-side part of an algorithm (FedProx's proximal term, SCAFFOLD's correction), run by the trainer.
+
+    Hooks let an algorithm change local training without copying the trainer. The trainer calls, per client and
+    round: :meth:`begin`, then per step :meth:`extra_loss` (added to the loss) and :meth:`correct_gradients`
+    (after backward and gradient clipping, before the optimizer step), and finally :meth:`end`. Every default
+    does nothing. A hook with ``needs_start_gradient`` gets the mean gradient at the global point over the round's
+    batches (one extra forward/backward per step).
+    """
+
+    needs_start_gradient: ClassVar[bool] = False
+
+    def begin(self, context: ClientContext, global_params: Mapping[str, torch.Tensor]) -> None:
+        """Called before the first local step."""
 
     def extra_loss(self, params: Mapping[str, torch.Tensor], global_params: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """A term added to the local loss at every step (None: nothing)."""
         return None
+
+    def correct_gradients(self, params: Mapping[str, torch.nn.Parameter]) -> None:
+        """Change ``param.grad`` in place before the optimizer step."""
+
+    def end(
+        self,
+        params: Mapping[str, torch.Tensor],
+        global_params: Mapping[str, torch.Tensor],
+        lrs: Sequence[float],
+        start_gradient: Mapping[str, torch.Tensor] | None,
+    ) -> HookOutput:
+        """Called after the last local step with the local parameters; returns extras to upload and memory."""
+        return HookOutput()
 
 
 class Aggregator(ABC):
@@ -49,6 +101,12 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     Params: ClassVar[type[AggregatorParams]] = AggregatorParams
+    #: True when K identical updates Delta give ``params + Delta`` (FedAvg-like). Adaptive optimisers document
+    #: their fixed point instead (every aggregator: zero updates leave the parameters unchanged).
+    returns_mean_update: ClassVar[bool] = True
+    #: True when the algorithm keeps state in the trainable-parameter space across rounds (SCAFFOLD's control
+    #: variates), which a LoRA mode that re-factorises A and B every round (``exact``) cannot honour.
+    needs_stable_parameter_space: ClassVar[bool] = False
 
     def __init__(self, params: AggregatorParams) -> None:
         self.params = params
@@ -57,9 +115,22 @@ class Aggregator(ABC):
     def aggregate(self, global_params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
         """The next global tensors from the current ones and a non-empty list of accepted updates."""
 
+    def check_config(self, config: Any) -> None:
+        """Refuse (with :class:`FedlmError`) an experiment config this algorithm cannot honour; default accepts all.
+
+        ``config`` is the :class:`fedlm.config.ExperimentConfig`; called at config load.
+        """
+
+    def start(self, client_names: Sequence[str]) -> None:
+        """Learn the federation (all client names) before the first round; the default ignores it."""
+
     def trainer_hooks(self) -> list[TrainerHook]:
         """Client-side hooks this algorithm needs (none for plain averaging)."""
         return []
+
+    def client_context(self, client_id: str, round_num: int) -> ClientContext:
+        """What this algorithm sends to (``extras``) and keeps for (``memory``) ``client_id`` this round."""
+        return ClientContext(client_id, round_num)
 
     def state_dict(self) -> dict[str, Any]:
         """Server state to checkpoint (momentum buffers, moments, ...); empty for stateless algorithms."""
@@ -111,6 +182,10 @@ def build_aggregator(name: str, params: Mapping[str, Any]) -> Aggregator:
     return cls(parsed)
 
 
+_BUILTIN_MODULES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi")
+
+
 def _load_builtin() -> None:
     """Import the built-in algorithm modules so that they register themselves."""
-    from fedlm.aggregation import fedavg  # noqa: F401
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(f"fedlm.aggregation.{module}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,3 +29,8 @@ def weighted_sum(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequenc
             acc.add_(t[name].to(torch.float32), alpha=float(w))
         out[name] = acc
     return out
+
+
+def global_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm over every tensor of a mapping together (float32)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t.to(torch.float32))) ** 2 for t in tensors.values()))

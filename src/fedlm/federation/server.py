@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -10,15 +11,18 @@ from typing import Any
 
 
 from fedlm.aggregation.base import Aggregator
+from fedlm.aggregation.lora.mode import LoraMode, truncation_error
+from fedlm.aggregation.lora.structure import wire_form
 from fedlm.config import ExperimentConfig
 from fedlm.errors import FedlmError
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.checkpoint import Checkpoint, save_checkpoint
 from fedlm.federation.sampling import sample_clients
 from fedlm.federation.schedule import lr_at
-from fedlm.federation.trainer import LocalPlan
+from fedlm.federation.trainer import ClientTask, LocalPlan
 from fedlm.federation.update import ClientFailure, ClientUpdate, TensorDict
 from fedlm.federation.validation import split_valid
+from fedlm.federation.wire import serialized_bytes
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
@@ -50,6 +54,8 @@ class ServerLoop:
     run_dir: RunDir
     log: MetricsLog
     console: RunConsole
+    lora: LoraMode
+    client_ranks: dict[str, int | None]
 
     def run(self, state: TensorDict, start_round: int) -> TensorDict:
         """Train from ``state`` after round ``start_round`` (0 for a new run)."""
@@ -69,24 +75,54 @@ class ServerLoop:
         fed = self.config.federation
         chosen = sample_clients(self.client_names, fed.clients_per_round, self.config.seed, round_num)
         lrs = round_lrs(self.config, round_num)
-        plans = {c: LocalPlan(round_num, lrs, fed.batch_size, derive_seed(self.config.seed, "local", round_num, c)) for c in chosen}
+        tasks = {c: self._task(c, state, round_num, lrs) for c in chosen}
         started = time.perf_counter()
-        results = self.runtime.train_clients(plans, state)
+        results = self.runtime.train_clients(tasks)
         updates = [r for r in results if isinstance(r, ClientUpdate)]
         failures = [r for r in results if isinstance(r, ClientFailure)]
+        traffic = self._traffic(state, tasks, updates)
         accepted, rejected = split_valid(updates, state, round_num)
         failures += rejected
         for update in accepted:
-            self.log.append({"round": round_num, "split": "train", "client": update.client_id, "num_examples": update.num_examples, **update.metrics})
+            self.log.append({"round": round_num, "split": "train", "client": update.client_id, "num_examples": update.num_examples,
+                             "rank": tasks[update.client_id].plan.rank or self.lora.full_rank, **traffic[update.client_id], **update.metrics})
         skipped = len(accepted) < fed.min_clients
         if not accepted and failures:
             raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
+        metrics: dict[str, float] = {}
         if not skipped:
-            result = self.aggregator.aggregate(state, accepted)
-            state = result.params
+            starts = {c: task.state for c, task in tasks.items()}
+            space, space_updates = self.lora.to_server_space(state, accepted, starts, self.client_ranks)
+            result = self.aggregator.aggregate(space, space_updates)
+            state, lora_metrics = self.lora.from_server_space(result.params, state)
+            metrics = {**result.metrics, **lora_metrics}
         train_time = time.perf_counter() - started
-        self._log_round(round_num, chosen, accepted, failures, skipped, train_time)
+        self._log_round(round_num, chosen, accepted, failures, skipped, train_time, traffic, metrics)
         return state
+
+    def _task(self, client_id: str, state: TensorDict, round_num: int, lrs: list[float]) -> ClientTask:
+        """What ``client_id`` downloads this round: its plan, the global adapter cut to its rank, the extras."""
+        rank = self.client_ranks.get(client_id)
+        seed = derive_seed(self.config.seed, "local", round_num, client_id)
+        plan = LocalPlan(round_num, lrs, self.config.federation.batch_size, seed, rank)
+        context = dataclasses.replace(self.aggregator.client_context(client_id, round_num), rank=rank)
+        return ClientTask(plan, self.lora.download(state, rank), context)
+
+    def _traffic(self, state: TensorDict, tasks: dict[str, ClientTask], updates: Sequence[ClientUpdate]) -> dict[str, dict[str, float]]:
+        """Bytes each client downloaded and uploaded, serialised as they would travel (cut to the client's rank)."""
+        traffic: dict[str, dict[str, float]] = {}
+        errors: dict[int | None, float] = {}
+        for client_id, task in tasks.items():
+            rank = task.plan.rank
+            if rank not in errors:
+                errors[rank] = truncation_error(state, rank)
+            traffic[client_id] = {"download_bytes": serialized_bytes(wire_form(task.state, rank), wire_form(task.context.extras, rank)),
+                                  "upload_bytes": 0, "download_truncation_error": errors[rank]}
+        for update in updates:
+            if update.client_id in traffic:
+                rank = tasks[update.client_id].plan.rank
+                traffic[update.client_id]["upload_bytes"] += serialized_bytes(wire_form(update.tensors, rank), wire_form(update.extras, rank))
+        return traffic
 
     def evaluate(self, state: TensorDict, round_num: int) -> None:
         """Evaluate ``state``, log its records and save the predictions of this round."""
@@ -117,10 +153,14 @@ class ServerLoop:
         failures: Sequence[ClientFailure],
         skipped: bool,
         train_time: float,
+        traffic: dict[str, dict[str, float]],
+        metrics: dict[str, float],
     ) -> None:
         for failure in failures:
             self.console.print(f"[yellow]round {round_num}: client {failure.client_id} left out: {failure.reason}[/yellow]")
         mean_loss = sum(u.metrics["loss"] for u in accepted) / max(len(accepted), 1)
+        down = sum(t["download_bytes"] for t in traffic.values())
+        up = sum(t["upload_bytes"] for t in traffic.values())
         record: dict[str, Any] = {
             "round": round_num,
             "split": "aggregate",
@@ -131,7 +171,14 @@ class ServerLoop:
             "skipped": skipped,
             "train_loss": mean_loss if accepted else None,
             "train_time_s": train_time,
+            "download_bytes": down,
+            "upload_bytes": up,
+            "aggregation": metrics,
         }
         self.log.append(record)
         note = " (skipped: too few valid updates)" if skipped else ""
-        self.console.print(f"round {round_num}/{self.config.federation.rounds}: {len(accepted)} updates, train loss {mean_loss:.4f}, {train_time:.1f}s{note}")
+        svd = f", svd error {metrics['svd_rel_error']:.3g}" if "svd_rel_error" in metrics else ""
+        self.console.print(
+            f"round {round_num}/{self.config.federation.rounds}: {len(accepted)} updates, train loss {mean_loss:.4f}, "
+            f"{(down + up) / 2**20:.1f} MiB moved, {train_time:.1f}s{svd}{note}"
+        )

@@ -19,6 +19,9 @@ class ClientUpdate:
         num_examples: The client's training-set size, the FedAvg weight n_k.
         tensors: The delta ``local - global`` of every trainable tensor, by adapter state-dict name (float32).
         metrics: Client-side training metrics (``loss``, ``steps``, ``lr``, ...).
+        extras: Algorithm tensors uploaded beside the delta (e.g. SCAFFOLD's Delta c_i), by name.
+        memory: State the client keeps for its next round (e.g. SCAFFOLD's c_i); never uploaded in a deployment,
+            carried back to the aggregator's per-client store in the simulation.
     """
 
     client_id: str
@@ -26,6 +29,8 @@ class ClientUpdate:
     num_examples: int
     tensors: TensorDict
     metrics: dict[str, float] = field(default_factory=dict)
+    extras: TensorDict = field(default_factory=dict)
+    memory: TensorDict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

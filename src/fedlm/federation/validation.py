@@ -26,6 +26,9 @@ def update_problem(update: ClientUpdate, expected: Mapping[str, torch.Tensor], r
             return f"tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype"
         if not bool(torch.isfinite(tensor).all()):
             return f"tensor {name} holds NaN or Inf"
+    for name, tensor in update.extras.items():
+        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            return f"extra tensor {name} is not a finite floating-point tensor"
     return None
 
 

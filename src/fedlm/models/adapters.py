@@ -19,10 +19,12 @@ from fedlm.federation.update import TensorDict
 from fedlm.seeding import seeded_torch
 
 
-def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int) -> PeftModel:
+def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int, freeze_lora_a: bool = False) -> PeftModel:
     """Wrap the frozen base model with a LoRA adapter initialised from ``seed`` (global RNG left untouched).
 
     LoRA: Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models" (W + (alpha/r) B A, B = 0 at init).
+    With ``freeze_lora_a`` the A factors keep their seeded random init and only B trains (FFA-LoRA, Sun et al.
+    2024); every client derives the same A from the shared seed, so A never travels.
     """
     if config.method != "lora":
         raise FedlmError(f"`peft.method` {config.method!r} is not built; valid: lora")
@@ -38,6 +40,10 @@ def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int) -> Pef
             peft_model = get_peft_model(model, lora)
         except ValueError as exc:
             raise FedlmError(f"`peft.target_modules` {config.target_modules!r} do not fit this model: {exc}") from None
+    if freeze_lora_a:
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return peft_model
 
 

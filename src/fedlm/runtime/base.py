@@ -5,17 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-import torch
-
-from fedlm.federation.trainer import LocalPlan
+from fedlm.federation.trainer import ClientTask
 from fedlm.federation.update import ClientFailure, ClientUpdate
 
 
 class Runtime(Protocol):
     """Runs local training for the chosen clients and returns one update or failure per client."""
 
-    def train_clients(
-        self, plans: Mapping[str, LocalPlan], global_state: Mapping[str, torch.Tensor]
-    ) -> Sequence[ClientUpdate | ClientFailure]:
-        """Train every client in ``plans`` (client name -> its plan) from ``global_state``."""
+    def train_clients(self, tasks: Mapping[str, ClientTask]) -> Sequence[ClientUpdate | ClientFailure]:
+        """Train every client in ``tasks`` (client name -> its plan, starting adapter state and extras)."""
         ...

@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from fedlm.data.tokenize import TokenizedExample
-from fedlm.federation.trainer import ClientTrainer, LocalPlan, NonFiniteLossError
+from fedlm.federation.trainer import ClientTask, ClientTrainer, NonFiniteLossError
 from fedlm.federation.update import ClientFailure, ClientUpdate
 from fedlm.reporting.progress import Progress
 
@@ -25,19 +23,19 @@ class SimulationRuntime:
     client_train: Mapping[str, Sequence[TokenizedExample]]
     progress: Progress | None = None
 
-    def train_clients(
-        self, plans: Mapping[str, LocalPlan], global_state: Mapping[str, torch.Tensor]
-    ) -> list[ClientUpdate | ClientFailure]:
-        """Train each planned client from ``global_state``; a NaN/Inf loss becomes a :class:`ClientFailure`."""
+    def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        """Train each client from its task's state; a NaN/Inf loss becomes a :class:`ClientFailure`."""
         results: list[ClientUpdate | ClientFailure] = []
-        total = sum(len(plan.lrs) for plan in plans.values())
-        task = self.progress.task("train", total) if self.progress else None
-        for client_id, plan in plans.items():
-            on_step = task.advance if task is not None else None
+        total = sum(len(task.plan.lrs) for task in tasks.values())
+        bar = self.progress.task("train", total) if self.progress else None
+        for client_id, task in tasks.items():
+            on_step = bar.advance if bar is not None else None
             try:
-                results.append(self.trainer.train(client_id, self.client_train[client_id], global_state, plan, on_step))
+                results.append(
+                    self.trainer.train(client_id, self.client_train[client_id], task.state, task.plan, on_step, task.context)
+                )
             except NonFiniteLossError as exc:
-                results.append(ClientFailure(client_id, plan.round, str(exc)))
-        if task is not None:
-            task.done()
+                results.append(ClientFailure(client_id, task.plan.round, str(exc)))
+        if bar is not None:
+            bar.done()
         return results

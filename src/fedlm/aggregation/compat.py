@@ -1,0 +1,28 @@
+"""Config-load checks that need the aggregator registry: parameters in their domain, and combinations that work.
+
+Called by :func:`fedlm.config_io.validate_config`, so a bad ``aggregation`` section fails before any model loads.
+"""
+
+from __future__ import annotations
+
+from fedlm.aggregation.base import build_aggregator
+from fedlm.config import ExperimentConfig
+from fedlm.errors import FedlmError
+
+
+def check_aggregation(config: ExperimentConfig) -> None:
+    """Raise :class:`FedlmError` naming the field when the aggregation settings cannot be honoured."""
+    agg = config.aggregation
+    aggregator = build_aggregator(agg.name, agg.params())
+    aggregator.check_config(config)
+    if agg.lora != "naive" and config.peft.method != "lora":
+        raise FedlmError(
+            f"`aggregation.lora: {agg.lora}` needs `peft.method: lora`, got {config.peft.method!r}; "
+            "use `aggregation.lora: naive` (plain per-tensor averaging) for other methods"
+        )
+    if agg.lora == "exact" and aggregator.needs_stable_parameter_space:
+        raise FedlmError(
+            f"`aggregation.name: {agg.name}` keeps per-client state on the LoRA factors A and B across rounds, but "
+            "`aggregation.lora: exact` re-factorises A and B by SVD every round, so that state would refer to "
+            "factors that no longer exist; use `aggregation.lora: naive` or `ffa` with it"
+        )

@@ -1,0 +1,75 @@
+"""The LoRA aggregation mode (``aggregation.lora``): in which space the server combines client updates.
+
+A mode sits between the server loop and the aggregator. It decides what each client downloads (the global adapter
+cut to the client's rank), maps the round's updates into the space where the aggregator's math runs, and maps the
+aggregator's result back to adapter tensors. The aggregators (FedAvg, FedAdam, ...) never know about LoRA.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+
+from fedlm.aggregation.lora.structure import lora_pairs, truncate_to_rank
+from fedlm.federation.update import ClientUpdate, TensorDict
+
+
+class LoraMode(ABC):
+    """Base of the LoRA aggregation modes.
+
+    Args:
+        initial_state: The adapter's trainable tensors at initialisation (shared by every client).
+        full_rank: The global LoRA rank ``peft.r``; client ranks are at most this.
+    """
+
+    name: ClassVar[str]
+    #: Which parameter space the aggregator works in (written in the report).
+    space: ClassVar[str]
+
+    def __init__(self, initial_state: Mapping[str, torch.Tensor], full_rank: int) -> None:
+        self.initial_state = dict(initial_state)
+        self.full_rank = full_rank
+
+    def download(self, state: Mapping[str, torch.Tensor], rank: int | None) -> TensorDict:
+        """The adapter a client of ``rank`` starts from: the global one with components beyond its rank zeroed."""
+        return truncate_to_rank(state, rank)
+
+    @abstractmethod
+    def to_server_space(
+        self,
+        state: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        starts: Mapping[str, Mapping[str, torch.Tensor]],
+        ranks: Mapping[str, int | None],
+    ) -> tuple[TensorDict, list[ClientUpdate]]:
+        """The global parameters and the updates (deltas) in the aggregator's space.
+
+        ``starts`` is what each client downloaded this round; ``ranks`` each client's rank (None: full).
+        """
+
+    @abstractmethod
+    def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
+        """The next global adapter tensors from the aggregator's result, and what to log about the mapping."""
+
+
+def truncation_error(state: Mapping[str, torch.Tensor], rank: int | None) -> float:
+    """||W - W_r||_F / ||W||_F over all LoRA modules, W = B A and W_r its first ``rank`` components.
+
+    The error a client of rank ``rank`` makes by starting from the cut global adapter (0 for a full-rank client).
+    """
+    if rank is None:
+        return 0.0
+    pairs, _ = lora_pairs(state)
+    lost = total = 0.0
+    for pair in pairs:
+        b, a = state[pair.b].to(torch.float32), state[pair.a].to(torch.float32)
+        if b.shape[1] <= rank:
+            total += float((b @ a).square().sum())
+            continue
+        tail = b[:, rank:] @ a[rank:]  # (d_out, d_in): the part beyond the client's rank
+        lost += float(tail.square().sum())
+        total += float((b @ a).square().sum())
+    return (lost / total) ** 0.5 if total > 0 else 0.0
