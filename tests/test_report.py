@@ -157,7 +157,7 @@ def test_write_report(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert "## Notes\n\nSome *notes*." in text
     # Section order: config, global, per-client, train, plots, extra.
-    marks = ["## Configuration", "## Global test", "## Per-client", "## Train loss",
+    marks = ["## Configuration", "## Global test", "## Per-client", "## Rounds",
              "## Plots", "## Notes"]
     positions = [text.index(m) for m in marks]
     assert positions == sorted(positions)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -39,10 +39,18 @@ class PeftConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    client_ranks: list[int] | dict[str, int] | None = Field(
+    client_ranks: list[StrictInt] | dict[str, StrictInt] | None = Field(
         None,
         description="per-client LoRA rank <= r: a list in client order or a mapping client name -> rank",
     )
+
+    @field_validator("client_ranks", mode="before")
+    @classmethod
+    def _ranks_are_integers(cls, value: Any) -> Any:
+        values = list(value.values()) if isinstance(value, dict) else value
+        if value is not None and (not isinstance(values, list) or not all(type(v) is int for v in values)):
+            raise ValueError("must be a list of integers (one per client) or a mapping client name -> integer")
+        return value
 
     @model_validator(mode="after")
     def _ranks_within_r(self) -> PeftConfig:

@@ -40,7 +40,7 @@ class FedProx(FedAvg):
     """FedAvg server step; the client trainer runs :class:`ProximalHook`."""
 
     class Params(AggregatorParams):
-        mu: float = Field(0.01, ge=0.0, description="proximal coefficient mu (0 gives FedAvg)")
+        mu: float = Field(0.01, ge=0.0, allow_inf_nan=False, description="proximal coefficient mu (0 gives FedAvg)")
 
     params: Params
 

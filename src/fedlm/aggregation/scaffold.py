@@ -122,7 +122,7 @@ class Scaffold(Aggregator):
         option: Literal["I", "II"] = Field(
             "I", description="control variate update of Algorithm 1, line 12 (II needs `federation.optimizer: sgd`)"
         )
-        server_lr: float = Field(1.0, gt=0.0, description="global step size eta_g")
+        server_lr: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="global step size eta_g")
 
     params: Params
 

@@ -127,16 +127,24 @@ def _client_section(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _train_section(records: Sequence[Mapping[str, Any]]) -> str:
-    """Table of the mean client train loss per round."""
+    """Table per round: mean client train loss, clients, bytes on the wire and the aggregator's own numbers."""
     means = mean_train_loss(records)
     if not means:
         return "## Train loss\n\n_No train records._"
-    rows = [
-        {"round": r, "mean_train_loss": m, "clients": n} for r, (m, n) in means.items()
-    ]
-    return "## Train loss (mean over clients)\n\n" + markdown_table(
-        rows, ["round", "mean_train_loss", "clients"]
-    )
+    rounds = {_round(r): r for r in records if r.get("split") == "aggregate"}
+    rows = []
+    for rnd, (mean, count) in means.items():
+        agg = rounds.get(rnd, {})
+        row: dict[str, Any] = {"round": rnd, "mean_train_loss": mean, "clients": count}
+        if "download_bytes" in agg:
+            row["download_MiB"] = agg["download_bytes"] / 2**20
+            row["upload_MiB"] = agg["upload_bytes"] / 2**20
+        for key, value in (agg.get("aggregation") or {}).items():
+            if key != "num_updates":
+                row[key] = value
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return "## Rounds (train loss is the mean over clients)\n\n" + markdown_table(rows, columns)
 
 
 def _plots_section(run_dir: Path, records: list[dict]) -> str:

@@ -14,7 +14,7 @@ keep receiving gradients.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ class ExactLora(LoraMode):
         starts: Mapping[str, Mapping[str, torch.Tensor]],
         ranks: Mapping[str, int | None],
     ) -> tuple[TensorDict, list[ClientUpdate]]:
-        return products(state), [dataclasses.replace(u, tensors=product_delta(starts[u.client_id], u.tensors)) for u in updates]
+        return products(state), [dataclasses.replace(u, tensors=ProductDelta(starts[u.client_id], u.tensors)) for u in updates]
 
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
         pairs, others = lora_pairs(state)
@@ -72,12 +72,37 @@ def products(state: Mapping[str, torch.Tensor]) -> TensorDict:
     return out
 
 
+class ProductDelta(Mapping[str, torch.Tensor]):
+    """A client's update in product space, computed per tensor when read and never stored.
+
+    Per module ``(B + dB)(A + dA) - B A`` (d_out, d_in); other tensors are the client's delta. A round of 100
+    clients on a 1M-parameter LoRA would need ~10 GB as dense products held at once; read one name at a time (as
+    :func:`fedlm.aggregation.weights.weighted_sum` does) it needs one dense matrix per module in flight.
+    """
+
+    def __init__(self, start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> None:
+        pairs, others = lora_pairs(start)
+        self._start, self._delta = start, delta
+        self._pairs = {pair.module + PRODUCT_SUFFIX: pair for pair in pairs}
+        self._names = sorted([*self._pairs, *others])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        pair = self._pairs.get(name)
+        if pair is None:
+            if name not in self._delta or name not in self._names:
+                raise KeyError(name)
+            return self._delta[name].to(torch.float32)
+        b0, a0 = self._start[pair.b].to(torch.float32), self._start[pair.a].to(torch.float32)
+        b1, a1 = b0 + self._delta[pair.b].to(torch.float32), a0 + self._delta[pair.a].to(torch.float32)
+        return b1 @ a1 - b0 @ a0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def product_delta(start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> TensorDict:
-    """(B + dB)(A + dA) - B A per module: a client's change of the product from where it started."""
-    pairs, others = lora_pairs(start)
-    out: TensorDict = {name: delta[name].to(torch.float32) for name in others}
-    for pair in pairs:
-        b0, a0 = start[pair.b].to(torch.float32), start[pair.a].to(torch.float32)
-        b1, a1 = b0 + delta[pair.b].to(torch.float32), a0 + delta[pair.a].to(torch.float32)
-        out[pair.module + PRODUCT_SUFFIX] = b1 @ a1 - b0 @ a0
-    return out
+    """(B + dB)(A + dA) - B A per module, materialised: a client's change of the product from where it started."""
+    return dict(ProductDelta(start, delta))
