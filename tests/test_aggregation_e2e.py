@@ -6,7 +6,7 @@ Runs are kept to 2-3 rounds of 1 local step with a small loss-only evaluation, a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,7 @@ FULL_RANK = 4
 Records = list[dict[str, Any]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared machine two threads fighting over two busy cores are ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(root: Path, *, extra_args: tuple[str, ...] = (), **sections: dict[str, Any]) -> Path:
