@@ -9,28 +9,11 @@ missing columns multiply the same rows of the shared A.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import torch
-
 from fedlm.aggregation.lora.mode import LoraMode
-from fedlm.federation.update import ClientUpdate, TensorDict
 
 
 class FfaLora(LoraMode):
-    """B only; the aggregator works directly on B, which is exact."""
+    """B only; the aggregator works directly on B (the base class's identity mapping), which is exact."""
 
     name = "ffa"
     space = "LoRA factor B (A frozen and shared), exact"
-
-    def to_server_space(
-        self,
-        state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        starts: Mapping[str, Mapping[str, torch.Tensor]],
-        ranks: Mapping[str, int | None],
-    ) -> tuple[TensorDict, list[ClientUpdate]]:
-        return dict(state), list(updates)
-
-    def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
-        return dict(params), {}

@@ -7,7 +7,7 @@ aggregator's result back to adapter tensors. The aggregators (FedAvg, FedAdam, .
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -37,7 +37,6 @@ class LoraMode(ABC):
         """The adapter a client of ``rank`` starts from: the global one with components beyond its rank zeroed."""
         return truncate_to_rank(state, rank)
 
-    @abstractmethod
     def to_server_space(
         self,
         state: Mapping[str, torch.Tensor],
@@ -47,12 +46,15 @@ class LoraMode(ABC):
     ) -> tuple[TensorDict, list[ClientUpdate]]:
         """The global parameters and the updates (deltas) in the aggregator's space.
 
-        ``starts`` is what each client downloaded this round; ``ranks`` each client's rank (None: full).
+        ``starts`` is what each client downloaded this round; ``ranks`` each client's rank (None: full). The
+        default is the identity: the aggregator works on the adapter tensors themselves.
         """
+        return dict(state), list(updates)
 
-    @abstractmethod
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
-        """The next global adapter tensors from the aggregator's result, and what to log about the mapping."""
+        """The next global adapter tensors from the aggregator's result, and what to log about the mapping
+        (default: the result as it is, nothing to log)."""
+        return dict(params), {}
 
 
 def truncation_error(state: Mapping[str, torch.Tensor], rank: int | None) -> float:

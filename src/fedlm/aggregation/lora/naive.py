@@ -41,9 +41,6 @@ class NaiveLora(LoraMode):
         scale = torch.where(coverage > 0, 1.0 / coverage.clamp_min(1e-12), torch.zeros_like(coverage))
         return dict(state), [dataclasses.replace(u, tensors=_rescale(u.tensors, scale)) for u in updates]
 
-    def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
-        return dict(params), {}
-
 
 def _rescale(tensors: Mapping[str, torch.Tensor], scale: torch.Tensor) -> TensorDict:
     out: TensorDict = {}
