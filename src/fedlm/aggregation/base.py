@@ -28,10 +28,19 @@ class AggregatorParams(BaseModel):
 
 @dataclass
 class AggregationResult:
-    """The next global tensors and what the server should log about this step."""
+    """The next global tensors and what the server should log about this step.
+
+    Attributes:
+        params: The next global tensors (in the LoRA mode's space).
+        metrics: Scalars about the step (norms, errors, ...).
+        excluded: Clients whose update a robust aggregator left out this round.
+        client_weights: Each client's effective weight in the step, where an aggregator re-weights clients.
+    """
 
     params: TensorDict
     metrics: dict[str, float] = field(default_factory=dict)
+    excluded: list[str] = field(default_factory=list)
+    client_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -89,13 +89,17 @@ class ServerLoop:
         skipped = len(accepted) < fed.min_clients
         if not accepted and failures:
             raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         if not skipped:
             starts = {c: task.state for c, task in tasks.items()}
             space, space_updates = self.lora.to_server_space(state, accepted, starts, self.client_ranks)
             result = self.aggregator.aggregate(space, space_updates)
             state, lora_metrics = self.lora.from_server_space(result.params, state)
             metrics = {**result.metrics, **lora_metrics}
+            if result.excluded:
+                metrics["excluded"] = list(result.excluded)
+            if result.client_weights:
+                metrics["client_weights"] = dict(result.client_weights)
         train_time = time.perf_counter() - started
         self._log_round(round_num, chosen, accepted, failures, skipped, train_time, traffic, metrics)
         return state
@@ -154,7 +158,7 @@ class ServerLoop:
         skipped: bool,
         train_time: float,
         traffic: dict[str, dict[str, float]],
-        metrics: dict[str, float],
+        metrics: dict[str, Any],
     ) -> None:
         for failure in failures:
             self.console.print(f"[yellow]round {round_num}: client {failure.client_id} left out: {failure.reason}[/yellow]")

@@ -140,7 +140,9 @@ def _train_section(records: Sequence[Mapping[str, Any]]) -> str:
             row["download_MiB"] = agg["download_bytes"] / 2**20
             row["upload_MiB"] = agg["upload_bytes"] / 2**20
         for key, value in (agg.get("aggregation") or {}).items():
-            if key != "num_updates":
+            if key == "excluded":
+                row[key] = ", ".join(value)
+            elif key != "num_updates" and not isinstance(value, dict):
                 row[key] = value
         rows.append(row)
     columns = list(dict.fromkeys(k for row in rows for k in row))
