@@ -191,7 +191,20 @@ def build_aggregator(name: str, params: Mapping[str, Any]) -> Aggregator:
     return cls(parsed)
 
 
-_BUILTIN_MODULES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi")
+_BUILTIN_MODULES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "scaffold",
+    "fedadagrad",
+    "fedadam",
+    "fedyogi",
+    "robust.median",
+    "robust.trimmed_mean",
+    "robust.krum",
+    "robust.norm_bound",
+    "robust.flame",
+)
 
 
 def _load_builtin() -> None:
