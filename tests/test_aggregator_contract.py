@@ -7,7 +7,7 @@ import torch
 
 from fedlm.aggregation.base import build_aggregator, registered_aggregators
 from fedlm.federation.update import ClientUpdate
-from fedlm.federation.validation import split_valid
+from fedlm.federation.validation import Expectations, split_valid
 
 ALL = registered_aggregators()
 
@@ -104,7 +104,7 @@ def test_state_survives_save_and_load(name: str) -> None:
 def test_bad_updates_are_rejected_and_the_rest_aggregated(name: str, mutate, reason: str) -> None:
     params, updates = _params(), _updates(3)
     bad = mutate(updates[1])
-    accepted, rejected = split_valid([updates[0], bad, updates[2]], params, round_num=1)
+    accepted, rejected = split_valid([updates[0], bad, updates[2]], Expectations(1, params))
     assert [u.client_id for u in accepted] == ["c0", "c2"]
     assert len(rejected) == 1 and reason in rejected[0].reason
     out = _build(name).aggregate(params, accepted).params

@@ -99,6 +99,9 @@ class FederationConfig(Section):
     rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
     min_clients: int = Field(1, ge=1, description="fewest valid updates for a round to be aggregated")
+    max_num_examples: int | None = Field(
+        None, ge=1, description="updates claiming more training examples than this are rejected (caps a client's weight)"
+    )
     local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0.0)

@@ -21,7 +21,7 @@ from fedlm.federation.sampling import sample_clients
 from fedlm.federation.schedule import lr_at
 from fedlm.federation.trainer import ClientTask, LocalPlan
 from fedlm.federation.update import ClientFailure, ClientUpdate, TensorDict
-from fedlm.federation.validation import split_valid
+from fedlm.federation.validation import Expectations, split_valid
 from fedlm.federation.wire import serialized_bytes
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
@@ -81,7 +81,8 @@ class ServerLoop:
         updates = [r for r in results if isinstance(r, ClientUpdate)]
         failures = [r for r in results if isinstance(r, ClientFailure)]
         traffic = self._traffic(state, tasks, updates)
-        accepted, rejected = split_valid(updates, state, round_num)
+        expect = Expectations(round_num, state, set(chosen), set(self.client_names), fed.max_num_examples)
+        accepted, rejected = split_valid(updates, expect)
         failures += rejected
         for update in accepted:
             self.log.append({"round": round_num, "split": "train", "client": update.client_id, "num_examples": update.num_examples,
