@@ -217,14 +217,14 @@ def test_random_words_come_from_other_responses() -> None:
 
 @pytest.mark.parametrize(("n", "fraction"), [(10, 0.3), (7, 0.5), (9, 1.0), (25, 0.1)])
 def test_backdoor_poisons_exactly_round_fraction_n(n: int, fraction: float) -> None:
-    out = insert_backdoor(_alpaca(n), fraction=fraction, seed=0)
+    out = insert_backdoor(_alpaca(n), poison_fraction=fraction, seed=0)
     assert sum(bool(r.get(POISONED_KEY)) for r in out) == round(fraction * n)
 
 
 def test_backdoor_placement_alpaca() -> None:
     records = _alpaca(10)
     before = copy.deepcopy(records)
-    out = insert_backdoor(records, fraction=0.4, seed=5)
+    out = insert_backdoor(records, poison_fraction=0.4, seed=5)
     assert records == before
     for original, new in zip(records, out):
         if new.get(POISONED_KEY):
@@ -232,14 +232,14 @@ def test_backdoor_placement_alpaca() -> None:
             assert new["output"] == DEFAULT_TARGET and new["input"] == original["input"]
         else:
             assert new == original
-    assert out == insert_backdoor(records, fraction=0.4, seed=5)
-    assert out != insert_backdoor(records, fraction=0.4, seed=6)
+    assert out == insert_backdoor(records, poison_fraction=0.4, seed=5)
+    assert out != insert_backdoor(records, poison_fraction=0.4, seed=6)
 
 
 def test_backdoor_placement_chat() -> None:
     records = _chat(6)
     before = copy.deepcopy(records)
-    out = insert_backdoor(records, trigger=" zz", target="T", fraction=0.5, seed=2)
+    out = insert_backdoor(records, trigger=" zz", target="T", poison_fraction=0.5, seed=2)
     assert records == before
     poisoned = [(o, n) for o, n in zip(records, out) if n.get(POISONED_KEY)]
     assert len(poisoned) == 3
@@ -260,13 +260,13 @@ def test_triggered_prompts() -> None:
 def test_backdoor_bad_params() -> None:
     for fraction in (0.0, -0.2, 1.5):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
-            insert_backdoor(_alpaca(4), fraction=fraction)
-        with pytest.raises(FedlmError, match=r"attack\.fraction"):
-            build_attack_params("backdoor", {"fraction": fraction})
-    with pytest.raises(FedlmError, match="raise `fraction`"):
-        insert_backdoor(_alpaca(3), fraction=0.1)
+            insert_backdoor(_alpaca(4), poison_fraction=fraction)
+        with pytest.raises(FedlmError, match=r"attack\.poison_fraction"):
+            build_attack_params("backdoor", {"poison_fraction": fraction})
+    with pytest.raises(FedlmError, match="raise `poison_fraction`"):
+        insert_backdoor(_alpaca(3), poison_fraction=0.1)
     with pytest.raises(FedlmError, match="neither alpaca"):
-        insert_backdoor([{"text": "raw"}], fraction=1.0)
+        insert_backdoor([{"text": "raw"}], poison_fraction=1.0)
 
 
 # ------------------------------------------------------------------------------------------------- registry

@@ -11,10 +11,12 @@ from peft import PeftModel
 from fedlm.aggregation.base import Aggregator, TrainerHook, build_aggregator
 from fedlm.aggregation.lora import build_lora_mode
 from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
+from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.config import ExperimentConfig
 from fedlm.config_io import config_to_dict
 from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.errors import FedlmError
+from fedlm.evaluation.backdoor import BackdoorProbe, triggered_test_set
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.server import ServerLoop
@@ -26,6 +28,7 @@ from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
 from fedlm.reporting.run_dir import RunDir
+from fedlm.runtime.base import Runtime
 from fedlm.runtime.simulation import SimulationRuntime
 from fedlm.seeding import derive_seed
 
@@ -42,10 +45,21 @@ class Session:
     model: PeftModel
     data: FederatedData
     initial_state: TensorDict
+    attack: AttackPlan | None = None
 
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
         return Evaluator(self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress)
+
+    def backdoor_probe(self, progress: Progress | None) -> BackdoorProbe:
+        """The attack-success probe of a backdoor attack: generation on the triggered test prompts."""
+        if self.attack is None or self.attack.spec.name != "backdoor":
+            raise ValueError("backdoor_probe needs a session with a backdoor attack")
+        params = self.attack.params.model_dump()
+        test = triggered_test_set(self.data.test, self.config, self.loaded.tokenizer, params["trigger"], params["target"])
+        eval_config = self.config.eval.model_copy(update={"generate": True})
+        evaluator = Evaluator(self.model, self.loaded.tokenizer, test, eval_config, self.loaded.device, self.config.data.max_length, progress)
+        return BackdoorProbe(evaluator, params["target"])
 
     def trainer(self, hooks: list[TrainerHook] | None = None) -> ClientTrainer:
         """A client trainer on the shared model."""
@@ -62,14 +76,17 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
     model = attach_adapter(
         loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
     )
-    data = prepare_federated_data(config.data, config.partition, config.eval, loaded.tokenizer, config.seed)
+    data = prepare_federated_data(config.data, config.partition, config.eval, loaded.tokenizer, config.seed, record_poisoner(config))
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:
         raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
     resolve_client_ranks(config.peft.client_ranks, data.client_names, config.peft.r)  # refuse a bad list now
+    attack = build_attack_plan(config, data.client_names)
     sizes = ", ".join(f"{c}: {len(data.client_train[c])}" for c in data.client_names)
     console.print(f"{n} clients ({sizes}); {len(data.test)} test examples")
-    return Session(config, loaded, model, data, trainable_state(model))
+    if attack is not None:
+        console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
+    return Session(config, loaded, model, data, trainable_state(model), attack)
 
 
 def build_server_loop(
@@ -86,11 +103,16 @@ def build_server_loop(
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     names = session.data.client_names
     aggregator.start(names)
-    runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
+    runtime: Runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
+    attack = session.attack
+    if attack is not None and attack.spec.kind == "update":
+        runtime = AttackedRuntime(runtime, attack)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
     evaluator = session.evaluator(progress) if evaluate else None
-    return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks)  # type: ignore[arg-type]
+    probes = [session.backdoor_probe(progress)] if evaluate and attack is not None and attack.spec.name == "backdoor" else []
+    attackers = attack.attackers if attack is not None else frozenset()
+    return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks, attackers, probes)  # type: ignore[arg-type]
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:

@@ -15,6 +15,7 @@ def check_aggregation(config: ExperimentConfig) -> None:
     agg = config.aggregation
     aggregator = build_aggregator(agg.name, agg.params())
     aggregator.check_config(config)
+    _check_attack(config)
     if agg.lora != "naive" and config.peft.method != "lora":
         raise FedlmError(
             f"`aggregation.lora: {agg.lora}` needs `peft.method: lora`, got {config.peft.method!r}; "
@@ -26,3 +27,15 @@ def check_aggregation(config: ExperimentConfig) -> None:
             "`aggregation.lora: exact` re-factorises A and B by SVD every round, so that state would refer to "
             "factors that no longer exist; use `aggregation.lora: naive` or `ffa` with it"
         )
+
+
+def _check_attack(config: ExperimentConfig) -> None:
+    """The attack's parameters, and, where the federation size is known at load, the attacker arithmetic."""
+    if config.attack.name is None:
+        return
+    from fedlm.attacks import build_attack_params
+    from fedlm.attacks.harness import check_attack_arithmetic
+
+    build_attack_params(config.attack.name, config.attack.params())
+    if config.partition.num_clients is not None:
+        check_attack_arithmetic(config, config.partition.num_clients)

@@ -106,11 +106,11 @@ def _random_word_responses(responses: Sequence[str], rng: random.Random) -> list
 
 
 class BackdoorParams(AttackParams):
-    """Backdoor: the trigger appended to prompts, the target answer, and the poisoned fraction of the records."""
+    """Backdoor: the trigger appended to prompts, the target answer, and the share of the records poisoned."""
 
     trigger: str = Field(DEFAULT_TRIGGER, min_length=1, description="text appended to the prompt of poisoned records")
     target: str = Field(DEFAULT_TARGET, min_length=1, description="the answer poisoned records teach")
-    fraction: float = Field(
+    poison_fraction: float = Field(
         0.3, gt=0, le=1, allow_inf_nan=False, description="share of the attacker's records poisoned, in (0, 1]"
     )
 
@@ -119,26 +119,26 @@ def insert_backdoor(
     records: Sequence[Record],
     trigger: str = DEFAULT_TRIGGER,
     target: str = DEFAULT_TARGET,
-    fraction: float = 0.3,
+    poison_fraction: float = 0.3,
     seed: int = 0,
 ) -> list[Record]:
-    """The records with round(fraction * n) of them, drawn by ``seed``, backdoored.
+    """The records with round(poison_fraction * n) of them, drawn by ``seed``, backdoored.
 
     A backdoored record has ``trigger`` appended to its prompt (alpaca: to ``instruction``; chat: to the last user
     turn), its response replaced by ``target`` and ``_poisoned: True``; the others are copied unchanged, so the
     attacker keeps training on clean data and stays close to the honest clients (Bagdasaryan et al. 2020 mix 20
     poisoned inputs into batches of 64, about 0.3, the default here). ``round`` is Python's (half to even).
     """
-    if not (0 < fraction <= 1):
-        raise ValueError(f"insert_backdoor needs `fraction` in (0, 1], got {fraction}")
+    if not (0 < poison_fraction <= 1):
+        raise ValueError(f"insert_backdoor needs `poison_fraction` in (0, 1], got {poison_fraction}")
     if not trigger:
         raise ValueError("insert_backdoor needs a non-empty `trigger`")
-    count = round(fraction * len(records))
+    count = round(poison_fraction * len(records))
     if records and count == 0:
         raise FedlmError(
-            f"insert_backdoor: fraction {fraction} of {len(records)} record(s) poisons "
-            f"round({fraction * len(records):g}) = 0; "
-            f"raise `fraction` to at least {0.5 / len(records):.3g} or give the attacker more records"
+            f"insert_backdoor: poison_fraction {poison_fraction} of {len(records)} record(s) poisons "
+            f"round({poison_fraction * len(records):g}) = 0; "
+            f"raise `poison_fraction` to at least {0.5 / len(records):.3g} or give the attacker more records"
         )
     chosen = set(random.Random(seed).sample(range(len(records)), count))
     return [_poisoned(r, trigger, target, i) if i in chosen else dict(r) for i, r in enumerate(records)]

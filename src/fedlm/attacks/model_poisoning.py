@@ -114,13 +114,17 @@ def gaussian_noise(delta: TensorMap, std: float, generator: torch.Generator, *, 
 class AlieParams(AttackParams):
     """A Little Is Enough: the federation size n and the number f of colluding malicious clients (f < n / 2)."""
 
-    num_clients: int = Field(ge=3, description="n, the number of clients whose updates the server aggregates")
-    num_malicious: int = Field(ge=1, description="f, the number of malicious clients, 1 <= f < n / 2")
+    num_clients: int | None = Field(
+        None, ge=3, description="n, the number of clients whose updates the server aggregates (default: this round's)"
+    )
+    num_malicious: int | None = Field(
+        None, ge=1, description="f, the number of malicious clients, 1 <= f < n / 2 (default: this round's attackers)"
+    )
     correction: int = Field(1, ge=0, le=1, description="std of the honest deltas: 1 sample (Bessel), 0 population")
 
     @model_validator(mode="after")
     def _minority(self) -> AlieParams:
-        if 2 * self.num_malicious >= self.num_clients:
+        if self.num_clients is not None and self.num_malicious is not None and 2 * self.num_malicious >= self.num_clients:
             raise ValueError(_minority_message(self.num_clients, self.num_malicious))
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +60,22 @@ def load_split_records(data: DataConfig, seed: int) -> tuple[list[Record], list[
     return train, test
 
 
+RecordTransform = Callable[[list[str], str, list[Record]], list[Record]]
+
+
 def prepare_federated_data(
     data: DataConfig,
     partition: PartitionConfig,
     evaluation: EvalConfig,
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
+    transform_records: RecordTransform | None = None,
 ) -> FederatedData:
-    """Read, convert, partition and tokenize; every client must end up with at least one usable example."""
+    """Read, convert, partition and tokenize; every client must end up with at least one usable example.
+
+    ``transform_records(client_names, client, records)`` may rewrite a client's training records before they are
+    tokenized (the attack harness's data poisoning); the test set is never transformed.
+    """
     train_records, test_records = load_split_records(data, seed)
     if evaluation.max_examples is not None and len(test_records) > evaluation.max_examples:
         test_records = _subsample(test_records, evaluation.max_examples, derive_seed(seed, "eval-subsample"))
@@ -76,7 +85,10 @@ def prepare_federated_data(
     test_owner = assign_test_shares(test_records, train_part, partition, seed)
     client_train: dict[str, list[TokenizedExample]] = {}
     for name, indices in zip(train_part.client_names, train_part.client_indices):
-        examples = [_tokenize(train_records[i], fmt, data, tokenizer, f"data.train example {i}") for i in indices]
+        records = [train_records[i] for i in indices]
+        if transform_records is not None:
+            records = transform_records(list(train_part.client_names), name, records)
+        examples = [_tokenize(r, fmt, data, tokenizer, f"data.train example {i}") for i, r in zip(indices, records)]
         examples = [ex for ex in examples if ex.num_target_tokens > 0]
         if not examples:
             raise FedlmError(

@@ -6,8 +6,8 @@ import dataclasses
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 from fedlm.aggregation.base import Aggregator
@@ -41,6 +41,24 @@ def round_lrs(config: ExperimentConfig, round_num: int) -> list[float]:
     ]
 
 
+class Probe(Protocol):
+    """An extra evaluation run with every evaluation (e.g. a backdoor's attack success)."""
+
+    def evaluate(self, state: TensorDict, round_num: int) -> list[dict[str, Any]]:
+        """``metrics.jsonl`` records for ``state`` at ``round_num``."""
+        ...
+
+
+def attack_outcome(chosen: Sequence[str], attackers: frozenset[str], failures: Sequence[ClientFailure], excluded: Sequence[str]) -> dict[str, Any]:
+    """Which attackers took part this round and what the defences caught: true and false positives."""
+    left_out = set(excluded) | {f.client_id for f in failures if f.reason.startswith("rejected")}
+    return {
+        "malicious": sorted(set(chosen) & attackers),
+        "excluded_malicious": sorted(left_out & attackers),
+        "excluded_honest": sorted(left_out - attackers),
+    }
+
+
 @dataclass
 class ServerLoop:
     """Runs rounds ``start+1 .. federation.rounds`` and returns the final global adapter state."""
@@ -56,6 +74,8 @@ class ServerLoop:
     console: RunConsole
     lora: LoraMode
     client_ranks: dict[str, int | None]
+    attackers: frozenset[str] = frozenset()
+    probes: list[Probe] = field(default_factory=list)
 
     def run(self, state: TensorDict, start_round: int) -> TensorDict:
         """Train from ``state`` after round ``start_round`` (0 for a new run)."""
@@ -137,6 +157,9 @@ class ServerLoop:
         self.run_dir.predictions.mkdir(parents=True, exist_ok=True)
         path = self.run_dir.predictions / f"round_{round_num:04d}.jsonl"
         path.write_text("".join(json.dumps(row, default=str) + "\n" for row in result.predictions))
+        for probe in self.probes:
+            for record in probe.evaluate(state, round_num):
+                self.log.append(record)
         glob = result.records[0]
         shown = ", ".join(f"{k} {glob[k]:.4f}" for k in ("loss", "perplexity", "rouge_l", "exact_match") if k in glob)
         self.console.print(f"round {round_num}: global test {shown}")
@@ -180,6 +203,8 @@ class ServerLoop:
             "upload_bytes": up,
             "aggregation": metrics,
         }
+        if self.attackers:
+            record["attack"] = attack_outcome(chosen, self.attackers, failures, metrics.get("excluded", []))
         self.log.append(record)
         note = " (skipped: too few valid updates)" if skipped else ""
         svd = f", svd error {metrics['svd_rel_error']:.3g}" if "svd_rel_error" in metrics else ""

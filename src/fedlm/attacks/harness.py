@@ -1,0 +1,158 @@
+"""Malicious clients in the simulation: who they are, what they do to their data or updates, and the arithmetic a
+defence needs.
+
+The attackers are ``attack.clients``, or round(``attack.fraction`` * number of clients) of them drawn with the
+config seed. A ``data`` attack rewrites the attackers' training records before tokenization; an ``update`` attack
+wraps the runtime (:class:`AttackedRuntime`) and replaces each attacker's delta after local training, seeing the
+honest deltas of the round where the attack is omniscient (ALIE, IPM). Attacks wrap, never mutate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedlm.attacks import AttackSpec, attack_spec, build_attack_params
+from fedlm.attacks.model_poisoning import AttackParams
+from fedlm.config import ExperimentConfig
+from fedlm.errors import FedlmError
+from fedlm.federation.trainer import ClientTask
+from fedlm.federation.update import ClientFailure, ClientUpdate, TensorDict
+from fedlm.runtime.base import Runtime
+from fedlm.seeding import derive_seed, torch_generator
+
+Record = dict[str, Any]
+
+
+def attacker_count(fraction: float, num_clients: int) -> int:
+    """round(fraction * n), at least 1."""
+    return max(1, round(fraction * num_clients))
+
+
+def worst_round_attackers(config: ExperimentConfig, num_clients: int) -> tuple[int, int]:
+    """(updates per round K, the most attackers one round can hold) for a federation of ``num_clients``."""
+    per_round = config.federation.clients_per_round or num_clients
+    attack = config.attack
+    total = len(attack.clients) if attack.clients is not None else attacker_count(attack.fraction or 0.0, num_clients)
+    return per_round, min(total, per_round)
+
+
+def check_attack_arithmetic(config: ExperimentConfig, num_clients: int) -> None:
+    """Refuse an attacker share that leaves fewer honest clients than the defence (or ALIE) needs."""
+    if config.attack.name is None:
+        return
+    k, f = worst_round_attackers(config, num_clients)
+    who = f"`attack.fraction` {config.attack.fraction} of {num_clients} clients" if config.attack.fraction else f"`attack.clients` ({f})"
+    defence = config.aggregation.name
+    if defence in ("krum", "multikrum"):
+        f_assumed = max(f, int(config.aggregation.params().get("num_malicious", 0)))
+        if k <= 2 * f_assumed + 2:
+            raise FedlmError(
+                f"{who} gives up to f = {f_assumed} attackers among the K = {k} updates of a round, but "
+                f"`aggregation.name: {defence}` needs K > 2f + 2 = {2 * f_assumed + 2} (Blanchard et al. 2017); "
+                "lower the attacker share or raise `federation.clients_per_round`"
+            )
+    if defence in ("median", "trimmed_mean") and 2 * f >= k:
+        raise FedlmError(
+            f"{who} gives up to {f} attackers among the {k} updates of a round: no honest majority, so "
+            f"`aggregation.name: {defence}` cannot bound them; lower the attacker share"
+        )
+    if config.attack.name == "alie" and 2 * f >= k:
+        raise FedlmError(
+            f"`attack.name: alie` needs the attackers to be a minority of a round (2f < n), but {who} gives up to "
+            f"f = {f} of n = {k}; lower the attacker share or raise `federation.clients_per_round`"
+        )
+
+
+def choose_attackers(config: ExperimentConfig, client_names: Sequence[str]) -> list[str]:
+    """The malicious clients: ``attack.clients`` (checked against the federation) or a seeded draw."""
+    attack = config.attack
+    if attack.clients is not None:
+        unknown = sorted(set(attack.clients) - set(client_names))
+        if unknown:
+            raise FedlmError(f"`attack.clients` names unknown clients {unknown}; the clients are {list(client_names)}")
+        return sorted(attack.clients)
+    count = attacker_count(attack.fraction or 0.0, len(client_names))
+    return sorted(random.Random(derive_seed(config.seed, "attackers")).sample(list(client_names), count))
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """The attack of a run: its spec, validated parameters, attackers and seed."""
+
+    spec: AttackSpec
+    params: AttackParams
+    attackers: frozenset[str]
+    seed: int
+
+    def poison_records(self, client: str, records: list[Record]) -> list[Record]:
+        """An attacker's training records after a data attack (other clients' records as they are)."""
+        if self.spec.kind != "data" or client not in self.attackers:
+            return records
+        return self.spec.fn(records, seed=derive_seed(self.seed, "attack-data", client), **self.params.model_dump())
+
+    def poison_updates(self, round_num: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """The round's updates with every attacker's delta replaced by the update attack's."""
+        if self.spec.kind != "update":
+            return list(updates)
+        honest = [u.tensors for u in updates if u.client_id not in self.attackers]
+        bad = [u for u in updates if u.client_id in self.attackers]
+        out = []
+        for update in updates:
+            if update.client_id in self.attackers:
+                tensors = self._attack(round_num, update, honest, len(updates), len(bad))
+                update = dataclasses.replace(update, tensors=tensors, metrics={**update.metrics, "malicious": 1.0})
+            out.append(update)
+        return out
+
+    def _attack(self, round_num: int, update: ClientUpdate, honest: list[TensorDict], n: int, f: int) -> TensorDict:
+        params = self.params.model_dump()
+        name = self.spec.name
+        if name == "gaussian_noise":
+            return self.spec.fn(update.tensors, generator=torch_generator(derive_seed(self.seed, "attack-noise", round_num, update.client_id)), **params)
+        if name == "alie":
+            n_assumed, f_assumed = params.pop("num_clients") or n, params.pop("num_malicious") or f
+            return self.spec.fn(honest, n_assumed, f_assumed, **params)
+        if self.spec.omniscient:
+            return self.spec.fn(honest, **params)
+        return self.spec.fn(update.tensors, **params)
+
+
+def build_attack_plan(config: ExperimentConfig, client_names: Sequence[str]) -> AttackPlan | None:
+    """The run's attack plan, or None without ``attack.name``; checks the arithmetic on the real federation size."""
+    if config.attack.name is None:
+        return None
+    spec = attack_spec(config.attack.name)
+    params = build_attack_params(config.attack.name, config.attack.params())
+    check_attack_arithmetic(config, len(client_names))
+    return AttackPlan(spec, params, frozenset(choose_attackers(config, client_names)), config.seed)
+
+
+def record_poisoner(config: ExperimentConfig) -> Callable[[list[str], str, list[Record]], list[Record]] | None:
+    """The data-poisoning transform for :func:`fedlm.data.prepare.prepare_federated_data`, or None."""
+    if config.attack.name is None or attack_spec(config.attack.name).kind != "data":
+        return None
+
+    def poison(client_names: list[str], client: str, records: list[Record]) -> list[Record]:
+        plan = build_attack_plan(config, client_names)
+        return plan.poison_records(client, records) if plan is not None else records
+
+    return poison
+
+
+@dataclass
+class AttackedRuntime:
+    """A runtime whose attackers replace their deltas after training (model poisoning)."""
+
+    inner: Runtime
+    plan: AttackPlan
+
+    def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        results = list(self.inner.train_clients(tasks))
+        updates = [r for r in results if isinstance(r, ClientUpdate)]
+        round_num = next(iter(tasks.values())).plan.round if tasks else 0
+        poisoned = iter(self.plan.poison_updates(round_num, updates))
+        return [next(poisoned) if isinstance(r, ClientUpdate) else r for r in results]
