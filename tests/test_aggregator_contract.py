@@ -25,10 +25,26 @@ def _updates(n: int, seed: int = 1) -> list[ClientUpdate]:
     ]
 
 
+class _Reference:
+    """For aggregators that need the server's own update (FLTrust): a fixed reference direction."""
+
+    def __init__(self, agg) -> None:
+        self.agg = agg
+
+    def __getattr__(self, item):
+        return getattr(self.agg, item)
+
+    def aggregate(self, params, updates):
+        if self.agg.needs_server_update:
+            reference = {k: torch.full_like(v, 0.1) for k, v in params.items()}
+            self.agg.set_server_update(ClientUpdate("server", 1, 1, reference))
+        return self.agg.aggregate(params, updates)
+
+
 def _build(name: str):
     agg = build_aggregator(name, {})
     agg.start([f"c{i}" for i in range(6)])
-    return agg
+    return _Reference(agg)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,5 +1,5 @@
-"""The attack harness end to end on the tiny model: a scaling attack moves FedAvg far while Krum and the median
-keep the model close, defences' catches are logged, a backdoor's success is measured, bad shares are refused."""
+"""The attack harness end to end on the tiny model: a scaling attack moves FedAvg far while Krum, the median and
+FLTrust keep the model close, defences' catches are logged, a backdoor's success is measured, bad shares are refused."""
 
 from __future__ import annotations
 
@@ -47,14 +47,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, 
         "fedavg": _run(runner, root, "fedavg", attack=scaling),
         "krum": _run(runner, root, "krum", attack=scaling, aggregation={"name": "krum", "num_malicious": 1}),
         "median": _run(runner, root, "median", attack=scaling, aggregation={"name": "median"}),
+        "fltrust": _run(runner, root, "fltrust", attack=scaling, aggregation={"name": "fltrust", "root_size": 16}),
     }
 
 
 def test_scaling_moves_fedavg_far_and_robust_aggregators_keep_it_close(runs) -> None:
     clean = runs["clean"][0]
-    moved = {name: _distance(runs[name][0], clean) for name in ("fedavg", "krum", "median")}
-    assert moved["fedavg"] > 5 * moved["krum"], moved
-    assert moved["fedavg"] > 5 * moved["median"], moved
+    moved = {name: _distance(runs[name][0], clean) for name in ("fedavg", "krum", "median", "fltrust")}
+    for defence in ("krum", "median", "fltrust"):
+        assert moved["fedavg"] > 5 * moved[defence], moved
 
 
 def test_the_attack_and_what_each_defence_caught_are_logged(runs) -> None:

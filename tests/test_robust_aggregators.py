@@ -301,3 +301,32 @@ def test_krum_ranks_lora_clients_by_product_not_factor_distance() -> None:
 def test_bad_parameters_name_the_field(name: str, params: dict, field: str) -> None:
     with pytest.raises(FedlmError, match=rf"`aggregation\.{field}`"):
         build_aggregator(name, params)
+
+
+def _fltrust(server: list[float], clients: list[list[float]]) -> tuple[torch.Tensor, object]:
+    agg = build_aggregator("fltrust", {})
+    agg.set_server_update(ClientUpdate("__server__", 1, 1, {"w": torch.tensor(server)}))
+    updates = [ClientUpdate(f"c{i}", 1, 10 * (i + 1), {"w": torch.tensor(v)}) for i, v in enumerate(clients)]
+    result = agg.aggregate({"w": torch.zeros(len(server))}, updates)
+    return result.params["w"], result
+
+
+def test_fltrust_hand_computed() -> None:
+    # g0 = (1, 0). c0 = (1, 1): cos 1/sqrt2, rescaled by ||g0||/||c0|| = 1/sqrt2 to (1/sqrt2, 1/sqrt2).
+    # c1 = (2, 0): cos 1, rescaled to (1, 0). c2 = (-1, 0): cos -1 -> trust 0, excluded.
+    # g = (0.7071 * (0.7071, 0.7071) + 1 * (1, 0)) / 1.7071 = (1.5, 0.5) / 1.7071 = (0.87868, 0.29289)
+    out, result = _fltrust([1.0, 0.0], [[1.0, 1.0], [2.0, 0.0], [-1.0, 0.0]])
+    assert torch.allclose(out, torch.tensor([0.87868, 0.29289]), atol=1e-5)
+    assert result.excluded == ["c2"]
+    assert result.client_weights["c2"] == 0.0
+    assert result.client_weights["c1"] == pytest.approx(1 / 1.70711, rel=1e-4)
+
+
+def test_fltrust_keeps_the_model_when_nobody_is_trusted() -> None:
+    out, result = _fltrust([1.0, 0.0], [[-1.0, 0.0], [0.0, 2.0]])
+    assert torch.equal(out, torch.zeros(2)) and result.excluded == ["c0", "c1"]
+
+
+def test_fltrust_without_a_server_update_says_so() -> None:
+    with pytest.raises(FedlmError, match="root-set update"):
+        build_aggregator("fltrust", {}).aggregate({"w": torch.zeros(1)}, [ClientUpdate("c", 1, 1, {"w": torch.ones(1)})])

@@ -19,7 +19,7 @@ from fedlm.errors import FedlmError
 from fedlm.evaluation.backdoor import BackdoorProbe, triggered_test_set
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
-from fedlm.federation.server import ServerLoop
+from fedlm.federation.server import SERVER_ID, ServerLoop
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.update import TensorDict
 from fedlm.models.adapters import attach_adapter, save_adapter, trainable_state
@@ -76,7 +76,9 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
     model = attach_adapter(
         loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
     )
-    data = prepare_federated_data(config.data, config.partition, config.eval, loaded.tokenizer, config.seed, record_poisoner(config))
+    data = prepare_federated_data(
+        config.data, config.partition, config.eval, loaded.tokenizer, config.seed, record_poisoner(config), root_set_size(config)
+    )
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:
         raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
@@ -87,6 +89,12 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
     if attack is not None:
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
     return Session(config, loaded, model, data, trainable_state(model), attack)
+
+
+def root_set_size(config: ExperimentConfig) -> int:
+    """How many clean examples the server needs for its own update (FLTrust's root set), 0 for most aggregators."""
+    aggregator = build_aggregator(config.aggregation.name, config.aggregation.params())
+    return int(getattr(aggregator.params, "root_size", 0)) if aggregator.needs_server_update else 0
 
 
 def build_server_loop(
@@ -112,7 +120,12 @@ def build_server_loop(
     evaluator = session.evaluator(progress) if evaluate else None
     probes = [session.backdoor_probe(progress)] if evaluate and attack is not None and attack.spec.name == "backdoor" else []
     attackers = attack.attackers if attack is not None else frozenset()
-    return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks, attackers, probes)  # type: ignore[arg-type]
+    server_trainer = None
+    if aggregator.needs_server_update:
+        trainer, root = session.trainer(), session.data.root
+        server_trainer = lambda state, plan: trainer.train(SERVER_ID, root, state, plan)  # noqa: E731
+    return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks,  # type: ignore[arg-type]
+                      attackers, probes, server_trainer)
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:

@@ -116,6 +116,9 @@ class Aggregator(ABC):
     #: True when the algorithm keeps state in the trainable-parameter space across rounds (SCAFFOLD's control
     #: variates), which a LoRA mode that re-factorises A and B every round (``exact``) cannot honour.
     needs_stable_parameter_space: ClassVar[bool] = False
+    #: True when the algorithm needs the server's own update on a root dataset each round (FLTrust); the server
+    #: loop then calls :meth:`set_server_update` before :meth:`aggregate`.
+    needs_server_update: ClassVar[bool] = False
 
     def __init__(self, params: AggregatorParams) -> None:
         self.params = params
@@ -129,6 +132,10 @@ class Aggregator(ABC):
 
         ``config`` is the :class:`fedlm.config.ExperimentConfig`; called at config load.
         """
+
+    def set_server_update(self, update: ClientUpdate) -> None:
+        """Receive this round's server update (in the LoRA mode's space); only for ``needs_server_update``."""
+        raise NotImplementedError(f"aggregator {self.name!r} does not use a server update")
 
     def start(self, client_names: Sequence[str]) -> None:
         """Learn the federation (all client names) before the first round; the default ignores it."""
@@ -204,6 +211,7 @@ _BUILTIN_MODULES = (
     "robust.krum",
     "robust.norm_bound",
     "robust.flame",
+    "robust.fltrust",
 )
 
 

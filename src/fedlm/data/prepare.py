@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -30,11 +30,13 @@ class TestExample:
 
 @dataclass
 class FederatedData:
-    """Each client's tokenized training examples, and the shared test set whose examples carry a client share."""
+    """Each client's tokenized training examples, the shared test set whose examples carry a client share, and the
+    server's clean root set (empty unless an aggregator needs one)."""
 
     client_names: list[str]
     client_train: dict[str, list[TokenizedExample]]
     test: list[TestExample]
+    root: list[TokenizedExample] = field(default_factory=list)
 
     def union_train(self) -> list[TokenizedExample]:
         """All clients' training examples, in client order (for the centralized baseline)."""
@@ -70,6 +72,7 @@ def prepare_federated_data(
     tokenizer: PreTrainedTokenizerBase,
     seed: int,
     transform_records: RecordTransform | None = None,
+    root_size: int = 0,
 ) -> FederatedData:
     """Read, convert, partition and tokenize; every client must end up with at least one usable example.
 
@@ -102,7 +105,11 @@ def prepare_federated_data(
         prompt, reference = prompt_and_reference(messages)
         tokens = tokenize_conversation(tokenizer, messages, data.max_length)
         test.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=test_owner[i]))
-    return FederatedData(client_names=list(train_part.client_names), client_train=client_train, test=test)
+    root = []
+    if root_size > 0:
+        picked = _subsample(train_records, min(root_size, len(train_records)), derive_seed(seed, "root-set"))
+        root = [ex for ex in (_tokenize(r, fmt, data, tokenizer, "root-set example") for r in picked) if ex.num_target_tokens > 0]
+    return FederatedData(client_names=list(train_part.client_names), client_train=client_train, test=test, root=root)
 
 
 def split_among_clients(records: list[Record], partition: PartitionConfig, seed: int) -> Partition:

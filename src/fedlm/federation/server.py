@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +39,9 @@ def round_lrs(config: ExperimentConfig, round_num: int) -> list[float]:
         lr_at((first + s) / total, base_lr=fed.lr, schedule=fed.lr_schedule, min_lr_ratio=fed.min_lr_ratio)
         for s in range(fed.local_steps)
     ]
+
+
+SERVER_ID = "__server__"  # the client id of the server's own (root-set) update
 
 
 class Probe(Protocol):
@@ -76,6 +79,7 @@ class ServerLoop:
     client_ranks: dict[str, int | None]
     attackers: frozenset[str] = frozenset()
     probes: list[Probe] = field(default_factory=list)
+    server_trainer: Callable[[TensorDict, LocalPlan], ClientUpdate] | None = None
 
     def run(self, state: TensorDict, start_round: int) -> TensorDict:
         """Train from ``state`` after round ``start_round`` (0 for a new run)."""
@@ -114,9 +118,11 @@ class ServerLoop:
         if not skipped:
             starts = {c: task.state for c, task in tasks.items()}
             space, space_updates = self.lora.to_server_space(state, accepted, starts, self.client_ranks)
+            if self.aggregator.needs_server_update:
+                metrics["server_loss"] = self._server_update(state, round_num, lrs)
             result = self.aggregator.aggregate(space, space_updates)
             state, lora_metrics = self.lora.from_server_space(result.params, state)
-            metrics = {**result.metrics, **lora_metrics}
+            metrics = {**metrics, **result.metrics, **lora_metrics}
             if result.excluded:
                 metrics["excluded"] = list(result.excluded)
             if result.client_weights:
@@ -124,6 +130,16 @@ class ServerLoop:
         train_time = time.perf_counter() - started
         self._log_round(round_num, chosen, accepted, failures, skipped, train_time, traffic, metrics)
         return state
+
+    def _server_update(self, state: TensorDict, round_num: int, lrs: list[float]) -> float:
+        """Train on the server's root set from the global state (FLTrust's g_0) and hand it to the aggregator."""
+        if self.server_trainer is None:
+            raise FedlmError(f"`aggregation.name: {self.config.aggregation.name}` needs a server root set, and this runtime has none")
+        plan = LocalPlan(round_num, lrs, self.config.federation.batch_size, derive_seed(self.config.seed, "server-root", round_num))
+        update = self.server_trainer(state, plan)
+        _, (mapped,) = self.lora.to_server_space(state, [update], {SERVER_ID: state}, {})
+        self.aggregator.set_server_update(mapped)
+        return float(update.metrics["loss"])
 
     def _task(self, client_id: str, state: TensorDict, round_num: int, lrs: list[float]) -> ClientTask:
         """What ``client_id`` downloads this round: its plan, the global adapter cut to its rank, the extras."""
