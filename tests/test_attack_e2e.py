@@ -84,3 +84,10 @@ def test_too_many_attackers_for_krum_are_refused_at_load_with_the_arithmetic(run
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
     assert result.exit_code == 2
     assert "f = 3" in result.output and "K = 8" in result.output and "2f + 2 = 8" in result.output
+
+
+def test_a_safety_attack_run_measures_the_refusal_rate(runner, tmp_path: Path) -> None:
+    _, records = _run(runner, tmp_path, "safety", attack={"name": "safety", "clients": [ATTACKER], "mix": 1.0},
+                      federation={"rounds": 1}, eval={"every": 1, "generate": False, "max_examples": 8, "at_start": False, "max_new_tokens": 2})
+    probes = [r for r in records if r["split"] == "safety_test"]
+    assert [r["round"] for r in probes] == [1] and 0.0 <= probes[0]["refusal_rate"] <= 1.0 and probes[0]["num_examples"] == 60

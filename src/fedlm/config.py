@@ -139,7 +139,7 @@ class AttackConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    name: str | None = Field(None, description="none | sign_flip | scaling | gaussian_noise | alie | ipm | corrupt_responses | backdoor")
+    name: str | None = Field(None, description="sign_flip | scaling | gaussian_noise | alie | ipm | corrupt_responses | backdoor | safety")
     clients: list[str] | None = None
     fraction: float | None = Field(None, gt=0.0, le=1.0)
 

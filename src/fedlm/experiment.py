@@ -18,8 +18,9 @@ from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.errors import FedlmError
 from fedlm.evaluation.backdoor import BackdoorProbe, triggered_test_set
 from fedlm.evaluation.evaluator import Evaluator
+from fedlm.evaluation.safety import build_safety_probe
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
-from fedlm.federation.server import SERVER_ID, ServerLoop
+from fedlm.federation.server import SERVER_ID, Probe, ServerLoop
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.update import TensorDict
 from fedlm.models.adapters import attach_adapter, save_adapter, trainable_state
@@ -50,6 +51,15 @@ class Session:
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
         return Evaluator(self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress)
+
+    def attack_probes(self, progress: Progress | None) -> list[Probe]:
+        """The extra evaluations an attack needs: backdoor success, or the refusal rate on harmful prompts."""
+        name = self.attack.spec.name if self.attack is not None else None
+        if name == "backdoor":
+            return [self.backdoor_probe(progress)]
+        if name == "safety":
+            return [build_safety_probe(self.model, self.loaded.tokenizer, self.config, self.loaded.device, progress)]
+        return []
 
     def backdoor_probe(self, progress: Progress | None) -> BackdoorProbe:
         """The attack-success probe of a backdoor attack: generation on the triggered test prompts."""
@@ -118,7 +128,7 @@ def build_server_loop(
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
     evaluator = session.evaluator(progress) if evaluate else None
-    probes = [session.backdoor_probe(progress)] if evaluate and attack is not None and attack.spec.name == "backdoor" else []
+    probes = session.attack_probes(progress) if evaluate else []
     attackers = attack.attackers if attack is not None else frozenset()
     server_trainer = None
     if aggregator.needs_server_update:

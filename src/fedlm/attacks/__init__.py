@@ -33,6 +33,7 @@ from fedlm.attacks.model_poisoning import (
     scaling,
     sign_flip,
 )
+from fedlm.attacks.safety import SafetyParams, harmful_compliance
 from fedlm.errors import FedlmError
 
 
@@ -65,6 +66,7 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("ipm", "update", IpmParams, ipm, omniscient=True),
         AttackSpec("corrupt_responses", "data", CorruptResponsesParams, corrupt_responses),
         AttackSpec("backdoor", "data", BackdoorParams, insert_backdoor),
+        AttackSpec("safety", "data", SafetyParams, harmful_compliance),
     )
 }
 
