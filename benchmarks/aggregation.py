@@ -14,15 +14,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import HERE, read_metrics, run_cli, write_results_block
 
-HERE = Path(__file__).resolve().parent
 START, END = "<!-- aggregation:start -->", "<!-- aggregation:end -->"
 HETERO = [2, 4, 8, 2, 4, 8, 4, 8]  # one rank per client (global r = 8), e.g. three device classes
 RUNS: list[tuple[str, str, bool]] = [
@@ -37,36 +35,29 @@ def run_name(name: str, lora: str, hetero: bool) -> str:
     return f"{name}-{lora}" + ("-hetero" if hetero else "")
 
 
-def overrides(args: argparse.Namespace, name: str, lora: str, hetero: bool) -> list[str]:
-    """``--set`` items on top of the quickstart config: fewer steps, loss-only evaluation every round."""
-    items = {
+def overrides(args: argparse.Namespace, name: str, lora: str, hetero: bool) -> dict[str, Any]:
+    """Settings on top of the quickstart config: fewer steps, loss-only evaluation every round."""
+    items: dict[str, Any] = {
         "model.name": args.model, "federation.rounds": args.rounds, "federation.local_steps": args.local_steps,
         "federation.clients_per_round": 4, "eval.every": 1, "eval.generate": False, "eval.max_examples": args.eval_examples,
         "aggregation.name": name, "aggregation.lora": lora, "federation.checkpoint_every": args.rounds,
-        "output_dir": str(args.out / run_name(name, lora, hetero)),
     }
     if hetero:
-        items["peft.client_ranks"] = json.dumps(HETERO)
+        items["peft.client_ranks"] = HETERO
     if args.model == "tiny-random-llama":
         items["data.max_length"] = 256
-    return [f"{k}={v}" for k, v in items.items()]
+    return items
 
 
 def run_one(args: argparse.Namespace, name: str, lora: str, hetero: bool) -> dict[str, Any]:
     """Run (or reuse) one configuration and summarise its metrics.jsonl."""
     folder = args.out / run_name(name, lora, hetero)
-    if not (folder / "adapter").is_dir():
-        cmd = [sys.executable, "-m", "fedlm.cli", "run", str(HERE.parent / "examples" / "quickstart.yaml"), "--overwrite"]
-        for item in overrides(args, name, lora, hetero):
-            cmd += ["--set", item]
-        started = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        print(f"{run_name(name, lora, hetero)}: {time.perf_counter() - started:.0f}s", flush=True)
+    run_cli(folder, overrides(args, name, lora, hetero))
     return summarise(folder, name, lora, hetero)
 
 
 def summarise(folder: Path, name: str, lora: str, hetero: bool) -> dict[str, Any]:
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(folder)
     test = {r["round"]: r["loss"] for r in records if r.get("split") == "global_test"}
     rounds = [r for r in records if r.get("split") == "aggregate"]
     return {
@@ -168,17 +159,6 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_results(markdown: str) -> None:
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{START}\n{markdown}\n{END}"
-    if START in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text += f"\n## Aggregation suite (`benchmarks/aggregation.py`)\n\n{block}\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", action="store_true", help="part 1: the federated runs")
@@ -208,7 +188,7 @@ def main() -> None:
     if args.write_results:
         if runs:
             plot(runs, HERE / "aggregation.png")
-        write_results(markdown)
+        write_results_block(START, END, "Aggregation suite (`benchmarks/aggregation.py`)", markdown)
 
 
 if __name__ == "__main__":

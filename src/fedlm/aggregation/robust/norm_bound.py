@@ -17,6 +17,7 @@ times the original (exactly s to first order, smaller by the s² term), hence at
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -66,6 +67,7 @@ class NormBound(RobustAggregator):
             "num_selected": float(len(updates)),
             "num_clipped": float(sum(s < 1.0 for s in factors)),
             "update_norm_max": max(update_norms),
+            "update_norm_median": statistics.median(update_norms),
         }
         effective = {u.client_id: p * s for u, p, s in zip(updates, weights, factors)}
         return RobustDelta(delta, metrics=metrics, client_weights=effective)
