@@ -93,7 +93,7 @@ def time_server_step(clients: int, name: str, lora: str, repeats: int) -> dict[s
     """Seconds for one server step: validation, mapping into the LoRA mode's space, aggregation, mapping back."""
     from fedlm.aggregation.base import build_aggregator
     from fedlm.aggregation.lora import build_lora_mode
-    from fedlm.federation.validation import split_valid
+    from fedlm.federation.validation import Expectations, split_valid
 
     state, updates = synthetic_round(clients)
     if lora == "ffa":  # B only
@@ -105,7 +105,7 @@ def time_server_step(clients: int, name: str, lora: str, repeats: int) -> dict[s
         aggregator = build_aggregator(name, {})
         aggregator.start([u.client_id for u in updates])
         started = time.perf_counter()
-        accepted, _ = split_valid(updates, state, 1)
+        accepted, _ = split_valid(updates, Expectations(1, state, federation={u.client_id for u in updates}))
         space, mapped = mode.to_server_space(state, accepted, {u.client_id: state for u in updates}, {})
         result = aggregator.aggregate(space, mapped)
         mode.from_server_space(result.params, state)
@@ -147,8 +147,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in runs:
-        axes[0].plot(range(len(r["test_loss"])), r["test_loss"], marker="o", label=r["run"])
+    colours = plt.get_cmap("tab20").colors
+    styles = {"naive": "-", "exact": "--", "ffa": ":"}
+    for i, r in enumerate(runs):
+        axes[0].plot(range(len(r["test_loss"])), r["test_loss"], marker="o", label=r["run"], color=colours[i % 20], linestyle=styles[r["lora"]])
     axes[0].set(xlabel="round", ylabel="global-test loss", title="Global-test loss per round")
     axes[0].legend(fontsize=7)
     names = [r["run"] for r in runs]
@@ -179,10 +181,15 @@ def main() -> None:
                 runs.append(run_one(args, name, lora, hetero))
         (args.out / "summary.json").write_text(json.dumps(runs, indent=1))
     timings = []
+    timing_file = args.out / "timing.json"
     if args.timing:
         for name, lora in [("fedavg", "naive"), ("fedavg", "ffa"), ("fedavg", "exact"), ("fedadam", "naive"), ("fedadam", "exact")]:
             timings.append(time_server_step(args.clients, name, lora, repeats=2))
             print(json.dumps(timings[-1]), flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        timing_file.write_text(json.dumps(timings, indent=1))
+    elif timing_file.is_file():
+        timings = json.loads(timing_file.read_text())  # the last measured step timings
     markdown = results_markdown(runs, timings, args)
     print(markdown)
     if args.write_results:

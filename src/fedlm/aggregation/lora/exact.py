@@ -93,8 +93,9 @@ class ProductDelta(Mapping[str, torch.Tensor]):
                 raise KeyError(name)
             return self._delta[name].to(torch.float32)
         b0, a0 = self._start[pair.b].to(torch.float32), self._start[pair.a].to(torch.float32)
-        b1, a1 = b0 + self._delta[pair.b].to(torch.float32), a0 + self._delta[pair.a].to(torch.float32)
-        return b1 @ a1 - b0 @ a0
+        db, da = self._delta[pair.b].to(torch.float32), self._delta[pair.a].to(torch.float32)
+        # (B + dB)(A + dA) - B A = dB (A + dA) + B dA = [dB, B] [A + dA; dA]: one matmul, no cancellation
+        return torch.cat([db, b0], dim=1) @ torch.cat([a0 + da, da], dim=0)  # (d_out, 2r) @ (2r, d_in)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
