@@ -135,7 +135,7 @@ class Aggregator(ABC):
 
     def set_server_update(self, update: ClientUpdate) -> None:
         """Receive this round's server update (in the LoRA mode's space); only for ``needs_server_update``."""
-        raise NotImplementedError(f"aggregator {self.name!r} does not use a server update")
+        raise TypeError(f"aggregator {self.name!r} does not use a server update (needs_server_update is False)")
 
     def start(self, client_names: Sequence[str]) -> None:
         """Learn the federation (all client names) before the first round; the default ignores it."""

@@ -99,17 +99,30 @@ def prepare_federated_data(
                 f"({data.max_length}); raise `data.max_length`"
             )
         client_train[name] = examples
-    test = []
-    for i, record in enumerate(test_records):
-        messages = to_messages(record, fmt, data.system_prompt, f"data.test example {i}")
-        prompt, reference = prompt_and_reference(messages)
-        tokens = tokenize_conversation(tokenizer, messages, data.max_length)
-        test.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=test_owner[i]))
+    test = build_test_examples(test_records, fmt, data, tokenizer, "data.test", test_owner)
     root = []
     if root_size > 0:
         picked = _subsample(train_records, min(root_size, len(train_records)), derive_seed(seed, "root-set"))
         root = [ex for ex in (_tokenize(r, fmt, data, tokenizer, "root-set example") for r in picked) if ex.num_target_tokens > 0]
     return FederatedData(client_names=list(train_part.client_names), client_train=client_train, test=test, root=root)
+
+
+def build_test_examples(
+    records: list[Record],
+    fmt: str,
+    data: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    where: str,
+    owners: list[str | None] | None = None,
+) -> list[TestExample]:
+    """Held-out examples from records: the run's system prompt, chat template and ``data.max_length``."""
+    out = []
+    for i, record in enumerate(records):
+        messages = to_messages(record, fmt, data.system_prompt, f"{where} example {i}")
+        prompt, reference = prompt_and_reference(messages)
+        tokens = tokenize_conversation(tokenizer, messages, data.max_length)
+        out.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=owners[i] if owners else None))
+    return out
 
 
 def split_among_clients(records: list[Record], partition: PartitionConfig, seed: int) -> Partition:

@@ -15,9 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlm.attacks.data_poisoning import triggered_prompts
 from fedlm.config import ExperimentConfig
-from fedlm.data.formats import detect_format, prompt_and_reference, to_messages
-from fedlm.data.prepare import TestExample
-from fedlm.data.tokenize import tokenize_conversation
+from fedlm.data.formats import detect_format
+from fedlm.data.prepare import TestExample, build_test_examples
 from fedlm.evaluation.evaluator import Evaluator
 
 BACKDOOR_SPLIT = "backdoor_test"
@@ -29,13 +28,7 @@ def triggered_test_set(
     """Every test example with ``trigger`` in its prompt and ``target`` as its reference."""
     records = triggered_prompts([ex.record for ex in test], trigger, target)
     fmt = detect_format(records, config.data.format, "data.test")
-    out = []
-    for i, record in enumerate(records):
-        messages = to_messages(record, fmt, config.data.system_prompt, f"triggered test example {i}")
-        prompt, reference = prompt_and_reference(messages)
-        tokens = tokenize_conversation(tokenizer, messages, config.data.max_length)
-        out.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=None))
-    return out
+    return build_test_examples(records, fmt, config.data, tokenizer, "triggered test")
 
 
 @dataclass

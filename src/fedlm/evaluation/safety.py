@@ -24,9 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlm.attacks.safety import alpaca_to_turns, harmful_test_records
 from fedlm.config import ExperimentConfig
-from fedlm.data.formats import MESSAGES_COLUMN, prompt_and_reference, to_messages
-from fedlm.data.prepare import TestExample
-from fedlm.data.tokenize import tokenize_conversation
+from fedlm.data.formats import MESSAGES_COLUMN
+from fedlm.data.prepare import TestExample, build_test_examples
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.reporting.progress import Progress
 
@@ -85,16 +84,10 @@ def harmful_test_set(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBas
     its prompt carries ``data.system_prompt`` and is tokenized with the run's chat template and ``data.max_length``.
     """
     fmt = "messages" if config.data.format == "messages" else "alpaca"
-    out = []
-    for i, harmful in enumerate(harmful_test_records()):
-        record = harmful
-        if fmt == "messages":
-            record = {MESSAGES_COLUMN: alpaca_to_turns(harmful), "category": harmful.get("category")}
-        messages = to_messages(record, fmt, config.data.system_prompt, f"safety test example {i}")
-        prompt, reference = prompt_and_reference(messages)
-        tokens = tokenize_conversation(tokenizer, messages, config.data.max_length)
-        out.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=None))
-    return out
+    records = harmful_test_records()
+    if fmt == "messages":
+        records = [{MESSAGES_COLUMN: alpaca_to_turns(r), "category": r.get("category")} for r in records]
+    return build_test_examples(records, fmt, config.data, tokenizer, "safety test")
 
 
 @dataclass
