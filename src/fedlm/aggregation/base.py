@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from fedlm.errors import FedlmError
 from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.params import validate_params
 
 
 class AggregatorParams(BaseModel):
@@ -186,16 +187,7 @@ def build_aggregator(name: str, params: Mapping[str, Any]) -> Aggregator:
     if name not in _REGISTRY:
         raise FedlmError(f"`aggregation.name` {name!r} is unknown; valid: {', '.join(sorted(_REGISTRY))}")
     cls = _REGISTRY[name]
-    try:
-        parsed = cls.Params.model_validate(dict(params))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"`aggregation.{'.'.join(map(str, e['loc']))}`: "
-            + ("not a parameter of this aggregator" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise FedlmError(f"aggregator {name!r}: {problems}") from None
-    return cls(parsed)
+    return cls(validate_params(cls.Params, params, "aggregation", "aggregator", name))
 
 
 _BUILTIN_MODULES = (

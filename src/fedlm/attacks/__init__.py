@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import ValidationError
-
 from fedlm.attacks.data_poisoning import BackdoorParams, CorruptResponsesParams, corrupt_responses, insert_backdoor
 from fedlm.attacks.model_poisoning import (
     AlieParams,
@@ -35,6 +33,7 @@ from fedlm.attacks.model_poisoning import (
 )
 from fedlm.attacks.safety import SafetyParams, harmful_compliance
 from fedlm.errors import FedlmError
+from fedlm.params import validate_params
 
 
 @dataclass(frozen=True)
@@ -80,16 +79,7 @@ def attack_spec(name: str) -> AttackSpec:
 
 def build_attack_params(name: str, params: Mapping[str, Any], where: str = "attack") -> AttackParams:
     """Validate ``params`` for attack ``name``; errors name the field (``<where>.<field>``) and the problem."""
-    spec = attack_spec(name)
-    try:
-        return spec.params.model_validate(dict(params))
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"`{'.'.join([where, *map(str, e['loc'])])}`: "
-            + ("not a parameter of this attack" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise FedlmError(f"attack {name!r}: {problems}") from None
+    return validate_params(attack_spec(name).params, params, where, "attack", name)
 
 
 __all__ = ["ATTACKS", "AttackSpec", "attack_spec", "build_attack_params"]
