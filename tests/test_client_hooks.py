@@ -166,3 +166,27 @@ def test_a_client_of_smaller_rank_trains_only_its_first_components(setup, optimi
     for name, c_i in update.memory.items():
         if name.endswith("lora_A.weight"):
             assert torch.equal(c_i[2:], torch.zeros_like(c_i[2:]))
+
+
+def test_rank_mask_holds_where_gradients_would_not_vanish_on_their_own(setup) -> None:
+    """FFA (A frozen and nonzero) and a SCAFFOLD correction both push padded components; the mask keeps them 0."""
+    tokenizer, examples = setup
+    model = attach_adapter(build_tiny_llama(len(tokenizer), seed=1), PeftConfig(r=4, alpha=8, dropout=0.0), seed=5, freeze_lora_a=True)
+    start = truncate_to_rank(trainable_state(model), 2)
+    assert start and all(name.endswith("lora_B.weight") for name in start)
+    correction = {f"c.{n}": torch.ones_like(t) for n, t in start.items()}  # c - c_i = 1 everywhere
+    trainer = ClientTrainer(model, tokenizer.pad_token_id, torch.device("cpu"), 0.0, None, [ScaffoldHook("I")], "sgd")
+    update = trainer.train("c", examples, start, LocalPlan(1, LRS, BATCH, SEED, rank=2), context=ClientContext("c", 1, correction, rank=2))
+    for delta in update.tensors.values():
+        assert torch.equal(delta[:, 2:], torch.zeros_like(delta[:, 2:])) and delta[:, :2].abs().max() > 0
+
+
+def test_rank_mask_keeps_padded_rows_of_a_at_zero_under_a_correction(setup) -> None:
+    tokenizer, examples = setup
+    trainer, start = _trainer(tokenizer, [ScaffoldHook("I")])
+    start = truncate_to_rank(start, 2)
+    correction = {f"c.{n}": torch.ones_like(t) for n, t in start.items()}
+    update = trainer.train("c", examples, start, LocalPlan(1, LRS, BATCH, SEED, rank=2), context=ClientContext("c", 1, correction, rank=2))
+    for name, delta in update.tensors.items():
+        if name.endswith("lora_A.weight"):
+            assert torch.equal(delta[2:], torch.zeros_like(delta[2:]))
