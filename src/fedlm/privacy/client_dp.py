@@ -1,0 +1,390 @@
+"""Client-level differential privacy as a wrapper around any aggregator (DP-FedAvg, adaptive clipping).
+
+Central DP. McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private Recurrent Language Models"
+(ICLR), Algorithm 1 (DP-FedAvg) with flat clipping and the fixed-denominator estimator f~_f: each sampled client's
+delta is clipped to L2 norm C, Delta_k' = Delta_k * min(1, C / ||Delta_k||), and the server releases
+
+    Delta~ = (sum_k Delta_k' + N(0, (z C)^2 I)) / m,        m = the expected number of clients per round,
+
+the special case w_k = 1 of their sum_k w_k Delta_k / (q W) + N(0, sigma^2 I) with sigma = z S / (q W), S = C and
+q W = m. Adding or removing one client moves the sum by at most C, so the Gaussian mechanism with noise multiplier z
+applies to every round; an accountant (not here) turns (z, sampling rate, rounds) into (epsilon, delta). The noised
+mean goes to the inner aggregator as ONE update, so FedAvg applies it as is and FedAvgM/FedAdam/... take their
+server step on it (McMahan et al. also use server momentum on the private mean). Post-processing keeps the DP.
+
+Example weighting is dropped under DP: FedAvg's p_k = n_k / n would make a client's contribution p_k * C depend on
+its own data size and everyone else's (so the sensitivity bound C / m no longer holds) and n_k itself is private.
+Every client counts once; the denominator is the fixed expected count m, not the number that reported, so a round
+with dropouts is scaled down rather than given a data-dependent denominator.
+
+Distributed DP (for secure aggregation). Each client adds its share N(0, (z C)^2 / K) to its own clipped delta
+(:func:`client_noise_share`, K = clients per round). Shares are independent, so the sum of the K privatised deltas
+carries N(0, K (z C)^2 / K) = N(0, (z C)^2): the same total noise as central DP, and the server (which under secure
+aggregation sees only the sum) releases the same distribution. The wrapper in mode ``distributed`` only sums and
+divides by m. If fewer than K clients report, the sum carries less noise than (z C)^2 and the guarantee is weaker.
+A deployment must seed each client's noise from a secret the server does not know; the simulation's
+:meth:`DifferentiallyPrivate.privatize_client_update` derives it from the run seed, which is fine only in simulation.
+
+Adaptive clipping. Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially Private Learning with Adaptive
+Clipping" (NeurIPS), Algorithm 1 with the geometric update: with b_i = 1[||Delta_i|| <= C] under the current C,
+
+    b~ = (sum_i b_i + N(0, sigma_b^2)) / m,        C <- C * exp(-eta_C (b~ - gamma)),
+
+defaults gamma = 0.5, eta_C = 0.2, sigma_b = m / 20 (0 when z = 0, as TFF and Flower). The clipped count is a
+second Gaussian query (centred b_i - 1/2 has sensitivity 1/2, so its noise multiplier is 2 sigma_b). Composing the
+two Gaussian mechanisms, z^-2 = z_Delta^-2 + (2 sigma_b)^-2, so the update noise multiplier that gives the same
+privacy as plain DP-FedAvg with multiplier z is (Andrew et al., Sec. 3; "Theorem 1" of arXiv:1905.03871 as
+recalled, the theorem number not re-read here)
+
+    z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2),      defined only for z < 2 sigma_b.
+
+The formula and the defaults match TensorFlow Federated's ``DifferentiallyPrivateFactory.gaussian_adaptive`` (by
+the paper's authors' team) and Flower's ``compute_adaptive_noise_params``.
+
+The norms, fraction clipped and the clip in the metrics are diagnostics for the (trusted) server operator; only the
+released parameters and the noised fraction b~ are private. Sensitivity is measured in the space the aggregator sees
+(the LoRA mode's server space).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from fedlm.aggregation.base import (
+    AggregationResult,
+    Aggregator,
+    AggregatorParams,
+    ClientContext,
+    TrainerHook,
+    registered_aggregators,
+)
+from fedlm.aggregation.weights import weighted_sum
+from fedlm.errors import FedlmError
+from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.params import validate_params
+from fedlm.seeding import derive_seed, torch_generator
+
+#: Name of the single update (the noised mean) the inner aggregator receives.
+DP_MEAN_ID = "__dp_mean__"
+#: Clipping scales to just below C, so float32 rounding of the scaled tensors cannot push the norm above C.
+_CLIP_SAFETY = 1.0 - 2.0**-20
+
+_HIDDEN = (
+    "it selects, ranks or scores individual client updates, but under DP it receives one noised sum in which the "
+    "individual updates are hidden (their norms and directions are exactly what DP protects)"
+)
+#: Aggregators DP refuses to wrap, and why: they need the individual updates, or upload what DP does not protect.
+NEEDS_INDIVIDUAL_UPDATES: Mapping[str, str] = {
+    "krum": _HIDDEN,
+    "multikrum": _HIDDEN,
+    "median": _HIDDEN,
+    "trimmed_mean": _HIDDEN,
+    "flame": _HIDDEN,
+    "fltrust": _HIDDEN + ", and it needs the server's own root-data update",
+    "scaffold": (
+        "it uploads each client's control-variate change Delta c_i beside the delta, which DP would neither clip "
+        "nor noise (a leak of each client's gradients), and its server step needs those individual Delta c_i"
+    ),
+}
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], client_id: str) -> None:
+    """Raise ValueError naming the client and tensor when an update holds NaN or Inf (never clip or pass it on)."""
+    for name in sorted(tensors):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise ValueError(
+                f"update of client {client_id!r} has NaN/Inf in tensor {name!r}; differential privacy refuses it "
+                "(a non-finite norm cannot be clipped); drop that client's update before aggregation"
+            )
+
+
+def update_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """||Delta||_2 over every tensor of one update together (accumulated in float64)."""
+    sq = sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values())
+    return math.sqrt(sq)
+
+
+def clip_update(tensors: Mapping[str, torch.Tensor], clip: float, *, client_id: str = "?") -> tuple[TensorDict, float]:
+    """Flat clipping (McMahan et al. 2018, Algorithm 1, ClipFn): Delta * min(1, C / ||Delta||), all tensors together.
+
+    Returns new float32 tensors and the pre-clip norm. An update within the bound (a zero update included) comes
+    back unchanged; a larger one is scaled to norm C (times 1 - 2^-20, so rounding cannot exceed C).
+    Raises ValueError naming ``client_id`` for NaN/Inf, before any clipping.
+    """
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ValueError(f"clip must be a finite number > 0, got {clip}")
+    check_finite(tensors, client_id)
+    norm = update_norm(tensors)
+    if norm <= clip:
+        return {n: t.to(torch.float32).clone() for n, t in tensors.items()}, norm
+    factor = clip / norm * _CLIP_SAFETY
+    return {n: t.to(torch.float32) * factor for n, t in tensors.items()}, norm
+
+
+def gaussian_noise_like(tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> TensorDict:
+    """N(0, std^2) per coordinate, float32, shaped like each tensor and on its device.
+
+    Drawn on the CPU ``generator`` in sorted-name order, so the noise depends only on the seed, never on the device.
+    """
+    if not (std >= 0 and math.isfinite(std)):
+        raise ValueError(f"noise std must be a finite number >= 0, got {std}")
+    out: TensorDict = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if std == 0:
+            out[name] = torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+        else:
+            out[name] = (std * torch.randn(t.shape, generator=generator, dtype=torch.float32)).to(t.device)
+    return out
+
+
+def noised_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], *, noise_std: float, expected_clients: float, generator: torch.Generator
+) -> TensorDict:
+    """(sum_k Delta_k + N(0, noise_std^2 I)) / m: the fixed-denominator estimator of McMahan et al. 2018, Alg. 1."""
+    if not expected_clients > 0:
+        raise ValueError(f"expected_clients must be > 0, got {expected_clients}")
+    total = weighted_sum(updates, [1.0] * len(updates))  # unweighted sum, float32, sorted names
+    noise = gaussian_noise_like(total, noise_std, generator)
+    return {n: (total[n] + noise[n]) / expected_clients for n in total}
+
+
+def client_noise_share(
+    tensors: Mapping[str, torch.Tensor],
+    noise_multiplier: float,
+    clip: float,
+    num_clients: float,
+    generator: torch.Generator,
+    *,
+    client_id: str = "?",
+) -> TensorDict:
+    """A client's privatised delta for distributed DP: clip(Delta, C) + N(0, (z C)^2 / K I).
+
+    K such shares sum to noise N(0, (z C)^2 I), the central-DP noise of the sum (module docstring).
+    """
+    if not num_clients > 0:
+        raise ValueError(f"num_clients must be > 0, got {num_clients}")
+    clipped, _ = clip_update(tensors, clip, client_id=client_id)
+    noise = gaussian_noise_like(clipped, noise_multiplier * clip / math.sqrt(num_clients), generator)
+    return {n: clipped[n] + noise[n] for n in clipped}
+
+
+def adaptive_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
+    """z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Sec. 3); 0 when z = 0.
+
+    Raises ValueError when 2 sigma_b <= z (the count query alone would spend the whole budget).
+    """
+    if noise_multiplier == 0:
+        return 0.0
+    if count_noise_std * 2 <= noise_multiplier:
+        raise ValueError(
+            f"adaptive clipping needs 2 * count_noise_std > noise_multiplier, got count_noise_std {count_noise_std} "
+            f"and noise_multiplier {noise_multiplier}; raise count_noise_std (default expected_clients / 20) "
+            "or expected_clients, or lower noise_multiplier"
+        )
+    return (noise_multiplier**-2 - (2.0 * count_noise_std) ** -2) ** -0.5
+
+
+def noised_unclipped_fraction(
+    norms: Sequence[float], clip: float, *, count_noise_std: float, expected_clients: float, generator: torch.Generator
+) -> float:
+    """b~ = (sum_i 1[||Delta_i|| <= C] + N(0, sigma_b^2)) / m (Andrew et al. 2021, Algorithm 1)."""
+    count = float(sum(1 for n in norms if n <= clip))
+    noise = count_noise_std * float(torch.randn((), generator=generator, dtype=torch.float64)) if count_noise_std > 0 else 0.0
+    return (count + noise) / expected_clients
+
+
+def geometric_clip_update(clip: float, unclipped_fraction: float, *, target_quantile: float, clip_lr: float) -> float:
+    """C <- C * exp(-eta_C (b~ - gamma)) (Andrew et al. 2021, Algorithm 1, geometric update)."""
+    return clip * math.exp(-clip_lr * (unclipped_fraction - target_quantile))
+
+
+# --------------------------------------------------------------------------- the wrapper
+
+
+class ClientDPParams(AggregatorParams):
+    """Client-level DP settings; ``clip`` is the initial clip under adaptive clipping."""
+
+    noise_multiplier: float = Field(ge=0, allow_inf_nan=False, description="z: noise std on the sum is z * C")
+    clip: float = Field(gt=0, allow_inf_nan=False, description="C: the L2 bound of each client delta")
+    expected_clients: float = Field(gt=0, allow_inf_nan=False, description="m: expected clients per round (denominator)")
+    mode: Literal["central", "distributed"] = Field("central", description="server adds the noise, or the clients")
+    adaptive: bool = Field(False, description="adapt C to a quantile of the update norms (Andrew et al. 2021)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="gamma: the unclipped fraction C tracks")
+    clip_lr: float = Field(0.2, gt=0, allow_inf_nan=False, description="eta_C of the geometric update")
+    count_noise_std: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="sigma_b; None: m / 20 (0 if z = 0)"
+    )
+    seed: int = Field(0, description="seed of the noise, derived per round")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClientDPParams:
+        if self.adaptive and self.mode == "distributed":
+            raise ValueError(
+                "adaptive clipping with mode distributed is not supported: the clipped count b_i would have to be "
+                "summed under secure aggregation too; use mode central or adaptive false"
+            )
+        if self.adaptive:
+            adaptive_noise_multiplier(self.noise_multiplier, default_count_noise_std(self))
+        return self
+
+
+def default_count_noise_std(params: ClientDPParams) -> float:
+    """sigma_b as given, else m / 20 when z > 0 and 0 when z = 0 (as TFF's and Flower's adaptive clipping)."""
+    if params.count_noise_std is not None:
+        return params.count_noise_std
+    return params.expected_clients / 20 if params.noise_multiplier > 0 else 0.0
+
+
+class DifferentiallyPrivate(Aggregator):
+    """DP-FedAvg's clip-and-noise around any aggregator that takes a mean update; state: inner, clip, round.
+
+    The noise of round r is drawn from ``derive_seed(seed, "dp-noise", r)`` (the count noise from
+    ``"dp-count-noise"``), r counted by the wrapper and saved in its state, so a resumed run draws the same noise.
+    """
+
+    name: ClassVar[str] = "client_dp"
+    Params: ClassVar[type[AggregatorParams]] = ClientDPParams
+    params: ClientDPParams
+    returns_mean_update = False  # the output carries noise and a fixed denominator m
+
+    def __init__(self, inner: Aggregator, params: ClientDPParams) -> None:
+        refuse_inner(inner)
+        super().__init__(params)
+        self.inner = inner
+        self.clip = params.clip
+        self.round = 0
+
+    @classmethod
+    def from_config(cls, inner: Aggregator, params: Mapping[str, Any], section: str = "privacy") -> DifferentiallyPrivate:
+        """Wrap ``inner`` with parameters from a config section, one FedlmError naming each bad field."""
+        return cls(inner, validate_params(ClientDPParams, params, section, "privacy", "client_dp"))
+
+    @property
+    def count_noise_std(self) -> float:
+        """sigma_b: as given, else m / 20 (Andrew et al. 2021), or 0 when z = 0 (no privacy claimed; TFF, Flower)."""
+        return default_count_noise_std(self.params)
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """z_Delta under adaptive clipping, else z."""
+        z = self.params.noise_multiplier
+        return adaptive_noise_multiplier(z, self.count_noise_std) if self.params.adaptive else z
+
+    # Delegation to the inner aggregator (all instance access in fedlm).
+    @property  # type: ignore[override]
+    def needs_stable_parameter_space(self) -> bool:
+        return self.inner.needs_stable_parameter_space
+
+    @property  # type: ignore[override]
+    def needs_server_update(self) -> bool:
+        return self.inner.needs_server_update  # always False: refused otherwise
+
+    def check_config(self, config: Any) -> None:
+        self.inner.check_config(config)
+
+    def start(self, client_names: Sequence[str]) -> None:
+        self.inner.start(client_names)
+
+    def trainer_hooks(self) -> list[TrainerHook]:
+        return self.inner.trainer_hooks()
+
+    def client_context(self, client_id: str, round_num: int) -> ClientContext:
+        return self.inner.client_context(client_id, round_num)
+
+    def privatize_client_update(self, update: ClientUpdate) -> ClientUpdate:
+        """Client side of mode ``distributed``: a new update with clip(Delta, C) + its noise share (simulation seed)."""
+        if self.params.mode != "distributed":
+            raise ValueError("privatize_client_update is the client side of mode distributed")
+        gen = torch_generator(derive_seed(self.params.seed, "dp-client-noise", update.round, update.client_id))
+        tensors = client_noise_share(update.tensors, self.params.noise_multiplier, self.clip,
+                                     self.params.expected_clients, gen, client_id=update.client_id)
+        return dataclasses.replace(update, tensors=tensors)
+
+    def aggregate(self, global_params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
+        """Clip, sum, noise, divide by m; the inner aggregator's step on that one noised mean."""
+        if not updates:
+            raise ValueError("differential privacy needs at least one update per round")
+        ordered = sorted(updates, key=lambda u: u.client_id)  # a fixed summation order: client order cannot matter
+        for u in ordered:
+            check_finite(u.tensors, u.client_id)
+            if u.extras:
+                raise ValueError(f"client {u.client_id!r} uploaded extras {sorted(u.extras)}, which DP does not privatise")
+        p, rnd, clip = self.params, self.round + 1, self.clip
+        gen = torch_generator(derive_seed(p.seed, "dp-noise", rnd))
+        m = p.expected_clients
+        if p.mode == "central":
+            pairs = [clip_update(u.tensors, clip, client_id=u.client_id) for u in ordered]
+            clipped, norms = [c for c, _ in pairs], [n for _, n in pairs]
+            noise_std = self.update_noise_multiplier * clip
+            mean = noised_mean(clipped, noise_std=noise_std, expected_clients=m, generator=gen)
+        else:  # the clients clipped and added their shares already; clipping again would shrink their noise
+            norms = [update_norm(u.tensors) for u in ordered]
+            noise_std = p.noise_multiplier * clip * math.sqrt(len(ordered) / m)  # n shares of variance (zC)^2 / m
+            mean = noised_mean([u.tensors for u in ordered], noise_std=0.0, expected_clients=m, generator=gen)
+        metrics = {
+            "dp_clip": clip,
+            "dp_update_norm_mean": sum(norms) / len(norms),
+            "dp_update_norm_max": max(norms),
+            "dp_noise_std": noise_std,
+            "dp_mean_noise_std": noise_std / m,
+            "dp_noise_multiplier": self.update_noise_multiplier,
+        }
+        if p.mode == "central":
+            metrics["dp_fraction_clipped"] = sum(n > clip for n in norms) / len(norms)
+        next_clip = clip
+        if p.adaptive:
+            count_gen = torch_generator(derive_seed(p.seed, "dp-count-noise", rnd))
+            frac = noised_unclipped_fraction(
+                norms, clip, count_noise_std=self.count_noise_std, expected_clients=m, generator=count_gen
+            )
+            next_clip = geometric_clip_update(clip, frac, target_quantile=p.target_quantile, clip_lr=p.clip_lr)
+            metrics.update(dp_noised_unclipped_fraction=frac, dp_next_clip=next_clip)
+        inner = self.inner.aggregate(global_params, [ClientUpdate(DP_MEAN_ID, ordered[0].round, 1, mean)])
+        self.round, self.clip = rnd, next_clip
+        metrics = {**inner.metrics, **metrics, "num_updates": float(len(updates))}
+        return AggregationResult(params=inner.params, metrics=metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"inner": inner state, "clip": float64 scalar, "round": int64 scalar}``."""
+        return {
+            "inner": self.inner.state_dict(),
+            "clip": torch.tensor(self.clip, dtype=torch.float64),
+            "round": torch.tensor(self.round, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; an empty mapping means a fresh start."""
+        unknown = set(state) - {"inner", "clip", "round"}
+        if unknown:
+            raise ValueError(f"aggregator {self.name!r} got unknown state keys {sorted(unknown)}")
+        self.inner.load_state_dict(state.get("inner", {}))
+        self.clip = float(state.get("clip", self.params.clip))
+        self.round = int(state.get("round", 0))
+
+
+def refuse_inner(inner: Aggregator) -> None:
+    """Raise FedlmError when DP cannot wrap ``inner`` (it needs individual updates, or is DP already)."""
+    name = getattr(inner, "name", type(inner).__name__)
+    if isinstance(inner, DifferentiallyPrivate):
+        reason = "it is differentially private already; wrap the base aggregator once"
+    elif name in NEEDS_INDIVIDUAL_UPDATES:
+        reason = NEEDS_INDIVIDUAL_UPDATES[name]
+    elif inner.needs_server_update:
+        reason = "it needs the server's own update and the individual client updates to compare with it"
+    else:
+        return
+    fine = ", ".join(n for n in registered_aggregators() if n not in NEEDS_INDIVIDUAL_UPDATES)
+    raise FedlmError(
+        f"differential privacy cannot wrap `aggregation.name: {name}`: {reason}; "
+        f"use one of {fine} with `privacy`, or turn `privacy` off"
+    )
