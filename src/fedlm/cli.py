@@ -11,11 +11,13 @@ from typing import Annotated, Any
 
 import typer
 
+from fedlm.cli_privacy import privacy_app
 from fedlm.errors import FedlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated training of large language models.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data and partitions.")
 app.add_typer(data_app, name="data")
+app.add_typer(privacy_app, name="privacy")
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="experiment YAML (default: the embedded quickstart defaults)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]

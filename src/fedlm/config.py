@@ -160,6 +160,46 @@ class AttackConfig(BaseModel):
         return self
 
 
+class ClientDPConfig(Section):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): clip each update, noise the sum.
+
+    Give ``noise_multiplier`` or ``target_epsilon`` (the noise is then chosen at load so that epsilon after
+    ``federation.rounds`` is at most the target).
+    """
+
+    noise_multiplier: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="z: noise std on the sum is z * clip")
+    target_epsilon: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="choose z for this epsilon after all rounds")
+    clip: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="L2 bound of each client's update")
+    mode: Literal["central", "distributed"] = "central"
+    adaptive: bool = Field(False, description="adapt the clip to a quantile of update norms (Andrew et al. 2021)")
+    target_quantile: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_lr: float = Field(0.2, gt=0.0, allow_inf_nan=False)
+    count_noise_std: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="default: clients per round / 20")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> ClientDPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of `privacy.client_dp.noise_multiplier` or `privacy.client_dp.target_epsilon`")
+        return self
+
+
+class PrivacyConfig(Section):
+    """Differential privacy and its accounting (epsilon at ``delta`` logged every round)."""
+
+    client_dp: ClientDPConfig | None = None
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the delta of (epsilon, delta)-DP")
+    accountant: Literal["rdp", "pld"] = "rdp"
+    sample_dp: Any = Field(None, description="not built yet")
+    secure_aggregation: Any = Field(None, description="not built yet")
+
+    @field_validator("sample_dp", "secure_aggregation")
+    @classmethod
+    def _not_built(cls, value: Any, info: Any) -> Any:
+        if value is not None:
+            raise ValueError(f"`privacy.{info.field_name}` is not built yet; remove it (client-level DP is `privacy.client_dp`)")
+        return value
+
+
 class ObjectiveConfig(Section):
     """The training objective. A bare string in YAML (``objective: sft``) means ``{name: sft}``."""
 
@@ -191,6 +231,7 @@ class ExperimentConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @field_validator("objective", mode="before")
     @classmethod

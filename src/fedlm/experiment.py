@@ -23,6 +23,7 @@ from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.server import SERVER_ID, Probe, ServerLoop
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.update import TensorDict
+from fedlm.privacy.setup import dp_account, wrap_with_dp
 from fedlm.models.adapters import attach_adapter, save_adapter, trainable_state
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.reporting.metrics_log import MetricsLog
@@ -51,6 +52,11 @@ class Session:
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
         return Evaluator(self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress)
+
+    def aggregator(self) -> Aggregator:
+        """The configured aggregator, wrapped in client-level DP when ``privacy.client_dp`` is set."""
+        inner = build_aggregator(self.config.aggregation.name, self.config.aggregation.params())
+        return wrap_with_dp(inner, self.config, len(self.data.client_names))
 
     def attack_probes(self, progress: Progress | None) -> list[Probe]:
         """The extra evaluations an attack needs: backdoor success, or the refusal rate on harmful prompts."""
@@ -134,8 +140,9 @@ def build_server_loop(
     if aggregator.needs_server_update:
         trainer, root = session.trainer(), session.data.root
         server_trainer = lambda state, plan: trainer.train(SERVER_ID, root, state, plan)  # noqa: E731
+    account = dp_account(config, len(names))
     return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks,  # type: ignore[arg-type]
-                      attackers, probes, server_trainer)
+                      attackers, probes, server_trainer, account)
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:
@@ -144,7 +151,7 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     log = MetricsLog(run_dir.metrics)
     state, start = session.initial_state, 0
-    aggregator = build_aggregator(config.aggregation.name, config.aggregation.params())
+    aggregator = session.aggregator()
     if resume:
         check_resumable(run_dir, config)
         checkpoints = list_checkpoints(run_dir.checkpoints)

@@ -16,6 +16,10 @@ def check_aggregation(config: ExperimentConfig) -> None:
     aggregator = build_aggregator(agg.name, agg.params())
     aggregator.check_config(config)
     _check_attack(config)
+    if config.privacy.client_dp is not None and config.partition.num_clients is not None:
+        from fedlm.privacy.setup import wrap_with_dp  # solves a target epsilon and refuses combinations now
+
+        wrap_with_dp(aggregator, config, config.partition.num_clients)
     if agg.lora != "naive" and config.peft.method != "lora":
         raise FedlmError(
             f"`aggregation.lora: {agg.lora}` needs `peft.method: lora`, got {config.peft.method!r}; "

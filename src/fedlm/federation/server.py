@@ -41,6 +41,16 @@ def round_lrs(config: ExperimentConfig, round_num: int) -> list[float]:
     ]
 
 
+class EpsilonAccount(Protocol):
+    """Differential-privacy accounting of a run: epsilon at ``delta`` after a number of rounds."""
+
+    delta: float
+
+    def epsilon_after(self, rounds: int) -> float:
+        """Epsilon spent after ``rounds`` rounds."""
+        ...
+
+
 SERVER_ID = "__server__"  # the client id of the server's own (root-set) update
 
 
@@ -80,6 +90,7 @@ class ServerLoop:
     attackers: frozenset[str] = frozenset()
     probes: list[Probe] = field(default_factory=list)
     server_trainer: Callable[[TensorDict, LocalPlan], ClientUpdate] | None = None
+    dp_account: EpsilonAccount | None = None
 
     def run(self, state: TensorDict, start_round: int) -> TensorDict:
         """Train from ``state`` after round ``start_round`` (0 for a new run)."""
@@ -128,6 +139,9 @@ class ServerLoop:
             if result.client_weights:
                 metrics["client_weights"] = dict(result.client_weights)
         train_time = time.perf_counter() - started
+        if self.dp_account is not None:  # every sampled round is spent, aggregated or skipped
+            metrics["epsilon"] = self.dp_account.epsilon_after(round_num)
+            metrics["delta"] = self.dp_account.delta
         self._log_round(round_num, chosen, accepted, failures, skipped, train_time, traffic, metrics)
         return state
 
