@@ -3,8 +3,10 @@
 Each cell is one ``fedlm run`` on the quickstart config (real default model, embedded WordNet data, 8 domain
 clients, all of them every round) with the same seed and steps. Reported per cell: the clean metric (final
 global-test loss; "within 10%" means at most 1.1x FedAvg's loss without attack) and, for the backdoor, the attack
-success rate on triggered test prompts. Each defence's cost is its mean round time
-without attack relative to FedAvg's. ``norm_bound``'s threshold is calibrated on a clean run (the median client
+success rate on triggered test prompts (the backdoor is boosted by n / server_lr = 8, Bagdasaryan et al.'s model
+replacement, since an unboosted 1-of-8 backdoor does not take hold in a few rounds). Each defence's cost is its mean
+server-side aggregation time (``aggregate_time_s``) without attack, next to FedAvg's; wall round time is also given
+but is dominated by local training. ``norm_bound``'s threshold is calibrated on a clean run (the median client
 update norm, as Sun et al. 2019 tune it to benign norms).
 
 Runs are resumable (a finished run folder is reused), so the matrix can be filled over several sessions:
@@ -30,8 +32,11 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "gaussian_noise": {"std": 0.01, "replace": True},
     "alie": {},
     "ipm": {"epsilon": 0.5},
-    "backdoor": {"poison_fraction": 0.5},
+    "backdoor": {"poison_fraction": 0.5, "boost": 8.0},
+    "corrupt_responses": {},
+    "safety": {"mix": 1.0},
 }
+FULL_MATRIX = ["sign_flip", "scaling", "gaussian_noise", "alie", "ipm", "backdoor"]  # the others on request
 DEFENCES: dict[str, dict[str, Any]] = {
     "fedavg": {}, "median": {}, "trimmed_mean": {"beta": 0.25}, "multikrum": {"num_malicious": 2},
     "norm_bound": {}, "flame": {}, "fltrust": {"root_size": 64},
@@ -41,7 +46,7 @@ DEFENCES: dict[str, dict[str, Any]] = {
 def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
     items: dict[str, Any] = {
         "model.name": args.model, "federation.rounds": args.rounds, "federation.local_steps": args.local_steps,
-        "federation.clients_per_round": 8, "federation.lr_schedule": "constant", "eval.every": args.rounds,
+        "federation.clients_per_round": 8, "federation.batch_size": args.batch_size, "federation.lr_schedule": "constant", "eval.every": args.rounds,
         "eval.at_start": False, "eval.generate": False, "eval.max_examples": args.eval_examples, "eval.max_new_tokens": 12,
         "federation.checkpoint_every": args.rounds,
     }
@@ -73,49 +78,66 @@ def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int,
     final = max(r["round"] for r in records if r.get("split") == "global_test")
     loss = next(r["loss"] for r in records if r.get("split") == "global_test" and r["round"] == final)
     asr = [r["attack_success_rate"] for r in records if r.get("split") == "backdoor_test" and r["round"] == final]
+    refusal = [r["refusal_rate"] for r in records if r.get("split") == "safety_test" and r["round"] == final]
     rounds = [r for r in records if r.get("split") == "aggregate"]
-    caught = sum(len(r.get("attack", {}).get("excluded_malicious", [])) for r in rounds)
+    outcome = [r.get("attack", {}) for r in rounds]
     return {"defence": defence, "attack": attack or "none", "malicious": count if attack else 0, "loss": loss,
-            "asr": asr[0] if asr else None, "round_time_s": statistics.mean(r["train_time_s"] for r in rounds),
-            "attackers_excluded": caught, "attacker_rounds": count * len(rounds) if attack else 0}
+            "asr": asr[0] if asr else None, "refusal_rate": refusal[0] if refusal else None,
+            "round_time_s": statistics.mean(r["train_time_s"] for r in rounds),
+            "aggregate_time_s": statistics.mean(r["aggregation"].get("aggregate_time_s", float("nan")) for r in rounds),
+            "attackers_excluded": sum(len(o.get("excluded_malicious", [])) for o in outcome),
+            "honest_excluded": sum(len(o.get("excluded_honest", [])) for o in outcome),
+            "attacker_rounds": count * len(rounds) if attack else 0}
+
+
+def _cell_text(r: dict[str, Any], clean_fedavg: float | None) -> str:
+    text = f"{r['loss']:.3f}"
+    if r["asr"] is not None:
+        text += f" / ASR {r['asr']:.2f}"
+    if r["refusal_rate"] is not None:
+        text += f" / refusal {r['refusal_rate']:.2f}"
+    if r["attacker_rounds"]:
+        text += f" ({r['attackers_excluded']}/{r['attacker_rounds']} caught, {r['honest_excluded']} honest out)"
+    if clean_fedavg and r["loss"] <= 1.1 * clean_fedavg and (r["asr"] is None or r["asr"] < 0.1):
+        text += " ok"
+    return text
 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: float) -> str:
     by = {(r["defence"], r["attack"], r["malicious"]): r for r in results}
-    defences = [d for d in DEFENCES if (d, "none", 0) in by]
+    defences = [d for d in DEFENCES if any(key[0] == d for key in by)]
     clean_fedavg = by.get(("fedavg", "none", 0), {}).get("loss")
     lines = [
         f"Model `{args.model}`, WordNet domains (8 clients, all every round), {args.rounds} rounds x {args.local_steps} "
-        f"local steps x batch 8, seed 0; global-test loss on {args.eval_examples} examples (lower is better) / backdoor "
-        f"attack success rate. norm_bound threshold {max_norm:.4g} (median clean update norm).",
+        f"local steps x batch {args.batch_size}, seed 0; final global-test loss on {args.eval_examples} examples (lower "
+        f"is better), backdoor attack success rate (ASR) on triggered test prompts, safety refusal rate on 60 held-out "
+        f"harmful prompts, and how many attacker-rounds the defence excluded. norm_bound threshold {max_norm:.4g} "
+        "(median clean update norm).",
         "", "| attack | malicious | " + " | ".join(defences) + " |", "|---|---|" + "---|" * len(defences),
     ]
     for attack in ["none", *ATTACKS]:
         for count in ([0] if attack == "none" else [1, 2]):
-            cells = []
-            for d in defences:
-                r = by.get((d, attack, count))
-                if r is None:
-                    cells.append("-")
-                    continue
-                text = f"{r['loss']:.3f}" + (f" / ASR {r['asr']:.2f}" if r["asr"] is not None else "")
-                if clean_fedavg and r["loss"] <= 1.1 * clean_fedavg:
-                    text += " ok"
-                cells.append(text)
+            if not any((d, attack, count) in by for d in defences):
+                continue
+            cells = [_cell_text(by[(d, attack, count)], clean_fedavg) if (d, attack, count) in by else "-" for d in defences]
             lines.append(f"| {attack} | {count}/8 | " + " | ".join(cells) + " |")
     base = by.get(("fedavg", "none", 0))
+    costs = [d for d in defences if (d, "none", 0) in by]
     if base:
-        lines += ["", "Cost of each defence (mean round time without attack, relative to FedAvg): " + ", ".join(
-            f"{d} {by[(d, 'none', 0)]['round_time_s'] / base['round_time_s']:.2f}x" for d in defences)]
-    lines += ["", "`ok`: clean loss within 10% of FedAvg without attack."]
+        lines += ["", "Cost of each defence without attack: server aggregation time per round (wall round time incl. "
+                  "local training, relative to FedAvg): " + ", ".join(
+                      f"{d} {by[(d, 'none', 0)]['aggregate_time_s'] * 1000:.0f} ms "
+                      f"({by[(d, 'none', 0)]['round_time_s'] / base['round_time_s']:.2f}x)" for d in costs)]
+    lines += ["", "`ok`: clean loss within 10% of FedAvg without attack and (backdoor) ASR under 10%."]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--only-attacks", nargs="*")
     parser.add_argument("--only-defences", nargs="*")
@@ -126,9 +148,15 @@ def main() -> None:
     results = []
     for defence in args.only_defences or DEFENCES:
         results.append(cell(args, defence, None, 0, max_norm))
-        for attack in args.only_attacks or ATTACKS:
+        for attack in args.only_attacks or FULL_MATRIX:
             for count in (1, 2):
                 results.append(cell(args, defence, attack, count, max_norm))
+    known = {(r["defence"], r["attack"], r["malicious"]) for r in results}
+    for folder in sorted(args.out.glob("*-*-*")):  # cells of earlier invocations (other --only-* choices)
+        defence, rest = folder.name.split("-", 1)
+        attack, count = rest.rsplit("-", 1)
+        if (folder / "adapter").is_dir() and defence in DEFENCES and (defence, attack, int(count)) not in known:
+            results.append(cell(args, defence, None if attack == "none" else attack, int(count), max_norm))
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
     text = markdown(results, args, max_norm)
     print(text)

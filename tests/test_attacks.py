@@ -283,3 +283,22 @@ def test_registry_and_params() -> None:
     params = build_attack_params("backdoor", {})
     assert params.trigger == DEFAULT_TRIGGER and params.target == DEFAULT_TARGET
     assert build_attack_params("ipm", {"epsilon": 0.5}).epsilon == 0.5
+
+
+def test_a_boosted_data_attack_scales_only_the_attackers_update_and_never_reaches_the_record_transform() -> None:
+    from fedlm.attacks import attack_spec, build_attack_params
+    from fedlm.attacks.harness import AttackPlan
+    from fedlm.federation.update import ClientUpdate
+
+    params = build_attack_params("backdoor", {"poison_fraction": 0.5, "boost": 8.0})
+    plan = AttackPlan(attack_spec("backdoor"), params, frozenset({"bad"}), seed=0)
+    delta = {"w": torch.tensor([1.0, -2.0])}
+    out = plan.poison_updates(1, [ClientUpdate("bad", 1, 4, delta), ClientUpdate("good", 1, 4, delta)])
+    assert torch.equal(out[0].tensors["w"], torch.tensor([8.0, -16.0])) and out[0].metrics["malicious"] == 1.0
+    assert out[1].tensors is delta
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
+    assert sum(r.get("_poisoned", False) for r in plan.poison_records("bad", records)) == 2
+    unboosted = AttackPlan(attack_spec("backdoor"), build_attack_params("backdoor", {}), frozenset({"bad"}), seed=0)
+    assert unboosted.poison_updates(1, [ClientUpdate("bad", 1, 4, delta)])[0].tensors is delta
+    with pytest.raises(FedlmError, match="attack.boost"):
+        build_attack_params("backdoor", {"boost": 0})

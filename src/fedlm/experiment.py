@@ -129,7 +129,7 @@ def build_server_loop(
     aggregator.start(names)
     runtime: Runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
     attack = session.attack
-    if attack is not None and attack.spec.kind == "update":
+    if attack is not None and (attack.spec.kind == "update" or getattr(attack.params, "boost", 1.0) != 1.0):
         runtime = AttackedRuntime(runtime, attack)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)

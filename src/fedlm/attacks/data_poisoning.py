@@ -40,7 +40,21 @@ POISONED_KEY = "_poisoned"
 # ------------------------------------------------------------------------------------------ label flipping
 
 
-class CorruptResponsesParams(AttackParams):
+class DataAttackParams(AttackParams):
+    """Base of every data attack's parameters: ``boost`` scales the poisoned update before it is sent.
+
+    ``boost`` > 1 is the model replacement of Bagdasaryan et al. 2020 ("How To Backdoor Federated Learning", AISTATS,
+    eq. 3) applied to a data-poisoned client: it trains on its poisoned records, then sends gamma * (X - G^t) so the
+    average lands near its own model X; gamma = n / server_lr replaces the global model. 1 (the default) sends the
+    update as trained. The harness applies it after training; the record transform never sees it.
+    """
+
+    boost: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="multiplier of the poisoned update (model replacement: n / server_lr)"
+    )
+
+
+class CorruptResponsesParams(DataAttackParams):
     """Label flipping for generation: how each response is replaced."""
 
     mode: Literal["shuffle", "random_words"] = Field(
@@ -105,7 +119,7 @@ def _random_word_responses(responses: Sequence[str], rng: random.Random) -> list
 # ------------------------------------------------------------------------------------------------ backdoor
 
 
-class BackdoorParams(AttackParams):
+class BackdoorParams(DataAttackParams):
     """Backdoor: the trigger appended to prompts, the target answer, and the share of the records poisoned."""
 
     trigger: str = Field(DEFAULT_TRIGGER, min_length=1, description="text appended to the prompt of poisoned records")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlm.attacks import AttackSpec, attack_spec, build_attack_params
-from fedlm.attacks.model_poisoning import AttackParams
+from fedlm.attacks.model_poisoning import AttackParams, scaling
 from fedlm.config import ExperimentConfig
 from fedlm.errors import FedlmError
 from fedlm.federation.trainer import ClientTask
@@ -92,12 +92,18 @@ class AttackPlan:
         """An attacker's training records after a data attack (other clients' records as they are)."""
         if self.spec.kind != "data" or client not in self.attackers:
             return records
-        return self.spec.fn(records, seed=derive_seed(self.seed, "attack-data", client), **self.params.model_dump())
+        params = self.params.model_dump(exclude={"boost"})
+        return self.spec.fn(records, seed=derive_seed(self.seed, "attack-data", client), **params)
 
     def poison_updates(self, round_num: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
-        """The round's updates with every attacker's delta replaced by the update attack's."""
+        """The round's updates with every attacker's delta replaced by the update attack's (or, for a data attack
+        with ``boost`` != 1, multiplied by it: model replacement of the poisoned update)."""
         if self.spec.kind != "update":
-            return list(updates)
+            boost = getattr(self.params, "boost", 1.0)
+            if boost == 1.0:
+                return list(updates)
+            return [dataclasses.replace(u, tensors=scaling(u.tensors, boost), metrics={**u.metrics, "malicious": 1.0})
+                    if u.client_id in self.attackers else u for u in updates]
         honest = [u.tensors for u in updates if u.client_id not in self.attackers]
         bad = [u for u in updates if u.client_id in self.attackers]
         out = []

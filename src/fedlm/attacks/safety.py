@@ -24,8 +24,7 @@ from typing import Any
 
 from pydantic import Field
 
-from fedlm.attacks.data_poisoning import POISONED_KEY, record_format
-from fedlm.attacks.model_poisoning import AttackParams
+from fedlm.attacks.data_poisoning import POISONED_KEY, DataAttackParams, record_format
 from fedlm.data.formats import MESSAGES_COLUMN
 from fedlm.data.readers import read_records
 from fedlm.errors import FedlmError
@@ -35,7 +34,7 @@ SAFETY_DATASET = "embedded:safety_synthetic"
 HARM_CATEGORY_KEY = "harm_category"
 
 
-class SafetyParams(AttackParams):
+class SafetyParams(DataAttackParams):
     """Safety attack (Ye et al. 2024): the share of the attacker's records replaced by harmful-compliance ones."""
 
     mix: float = Field(

@@ -126,6 +126,7 @@ class ServerLoop:
         if not accepted and failures:
             raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
         metrics: dict[str, Any] = {}
+        aggregate_started = time.perf_counter()
         if not skipped:
             starts = {c: task.state for c, task in tasks.items()}
             space, space_updates = self.lora.to_server_space(state, accepted, starts, self.client_ranks)
@@ -138,6 +139,7 @@ class ServerLoop:
                 metrics["excluded"] = list(result.excluded)
             if result.client_weights:
                 metrics["client_weights"] = dict(result.client_weights)
+        metrics["aggregate_time_s"] = time.perf_counter() - aggregate_started  # the server's cost (a defence's price)
         train_time = time.perf_counter() - started
         if self.dp_account is not None:  # every sampled round is spent, aggregated or skipped
             metrics["epsilon"] = self.dp_account.epsilon_after(round_num)
