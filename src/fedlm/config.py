@@ -183,27 +183,65 @@ class ClientDPConfig(Section):
         return self
 
 
+class SampleDPConfig(Section):
+    """Sample-level DP-SGD inside each client's local training (Abadi et al. 2016): per-example gradients of the
+    trainable (adapter) parameters clipped to ``max_grad_norm``, Gaussian noise ``noise_multiplier * max_grad_norm``
+    added to their sum every step. Give ``noise_multiplier`` or ``target_epsilon`` (then solved at load so that every
+    client's epsilon after all its steps is at most the target)."""
+
+    noise_multiplier: float | None = Field(None, ge=0.0, allow_inf_nan=False, description="sigma of DP-SGD")
+    target_epsilon: float | None = Field(None, gt=0.0, allow_inf_nan=False, description="choose sigma for this epsilon")
+    max_grad_norm: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="per-example gradient L2 bound")
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> SampleDPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of `privacy.sample_dp.noise_multiplier` or `privacy.sample_dp.target_epsilon`")
+        return self
+
+
+class SecureAggregationConfig(Section):
+    """SecAgg+ (Bell et al. 2020) over each round's clients: the server learns only the sum of the updates.
+
+    ``neighbours`` None masks every pair (SecAgg, Bonawitz et al. 2017); k < clients per round uses a random
+    k-regular graph (SecAgg+). Each coordinate is clipped to [-clip_range, clip_range] and quantised to
+    2^quantization_bits levels before masking; arithmetic is modulo 2^32.
+    """
+
+    threshold: int | None = Field(None, ge=2, description="shares needed to reconstruct; default: 2/3 of the neighbours, rounded up")
+    neighbours: int | None = Field(None, ge=2, description="k of SecAgg+; None: all other clients of the round")
+    clip_range: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="per-coordinate range before quantisation")
+    quantization_bits: int = Field(20, ge=4, le=28, description="levels 2^bits over [-clip_range, clip_range]")
+    max_weight: int = Field(1000, ge=1, description="FedAvg weight n_k / max_weight (capped at 1) travels in the sum")
+
+
 class PrivacyConfig(Section):
-    """Differential privacy and its accounting (epsilon at ``delta`` logged every round)."""
+    """Differential privacy and its accounting (epsilon at ``delta`` logged every round), and secure aggregation."""
 
     client_dp: ClientDPConfig | None = None
+    sample_dp: SampleDPConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = None
     delta: float = Field(1e-5, gt=0.0, lt=1.0, description="the delta of (epsilon, delta)-DP")
     accountant: Literal["rdp", "pld"] = "rdp"
-    sample_dp: Any = Field(None, description="not built yet")
-    secure_aggregation: Any = Field(None, description="not built yet")
-
-    @field_validator("sample_dp", "secure_aggregation")
-    @classmethod
-    def _not_built(cls, value: Any, info: Any) -> Any:
-        if value is not None:
-            raise ValueError(f"`privacy.{info.field_name}` is not built yet; remove it (client-level DP is `privacy.client_dp`)")
-        return value
 
 
 class ObjectiveConfig(Section):
     """The training objective. A bare string in YAML (``objective: sft``) means ``{name: sft}``."""
 
     name: Literal["sft"] = "sft"
+
+
+class AuditConfig(Section):
+    """The privacy audit run after training (``fedlm audit``): membership inference on the global model (and a client's
+    local model), and canaries (Carlini et al. 2019, "The Secret Sharer"): random secrets planted in one client's
+    training data, their exposure in bits ranked among ``canary_references`` never-planted secrets of the same format."""
+
+    canaries: int = Field(0, ge=0, le=1000, description="how many random secrets to plant (0: none)")
+    canary_client: str | None = Field(None, description="whose training data gets them; default the first client")
+    canary_repetitions: int = Field(4, ge=1, le=1000, description="copies of each canary in that client's data")
+    canary_references: int = Field(1000, ge=1, le=100_000, description="random candidate secrets a canary is ranked among")
+    client_model: bool = Field(False, description="also save and audit the canary client's local model")
+    max_examples: int = Field(200, ge=2, description="members and non-members each in the membership inference")
 
 
 class EvalConfig(Section):
@@ -215,6 +253,7 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1, description="seeded subsample of the test set")
+    audit: AuditConfig | None = Field(None, description="privacy audit at the end of the run (`fedlm audit`)")
 
 
 class ExperimentConfig(Section):

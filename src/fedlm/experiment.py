@@ -23,7 +23,11 @@ from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.server import SERVER_ID, Probe, ServerLoop
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.update import TensorDict
+from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
+from fedlm.privacy.client_models import ClientModelSaver
+from fedlm.privacy.secagg.setup import build_secure_aggregation
 from fedlm.privacy.setup import dp_account, wrap_with_dp
+from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
 from fedlm.models.adapters import attach_adapter, save_adapter, trainable_state
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.reporting.metrics_log import MetricsLog
@@ -48,6 +52,7 @@ class Session:
     data: FederatedData
     initial_state: TensorDict
     attack: AttackPlan | None = None
+    sample_dp: SampleDP | None = None  # DP-SGD in every client's local steps (privacy.sample_dp)
 
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
@@ -77,11 +82,12 @@ class Session:
         evaluator = Evaluator(self.model, self.loaded.tokenizer, test, eval_config, self.loaded.device, self.config.data.max_length, progress)
         return BackdoorProbe(evaluator, params["target"])
 
-    def trainer(self, hooks: list[TrainerHook] | None = None) -> ClientTrainer:
-        """A client trainer on the shared model."""
+    def trainer(self, hooks: list[TrainerHook] | None = None, private: bool = True) -> ClientTrainer:
+        """A client trainer on the shared model (DP-SGD under ``privacy.sample_dp`` unless ``private`` is False)."""
         fed = self.config.federation
         return ClientTrainer(
-            self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [], fed.optimizer
+            self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [], fed.optimizer,
+            self.sample_dp if private else None,
         )
 
 
@@ -93,18 +99,22 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
         loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
     )
     data = prepare_federated_data(
-        config.data, config.partition, config.eval, loaded.tokenizer, config.seed, record_poisoner(config), root_set_size(config)
+        config.data, config.partition, config.eval, loaded.tokenizer, config.seed,
+        compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config),
     )
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:
         raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
     resolve_client_ranks(config.peft.client_ranks, data.client_names, config.peft.r)  # refuse a bad list now
+    if config.eval.audit is not None:
+        audit_client(config.eval.audit, data.client_names)  # refuse an unknown `eval.audit.canary_client` now
     attack = build_attack_plan(config, data.client_names)
     sizes = ", ".join(f"{c}: {len(data.client_train[c])}" for c in data.client_names)
     console.print(f"{n} clients ({sizes}); {len(data.test)} test examples")
     if attack is not None:
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
-    return Session(config, loaded, model, data, trainable_state(model), attack)
+    sample_dp = sample_dp_settings(config, {c: len(data.client_train[c]) for c in data.client_names})  # solves a target epsilon
+    return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp)
 
 
 def root_set_size(config: ExperimentConfig) -> int:
@@ -138,11 +148,14 @@ def build_server_loop(
     attackers = attack.attackers if attack is not None else frozenset()
     server_trainer = None
     if aggregator.needs_server_update:
-        trainer, root = session.trainer(), session.data.root
+        trainer, root = session.trainer(private=False), session.data.root  # the server's own root set: no DP-SGD
         server_trainer = lambda state, plan: trainer.train(SERVER_ID, root, state, plan)  # noqa: E731
     account = dp_account(config, len(names))
+    audit = config.eval.audit
+    observer = ClientModelSaver(run_dir.root, config.federation.rounds, audit_client(audit, names)) if audit and audit.client_model else None
     return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks,  # type: ignore[arg-type]
-                      attackers, probes, server_trainer, account)
+                      attackers, probes, server_trainer, account, update_observer=observer,
+                      secure_aggregation=build_secure_aggregation(config, aggregator, len(names)))
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:
@@ -164,15 +177,27 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
     run_dir.config.write_text(config_yaml)
     with Progress(console) as progress:
         state = build_server_loop(session, aggregator, run_dir, log, console, progress).run(state, start)
-    finish_run(session, run_dir, state, log)
+    finish_run(session, run_dir, state, console)
     return state
 
 
-def finish_run(session: Session, run_dir: RunDir, state: TensorDict, log: MetricsLog) -> None:
-    """Save the final adapter (loadable with ``peft.PeftModel.from_pretrained``) and write the report."""
+def finish_run(session: Session, run_dir: RunDir, state: TensorDict, console: RunConsole | None = None) -> None:
+    """Save the final adapter (loadable with ``peft.PeftModel.from_pretrained``), run the privacy audit when
+    ``eval.audit`` is set, and write the report."""
     save_adapter(session.model, state, run_dir.adapter)
     session.loaded.tokenizer.save_pretrained(str(run_dir.adapter))
-    write_report(run_dir.root, log.read(), title=f"fedlm run: {run_dir.root.name}", config_summary=config_summary(session))
+    audit = session.config.eval.audit
+    if audit is not None:
+        from fedlm.privacy.audit_run import audit_session  # noqa: PLC0415 - audit_run imports this module
+
+        audit_session(session, run_dir, state, session.config.federation.rounds, None, audit.max_examples, console or RunConsole(quiet=True))
+    write_run_report(session, run_dir)
+
+
+def write_run_report(session: Session, run_dir: RunDir) -> None:
+    """Write ``report.md`` from ``metrics.jsonl`` (with the audit of ``audit.json`` when there is one)."""
+    records = MetricsLog(run_dir.metrics).read()
+    write_report(run_dir.root, records, title=f"fedlm run: {run_dir.root.name}", config_summary=config_summary(session))
 
 
 def config_summary(session: Session) -> dict[str, Any]:

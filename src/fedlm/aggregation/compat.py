@@ -20,6 +20,14 @@ def check_aggregation(config: ExperimentConfig) -> None:
         from fedlm.privacy.setup import wrap_with_dp  # solves a target epsilon and refuses combinations now
 
         wrap_with_dp(aggregator, config, config.partition.num_clients)
+    if config.privacy.sample_dp is not None:
+        from fedlm.privacy.sample_dp import check_sample_dp
+
+        check_sample_dp(config, aggregator)
+    if config.privacy.secure_aggregation is not None:
+        from fedlm.privacy.secagg.checks import check_secure_aggregation
+
+        check_secure_aggregation(config, aggregator, config.partition.num_clients)
     if agg.lora != "naive" and config.peft.method != "lora":
         raise FedlmError(
             f"`aggregation.lora: {agg.lora}` needs `peft.method: lora`, got {config.peft.method!r}; "

@@ -3,11 +3,16 @@
 Optimizer state: each client starts every round with a fresh AdamW (Loshchilov & Hutter 2019) or plain SGD
 (``federation.optimizer``); nothing but the adapter tensors (and an algorithm's client memory) persists between rounds, as in FedAvg (McMahan et al. 2017) and OpenFedLLM. Batches and dropout
 are seeded from (seed, round, client), so a round replays identically after a resume.
+
+With ``sample_dp`` set (``privacy.sample_dp``) every step is a DP-SGD step (Abadi et al. 2016, Algorithm 1; see
+:mod:`fedlm.privacy.sample_dp`): Poisson lots instead of fixed-size batches, per-example clipping instead of
+``max_grad_norm`` (which is then ignored), Gaussian noise; hooks see the privatised gradient.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +25,7 @@ from fedlm.data.tokenize import TokenizedExample
 from fedlm.federation.sampling import batch_indices
 from fedlm.federation.update import ClientUpdate, TensorDict
 from fedlm.models.adapters import load_trainable_state, named_trainable_parameters, trainable_state
+from fedlm.privacy.sample_dp import Privatiser, SampleDP, poisson_batches
 from fedlm.seeding import seeded_torch
 
 
@@ -59,6 +65,7 @@ class ClientTrainer:
     max_grad_norm: float | None = 1.0
     hooks: Sequence[TrainerHook] = field(default_factory=list)
     optimizer: str = "adamw"
+    sample_dp: SampleDP | None = None
 
     def train(
         self,
@@ -75,24 +82,31 @@ class ClientTrainer:
         load_trainable_state(self.model, global_state)
         named = named_trainable_parameters(self.model)
         optimizer = self._optimizer(list(named.values()), plan.lrs[0])
-        batches = [[examples[i] for i in ids] for ids in batch_indices(len(examples), len(plan.lrs), plan.batch_size, plan.seed)]
+        dp = self.sample_dp
+        draw = poisson_batches if dp is not None else batch_indices
+        batches = [[examples[i] for i in ids] for ids in draw(len(examples), len(plan.lrs), plan.batch_size, plan.seed)]
         for hook in self.hooks:
             hook.begin(context or ClientContext(client_id, plan.round), global_state)
-        start_gradient = self._start_gradient(named, batches, plan) if any(h.needs_start_gradient for h in self.hooks) else None
+        needs_start = any(h.needs_start_gradient for h in self.hooks)
+        if needs_start and dp is not None:
+            raise ValueError("DP-SGD (sample_dp) cannot run a hook that uploads the plain start gradient (SCAFFOLD option I)")
+        start_gradient = self._start_gradient(named, batches, plan) if needs_start else None
         losses: list[float] = []
         tokens = 0
         self.model.train()
-        with seeded_torch(plan.seed):
+        private = dp.privatiser(self.model, plan.batch_size, len(examples), plan.seed) if dp is not None else nullcontext()
+        with seeded_torch(plan.seed), private as privatiser:
             for step, (lr, batch_examples) in enumerate(zip(plan.lrs, batches)):
-                batch = collate_for_loss(batch_examples, self.pad_id)
-                loss = self._step(optimizer, named, global_state, batch, lr, plan.rank)
-                if not torch.isfinite(torch.tensor(loss)):
-                    raise NonFiniteLossError(
-                        f"client {client_id!r} got a non-finite loss at round {plan.round} step {step + 1}; "
-                        "lower `federation.lr`, keep `federation.max_grad_norm`, or use `model.dtype: float32`"
-                    )
-                losses.append(loss)
-                tokens += int((batch["labels"] != -100).sum())
+                batch = collate_for_loss(batch_examples, self.pad_id) if batch_examples else None  # a Poisson lot may be empty
+                loss = self._step(optimizer, named, global_state, batch, lr, plan.rank, privatiser)
+                if loss is not None and batch is not None:
+                    if not torch.isfinite(torch.tensor(loss)):
+                        raise NonFiniteLossError(
+                            f"client {client_id!r} got a non-finite loss at round {plan.round} step {step + 1}; "
+                            "lower `federation.lr`, keep `federation.max_grad_norm`, or use `model.dtype: float32`"
+                        )
+                    losses.append(loss)
+                    tokens += int((batch["labels"] != -100).sum())
                 if on_step is not None:
                     on_step()
         self.model.eval()
@@ -104,7 +118,10 @@ class ClientTrainer:
             extras.update(out.extras)
             memory.update(out.memory)
         delta = _difference(local, global_state)
-        metrics = {"loss": sum(losses) / len(losses), "steps": float(len(losses)), "lr": plan.lrs[0], "tokens": float(tokens)}
+        mean_loss = sum(losses) / len(losses) if losses else float("nan")
+        metrics = {"loss": mean_loss, "steps": float(len(plan.lrs)), "lr": plan.lrs[0], "tokens": float(tokens)}
+        if dp is not None:
+            metrics["sample_epsilon"] = dp.epsilon_spent(client_id, plan.round, len(plan.lrs), plan.batch_size, len(examples))
         return ClientUpdate(client_id, plan.round, len(examples), delta, metrics, extras, memory)
 
     def _optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -137,29 +154,38 @@ class ClientTrainer:
         optimizer: torch.optim.Optimizer,
         named: dict[str, torch.nn.Parameter],
         global_state: Mapping[str, torch.Tensor],
-        batch: dict[str, torch.Tensor],
+        batch: dict[str, torch.Tensor] | None,
         lr: float,
         rank: int | None,
-    ) -> float:
+        privatiser: Privatiser | None = None,
+    ) -> float | None:
+        """One optimizer step; returns the loss (None for an empty DP-SGD lot). Under DP-SGD ``param.grad`` is the
+        privatised gradient before the hooks' data-independent terms (FedProx) and corrections are added."""
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss = self.model(**batch).loss  # token-mean cross-entropy over response tokens
-        objective = loss
+        batch = {k: v.to(self.device) for k, v in batch.items()} if batch is not None else None
+        optimizer.zero_grad(set_to_none=True)
+        loss: torch.Tensor | float | None
+        if privatiser is None:
+            assert batch is not None  # noqa: S101 - fixed-size batches are never empty
+            loss = self.model(**batch).loss  # token-mean cross-entropy over response tokens
+            objective: torch.Tensor | None = loss
+        else:
+            loss, objective = privatiser.backward(named, batch), None  # p.grad: clipped, summed, noised, / lot size
         for hook in self.hooks:
             extra = hook.extra_loss(named, global_state)
             if extra is not None:
-                objective = objective + extra
-        optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        if self.max_grad_norm is not None:
+                objective = extra if objective is None else objective + extra
+        if objective is not None:
+            objective.backward()
+        if self.max_grad_norm is not None and privatiser is None:  # per-example clipping replaces it under DP-SGD
             torch.nn.utils.clip_grad_norm_(list(named.values()), self.max_grad_norm)
         for hook in self.hooks:
             hook.correct_gradients(named)
         if rank is not None:
             mask_beyond_rank(named, rank)  # a client of rank r_k trains only its first r_k components
         optimizer.step()
-        return float(loss.detach())
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
 
 
 def _difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> TensorDict:
