@@ -91,7 +91,9 @@ def prepare_federated_data(
         records = [train_records[i] for i in indices]
         if transform_records is not None:
             records = transform_records(list(train_part.client_names), name, records)
-        examples = [_tokenize(r, fmt, data, tokenizer, f"data.train example {i}") for i, r in zip(indices, records)]
+        where = [f"data.train example {i}" for i in indices]
+        where += [f"client {name!r} added record {j}" for j in range(len(where), len(records))]  # a transform may add records
+        examples = [_tokenize(r, fmt, data, tokenizer, w) for w, r in zip(where, records)]
         examples = [ex for ex in examples if ex.num_target_tokens > 0]
         if not examples:
             raise FedlmError(

@@ -149,6 +149,49 @@ def _train_section(records: Sequence[Mapping[str, Any]]) -> str:
     return "## Rounds (train loss is the mean over clients)\n\n" + markdown_table(rows, columns)
 
 
+AUDIT_SCORES: tuple[str, ...] = ("loss", "zlib", "min_k")
+
+
+def _audit_section(run_dir: Path) -> str | None:
+    """The privacy audit of ``run_dir/audit.json`` (``fedlm audit``) beside the epsilon spent, or None without one:
+    membership inference per model and score (Carlini et al. 2022 read TPR at low FPR), canary exposure in bits
+    (Carlini et al. 2019)."""
+    path = run_dir / "audit.json"
+    if not path.is_file():
+        return None
+    try:
+        audit = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"## Privacy audit\n\n_audit.json unreadable: {exc}_"
+    eps = audit.get("epsilon")
+    dp = f"epsilon {format_value(eps)} at delta {format_value(audit.get('delta'))}" if eps is not None else "no differential privacy (epsilon = inf)"
+    models: list[tuple[str, Mapping[str, Any]]] = [("global", audit)]
+    client = audit.get("client_model")
+    if isinstance(client, Mapping):
+        models.append((f"client {client.get('client')} (local, round {client.get('round')})", client))
+    mia: list[dict[str, Any]] = []
+    canaries: list[dict[str, Any]] = []
+    for name, part in models:
+        for score in AUDIT_SCORES:
+            r = part.get(score) or {}
+            mia.append({"model": name, "score": score, "AUC": r.get("auc"), "TPR@1%FPR": r.get("tpr_at_fpr_0.01"),
+                        "TPR@0.1%FPR": r.get("tpr_at_fpr_0.001"), "members": r.get("n_members"), "non-members": r.get("n_nonmembers")})
+        c = part.get("canaries")
+        if isinstance(c, Mapping):
+            canaries.append({"model": name, "canaries": c.get("canaries"), "repetitions": c.get("repetitions"),
+                             "mean exposure (bits)": c.get("mean_exposure_bits"), "max exposure (bits)": c.get("max_exposure_bits"),
+                             "controls' mean (bits)": (c.get("control") or {}).get("mean_exposure_bits"),
+                             "max possible (bits)": c.get("max_possible_bits")})
+    body = [f"Round {audit.get('round')}: {dp}.", "Membership inference (members: training examples; non-members: test examples; AUC 0.5 is chance):",
+            markdown_table(mia, list(mia[0]))]
+    if len(models) > 1:
+        body.append("A client's local model never leaves the client: client-level DP covers the global model, not this one.")
+    if canaries:
+        body += ["Canary exposure (planted secrets ranked among never-planted references; controls were never planted):",
+                 markdown_table(canaries, list(canaries[0]))]
+    return "## Privacy audit\n\n" + "\n\n".join(body)
+
+
 def _plots_section(run_dir: Path, records: list[dict]) -> str:
     """Write the plots into ``run_dir/plots`` and return their embeds."""
     paths = plot_metrics(records, run_dir / "plots")
@@ -190,6 +233,7 @@ def write_report(
         _global_section(records),
         _client_section(records),
         _train_section(records),
+        *filter(None, [_audit_section(run_dir)]),
         _plots_section(run_dir, records),
         *(f"## {heading}\n\n{body.strip()}" for heading, body in extra_sections),
     ]
