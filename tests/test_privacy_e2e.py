@@ -63,14 +63,13 @@ def test_resume_with_dp_noise_is_exact(runner, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "privacy, sections, message",
     [
-        ({"client_dp": {"noise_multiplier": 1.0, "mode": "distributed"}}, {}, "secure aggregation"),
+        ({"client_dp": {"noise_multiplier": 1.0, "mode": "distributed"}}, {}, "secure_aggregation"),
         ({"client_dp": {"noise_multiplier": 1.0}}, {"aggregation": {"name": "krum"}}, "krum"),
         ({"client_dp": {"noise_multiplier": 1.0, "adaptive": True}}, {}, "count_noise_std"),
         ({"client_dp": {"target_epsilon": 0.001}}, {"federation": {"rounds": 500, "clients_per_round": 8}}, "cannot be reached"),
         ({"client_dp": {"noise_multiplier": 1.0, "target_epsilon": 3.0}}, {}, "exactly one"),
         ({"client_dp": {"clip": 0.0, "noise_multiplier": 1.0}}, {}, "`privacy.client_dp.clip`"),
         ({"delta": 1.0}, {}, "`privacy.delta`"),
-        ({"secure_aggregation": {"threshold": 3}}, {}, "not built yet"),
     ],
 )
 def test_bad_privacy_settings_are_refused_at_load(tmp_path: Path, privacy: dict, sections: dict, message: str) -> None:

@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 
 from fedlm.aggregation.base import Aggregator
@@ -28,6 +28,9 @@ from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
 from fedlm.runtime.base import Runtime
 from fedlm.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedlm.privacy.secagg.round import SecureAggregation
 
 
 def round_lrs(config: ExperimentConfig, round_num: int) -> list[float]:
@@ -91,6 +94,10 @@ class ServerLoop:
     probes: list[Probe] = field(default_factory=list)
     server_trainer: Callable[[TensorDict, LocalPlan], ClientUpdate] | None = None
     dp_account: EpsilonAccount | None = None
+    # audit: sees (round, each client's start state, accepted updates) every round (fedlm.privacy.client_models)
+    update_observer: Callable[[int, dict[str, Any], list[ClientUpdate]], None] | None = None
+    # privacy.secure_aggregation: the round's clients run SecAgg+ and the aggregator gets only their sum
+    secure_aggregation: SecureAggregation | None = None
 
     def run(self, state: TensorDict, start_round: int) -> TensorDict:
         """Train from ``state`` after round ``start_round`` (0 for a new run)."""
@@ -119,6 +126,15 @@ class ServerLoop:
         expect = Expectations(round_num, state, set(chosen), set(self.client_names), fed.max_num_examples)
         accepted, rejected = split_valid(updates, expect)
         failures += rejected
+        if self.update_observer is not None:  # audit: save clients' local models (fedlm.privacy.client_models)
+            self.update_observer(round_num, {c: t.state for c, t in tasks.items()}, accepted)
+        aggregate_started = time.perf_counter()
+        secure = None
+        if self.secure_aggregation is not None and len(accepted) >= fed.min_clients:  # clients mask; server sees a sum
+            secure = self.secure_aggregation.aggregate(self.aggregator, self.lora.to_server_space(state, [], {}, {})[0], accepted, chosen, round_num)
+            for client, row in traffic.items():  # the masked vector and the protocol messages replace the plain upload
+                row["upload_bytes"] = secure.upload_bytes.get(client, 0)
+                row["download_bytes"] += secure.download_bytes.get(client, 0)
         for update in accepted:
             self.log.append({"round": round_num, "split": "train", "client": update.client_id, "num_examples": update.num_examples,
                              "rank": tasks[update.client_id].plan.rank or self.lora.full_rank, **traffic[update.client_id], **update.metrics})
@@ -126,13 +142,18 @@ class ServerLoop:
         if not accepted and failures:
             raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
         metrics: dict[str, Any] = {}
-        aggregate_started = time.perf_counter()
+        if not skipped and secure is not None:
+            metrics.update(secure.metrics)
+            skipped = secure.result is None  # the protocol aborted: too many dropouts, or a tampered share
         if not skipped:
-            starts = {c: task.state for c, task in tasks.items()}
-            space, space_updates = self.lora.to_server_space(state, accepted, starts, self.client_ranks)
-            if self.aggregator.needs_server_update:
-                metrics["server_loss"] = self._server_update(state, round_num, lrs)
-            result = self.aggregator.aggregate(space, space_updates)
+            if secure is not None and secure.result is not None:
+                result = secure.result
+            else:
+                starts = {c: task.state for c, task in tasks.items()}
+                space, space_updates = self.lora.to_server_space(state, accepted, starts, self.client_ranks)
+                if self.aggregator.needs_server_update:
+                    metrics["server_loss"] = self._server_update(state, round_num, lrs)
+                result = self.aggregator.aggregate(space, space_updates)
             state, lora_metrics = self.lora.from_server_space(result.params, state)
             metrics = {**metrics, **result.metrics, **lora_metrics}
             if result.excluded:
@@ -238,7 +259,8 @@ class ServerLoop:
         if self.attackers:
             record["attack"] = attack_outcome(chosen, self.attackers, failures, metrics.get("excluded", []))
         self.log.append(record)
-        note = " (skipped: too few valid updates)" if skipped else ""
+        note = (f" (skipped: {metrics['secagg_aborted']})" if "secagg_aborted" in metrics
+                else " (skipped: too few valid updates)" if skipped else "")
         svd = f", svd error {metrics['svd_rel_error']:.3g}" if "svd_rel_error" in metrics else ""
         self.console.print(
             f"round {round_num}/{self.config.federation.rounds}: {len(accepted)} updates, train loss {mean_loss:.4f}, "

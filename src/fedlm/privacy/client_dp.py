@@ -354,6 +354,28 @@ class DifferentiallyPrivate(Aggregator):
         metrics = {**inner.metrics, **metrics, "num_updates": float(len(updates))}
         return AggregationResult(params=inner.params, metrics=metrics)
 
+    def aggregate_sum(self, global_params: Mapping[str, torch.Tensor], total: Mapping[str, torch.Tensor], num_clients: int,
+                      round_num: int) -> AggregationResult:
+        """Server side under secure aggregation: ``total`` is the decoded sum of ``num_clients`` clipped deltas (in
+        mode ``distributed`` with their noise shares); ``central`` adds N(0, (zC)^2) to it; both divide by m."""
+        if num_clients < 1:
+            raise ValueError("differential privacy needs at least one update per round")
+        check_finite(total, "secure sum")
+        p, rnd, clip = self.params, self.round + 1, self.clip
+        gen = torch_generator(derive_seed(p.seed, "dp-noise", rnd))
+        m = p.expected_clients
+        if p.mode == "central":
+            noise_std = self.update_noise_multiplier * clip
+            mean = noised_mean([total], noise_std=noise_std, expected_clients=m, generator=gen)
+        else:
+            noise_std = p.noise_multiplier * clip * math.sqrt(num_clients / m)
+            mean = noised_mean([total], noise_std=0.0, expected_clients=m, generator=gen)
+        metrics = {"dp_clip": clip, "dp_noise_std": noise_std, "dp_mean_noise_std": noise_std / m,
+                   "dp_noise_multiplier": self.update_noise_multiplier}
+        inner = self.inner.aggregate(global_params, [ClientUpdate(DP_MEAN_ID, round_num, 1, mean)])
+        self.round = rnd
+        return AggregationResult(params=inner.params, metrics={**inner.metrics, **metrics, "num_updates": float(num_clients)})
+
     def state_dict(self) -> dict[str, Any]:
         """``{"inner": inner state, "clip": float64 scalar, "round": int64 scalar}``."""
         return {

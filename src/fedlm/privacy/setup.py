@@ -56,10 +56,10 @@ def wrap_with_dp(inner: Aggregator, config: ExperimentConfig, num_clients: int) 
     account = dp_account(config, num_clients)
     if dp is None or account is None:
         return inner
-    if dp.mode == "distributed":
+    if dp.mode == "distributed" and config.privacy.secure_aggregation is None:
         raise FedlmError(
-            "`privacy.client_dp.mode: distributed` splits the noise among clients and is private only under secure "
-            "aggregation, which is not built yet; use `mode: central`"
+            "`privacy.client_dp.mode: distributed` splits the noise among the clients and is private only when the "
+            "server sees just the sum; set `privacy.secure_aggregation` too, or use `mode: central`"
         )
     params = {
         "noise_multiplier": account.noise_multiplier, "clip": dp.clip, "mode": dp.mode, "adaptive": dp.adaptive,
