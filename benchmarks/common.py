@@ -42,3 +42,12 @@ def write_results_block(start: str, end: str, heading: str, markdown: str) -> No
     else:
         text += f"\n## {heading}\n\n{block}\n"
     path.write_text(text)
+
+
+def publish(out: Path, summary: Any, markdown: str, write: bool, start: str, end: str, heading: str) -> None:
+    """Save ``summary`` as ``out/summary.json``, print ``markdown`` and, with ``write``, put it in RESULTS.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(markdown)
+    if write:
+        write_results_block(start, end, heading, markdown)

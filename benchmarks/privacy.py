@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import HERE, read_metrics, run_cli, write_results_block
+from common import HERE, publish, read_metrics, run_cli
 
 START, END = "<!-- privacy:start -->", "<!-- privacy:end -->"
 CLIP = 1.0
@@ -153,10 +153,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--part", choices=["1", "2", "all"], default="all")
-    parser.add_argument("--train-examples", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--train-examples", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.004)
+    parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--audit-examples", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="*", default=[10, 50, 100])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "privacy")
@@ -164,12 +164,8 @@ def main() -> None:
     args = parser.parse_args()
     rows2 = part2(args) if args.part in ("2", "all") else []
     rows1 = part1(args) if args.part in ("1", "all") else []
-    (args.out).mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps({"part1": rows1, "part2": rows2}, indent=1))
-    text = markdown(rows1, rows2, args)
-    print(text)
-    if args.write_results:
-        write_results_block(START, END, "Privacy (`benchmarks/privacy.py`)", text)
+    publish(args.out, {"part1": rows1, "part2": rows2}, markdown(rows1, rows2, args), args.write_results, START, END,
+            "Privacy (`benchmarks/privacy.py`)")
 
 
 if __name__ == "__main__":

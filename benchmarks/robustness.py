@@ -17,12 +17,11 @@ Smoke: ``--model tiny-random-llama --rounds 1 --local-steps 1``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from common import HERE, read_metrics, run_cli, write_results_block
+from common import HERE, publish, read_metrics, run_cli
 
 START, END = "<!-- robustness:start -->", "<!-- robustness:end -->"
 ATTACKERS = {1: ["noun.artifact"], 2: ["noun.artifact", "verb.motion"]}
@@ -146,10 +145,12 @@ def main() -> None:
     args = parser.parse_args()
     max_norm = calibrate_norm_bound(args)
     results = []
-    for defence in args.only_defences or DEFENCES:
+    defences = args.only_defences or list(DEFENCES)
+    for defence in defences:  # no attack first (the reference), then 2 of 8 (the harder case), then 1 of 8
         results.append(cell(args, defence, None, 0, max_norm))
-        for attack in args.only_attacks or FULL_MATRIX:
-            for count in (1, 2):
+    for count in (2, 1):
+        for defence in defences:
+            for attack in args.only_attacks or FULL_MATRIX:
                 results.append(cell(args, defence, attack, count, max_norm))
     known = {(r["defence"], r["attack"], r["malicious"]) for r in results}
     for folder in sorted(args.out.glob("*-*-*")):  # cells of earlier invocations (other --only-* choices)
@@ -157,11 +158,8 @@ def main() -> None:
         attack, count = rest.rsplit("-", 1)
         if (folder / "adapter").is_dir() and defence in DEFENCES and (defence, attack, int(count)) not in known:
             results.append(cell(args, defence, None if attack == "none" else attack, int(count), max_norm))
-    (args.out / "summary.json").write_text(json.dumps(results, indent=1))
-    text = markdown(results, args, max_norm)
-    print(text)
-    if args.write_results:
-        write_results_block(START, END, "Robustness (`benchmarks/robustness.py`)", text)
+    publish(args.out, results, markdown(results, args, max_norm), args.write_results, START, END,
+            "Robustness (`benchmarks/robustness.py`)")
 
 
 if __name__ == "__main__":
