@@ -193,3 +193,53 @@ def test_bytes_are_counted_per_client_and_upload_is_about_the_vector() -> None:
     for u, up in result.upload_bytes.items():
         assert 4 * LENGTH < up < 4 * LENGTH + 3000  # the masked vector, keys and 5 encrypted shares
         assert result.download_bytes[u] > 0
+
+
+# --------------------------------------------------------------------------------- the round's aggregation
+
+
+def _space_and_updates(n: int = 5, scale: float = 0.01):
+    import torch
+
+    from fedlm.federation.update import ClientUpdate
+
+    g = torch.Generator().manual_seed(0)
+    space = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
+    updates = [ClientUpdate(f"c{i}", 1, 20 + 7 * i, {k: scale * (i + 1) * torch.randn(v.shape, generator=g) for k, v in space.items()})
+               for i in range(n)]
+    return space, updates
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_secure_dp_equals_plain_dp_without_noise_within_the_quantisation_bound(mode: str) -> None:
+    from fedlm.aggregation.base import build_aggregator
+    from fedlm.config import SecureAggregationConfig
+    from fedlm.privacy.client_dp import DifferentiallyPrivate
+    from fedlm.privacy.secagg.round import SecureAggregation
+
+    space, updates = _space_and_updates()
+    params = {"noise_multiplier": 0.0, "clip": 0.05, "expected_clients": 5, "mode": mode}
+    plain = DifferentiallyPrivate.from_config(build_aggregator("fedavg", {}), {**params, "mode": "central"})
+    secure_dp = DifferentiallyPrivate.from_config(build_aggregator("fedavg", {}), params)
+    expected = plain.aggregate(space, updates).params
+    secure = SecureAggregation(SecureAggregationConfig(clip_range=0.1), threshold=3, seed=0)
+    out = secure.aggregate(secure_dp, space, updates, [u.client_id for u in updates], 1)
+    bound = out.metrics["secagg_sum_error_bound"] / 5
+    assert out.result is not None and out.metrics["secagg_clipped_coordinates"] == 0
+    for k in expected:
+        assert float((out.result.params[k] - expected[k]).abs().max()) <= bound
+    assert plain.aggregate(space, updates).metrics["dp_fraction_clipped"] > 0.5  # clipping did matter
+
+
+def test_fedavg_weights_travel_in_the_sum() -> None:
+    from fedlm.aggregation.base import build_aggregator
+    from fedlm.config import SecureAggregationConfig
+    from fedlm.privacy.secagg.round import SecureAggregation
+
+    space, updates = _space_and_updates()
+    expected = build_aggregator("fedavg", {}).aggregate(space, updates).params
+    secure = SecureAggregation(SecureAggregationConfig(max_weight=64), threshold=3, seed=0)
+    out = secure.aggregate(build_aggregator("fedavg", {}), space, updates, [u.client_id for u in updates], 1)
+    weight = sum(u.num_examples for u in updates) / 64
+    for k in expected:
+        assert float((out.result.params[k] - expected[k]).abs().max()) <= out.metrics["secagg_sum_error_bound"] / weight * 1.01

@@ -3,7 +3,8 @@
 Client side (run for each client where it trains: the simulation does it here, a deployment in its client app):
 the delta in the aggregator's space (the adapter tensors under the ``naive``/``ffa`` LoRA modes), then
 
-* without DP: its FedAvg weight w_k = min(n_k, max_weight) / max_weight times the delta, with w_k appended, so the
+* without DP: its FedAvg weight w_k = min(n_k, max_weight) / max_weight times the delta, with w_k c appended (in the
+  range [-c, c] whatever c), so the
   sum gives sum_k w_k Delta_k and sum_k w_k and the server divides (Flower's SecAgg+ carries the weight the same way);
 * with client-level DP: the delta clipped to C (``central``: the server adds the noise to the decoded sum;
   ``distributed``: the client adds its noise share too), weight 1;
@@ -67,7 +68,7 @@ class SecureAggregation:
             weight, tensors = 1.0, dp.privatize_client_update(update).tensors
         else:
             weight, tensors = 1.0, clip_update(update.tensors, dp.clip, client_id=update.client_id)[0]
-        vector = np.concatenate([flatten(tensors, names), [weight]])
+        vector = np.concatenate([flatten(tensors, names), [weight * self.params.clip_range]])  # w <= 1: in range
         rng = np.random.default_rng(derive_seed(self.seed, "secagg-rounding", update.round, update.client_id))
         return quantize(vector, self.params.clip_range, self.params.quantization_bits, rng)
 
@@ -100,7 +101,7 @@ class SecureAggregation:
         names_of = {i: c for c, i in index.items()}
         survivors = [names_of[i] for i in outcome.survivors]
         decoded = dequantize_sum(outcome.total, len(survivors), self.params.clip_range, self.params.quantization_bits)
-        total, weight = unflatten(decoded[:-1], space, names), float(decoded[-1])
+        total, weight = unflatten(decoded[:-1], space, names), float(decoded[-1]) / self.params.clip_range
         metrics.update(
             secagg_survivors=survivors, secagg_dropped_before_input=[names_of[i] for i in outcome.dropped_before_input],
             secagg_client_time_s=outcome.client_seconds, secagg_server_time_s=outcome.server_seconds,
