@@ -78,8 +78,9 @@ def test_override_into_a_value_is_refused() -> None:
 
 def test_objective_accepts_a_bare_string(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, "objective: sft\n")).objective.name == "sft"
-    with pytest.raises(FedlmError, match="objective"):
-        load_config(_write(tmp_path, "objective: dpo\n"))
+    assert load_config(_write(tmp_path, "objective: dpo\n")).objective.name == "dpo"
+    with pytest.raises(FedlmError, match="`objective.name` 'ppo' is unknown; valid: clm, dpo, sft"):
+        load_config(_write(tmp_path, "objective: ppo\n"))
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:

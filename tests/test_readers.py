@@ -41,9 +41,9 @@ def test_embedded_dataset_has_train_and_test() -> None:
 def test_missing_and_unknown_files(tmp_path: Path) -> None:
     with pytest.raises(FedlmError, match=r"`data.train`: .*does not exist"):
         read_records(str(tmp_path / "none.jsonl"))
-    (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(FedlmError, match="unknown file type '.txt'"):
-        read_records(str(tmp_path / "x.txt"))
+    (tmp_path / "x.xml").write_text("hi")
+    with pytest.raises(FedlmError, match="unknown file type '.xml'"):
+        read_records(str(tmp_path / "x.xml"))
     (tmp_path / "bad.jsonl").write_text('{"a": 1}\nnot json\n')
     with pytest.raises(FedlmError, match="line 2 is not JSON"):
         read_records(str(tmp_path / "bad.jsonl"))

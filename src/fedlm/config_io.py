@@ -45,6 +45,13 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
     from fedlm.aggregation.compat import check_aggregation  # the registry imports algorithm modules: load lazily
 
     check_aggregation(config)
+    if config.model.init_adapter is not None:
+        from fedlm.models.init_adapter import check_init_adapter  # imports peft: load lazily
+
+        check_init_adapter(config)
+    from fedlm.objectives import check_objective  # the objective registry imports torch: load lazily
+
+    check_objective(config)
     return config
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 from peft import PeftModel
+from transformers import PreTrainedModel
 
 from fedlm.aggregation.base import Aggregator, TrainerHook, build_aggregator
 from fedlm.aggregation.lora import build_lora_mode
@@ -28,8 +30,10 @@ from fedlm.privacy.client_models import ClientModelSaver
 from fedlm.privacy.secagg.setup import build_secure_aggregation
 from fedlm.privacy.setup import dp_account, wrap_with_dp
 from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
-from fedlm.models.adapters import attach_adapter, save_adapter, trainable_state
+from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
+from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
+from fedlm.objectives import Objective, build_objective, objective_of
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
@@ -48,15 +52,19 @@ class Session:
 
     config: ExperimentConfig
     loaded: LoadedModel
-    model: PeftModel
+    model: PeftModel | PreTrainedModel  # PreTrainedModel itself for `peft.method: full`
     data: FederatedData
     initial_state: TensorDict
     attack: AttackPlan | None = None
     sample_dp: SampleDP | None = None  # DP-SGD in every client's local steps (privacy.sample_dp)
+    objective: Objective = field(default_factory=lambda: build_objective("sft"))  # sft | clm | dpo (config.objective)
 
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
-        return Evaluator(self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress)
+        return Evaluator(
+            self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress,
+            self.objective,
+        )
 
     def aggregator(self) -> Aggregator:
         """The configured aggregator, wrapped in client-level DP when ``privacy.client_dp`` is set."""
@@ -87,7 +95,7 @@ class Session:
         fed = self.config.federation
         return ClientTrainer(
             self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [], fed.optimizer,
-            self.sample_dp if private else None,
+            self.sample_dp if private else None, self.objective,
         )
 
 
@@ -98,9 +106,13 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
     model = attach_adapter(
         loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
     )
+    if config.model.init_adapter is not None:
+        load_init_adapter(model, config.peft, Path(config.model.init_adapter))
+        console.print(f"adapter starts from {config.model.init_adapter}")
+    objective = objective_of(config)
     data = prepare_federated_data(
         config.data, config.partition, config.eval, loaded.tokenizer, config.seed,
-        compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config),
+        compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config), objective,
     )
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:
@@ -110,11 +122,12 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
         audit_client(config.eval.audit, data.client_names)  # refuse an unknown `eval.audit.canary_client` now
     attack = build_attack_plan(config, data.client_names)
     sizes = ", ".join(f"{c}: {len(data.client_train[c])}" for c in data.client_names)
-    console.print(f"{n} clients ({sizes}); {len(data.test)} test examples")
+    unit = {"clm": "blocks", "dpo": "pairs"}.get(objective.name, "examples")
+    console.print(f"{n} clients ({sizes}); {len(data.test)} test {unit}; objective {objective.name}")
     if attack is not None:
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
     sample_dp = sample_dp_settings(config, {c: len(data.client_train[c]) for c in data.client_names})  # solves a target epsilon
-    return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp)
+    return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp, objective)
 
 
 def root_set_size(config: ExperimentConfig) -> int:
@@ -206,15 +219,16 @@ def config_summary(session: Session) -> dict[str, Any]:
     return {
         "model": c.model.name,
         "dtype": str(session.loaded.dtype).removeprefix("torch."),
-        "peft": f"{c.peft.method} r={c.peft.r} alpha={c.peft.alpha} targets={c.peft.target_modules}",
+        "peft": peft_summary(c.peft) + (f" from {c.model.init_adapter}" if c.model.init_adapter else ""),
         "data": c.data.train,
+        "objective": " ".join([c.objective.name, *(f"{k}={v}" for k, v in c.objective.params().items())]),
         "partition": f"{c.partition.method} ({len(session.data.client_names)} clients)",
         "rounds": c.federation.rounds,
         "clients_per_round": c.federation.clients_per_round or len(session.data.client_names),
         "local_steps x batch": f"{c.federation.local_steps} x {c.federation.batch_size}",
         "lr": f"{c.federation.lr} ({c.federation.lr_schedule})",
         "aggregation": f"{c.aggregation.name} (lora: {c.aggregation.lora})",
-        "client ranks": c.peft.client_ranks or f"all {c.peft.r}",
+        "client ranks": c.peft.client_ranks or (f"all {c.peft.r}" if c.peft.method == "lora" else "n/a"),
         "seed": c.seed,
     }
 

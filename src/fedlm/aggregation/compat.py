@@ -28,16 +28,31 @@ def check_aggregation(config: ExperimentConfig) -> None:
         from fedlm.privacy.secagg.checks import check_secure_aggregation
 
         check_secure_aggregation(config, aggregator, config.partition.num_clients)
-    if agg.lora != "naive" and config.peft.method != "lora":
-        raise FedlmError(
-            f"`aggregation.lora: {agg.lora}` needs `peft.method: lora`, got {config.peft.method!r}; "
-            "use `aggregation.lora: naive` (plain per-tensor averaging) for other methods"
-        )
+    _check_peft_method(config)
     if agg.lora == "exact" and aggregator.needs_stable_parameter_space:
         raise FedlmError(
             f"`aggregation.name: {agg.name}` keeps per-client state on the LoRA factors A and B across rounds, but "
             "`aggregation.lora: exact` re-factorises A and B by SVD every round, so that state would refer to "
             "factors that no longer exist; use `aggregation.lora: naive` or `ffa` with it"
+        )
+
+
+def _check_peft_method(config: ExperimentConfig) -> None:
+    """What only LoRA supports: the LoRA aggregation modes, and DP-SGD's per-example gradients through Opacus."""
+    method, mode = config.peft.method, config.aggregation.lora
+    if mode != "naive" and method != "lora":
+        why = "the DoRA magnitude normalises W + B A, so " if method == "dora" else ""
+        raise FedlmError(
+            f"`aggregation.lora: {mode}` needs `peft.method: lora`, got {method!r}: {why}exact re-factorises the mean "
+            "of the products B A and ffa freezes A, both for plain LoRA factors only; "
+            "use `aggregation.lora: naive` (plain per-tensor averaging) for other methods"
+        )
+    if config.privacy.sample_dp is not None and method != "lora":
+        raise FedlmError(
+            f"`privacy.sample_dp` needs `peft.method: lora`, got {method!r}: DP-SGD takes per-example gradients from "
+            "Opacus, which are exact for LoRA's nn.Linear factors only (not for DoRA's norm, IA3's scaling vectors, "
+            "the soft prompt shared across a batch, or every layer of the full model); use `peft.method: lora` or "
+            "client-level DP (`privacy.client_dp`)"
         )
 
 

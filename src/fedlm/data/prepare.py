@@ -4,28 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.config import DataConfig, EvalConfig, PartitionConfig
-from fedlm.data.formats import Message, detect_format, prompt_and_reference, to_messages
+from fedlm.data.formats import Message, prompt_and_reference, to_messages
 from fedlm.data.partition import Partition, partition_examples
 from fedlm.data.readers import EMBEDDED_PREFIX, Record, read_records
 from fedlm.data.tokenize import TokenizedExample, tokenize_conversation
 from fedlm.errors import FedlmError
 from fedlm.seeding import derive_seed
 
+if TYPE_CHECKING:
+    from fedlm.objectives.base import Objective
+
 
 @dataclass
 class TestExample:
-    """One held-out example: its record (all fields), prompt, reference answer and tokenized conversation."""
+    """One held-out example: its record (all fields), prompt, reference answer and tokenized conversation
+    (``objective: clm``: a packed block, no prompt; ``objective: dpo``: the chosen answer, and ``rejected``)."""
 
     record: Record
     prompt: list[Message]
     reference: str
     tokens: TokenizedExample
     client: str | None
+    rejected: TokenizedExample | None = None
 
 
 @dataclass
@@ -34,11 +40,11 @@ class FederatedData:
     server's clean root set (empty unless an aggregator needs one)."""
 
     client_names: list[str]
-    client_train: dict[str, list[TokenizedExample]]
+    client_train: dict[str, list[Any]]  # the objective's examples: TokenizedExample (sft, clm), PreferenceExample (dpo)
     test: list[TestExample]
-    root: list[TokenizedExample] = field(default_factory=list)
+    root: list[Any] = field(default_factory=list)
 
-    def union_train(self) -> list[TokenizedExample]:
+    def union_train(self) -> list[Any]:
         """All clients' training examples, in client order (for the centralized baseline)."""
         return [ex for name in self.client_names for ex in self.client_train[name]]
 
@@ -73,39 +79,39 @@ def prepare_federated_data(
     seed: int,
     transform_records: RecordTransform | None = None,
     root_size: int = 0,
+    objective: Objective | None = None,
 ) -> FederatedData:
-    """Read, convert, partition and tokenize; every client must end up with at least one usable example.
+    """Read, check, partition and tokenize; every client must end up with at least one usable example.
 
-    ``transform_records(client_names, client, records)`` may rewrite a client's training records before they are
-    tokenized (the attack harness's data poisoning); the test set is never transformed.
+    The objective (default ``sft``) decides the columns the records need and how they become examples;
+    partitioning is the same for every objective. ``transform_records(client_names, client, records)`` may rewrite
+    a client's training records before they are tokenized (the attack harness's data poisoning); the test set is
+    never transformed.
     """
+    if objective is None:
+        from fedlm.objectives import build_objective  # noqa: PLC0415 - the objectives import this module
+
+        objective = build_objective("sft")
     train_records, test_records = load_split_records(data, seed)
     if evaluation.max_examples is not None and len(test_records) > evaluation.max_examples:
         test_records = _subsample(test_records, evaluation.max_examples, derive_seed(seed, "eval-subsample"))
-    fmt = detect_format(train_records, data.format, "data.train")
-    detect_format(test_records, fmt, "data.test")
+    objective.check_records(train_records, "data.train", data)
+    objective.check_records(test_records, "data.test", data)
     train_part = split_among_clients(train_records, partition, seed)
     test_owner = assign_test_shares(test_records, train_part, partition, seed)
-    client_train: dict[str, list[TokenizedExample]] = {}
+    client_train: dict[str, list[Any]] = {}
     for name, indices in zip(train_part.client_names, train_part.client_indices):
         records = [train_records[i] for i in indices]
         if transform_records is not None:
             records = transform_records(list(train_part.client_names), name, records)
         where = [f"data.train example {i}" for i in indices]
         where += [f"client {name!r} added record {j}" for j in range(len(where), len(records))]  # a transform may add records
-        examples = [_tokenize(r, fmt, data, tokenizer, w) for w, r in zip(where, records)]
-        examples = [ex for ex in examples if ex.num_target_tokens > 0]
-        if not examples:
-            raise FedlmError(
-                f"client {name!r} has no training example with response tokens within `data.max_length` "
-                f"({data.max_length}); raise `data.max_length`"
-            )
-        client_train[name] = examples
-    test = build_test_examples(test_records, fmt, data, tokenizer, "data.test", test_owner)
-    root = []
+        client_train[name] = objective.train_examples(records, tokenizer, data, f"client {name!r}", where)
+    test = objective.test_examples(test_records, tokenizer, data, test_owner, "data.test")
+    root: list[Any] = []
     if root_size > 0:
         picked = _subsample(train_records, min(root_size, len(train_records)), derive_seed(seed, "root-set"))
-        root = [ex for ex in (_tokenize(r, fmt, data, tokenizer, "root-set example") for r in picked) if ex.num_target_tokens > 0]
+        root = objective.train_examples(picked, tokenizer, data, "the server's root set", ["root-set example"] * len(picked))
     return FederatedData(client_names=list(train_part.client_names), client_train=client_train, test=test, root=root)
 
 
@@ -170,12 +176,6 @@ def assign_test_shares(
         for i in indices:
             owner[i] = name
     return owner
-
-
-def _tokenize(
-    record: Record, fmt: str, data: DataConfig, tokenizer: PreTrainedTokenizerBase, where: str
-) -> TokenizedExample:
-    return tokenize_conversation(tokenizer, to_messages(record, fmt, data.system_prompt, where), data.max_length)
 
 
 def _subsample(records: list[Record], count: int, seed: int) -> list[Record]:

@@ -1,5 +1,6 @@
 """Reading example records from JSON, JSONL, CSV and Parquet files, ``datasets.save_to_disk`` folders,
-and the datasets embedded in fedlm (``embedded:<name>``)."""
+plain-text documents (a ``.txt`` file, or a folder of them: one record ``{text, file, folder}`` per file, for
+``objective: clm``) and the datasets embedded in fedlm (``embedded:<name>``)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ def read_records(source: str, field_name: str = "data.train") -> list[Record]:
     """
     path = embedded_path(source) if source.startswith(EMBEDDED_PREFIX) else Path(source).expanduser()
     if not path.exists():
-        raise FedlmError(f"`{field_name}`: {source!r} does not exist; give a .json/.jsonl/.csv/.parquet file or a dataset folder")
+        raise FedlmError(f"`{field_name}`: {source!r} does not exist; give a .json/.jsonl/.csv/.parquet/.txt file or a dataset folder")
     if path.is_dir():
-        records = _read_saved_dataset(path, field_name)
+        records = _read_text_folder(path) if _is_text_folder(path) else _read_saved_dataset(path, field_name)
     else:
         suffix = path.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_text}
         if suffix not in readers:
-            raise FedlmError(f"`{field_name}`: unknown file type {suffix!r} for {source!r}; use .json, .jsonl, .csv or .parquet")
+            raise FedlmError(f"`{field_name}`: unknown file type {suffix!r} for {source!r}; use .json, .jsonl, .csv, .parquet or .txt")
         records = readers[suffix](path, field_name)
     if not records:
         raise FedlmError(f"`{field_name}`: {source!r} holds no examples")
@@ -86,6 +87,26 @@ def _read_parquet(path: Path, field_name: str) -> list[Record]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+def _read_text(path: Path, field_name: str) -> list[Record]:
+    return [{"text": path.read_text(encoding="utf-8"), "file": path.name, "folder": "."}]
+
+
+def _is_text_folder(path: Path) -> bool:
+    """A folder of ``.txt`` documents rather than a ``datasets.save_to_disk`` folder."""
+    saved = any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+    return not saved and any(path.rglob("*.txt"))
+
+
+def _read_text_folder(path: Path) -> list[Record]:
+    """One record per ``.txt`` file under ``path`` (sorted): its text, its path and its sub-folder (a field to
+    partition by, e.g. one folder per organisation or domain)."""
+    records = []
+    for file in sorted(path.rglob("*.txt")):
+        rel = file.relative_to(path)
+        records.append({"text": file.read_text(encoding="utf-8"), "file": str(rel), "folder": str(rel.parent)})
+    return records
 
 
 def _read_saved_dataset(path: Path, field_name: str) -> list[Record]:

@@ -1,27 +1,28 @@
-"""Evaluating a global (or any) adapter state on the test set: loss, perplexity and generation metrics.
+"""Evaluating a global (or any) adapter state on the test set, with the metrics of the run's objective:
+``sft`` loss, perplexity and generation metrics; ``clm`` loss and perplexity on held-out blocks; ``dpo`` preference
+accuracy, reward margin and chosen/rejected rewards on held-out pairs (:meth:`fedlm.objectives.Objective.score`).
 
-Loss is computed once per example and grouped, so the global test set and every client's test share cost one
+Scores are computed once per example and grouped, so the global test set and every client's test share cost one
 pass; likewise generation runs once on the global test set and the per-client metrics group its predictions.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.config import EvalConfig
-from fedlm.data.collate import collate_for_loss, collate_prompts
+from fedlm.data.collate import collate_prompts
 from fedlm.data.prepare import TestExample
-from fedlm.data.tokenize import IGNORE_INDEX, tokenize_prompt
+from fedlm.data.tokenize import tokenize_prompt
 from fedlm.evaluation.text_metrics import exact_match, rouge_l
 from fedlm.models.adapters import load_trainable_state
+from fedlm.objectives import Objective, build_objective
 from fedlm.reporting.progress import Progress
 
 GLOBAL_SPLIT = "global_test"
@@ -46,15 +47,16 @@ class Evaluator:
     device: torch.device
     max_prompt_length: int
     progress: Progress | None = None
+    objective: Objective = field(default_factory=lambda: build_objective("sft"))
 
     def evaluate(self, state: Mapping[str, torch.Tensor] | None, round_num: int) -> EvalResult:
         """Evaluate ``state`` (None: the model as it is, e.g. adapter disabled by the caller) at ``round_num``."""
         if state is not None:
             load_trainable_state(self.model, state)
         self.model.eval()
-        nll, counts = self._per_example_nll()
-        generations = self._generate() if self.config.generate else [None] * len(self.test)
-        rows = [self._prediction_row(ex, gen, n, c) for ex, gen, n, c in zip(self.test, generations, nll, counts)]
+        scores = self._scores()
+        generations = self._generate() if self._generates else [None] * len(self.test)
+        rows = [self._prediction_row(ex, gen, score) for ex, gen, score in zip(self.test, generations, scores)]
         groups: dict[str | None, list[int]] = {None: list(range(len(self.test)))}
         for i, ex in enumerate(self.test):
             if ex.client is not None:
@@ -62,25 +64,16 @@ class Evaluator:
         records = [self._record(round_num, client, idx, rows) for client, idx in groups.items()]
         return EvalResult(records=records, predictions=rows)
 
-    def _per_example_nll(self) -> tuple[list[float], list[int]]:
-        """Summed NLL over each example's response tokens, and how many tokens that is."""
-        nll: list[float] = []
-        counts: list[int] = []
-        size = self.config.batch_size
+    @property
+    def _generates(self) -> bool:
+        return self.config.generate and self.objective.generates
+
+    def _scores(self) -> list[dict[str, float]]:
+        """The objective's per-example scores (sft, clm: summed NLL ``nll`` over ``num_tokens`` target tokens)."""
         task = self.progress.task("loss", len(self.test)) if self.progress else None
-        with torch.no_grad():
-            for start in range(0, len(self.test), size):
-                chunk = [ex.tokens for ex in self.test[start : start + size]]
-                batch = {k: v.to(self.device) for k, v in collate_for_loss(chunk, self.tokenizer.pad_token_id).items()}
-                labels = batch.pop("labels")
-                logits = self.model(**batch).logits[:, :-1].float()  # (B, T-1, V)
-                target = labels[:, 1:]  # (B, T-1)
-                token_nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-                nll.extend(token_nll.sum(dim=1).tolist())
-                counts.extend((target != IGNORE_INDEX).sum(dim=1).tolist())
-                if task is not None:
-                    task.advance(len(chunk))
-        return nll, counts
+        return self.objective.score(
+            self.model, self.test, self.tokenizer.pad_token_id, self.device, self.config.batch_size, task.advance if task else None
+        )
 
     def _generate(self) -> list[str]:
         """Greedy answers for every test prompt, batched, longest prompts first (less padding)."""
@@ -107,31 +100,27 @@ class Evaluator:
                     task.advance(len(idx))
         return answers
 
-    def _prediction_row(self, ex: TestExample, generated: str | None, nll: float, count: int) -> dict[str, Any]:
+    def _prediction_row(self, ex: TestExample, generated: str | None, score: Mapping[str, float]) -> dict[str, Any]:
         row: dict[str, Any] = {
             "prompt": "\n".join(m["content"] for m in ex.prompt if m["role"] == "user"),
             "prediction": generated,
             "reference": ex.reference,
             "client": ex.client,
-            "nll": nll,
-            "num_tokens": count,
+            **score,
         }
         for key, value in ex.record.items():
             row.setdefault(key, value)
         return row
 
     def _record(self, round_num: int, client: str | None, idx: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        tokens = sum(rows[i]["num_tokens"] for i in idx)
-        loss = sum(rows[i]["nll"] for i in idx) / max(tokens, 1)
         record: dict[str, Any] = {
             "round": round_num,
             "split": GLOBAL_SPLIT if client is None else f"client_{client}_test",
             "client": client,
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 50.0)),
+            **self.objective.summarize([rows[i] for i in idx]),
             "num_examples": len(idx),
         }
-        if self.config.generate:
+        if self._generates:
             record["exact_match"] = sum(exact_match(rows[i]["prediction"], rows[i]["reference"]) for i in idx) / len(idx)
             record["rouge_l"] = sum(rouge_l(rows[i]["prediction"], rows[i]["reference"]) for i in idx) / len(idx)
         return record

@@ -214,7 +214,7 @@ class ServerLoop:
             for record in probe.evaluate(state, round_num):
                 self.log.append(record)
         glob = result.records[0]
-        shown = ", ".join(f"{k} {glob[k]:.4f}" for k in ("loss", "perplexity", "rouge_l", "exact_match") if k in glob)
+        shown = ", ".join(f"{k} {glob[k]:.4f}" for k in ("loss", "perplexity", "rouge_l", "exact_match", "preference_accuracy", "reward_margin") if k in glob)
         self.console.print(f"round {round_num}: global test {shown}")
 
     def checkpoint(self, state: TensorDict, round_num: int) -> None:

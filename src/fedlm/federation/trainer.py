@@ -7,6 +7,9 @@ are seeded from (seed, round, client), so a round replays identically after a re
 With ``sample_dp`` set (``privacy.sample_dp``) every step is a DP-SGD step (Abadi et al. 2016, Algorithm 1; see
 :mod:`fedlm.privacy.sample_dp`): Poisson lots instead of fixed-size batches, per-example clipping instead of
 ``max_grad_norm`` (which is then ignored), Gaussian noise; hooks see the privatised gradient.
+
+The loss comes from the objective (``objective``, :mod:`fedlm.objectives`: sft, clm or dpo), which also batches the
+examples; its metrics (e.g. DPO's reward margin) are averaged over the round's steps into the update's metrics.
 """
 
 from __future__ import annotations
@@ -14,17 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import PeftModel
 
 from fedlm.aggregation.base import ClientContext, TrainerHook
 from fedlm.aggregation.lora.structure import mask_beyond_rank
-from fedlm.data.collate import collate_for_loss
-from fedlm.data.tokenize import TokenizedExample
 from fedlm.federation.sampling import batch_indices
 from fedlm.federation.update import ClientUpdate, TensorDict
 from fedlm.models.adapters import load_trainable_state, named_trainable_parameters, trainable_state
+from fedlm.objectives import Objective, build_objective
 from fedlm.privacy.sample_dp import Privatiser, SampleDP, poisson_batches
 from fedlm.seeding import seeded_torch
 
@@ -66,11 +69,12 @@ class ClientTrainer:
     hooks: Sequence[TrainerHook] = field(default_factory=list)
     optimizer: str = "adamw"
     sample_dp: SampleDP | None = None
+    objective: Objective = field(default_factory=lambda: build_objective("sft"))
 
     def train(
         self,
         client_id: str,
-        examples: Sequence[TokenizedExample],
+        examples: Sequence[Any],  # the objective's examples
         global_state: Mapping[str, torch.Tensor],
         plan: LocalPlan,
         on_step: Callable[[], None] | None = None,
@@ -92,13 +96,14 @@ class ClientTrainer:
             raise ValueError("DP-SGD (sample_dp) cannot run a hook that uploads the plain start gradient (SCAFFOLD option I)")
         start_gradient = self._start_gradient(named, batches, plan) if needs_start else None
         losses: list[float] = []
+        step_metrics: list[dict[str, float]] = []
         tokens = 0
         self.model.train()
         private = dp.privatiser(self.model, plan.batch_size, len(examples), plan.seed) if dp is not None else nullcontext()
         with seeded_torch(plan.seed), private as privatiser:
             for step, (lr, batch_examples) in enumerate(zip(plan.lrs, batches)):
-                batch = collate_for_loss(batch_examples, self.pad_id) if batch_examples else None  # a Poisson lot may be empty
-                loss = self._step(optimizer, named, global_state, batch, lr, plan.rank, privatiser)
+                batch = self.objective.collate(batch_examples, self.pad_id) if batch_examples else None  # a Poisson lot may be empty
+                loss = self._step(optimizer, named, global_state, batch, lr, plan.rank, privatiser, step_metrics)
                 if loss is not None and batch is not None:
                     if not torch.isfinite(torch.tensor(loss)):
                         raise NonFiniteLossError(
@@ -120,6 +125,9 @@ class ClientTrainer:
         delta = _difference(local, global_state)
         mean_loss = sum(losses) / len(losses) if losses else float("nan")
         metrics = {"loss": mean_loss, "steps": float(len(plan.lrs)), "lr": plan.lrs[0], "tokens": float(tokens)}
+        for key in dict.fromkeys(k for m in step_metrics for k in m):  # the objective's metrics, mean over steps
+            values = [m[key] for m in step_metrics if key in m]
+            metrics[key] = sum(values) / len(values)
         if dp is not None:
             metrics["sample_epsilon"] = dp.epsilon_spent(client_id, plan.round, len(plan.lrs), plan.batch_size, len(examples))
         return ClientUpdate(client_id, plan.round, len(examples), delta, metrics, extras, memory)
@@ -131,16 +139,16 @@ class ClientTrainer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
 
     def _start_gradient(
-        self, named: dict[str, torch.nn.Parameter], batches: Sequence[Sequence[TokenizedExample]], plan: LocalPlan
+        self, named: dict[str, torch.nn.Parameter], batches: Sequence[Sequence[Any]], plan: LocalPlan
     ) -> TensorDict:
         """Mean gradient of the loss at the starting point over the round's batches (SCAFFOLD option I)."""
         total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
         self.model.train()
         with seeded_torch(plan.seed + 1):
             for batch_examples in batches:
-                batch = {k: v.to(self.device) for k, v in collate_for_loss(batch_examples, self.pad_id).items()}
+                batch = {k: v.to(self.device) for k, v in self.objective.collate(batch_examples, self.pad_id).items()}
                 self.model.zero_grad(set_to_none=True)
-                self.model(**batch).loss.backward()
+                self.objective.loss(self.model, batch)[0].backward()
                 if plan.rank is not None:
                     mask_beyond_rank(named, plan.rank)
                 for name, p in named.items():
@@ -158,9 +166,11 @@ class ClientTrainer:
         lr: float,
         rank: int | None,
         privatiser: Privatiser | None = None,
+        step_metrics: list[dict[str, float]] | None = None,
     ) -> float | None:
-        """One optimizer step; returns the loss (None for an empty DP-SGD lot). Under DP-SGD ``param.grad`` is the
-        privatised gradient before the hooks' data-independent terms (FedProx) and corrections are added."""
+        """One optimizer step; returns the loss (None for an empty DP-SGD lot) and appends the objective's metrics
+        to ``step_metrics``. Under DP-SGD ``param.grad`` is the privatised gradient before the hooks'
+        data-independent terms (FedProx) and corrections are added."""
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = {k: v.to(self.device) for k, v in batch.items()} if batch is not None else None
@@ -168,7 +178,9 @@ class ClientTrainer:
         loss: torch.Tensor | float | None
         if privatiser is None:
             assert batch is not None  # noqa: S101 - fixed-size batches are never empty
-            loss = self.model(**batch).loss  # token-mean cross-entropy over response tokens
+            loss, extra_metrics = self.objective.loss(self.model, batch)  # sft/clm: token-mean cross-entropy
+            if step_metrics is not None and extra_metrics:
+                step_metrics.append(extra_metrics)
             objective: torch.Tensor | None = loss
         else:
             loss, objective = privatiser.backward(named, batch), None  # p.grad: clipped, summed, noised, / lot size

@@ -32,7 +32,7 @@ __all__ = [
 GLOBAL_TEST = "global_test"
 TRAIN = "train"
 # Metrics that get their own figure when present on global_test.
-GENERATION_METRICS: tuple[str, ...] = ("perplexity", "exact_match", "rouge_l")
+GENERATION_METRICS: tuple[str, ...] = ("perplexity", "exact_match", "rouge_l", "preference_accuracy", "reward_margin")
 # Above this many curves the legend goes outside the axes.
 _LEGEND_INSIDE_MAX = 6
 
@@ -188,9 +188,10 @@ def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
     """Write the per-round metric plots of a run as PNGs.
 
     Writes ``loss.png`` (global_test loss and mean client train loss, dashed)
-    and one ``<metric>.png`` for each of ``perplexity``, ``exact_match`` and
-    ``rouge_l`` that has data on ``global_test`` (per-client test curves thin,
-    global_test bold). Plots without data are skipped.
+    and one ``<metric>.png`` for each of ``perplexity``, ``exact_match``,
+    ``rouge_l``, ``preference_accuracy`` and ``reward_margin`` (dpo) that has
+    data on ``global_test`` (per-client test curves thin, global_test bold).
+    Plots without data are skipped.
 
     Args:
         records: Metrics records (as read from ``metrics.jsonl``).

@@ -1,0 +1,154 @@
+"""What a training objective is: the columns it reads, how records become examples and batches, the loss a local
+step minimises and the metrics a held-out evaluation reports. One small module per objective, one registry.
+
+The trainer, the evaluator and data preparation call only this interface, so aggregators, runtimes, privacy
+wrappers and the attack harness never need to know the objective.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.data.collate import collate_for_loss
+from fedlm.data.tokenize import IGNORE_INDEX
+from fedlm.errors import FedlmError
+
+if TYPE_CHECKING:
+    from fedlm.config import DataConfig, ExperimentConfig
+    from fedlm.data.prepare import TestExample
+    from fedlm.data.readers import Record
+
+Example = Any  # an objective's training example: a TokenizedExample (sft, clm) or a PreferenceExample (dpo)
+Batch = dict[str, torch.Tensor]
+
+
+class NoParams(BaseModel):
+    """An objective without parameters of its own: any key beside ``name`` is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Objective(ABC):
+    """A training objective. ``Params`` is the pydantic model of its config keys beside ``objective.name``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    generates: ClassVar[bool] = False  # the evaluator adds generation metrics (when ``eval.generate``)
+
+    def __init__(self, params: BaseModel | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    # ----------------------------------------------------------------------------------------- data
+
+    @abstractmethod
+    def check_records(self, records: Sequence[Record], field_name: str, data: DataConfig) -> None:
+        """Raise :class:`FedlmError` naming the columns found and the columns needed when ``records`` do not fit."""
+
+    @abstractmethod
+    def train_examples(
+        self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataConfig, who: str, where: Sequence[str]
+    ) -> list[Example]:
+        """The training examples of ``who`` (e.g. ``client 'a'``) from its records (``where[i]`` names record i in
+        errors). Examples without a target token are dropped; none left is a :class:`FedlmError` that says why."""
+
+    @abstractmethod
+    def test_examples(
+        self,
+        records: Sequence[Record],
+        tokenizer: PreTrainedTokenizerBase,
+        data: DataConfig,
+        owners: Sequence[str | None],
+        where: str,
+    ) -> list[TestExample]:
+        """Held-out examples; ``owners[i]`` is the client whose test share record i belongs to (None: global only)."""
+
+    def check_config(self, config: ExperimentConfig) -> None:
+        """Refuse, at config load, settings this objective cannot honour (default: none)."""
+
+    # ------------------------------------------------------------------------------------- training
+
+    def collate(self, examples: Sequence[Example], pad_id: int) -> Batch:
+        """A padded batch; the default pads ``input_ids``/``labels`` (B, T) with the loss on non-ignored labels."""
+        return collate_for_loss(examples, pad_id)
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss to backpropagate and the step's metrics. Default: the model's token-mean cross-entropy
+        over the labelled tokens (Hugging Face shifts the labels inside the model)."""
+        return model(**batch).loss, {}
+
+    # ----------------------------------------------------------------------------------- evaluation
+
+    def score(
+        self,
+        model: torch.nn.Module,
+        test: Sequence[TestExample],
+        pad_id: int,
+        device: torch.device,
+        batch_size: int,
+        advance: Callable[[int], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Per-example scores of the held-out set (default: summed NLL ``nll`` over ``num_tokens`` target tokens)."""
+        rows: list[dict[str, float]] = []
+        with torch.no_grad():
+            for start in range(0, len(test), batch_size):
+                chunk = [ex.tokens for ex in test[start : start + batch_size]]
+                batch = {k: v.to(device) for k, v in collate_for_loss(chunk, pad_id).items()}
+                logps, counts = sequence_logps(model, batch)
+                rows.extend({"nll": -lp, "num_tokens": n} for lp, n in zip(logps.tolist(), counts.tolist()))
+                if advance is not None:
+                    advance(len(chunk))
+        return rows
+
+    def summarize(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        """A split's metrics from its examples' scores (default: token-mean loss and its perplexity)."""
+        tokens = sum(r["num_tokens"] for r in rows)
+        loss = sum(r["nll"] for r in rows) / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def sequence_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its labelled tokens (next-token, so logits t predict labels t+1), and
+    how many tokens that is. Shapes (B,), (B,). Only the last T logits are read: prompt tuning prepends its virtual
+    tokens' positions to the output."""
+    width = batch["input_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -width:-1].float()  # (B, T-1, V)
+    target = batch["labels"][:, 1:]  # (B, T-1)
+    token_nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    return -token_nll.sum(dim=1), (target != IGNORE_INDEX).sum(dim=1)
+
+
+def columns_error(field_name: str, objective: str, needed: str, records: Sequence[Record]) -> FedlmError:
+    """The one error for data that does not fit an objective: the columns it has and the columns it needs."""
+    found = ", ".join(f"`{c}`" for c in sorted(records[0])) if records else "none"
+    return FedlmError(f"`{field_name}` does not fit `objective: {objective}`: it needs {needed}; it has columns {found}")
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` buildable by its ``name``."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def build_objective(name: str, params: Mapping[str, Any] | None = None) -> Objective:
+    """The objective ``name`` with its parameters; an unknown name lists the valid ones, a bad parameter names
+    ``objective.<field>``."""
+    from fedlm.objectives import clm, dpo, sft  # noqa: F401, PLC0415 - the built-in objectives register themselves
+    from fedlm.params import validate_params  # noqa: PLC0415
+
+    if name not in _REGISTRY:
+        raise FedlmError(f"`objective.name` {name!r} is unknown; valid: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    return cls(validate_params(cls.Params, params or {}, "objective", "objective", name))

@@ -1,0 +1,129 @@
+"""``objective: clm``: causal language modelling on raw text, for federated continued pre-training (domain-adaptive
+pre-training, Gururangan et al. 2020, "Don't Stop Pretraining", here on each client's own documents).
+
+Records carry a ``text`` column (JSONL, CSV, Parquet, a ``datasets`` folder) or come from ``.txt`` files, one
+document each. Packing, as in GPT-2/GPT-3 pre-training and Hugging Face's ``run_clm.py`` ``group_texts``:
+each document is tokenised without special tokens, EOS is appended as the document separator, the documents are
+concatenated in order and cut into blocks of exactly ``block_size`` tokens (``objective.block_size``, default
+``data.max_length``). No padding is needed and no token is lost, except the **final remainder shorter than one
+block**, which is dropped (at most ``block_size - 1`` tokens per client). Labels equal the inputs: the model shifts
+them internally, so every token of a block after the first is predicted from those before it. A client packs only
+its own documents, so blocks never mix clients' text.
+
+Held-out evaluation: token-mean loss and perplexity over the test blocks (packed per client test share); no
+generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.data.tokenize import TokenizedExample
+from fedlm.errors import FedlmError
+from fedlm.objectives.base import Objective, columns_error, register_objective
+
+if TYPE_CHECKING:
+    from fedlm.config import DataConfig, ExperimentConfig
+    from fedlm.data.prepare import TestExample
+    from fedlm.data.readers import Record
+
+TEXT_COLUMN = "text"
+
+
+class CLMParams(BaseModel):
+    """``objective: {name: clm, block_size: 512}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int | None = Field(None, ge=2, description="tokens per packed block; default `data.max_length`")
+
+
+def pack_blocks(documents: Sequence[Sequence[int]], eos_id: int, block_size: int) -> list[list[int]]:
+    """Concatenate ``doc + [eos]`` for every document and cut the stream into ``block_size``-token blocks; the final
+    remainder shorter than a block is dropped."""
+    stream = [token for doc in documents for token in (*doc, eos_id)]
+    return [stream[start : start + block_size] for start in range(0, len(stream) - block_size + 1, block_size)]
+
+
+@register_objective
+class CLMObjective(Objective):
+    """Packed causal-LM loss on raw text documents."""
+
+    name: ClassVar[str] = "clm"
+    Params: ClassVar[type[BaseModel]] = CLMParams
+
+    def block_size(self, data: DataConfig) -> int:
+        """``objective.block_size``, or ``data.max_length``."""
+        return self.params.block_size or data.max_length  # type: ignore[attr-defined]
+
+    def check_config(self, config: ExperimentConfig) -> None:
+        if config.data.format != "auto":
+            raise FedlmError(f"`data.format: {config.data.format}` applies to `objective: sft`; raw text for `objective: clm` is read from the `text` column, so leave `data.format: auto`")
+
+    def check_records(self, records: Sequence[Record], field_name: str, data: DataConfig) -> None:
+        if not records or TEXT_COLUMN not in records[0]:
+            raise columns_error(field_name, self.name, "a `text` column (raw documents; or `.txt` files, one document each)", records)
+        for i, record in enumerate(records):
+            if not isinstance(record.get(TEXT_COLUMN), str):
+                raise FedlmError(f"`{field_name}` example {i}: `text` must be a string, got {type(record.get(TEXT_COLUMN)).__name__}")
+
+    def documents(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+        """Each record's ``text`` as token ids, without special tokens (EOS is added by :func:`pack_blocks`)."""
+        if not records:
+            return []
+        return tokenizer([str(r[TEXT_COLUMN]) for r in records], add_special_tokens=False)["input_ids"]
+
+    def blocks(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataConfig, who: str) -> list[TokenizedExample]:
+        """``records`` packed into blocks with labels = inputs; a text too short for one block is an error."""
+        size = self.block_size(data)
+        documents = self.documents(records, tokenizer)
+        blocks = pack_blocks(documents, _eos_id(tokenizer), size)
+        if not blocks:
+            total = sum(len(d) + 1 for d in documents)
+            raise FedlmError(
+                f"{who}: its text gives {total} tokens ({len(records)} document(s) with EOS), fewer than one block of {size}; "
+                "give more text, or lower `objective.block_size` (default `data.max_length`)"
+            )
+        return [TokenizedExample(input_ids=block, labels=list(block)) for block in blocks]
+
+    def train_examples(
+        self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataConfig, who: str, where: Sequence[str]
+    ) -> list[TokenizedExample]:
+        return self.blocks(records, tokenizer, data, who)
+
+    def test_examples(
+        self,
+        records: Sequence[Record],
+        tokenizer: PreTrainedTokenizerBase,
+        data: DataConfig,
+        owners: Sequence[str | None],
+        where: str,
+    ) -> list[TestExample]:
+        from fedlm.data.prepare import TestExample  # noqa: PLC0415 - prepare calls the objectives
+
+        groups: dict[str | None, list[Record]] = {}
+        for record, owner in zip(records, owners):
+            groups.setdefault(owner, []).append(record)
+        size = self.block_size(data)
+        out: list[TestExample] = []
+        for owner, group in groups.items():
+            for block in pack_blocks(self.documents(group, tokenizer), _eos_id(tokenizer), size):
+                record = {"block": len(out), "documents": len(group)}
+                out.append(TestExample(record, [], "", TokenizedExample(block, list(block)), owner))
+        if not out:
+            total = sum(len(d) + 1 for d in self.documents(records, tokenizer))
+            raise FedlmError(
+                f"`{where}`: the held-out text gives {total} tokens, fewer than one block of {size}; give more test "
+                "text, or lower `objective.block_size` (default `data.max_length`)"
+            )
+        return out
+
+
+def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    if tokenizer.eos_token_id is None:
+        raise FedlmError("`objective: clm` separates documents with the tokenizer's EOS token, and this tokenizer has none")
+    return int(tokenizer.eos_token_id)
