@@ -110,6 +110,25 @@ def compare(
     _guarded(debug, action)
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    out_dir: Annotated[Path, typer.Argument(help="where the merged model folder goes (new or empty)")],
+    merge: Annotated[bool, typer.Option("--merge", help="fold the adapter into the base weights (lora, dora, ia3)")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a run's model: with --merge, base weights + adapter as one Hugging Face folder (usable as `model.name`)."""
+
+    def action() -> None:
+        from fedlm.models.export import export_merged
+
+        if not merge:
+            raise FedlmError("`fedlm export` needs --merge (the only export so far); RUN_DIR/adapter is already a peft adapter")
+        typer.echo(f"merged model: {export_merged(run_dir, out_dir)}")
+
+    _guarded(debug, action)
+
+
 @data_app.command("partition")
 def data_partition(config: ConfigArg = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Print each client's training-set size and field mix under the config's partition."""

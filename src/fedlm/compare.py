@@ -1,6 +1,7 @@
 """``fedlm compare``: base model, local-only clients, centralized and federated training on equal budgets.
 
-(a) base: the starting model (LoRA with B = 0 is exactly the base model);
+(a) base: the starting model (exactly the base model for LoRA/DoRA with B = 0 and IA3 with unit scales; prompt and
+    prefix tuning start with their seeded soft tokens; a run with ``model.init_adapter`` starts from that adapter);
 (b) local-only: each client trains alone for as many optimizer steps as it trains in the federation;
 (c) centralized: one trainer on the union of the clients' data for the federation's total number of steps;
 (d) federated: the configured federation (a full run directory under ``federated/``).

@@ -1,0 +1,39 @@
+"""``fedlm export --merge RUN_DIR OUT_DIR``: fold a run's final adapter into the base weights (peft's
+``merge_and_unload``) and save a plain Hugging Face model folder, which ``model.name: OUT_DIR`` loads as a base model.
+
+LoRA, DoRA and IA3 merge exactly (up to float rounding); prompt and prefix tuning have no weights to merge into;
+a ``full`` run's ``adapter/`` already is a full model folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import PeftModel
+
+from fedlm.errors import FedlmError
+from fedlm.models.adapters import PROMPT_METHODS
+from fedlm.models.loading import load_base_model
+from fedlm.seeding import derive_seed
+
+
+def export_merged(run_dir: Path, out_dir: Path) -> Path:
+    """Merge ``run_dir/adapter`` into the run's base model and save it (with the tokenizer) to ``out_dir``."""
+    from fedlm.config_io import load_config  # noqa: PLC0415 - config_io imports the aggregator registry
+
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise FedlmError(f"{run_dir} holds no finished fedlm run (config.yaml and adapter/ are needed)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FedlmError(f"{out_dir} already exists and is not empty; choose a new folder")
+    config = load_config(run_dir / "config.yaml")
+    method = config.peft.method
+    if method == "full":
+        raise FedlmError(f"a `peft.method: full` run's adapter/ is already a full model: use `model.name: {run_dir / 'adapter'}`")
+    if method in PROMPT_METHODS:
+        raise FedlmError(f"`peft.method: {method}` learns soft tokens, not weights: there is nothing to merge")
+    loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31)  # as build_session does
+    merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out_dir))
+    loaded.tokenizer.save_pretrained(str(out_dir))
+    return out_dir
