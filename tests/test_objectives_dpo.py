@@ -163,3 +163,19 @@ def test_embedded_pairs_keep_the_sft_split_and_a_wrong_answer() -> None:
             assert r["chosen"] != r["rejected"] and r["prompt"] == defs[r["synset"]]["instruction"]
             assert r["chosen"] == defs[r["synset"]]["output"]
             assert r["rejected"] == chosen_of[r["rejected_synset"]] and defs[r["rejected_synset"]]["domain"] == r["domain"]
+
+
+def test_likelihood_accuracy_is_the_share_of_pairs_the_model_itself_prefers(tokenizer) -> None:
+    records = read_records("embedded:wordnet_prefs")[:6]
+    objective = build_objective("dpo")
+    test = objective.test_examples(records, tokenizer, DATA, [None] * 6, "test")
+    model = attach_adapter(build_tiny_llama(len(tokenizer), seed=3), PeftConfig(r=4, alpha=8, dropout=0.0), seed=4)
+    model.eval()
+    rows = objective.score(model, test, tokenizer.pad_token_id, torch.device("cpu"), 4)
+    summary = objective.summarize(rows)
+    assert summary["preference_accuracy"] == 0.0 and summary["reward_margin"] == 0.0  # zero adapter: policy = reference
+    batch = objective.collate([objective.train_examples([r], tokenizer, DATA, "c", ["x"])[0] for r in records], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps = sequence_logps(model, batch)[0]
+    expected = float((logps[:6] > logps[6:]).float().mean())
+    assert summary["likelihood_accuracy"] == pytest.approx(expected)

@@ -183,9 +183,13 @@ class DPOObjective(Objective):
                 chunk = test[start : start + batch_size]
                 pairs = [PreferenceExample(ex.tokens, ex.rejected) for ex in chunk]
                 batch = {k: v.to(device) for k, v in self.collate(pairs, pad_id).items()}
-                losses, chosen, rejected = pair_rewards(model, batch, self.beta)
-                for loss, c, r in zip(losses.tolist(), chosen.tolist(), rejected.tolist()):
-                    rows.append({"dpo_loss": loss, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r})
+                ref, policy = reference_logps(model, batch), sequence_logps(model, batch)[0]  # (2B,) each
+                half = policy.shape[0] // 2
+                losses, chosen, rejected = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
+                prefers = (policy[:half] > policy[half:]).tolist()  # the model's own likelihood, no reference
+                for loss, c, r, own in zip(losses.tolist(), chosen.tolist(), rejected.tolist(), prefers):
+                    rows.append({"dpo_loss": loss, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r,
+                                 "prefers_chosen": float(own)})
                 if advance is not None:
                     advance(len(chunk))
         return rows
@@ -198,6 +202,9 @@ class DPOObjective(Objective):
             "reward_margin": sum(r["reward_margin"] for r in rows) / n,
             "chosen_reward": sum(r["chosen_reward"] for r in rows) / n,
             "rejected_reward": sum(r["rejected_reward"] for r in rows) / n,
+            # reference-free: the share of pairs whose chosen answer the model itself finds likelier (meaningful
+            # at round 0 too, where every reward margin is 0 and preference_accuracy is 0 by definition)
+            "likelihood_accuracy": sum(r.get("prefers_chosen", 0.0) for r in rows) / n,
         }
 
 

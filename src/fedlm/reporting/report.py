@@ -26,7 +26,7 @@ from fedlm.reporting.plots import (
 __all__ = ["EVAL_METRICS", "format_value", "markdown_table", "write_report"]
 
 # Evaluation metric columns, in table order (only those with data are shown).
-EVAL_METRICS: tuple[str, ...] = ("loss", "perplexity", "exact_match", "rouge_l", "preference_accuracy", "reward_margin")
+EVAL_METRICS: tuple[str, ...] = ("loss", "perplexity", "exact_match", "rouge_l", "preference_accuracy", "reward_margin", "likelihood_accuracy")
 MISSING = "–"
 
 
