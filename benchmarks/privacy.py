@@ -81,7 +81,7 @@ def part1(args: argparse.Namespace) -> list[dict[str, Any]]:
         scores = {k: v for k, v in report.items() if isinstance(v, dict) and "auc" in v}
         best = max(scores, key=lambda k: scores[k]["auc"])
         rows.append({"setting": label, "loss": loss, "epsilon_client": eps_client, "epsilon_sample": eps_sample,
-                     "auc": scores[best]["auc"], "auc_score": best, "tpr_at_1pct": scores[best].get("tpr_at_1pct_fpr"),
+                     "auc": scores[best]["auc"], "auc_score": best, "tpr_at_1pct": scores[best].get("tpr_at_fpr_0.01"),
                      "round_time_s": sum(r["train_time_s"] for r in rounds) / len(rounds)})
     return rows
 
