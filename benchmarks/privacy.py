@@ -34,11 +34,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "none": {},
     "client z=0.001": {"privacy.client_dp": {"noise_multiplier": 0.001, "clip": CLIP}},
     "client z=0.01": {"privacy.client_dp": {"noise_multiplier": 0.01, "clip": CLIP}},
-    "client z=0.1": {"privacy.client_dp": {"noise_multiplier": 0.1, "clip": CLIP}},
-    "sample z=1": {"privacy.sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": CLIP}},
     "none + secagg": {"privacy.secure_aggregation": {}},
     "client z=0.01 + secagg": {"privacy.client_dp": {"noise_multiplier": 0.01, "clip": CLIP, "mode": "distributed"},
                                "privacy.secure_aggregation": {}},
+    "client z=0.1": {"privacy.client_dp": {"noise_multiplier": 0.1, "clip": CLIP}},
+    "sample z=1": {"privacy.sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": CLIP}},
 }
 
 
@@ -70,6 +70,8 @@ def part1(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for label, privacy in SETTINGS.items():
         folder = args.out / "utility" / folder_name(label)
+        if args.only_finished and not (folder / "adapter").is_dir():
+            continue
         run_cli(folder, {**part1_overrides(args), **{k: json.dumps(v) for k, v in privacy.items()}})
         records = read_metrics(folder)
         final = max(r["round"] for r in records if r.get("split") == "global_test")
@@ -96,6 +98,8 @@ def part2(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "eval.generate": False, "eval.max_examples": 8}
         for secure in (False, True):
             folder = args.out / "overhead" / f"{n}-{'secagg' if secure else 'plain'}"
+            if args.only_finished and not (folder / "adapter").is_dir():
+                continue
             items = dict(base)
             if secure:
                 items["privacy.secure_aggregation"] = json.dumps({"neighbours": k} if k else {})
@@ -161,6 +165,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="*", default=[10, 50, 100])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "privacy")
     parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--only-finished", action="store_true", help="report the finished runs only, start none")
     args = parser.parse_args()
     rows2 = part2(args) if args.part in ("2", "all") else []
     rows1 = part1(args) if args.part in ("1", "all") else []
