@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedlm.cli_flower import flower_app
 from fedlm.cli_privacy import privacy_app
 from fedlm.errors import FedlmError
 
@@ -18,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated tr
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data and partitions.")
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(flower_app, name="flower")
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="experiment YAML (default: the embedded quickstart defaults)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]
@@ -55,6 +57,12 @@ def run(
         from fedlm.reporting.run_dir import prepare_run_dir
 
         cfg = load_config(config, set_ or [])
+        if cfg.federation.runtime == "flower":
+            raise FedlmError(
+                "`federation.runtime: flower` runs on a Flower SuperLink, not in `fedlm run`: start `fedlm flower superlink`, "
+                "one `fedlm flower supernode CONFIG --partition-id K` per client, then `fedlm flower run CONFIG` "
+                "(or --set federation.runtime=simulation to run in-process)"
+            )
         run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
         console = RunConsole()
         session = build_session(cfg, console)

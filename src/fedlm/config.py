@@ -155,7 +155,9 @@ class PartitionConfig(Section):
 class FederationConfig(Section):
     """What a round is and who runs it."""
 
-    runtime: Literal["simulation"] = "simulation"
+    runtime: Literal["simulation", "flower"] = Field(
+        "simulation", description="simulation: in-process; flower: a Flower SuperLink and SuperNodes (`fedlm flower run`)"
+    )
     rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
     min_clients: int = Field(1, ge=1, description="fewest valid updates for a round to be aggregated")

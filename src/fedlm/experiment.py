@@ -144,13 +144,16 @@ def build_server_loop(
     console: RunConsole,
     progress: Progress | None = None,
     evaluate: bool = True,
+    runtime: Runtime | None = None,
 ) -> ServerLoop:
-    """The server loop of ``session`` over the simulation runtime, with the LoRA mode and client ranks of its config."""
+    """The server loop of ``session`` over ``runtime`` (default: the in-process simulation), with the LoRA mode and
+    client ranks of its config."""
     config = session.config
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     names = session.data.client_names
     aggregator.start(names)
-    runtime: Runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
+    if runtime is None:
+        runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
     attack = session.attack
     if attack is not None and (attack.spec.kind == "update" or getattr(attack.params, "boost", 1.0) != 1.0):
         runtime = AttackedRuntime(runtime, attack)
@@ -171,8 +174,9 @@ def build_server_loop(
                       secure_aggregation=build_secure_aggregation(config, aggregator, len(names)))
 
 
-def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole) -> TensorDict:
-    """Run (or resume) the federation of ``session`` into ``run_dir``; returns the final global adapter state."""
+def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole, runtime: Runtime | None = None) -> TensorDict:
+    """Run (or resume) the federation of ``session`` into ``run_dir`` over ``runtime`` (default: the simulation);
+    returns the final global adapter state."""
     config = session.config
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     log = MetricsLog(run_dir.metrics)
@@ -189,7 +193,7 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
         console.print(f"resuming {run_dir.root} after round {start}")
     run_dir.config.write_text(config_yaml)
     with Progress(console) as progress:
-        state = build_server_loop(session, aggregator, run_dir, log, console, progress).run(state, start)
+        state = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime).run(state, start)
     finish_run(session, run_dir, state, console)
     return state
 

@@ -12,6 +12,7 @@ Accepted names, in the order they are tried:
 from __future__ import annotations
 
 import importlib.util
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    load_s: float = 0.0  # seconds the tokenizer and weights took to load (a Flower ClientApp pays it per message)
 
 
 def smollm2_gguf_path() -> Path:
@@ -79,6 +81,7 @@ def resolve_model_source(name: str) -> Path | str:
 
 def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | None = None) -> LoadedModel:
     """Load the frozen base model and its tokenizer (pad token set, padding on the left for generation)."""
+    started = time.perf_counter()
     device = device or default_device()
     dtype = resolve_dtype(config.dtype, device)
     if config.name == TINY_ALIAS:
@@ -98,4 +101,5 @@ def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | N
     tokenizer.padding_side = "left"
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    return LoadedModel(model=model.to(device), tokenizer=tokenizer, device=device, dtype=dtype)
+    model = model.to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, load_s=time.perf_counter() - started)

@@ -1,0 +1,128 @@
+"""Flower runtime overhead: the same federation (config, seed, clients, steps) in the in-process simulation and on
+a local Flower deployment (one SuperLink and one SuperNode per client on 127.0.0.1, as subprocesses).
+
+Reported per round: the server's ``train_time_s`` (sending the tasks to collecting the updates) in each runtime,
+the overhead (Flower - simulation), and, per ClientApp message, the base-model load time (``model_load_s``) and
+the whole set-up before training (``setup_s``: config, model, adapter, data). Flower starts a fresh ClientApp
+process per message, so each message pays the imports and the set-up; the final adapters are compared too.
+Run ``python benchmarks/flower.py [--model tiny-random-llama] [--clients 3] [--rounds 2] [--write-results]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file
+
+from fedlm.runtime.flower.local import LocalFederation
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import publish, read_metrics  # noqa: E402
+
+START, END = "<!-- flower:start -->", "<!-- flower:end -->"
+
+
+def build_config(args: argparse.Namespace, output_dir: Path, runtime: str) -> dict[str, Any]:
+    """Embedded WordNet data split iid among ``--clients`` clients, every client every round, evaluation only at the end."""
+    return {
+        "seed": 0, "output_dir": str(output_dir), "model": {"name": args.model},
+        "peft": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"max_train_examples": 80 * args.clients, "max_length": 128},
+        "partition": {"method": "iid", "num_clients": args.clients, "field": None},
+        "federation": {"runtime": runtime, "rounds": args.rounds, "clients_per_round": args.clients,
+                       "local_steps": args.steps, "batch_size": 4, "lr": 1e-3},
+        "eval": {"max_examples": 16, "max_new_tokens": 4, "batch_size": 8, "at_start": False, "every": 0},
+    }
+
+
+def run_simulation(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
+    out = work / "simulation"
+    cfg = work / "simulation.yaml"
+    cfg.write_text(yaml.safe_dump(build_config(args, out, "simulation")))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "fedlm.cli", "run", str(cfg)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out, time.perf_counter() - started
+
+
+def run_flower(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
+    out = work / "flower"
+    cfg = work / "flower.yaml"
+    cfg.write_text(yaml.safe_dump(build_config(args, out, "flower")))
+    fed = LocalFederation(work / "fed", cfg, list(range(args.clients)))
+    try:
+        fed.start()
+        started = time.perf_counter()
+        code = fed.run("--round-timeout", "1800").wait(timeout=3600)
+        elapsed = time.perf_counter() - started
+    finally:
+        fed.stop()
+    if code != 0 or not (out / "adapter").is_dir():
+        raise SystemExit(f"the Flower run failed (exit {code}); logs in {work / 'fed'}")
+    return out, elapsed
+
+
+def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    def rounds(folder: Path) -> list[float]:
+        return [r["train_time_s"] for r in read_metrics(folder) if r["split"] == "aggregate"]
+
+    trains = [r for r in read_metrics(flower) if r["split"] == "train"]
+    a, b = load_file(str(sim / "adapter" / "adapter_model.safetensors")), load_file(str(flower / "adapter" / "adapter_model.safetensors"))
+    return {
+        "model": args.model, "clients": args.clients, "rounds": args.rounds, "local_steps": args.steps,
+        "simulation_round_s": rounds(sim), "flower_round_s": rounds(flower),
+        "overhead_per_round_s": statistics.mean(rounds(flower)) - statistics.mean(rounds(sim)),
+        "model_load_s_per_message": statistics.mean(r["model_load_s"] for r in trains),
+        "setup_s_per_message": statistics.mean(r["setup_s"] for r in trains),
+        "simulation_total_s": sim_s, "flower_total_s": flower_s,
+        "adapter_max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+    }
+
+
+def markdown(s: dict[str, Any]) -> str:
+    def fmt(xs: list[float]) -> str:
+        return ", ".join(f"{x:.1f}" for x in xs)
+
+    return "\n".join([
+        f"Model {s['model']}, {s['clients']} clients (one SuperNode each, all on this machine), {s['rounds']} rounds of "
+        f"{s['local_steps']} local steps; evaluation only after the last round.",
+        "",
+        "| runtime | train time per round (s) | whole run (s) |",
+        "| --- | --- | --- |",
+        f"| simulation | {fmt(s['simulation_round_s'])} | {s['simulation_total_s']:.0f} |",
+        f"| Flower (SuperLink + SuperNodes) | {fmt(s['flower_round_s'])} | {s['flower_total_s']:.0f} |",
+        "",
+        f"Flower overhead: {s['overhead_per_round_s']:.1f} s per round. Per ClientApp message (a fresh process): base model "
+        f"load {s['model_load_s_per_message']:.2f} s, whole set-up before training {s['setup_s_per_message']:.1f} s. "
+        f"Final adapters differ by at most {s['adapter_max_abs_diff']:.2g}.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny-random-llama")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4, help="local steps per client per round")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "flower")
+    p.add_argument("--write-results", action="store_true", help="put the table in benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="fedlm-bench-flower-"))
+    sim, sim_s = run_simulation(args, work)
+    flower, flower_s = run_flower(args, work)
+    summary = summarize(sim, flower, sim_s, flower_s, args)
+    publish(args.out, summary, markdown(summary), args.write_results, START, END, "Flower runtime overhead")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""fedlm's Flower ClientApp: one SuperNode serves one client, trains it with the simulation's ``ClientTrainer``.
+
+The node's ``--node-config`` names its client: ``partition-id=K`` is the K-th client of the config's partition
+(the simulation's client order), and optionally ``fedlm-config="/path/local.yaml"`` gives the node's own copy of
+the config (its model and data paths; default: the config embedded in the app bundle). Flower starts a fresh
+ClientApp process for every message, so each train message loads the base model (from the local safetensors cache
+for GGUF models, see :mod:`fedlm.models.gguf_cache`) and the node's partition; the load time is reported in the
+update's metrics (``model_load_s``, ``setup_s``) and lands in ``metrics.jsonl``. A client's memory (e.g.
+SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fedlm.config import ExperimentConfig
+from fedlm.config_io import load_config, validate_config
+from fedlm.errors import FedlmError
+from fedlm.federation.trainer import NonFiniteLossError
+from fedlm.runtime.flower.messages import (
+    config_difference, config_hash, hello_reply, meta, pack_tensors, shared_config, task_from_content, unpack_tensors,
+    update_content,
+)
+
+app = ClientApp()
+MEMORY = "fedlm_memory"
+REFUSED = 4001  # error code of a refused node (config mismatch, bad partition id)
+FAILED = 4002  # error code of a failed local training (non-finite loss)
+
+
+def node_config_of(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> ExperimentConfig:
+    """The node's config: its own file (``fedlm-config`` in the node config) or the one in the app bundle."""
+    local = node_config.get("fedlm-config")
+    if local:
+        return load_config(str(local))
+    return validate_config(yaml.safe_load(str(run_config["fedlm-config"])))
+
+
+def client_names(config: ExperimentConfig) -> list[str]:
+    """The federation's client names in partition order, without loading a model."""
+    from fedlm.data.prepare import load_split_records, split_among_clients  # noqa: PLC0415 - keep the import light
+
+    train, _ = load_split_records(config.data, config.seed)
+    return split_among_clients(train, config.partition, config.seed).client_names
+
+
+def client_of(partition_id: Any, names: list[str]) -> str:
+    """The client name of ``partition-id``; refuses an id outside the federation."""
+    if partition_id is None:
+        raise FedlmError("the SuperNode has no `partition-id` in its --node-config; start it with --node-config 'partition-id=K'")
+    if not isinstance(partition_id, int) or not 0 <= partition_id < len(names):
+        raise FedlmError(
+            f"partition-id {partition_id!r} is outside the federation: it has {len(names)} clients "
+            f"(partition-id 0..{len(names) - 1}: {', '.join(names)})"
+        )
+    return names[partition_id]
+
+
+def _refusal(server: dict[str, Any], server_hash: str, config: ExperimentConfig) -> str | None:
+    if server_hash == config_hash(config):
+        return None
+    return f"the node's config differs from the server's in {config_difference(server, shared_config(config))}"
+
+
+def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
+    """(client name, partition id) this node serves, given the server's handshake ``server``; raises
+    :class:`FedlmError` naming the config difference or the bad partition id."""
+    config = node_config_of(node_config, run_config)
+    if server["config_hash"] != config_hash(config):
+        raise FedlmError(f"the node's config differs from the server's in {config_difference(server['shared_config'], shared_config(config))}")
+    partition_id = node_config.get("partition-id")
+    return client_of(partition_id, client_names(config)), int(partition_id)  # type: ignore[arg-type]
+
+
+@app.query("fedlm_hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Answer the server's handshake with the client this node serves, or refuse (config or partition)."""
+    try:
+        client, partition_id = check_node(meta(msg.content), context.node_config, context.run_config)
+    except FedlmError as exc:
+        return Message(Error(REFUSED, str(exc)), reply_to=msg)
+    return Message(hello_reply(client, partition_id), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train this node's client on the task: the simulation's trainer, data and seeds."""
+    started = time.perf_counter()
+    try:
+        config = node_config_of(context.node_config, context.run_config)
+        session, load_s = _session(config)
+        client = client_of(context.node_config.get("partition-id"), session.data.client_names)
+        memory = unpack_tensors(context.state.array_records[MEMORY]) if MEMORY in context.state.array_records else {}
+        wanted, server_hash, task = task_from_content(msg.content, memory, session.initial_state)
+        if server_hash != config_hash(config):
+            raise FedlmError("the node's config differs from the server's (config hash); restart the node with the server's config")
+        if wanted != client:
+            raise FedlmError(f"this node serves client {client}, not {wanted}")
+        aggregator = session.aggregator()
+        aggregator.start(session.data.client_names)
+        trainer = session.trainer(aggregator.trainer_hooks())
+        setup_s = time.perf_counter() - started
+        update = trainer.train(client, session.data.client_train[client], task.state, task.plan, None, task.context)
+    except (FedlmError, NonFiniteLossError) as exc:
+        return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
+    if update.memory:
+        context.state[MEMORY] = pack_tensors(update.memory)
+    metrics = {**update.metrics, "model_load_s": load_s, "setup_s": setup_s}
+    update = type(update)(update.client_id, update.round, update.num_examples, update.tensors, metrics, update.extras)
+    return Message(update_content(update, task.plan.rank), reply_to=msg)
+
+
+def _session(config: ExperimentConfig) -> tuple[Any, float]:
+    """The node's session (base model with adapter, its data) and the seconds the base model took to load."""
+    from fedlm.experiment import build_session  # noqa: PLC0415 - heavy imports only where training happens
+    from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
+
+    session = build_session(config, RunConsole(quiet=True))
+    return session, session.loaded.load_s

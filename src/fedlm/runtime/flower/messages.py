@@ -1,0 +1,135 @@
+"""fedlm's tasks and updates as Flower records: only adapter tensors (cut to the client's rank) and scalars travel.
+
+A message is a ``RecordDict`` of a ``ConfigRecord`` ``"meta"`` (one JSON string: plan, client, config hash, metrics)
+and one ``ArrayRecord`` per tensor group, each holding the group as one safetensors blob (a uint8 ``Array``), so
+every dtype (bfloat16 included) arrives bit for bit and Flower may chunk large groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from safetensors.torch import load, save
+
+from fedlm.aggregation.base import ClientContext
+from fedlm.aggregation.lora.structure import wire_form
+from fedlm.config import ExperimentConfig
+from fedlm.config_io import config_to_dict
+from fedlm.federation.trainer import ClientTask, LocalPlan
+from fedlm.federation.update import ClientUpdate, TensorDict
+
+HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client name handshake; one round's training
+META = "meta"
+# Keys that may differ between the server's and a node's config: where outputs go and the server-only evaluation.
+_LOCAL_KEYS = ("output_dir", "eval", "federation.rounds")
+
+
+def shared_config(config: ExperimentConfig) -> dict[str, Any]:
+    """The flattened config every node must share with the server (all but output paths, eval and rounds)."""
+    flat = _flatten(config_to_dict(config))
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in _LOCAL_KEYS)}
+
+
+def config_hash(config: ExperimentConfig) -> str:
+    """SHA-256 of :func:`shared_config` (sorted JSON)."""
+    return hashlib.sha256(json.dumps(shared_config(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def config_difference(server: Mapping[str, Any], node: Mapping[str, Any]) -> str:
+    """The keys where two shared configs differ, with both values: ``peft.r (server 4, node 8)``."""
+    keys = sorted(k for k in set(server) | set(node) if server.get(k) != node.get(k))
+    return ", ".join(f"{k} (server {server.get(k)!r}, node {node.get(k)!r})" for k in keys)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """One safetensors blob of ``tensors`` as a uint8 Flower ``Array``."""
+    blob = save({n: t.detach().contiguous().cpu() for n, t in tensors.items()}) if tensors else b""
+    return ArrayRecord({"safetensors": Array(np.frombuffer(blob, dtype=np.uint8).copy())})
+
+
+def unpack_tensors(record: ArrayRecord) -> TensorDict:
+    """The tensors :func:`pack_tensors` packed."""
+    blob = record["safetensors"].numpy().tobytes()
+    return dict(load(blob)) if blob else {}
+
+
+def pad_like(tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> TensorDict:
+    """Tensors cut to a rank, zero-padded back to the shapes of ``like`` (the inverse of ``wire_form``)."""
+    out: TensorDict = {}
+    for name, tensor in tensors.items():
+        full = like.get(name)
+        if full is None or tensor.shape == full.shape:
+            out[name] = tensor
+            continue
+        padded = torch.zeros(full.shape, dtype=tensor.dtype)
+        padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
+        out[name] = padded
+    return out
+
+
+def meta(content: RecordDict) -> dict[str, Any]:
+    """The JSON metadata of a message."""
+    return json.loads(str(content.config_records[META]["json"]))
+
+
+def _with_meta(values: dict[str, Any], **arrays: ArrayRecord) -> RecordDict:
+    return RecordDict({META: ConfigRecord({"json": json.dumps(values)}), **arrays})
+
+
+def hello_content(config: ExperimentConfig) -> RecordDict:
+    """The handshake the server sends every new node: its config hash and shared config (to name a difference)."""
+    return _with_meta({"config_hash": config_hash(config), "shared_config": shared_config(config)})
+
+
+def hello_reply(client_id: str, partition_id: int) -> RecordDict:
+    """A node's answer to the handshake: the client it serves."""
+    return _with_meta({"client_id": client_id, "partition_id": partition_id})
+
+
+def task_content(client_id: str, task: ClientTask, config: ExperimentConfig) -> RecordDict:
+    """A train message: the plan, the global adapter cut to the client's rank and the algorithm's extras.
+
+    The client's memory (``task.context.memory``) is not sent: in a deployment it stays on the node."""
+    plan, rank = task.plan, task.plan.rank
+    values = {"client_id": client_id, "config_hash": config_hash(config), "round": plan.round, "lrs": plan.lrs,
+              "batch_size": plan.batch_size, "seed": plan.seed, "rank": rank}
+    return _with_meta(values, state=pack_tensors(wire_form(task.state, rank)), extras=pack_tensors(wire_form(task.context.extras, rank)))
+
+
+def task_from_content(content: RecordDict, memory: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> tuple[str, str, ClientTask]:
+    """(client id, config hash, task) of a train message; ``memory`` is the node's own, kept between rounds;
+    ``like`` holds the full-rank shapes (the node's own adapter state)."""
+    m = meta(content)
+    plan = LocalPlan(int(m["round"]), [float(x) for x in m["lrs"]], int(m["batch_size"]), int(m["seed"]), m["rank"])
+    extras = pad_like(unpack_tensors(content.array_records["extras"]), like)
+    context = ClientContext(m["client_id"], plan.round, extras, dict(memory), plan.rank)
+    return m["client_id"], m["config_hash"], ClientTask(plan, pad_like(unpack_tensors(content.array_records["state"]), like), context)
+
+
+def update_content(update: ClientUpdate, rank: int | None) -> RecordDict:
+    """A train reply: the delta and extras (cut to ``rank``), example count and metrics; never the memory."""
+    values = {"client_id": update.client_id, "round": update.round, "num_examples": update.num_examples, "metrics": update.metrics}
+    return _with_meta(values, tensors=pack_tensors(wire_form(update.tensors, rank)), extras=pack_tensors(wire_form(update.extras, rank)))
+
+
+def update_from_content(content: RecordDict, like: Mapping[str, torch.Tensor]) -> ClientUpdate:
+    """The :class:`ClientUpdate` of a train reply, padded to the shapes of ``like`` (its memory stays on the node)."""
+    m = meta(content)
+    tensors = pad_like(unpack_tensors(content.array_records["tensors"]), like)
+    extras = pad_like(unpack_tensors(content.array_records["extras"]), like)
+    return ClientUpdate(m["client_id"], int(m["round"]), int(m["num_examples"]), tensors, {k: float(v) for k, v in m["metrics"].items()}, extras)

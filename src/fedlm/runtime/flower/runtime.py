@@ -1,0 +1,123 @@
+"""The Flower runtime: the server loop's ``train_clients`` as Flower messages over a ``Grid``.
+
+Every SuperNode serves one client (its ``partition-id``). New nodes get a handshake (:data:`HELLO`) carrying the
+server's config hash; a node whose config differs, or whose partition is outside the federation, answers with an
+error naming the difference and is refused (logged in ``metrics.jsonl`` as a ``split: "flower"`` record). A train
+message that gets no reply within ``round_timeout_s`` (the node died or hangs) or an error reply becomes a
+:class:`ClientFailure` naming the client, and the server loop's ``federation.min_clients`` rule decides the round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedlm.config import ExperimentConfig
+from fedlm.federation.trainer import ClientTask
+from fedlm.federation.update import ClientFailure, ClientUpdate
+from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.progress import RunConsole
+from fedlm.runtime.flower.messages import HELLO, TRAIN, hello_content, meta, task_content, update_from_content
+
+
+@dataclass
+class FlowerRuntime:
+    """Sends each round's tasks to the SuperNodes that serve the chosen clients and collects their updates."""
+
+    grid: Grid
+    config: ExperimentConfig
+    client_names: list[str]
+    like: Mapping[str, torch.Tensor]  # the global adapter state: full-rank shapes for the replies
+    log: MetricsLog
+    console: RunConsole
+    round_timeout_s: float = 600.0
+    hello_timeout_s: float = 120.0
+    min_nodes: int = 1  # wait for this many clients to have a node before the first round
+    wait_for_nodes_s: float = 120.0
+    nodes: dict[str, int] = field(default_factory=dict)  # client name -> node id
+    refused: dict[int, str] = field(default_factory=dict)  # node id -> why it was refused
+
+    def connect(self, min_nodes: int, wait_s: float) -> None:
+        """Wait up to ``wait_s`` seconds until ``min_nodes`` nodes serve clients (fewer: go on with those)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.discover()
+            if len(self.nodes) >= min_nodes or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        served = ", ".join(f"{c}: node {n}" for c, n in sorted(self.nodes.items()))
+        self.console.print(f"flower: {len(self.nodes)} of {len(self.client_names)} clients have a SuperNode ({served})")
+
+    def discover(self, round_num: int = 0) -> None:
+        """Handshake with every connected node not yet known; forget nodes that left."""
+        connected = set(self.grid.get_node_ids())
+        self.nodes = {c: n for c, n in self.nodes.items() if n in connected}
+        new = [n for n in connected if n not in self.nodes.values() and n not in self.refused]
+        if not new:
+            return
+        messages = [Message(hello_content(self.config), dst_node_id=n, message_type=HELLO) for n in new]
+        for reply in self.grid.send_and_receive(messages, timeout=self.hello_timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self._refuse(node, reply.error.reason, round_num)
+                continue
+            info = meta(reply.content)
+            client = info["client_id"]
+            if client in self.nodes and self.nodes[client] != node:
+                self._refuse(node, f"client {client} is already served by node {self.nodes[client]}", round_num)
+                continue
+            self.nodes[client] = node
+            self.log.append({"round": round_num, "split": "flower", "event": "joined", "node": str(node), "client": client})
+
+    def _refuse(self, node: int, reason: str, round_num: int) -> None:
+        self.refused[node] = reason
+        self.console.print(f"[red]flower: node {node} refused: {reason}[/red]")
+        self.log.append({"round": round_num, "split": "flower", "event": "refused", "node": str(node), "reason": reason})
+
+    def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        """One train message per task; missing or failed replies become failures naming the client."""
+        round_num = next(iter(tasks.values())).plan.round if tasks else 0
+        if not self.nodes and not self.refused:
+            self.connect(self.min_nodes, self.wait_for_nodes_s)
+        self.discover(round_num)
+        results: list[ClientUpdate | ClientFailure] = []
+        sent: dict[int, str] = {}
+        messages = []
+        for client, task in tasks.items():
+            node = self.nodes.get(client)
+            if node is None:
+                results.append(ClientFailure(client, round_num, f"no SuperNode serves client {client}"))
+                continue
+            sent[node] = client
+            messages.append(Message(task_content(client, task, self.config), dst_node_id=node, message_type=TRAIN))
+        started = time.monotonic()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout_s)) if messages else []
+        waited = time.monotonic() - started
+        answered: set[int] = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            client = sent.get(node)
+            if client is None:
+                continue
+            answered.add(node)
+            if reply.has_error():
+                results.append(ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}"))
+            else:
+                results.append(update_from_content(reply.content, self.like))
+        for node, client in sent.items():
+            if node not in answered:
+                why = (f"did not reply within {self.round_timeout_s:g}s" if waited >= self.round_timeout_s
+                       else "left the federation (no reply; the node died or lost its connection)")
+                results.append(ClientFailure(client, round_num, f"client {client} (node {node}) {why}"))
+        order = {client: i for i, client in enumerate(tasks)}  # the simulation's order: float sums do not commute
+        return sorted(results, key=lambda r: order[r.client_id])
+
+    def summary(self) -> dict[str, Any]:
+        """Which node serves which client, and which nodes were refused."""
+        return {"nodes": {c: str(n) for c, n in self.nodes.items()}, "refused": {str(n): r for n, r in self.refused.items()}}
