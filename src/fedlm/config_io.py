@@ -98,3 +98,13 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
 def save_config(config: ExperimentConfig, path: Path) -> None:
     """Write the resolved config as YAML (it loads back to an equal config)."""
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def flatten_keys(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config mapping as ``{"section.key": value}`` (what --resume and the Flower config hash compare)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out

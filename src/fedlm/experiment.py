@@ -15,7 +15,7 @@ from fedlm.aggregation.lora import build_lora_mode
 from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.config import ExperimentConfig
-from fedlm.config_io import config_to_dict
+from fedlm.config_io import config_to_dict, flatten_keys
 from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.errors import FedlmError
 from fedlm.evaluation.backdoor import BackdoorProbe, triggered_test_set
@@ -241,8 +241,8 @@ def check_resumable(run_dir: RunDir, config: ExperimentConfig) -> None:
     """Refuse to resume a run whose saved config differs from ``config`` (except the number of rounds)."""
     if not run_dir.config.is_file():
         raise FedlmError(f"--resume: {run_dir.config} is missing, so this folder holds no fedlm run")
-    saved = _flatten(yaml.safe_load(run_dir.config.read_text()))
-    now = _flatten(config_to_dict(config))
+    saved = flatten_keys(yaml.safe_load(run_dir.config.read_text()))
+    now = flatten_keys(config_to_dict(config))
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in _RESUMABLE_CHANGES)
     if changed:
         raise FedlmError(
@@ -250,11 +250,3 @@ def check_resumable(run_dir: RunDir, config: ExperimentConfig) -> None:
             "resume with the same config (only `federation.rounds` may grow) or start a new `output_dir`"
         )
 
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out

@@ -20,7 +20,7 @@ from safetensors.torch import load, save
 from fedlm.aggregation.base import ClientContext
 from fedlm.aggregation.lora.structure import wire_form
 from fedlm.config import ExperimentConfig
-from fedlm.config_io import config_to_dict
+from fedlm.config_io import config_to_dict, flatten_keys
 from fedlm.federation.trainer import ClientTask, LocalPlan
 from fedlm.federation.update import ClientUpdate, TensorDict
 
@@ -32,7 +32,7 @@ _LOCAL_KEYS = ("output_dir", "eval", "federation.rounds")
 
 def shared_config(config: ExperimentConfig) -> dict[str, Any]:
     """The flattened config every node must share with the server (all but output paths, eval and rounds)."""
-    flat = _flatten(config_to_dict(config))
+    flat = flatten_keys(config_to_dict(config))
     return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in _LOCAL_KEYS)}
 
 
@@ -46,14 +46,6 @@ def config_difference(server: Mapping[str, Any], node: Mapping[str, Any]) -> str
     keys = sorted(k for k in set(server) | set(node) if server.get(k) != node.get(k))
     return ", ".join(f"{k} (server {server.get(k)!r}, node {node.get(k)!r})" for k in keys)
 
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
