@@ -93,11 +93,12 @@ def part2(args: argparse.Namespace) -> list[dict[str, Any]]:
     for n in args.clients:
         k = None if n <= 10 else 2 * math.ceil(math.log2(n))
         base = {**model_overrides(args), "partition.method": "iid", "partition.num_clients": n, "partition.field": "null",
-                "data.max_train_examples": 8 * n, "federation.rounds": 1, "federation.local_steps": 1,
-                "federation.batch_size": 2, "federation.clients_per_round": n, "eval.every": 1, "eval.at_start": False,
+                "data.max_train_examples": 8 * n, "federation.rounds": 1, "federation.local_steps": args.overhead_steps,
+                "federation.batch_size": args.overhead_batch, "federation.clients_per_round": n, "eval.every": 1, "eval.at_start": False,
                 "eval.generate": False, "eval.max_examples": 8}
         for secure in (False, True):
-            folder = args.out / "overhead" / f"{n}-{'secagg' if secure else 'plain'}"
+            work = "" if (args.overhead_steps, args.overhead_batch) == (1, 2) else f"{args.overhead_steps}x{args.overhead_batch}-"
+            folder = args.out / "overhead" / f"{n}-{work}{'secagg' if secure else 'plain'}"
             if args.only_finished and not (folder / "adapter").is_dir():
                 continue
             items = dict(base)
@@ -106,7 +107,7 @@ def part2(args: argparse.Namespace) -> list[dict[str, Any]]:
             run_cli(folder, items)
             (agg,) = [r for r in read_metrics(folder) if r.get("split") == "aggregate"]
             m = agg["aggregation"]
-            rows.append({"clients": n, "secure": secure, "neighbours": k if secure else None, "round_time_s": agg["train_time_s"],
+            rows.append({"clients": n, "local_work": f"{args.overhead_steps} x batch {args.overhead_batch}", "secure": secure, "neighbours": k if secure else None, "round_time_s": agg["train_time_s"],
                          "protocol_s": (m.get("secagg_client_time_s", 0) + m.get("secagg_server_time_s", 0)) if secure else 0.0,
                          "aggregate_s": m["aggregate_time_s"],
                          "upload_bytes": agg["upload_bytes"], "download_bytes": agg["download_bytes"]})
@@ -132,20 +133,20 @@ def markdown(rows1: list[dict[str, Any]], rows2: list[dict[str, Any]], args: arg
             lines.append(f"| {r['setting']} | {r['loss']:.3f} | {fmt_eps(r['epsilon_client'])} | {fmt_eps(r['epsilon_sample'])} | "
                          f"{r['auc']:.3f} ({r['auc_score']}) | {tpr} | {r['round_time_s']:.0f} |")
     if rows2:
-        lines += ["", f"Part 2: one round, every client 1 local step of batch 2 on `{args.model}`; secure aggregation on the "
+        lines += ["", f"Part 2: one round on `{args.model}`, every client's local steps as given; secure aggregation on the "
                   "round's clients (bytes: all protocol messages, Flower-encoded, vs the plain safetensors upload).", "",
-                  "| clients | graph | round time plain (s) | round time SecAgg (s) | wall ratio | protocol compute (s) | all SecAgg work (s) | SecAgg work / plain round | bytes up+down plain (MiB) | bytes SecAgg (MiB) | bytes ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        by = {(r["clients"], r["secure"]): r for r in rows2}
-        for n in args.clients:
-            if (n, False) not in by or (n, True) not in by:
+                  "| clients | local steps | graph | round time plain (s) | round time SecAgg (s) | wall ratio | protocol compute (s) | all SecAgg work (s) | SecAgg work / plain round | bytes up+down plain (MiB) | bytes SecAgg (MiB) | bytes ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        by = {(r["clients"], r["local_work"], r["secure"]): r for r in rows2}
+        for n, work, secure in sorted(by):
+            if secure or (n, work, True) not in by:
                 continue
-            p, s = by[(n, False)], by[(n, True)]
+            p, s = by[(n, work, False)], by[(n, work, True)]
             pb, sb = p["upload_bytes"] + p["download_bytes"], s["upload_bytes"] + s["download_bytes"]
             graph = "all pairs (SecAgg)" if s["neighbours"] is None else f"k = {s['neighbours']} (SecAgg+)"
-            work = s["aggregate_s"] - p["aggregate_s"]  # encoding, the protocol (clients and server), decoding
-            lines.append(f"| {n} | {graph} | {p['round_time_s']:.1f} | {s['round_time_s']:.1f} | {s['round_time_s'] / p['round_time_s']:.3f} | "
-                         f"{s['protocol_s']:.1f} | {work:.1f} | {work / p['round_time_s']:.1%} | {pb / 2**20:.1f} | {sb / 2**20:.1f} | {sb / pb:.3f} |")
+            added = s["aggregate_s"] - p["aggregate_s"]  # encoding, the protocol (clients and server), decoding
+            lines.append(f"| {n} | {work} | {graph} | {p['round_time_s']:.1f} | {s['round_time_s']:.1f} | {s['round_time_s'] / p['round_time_s']:.3f} | "
+                         f"{s['protocol_s']:.1f} | {added:.1f} | {added / p['round_time_s']:.1%} | {pb / 2**20:.1f} | {sb / 2**20:.1f} | {sb / pb:.3f} |")
         lines += ["", "Round time includes every client's local training (sequential in the simulation). The protocol "
                   "compute is key agreement, Shamir sharing, masks and unmasking (clients' and server's); all SecAgg work "
                   "adds fixed-point encoding and decoding (the SecAgg run's aggregation time minus the plain run's). The "
@@ -163,11 +164,18 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--audit-examples", type=int, default=64)
     parser.add_argument("--clients", type=int, nargs="*", default=[10, 50, 100])
+    parser.add_argument("--overhead-steps", type=int, default=1, help="part 2: local steps per client")
+    parser.add_argument("--overhead-batch", type=int, default=2, help="part 2: batch size")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "privacy")
     parser.add_argument("--write-results", action="store_true")
     parser.add_argument("--only-finished", action="store_true", help="report the finished runs only, start none")
     args = parser.parse_args()
-    rows2 = part2(args) if args.part in ("2", "all") else []
+    rows2 = []
+    if args.part in ("2", "all"):
+        settings = [(args.overhead_steps, args.overhead_batch)] + ([(1, 2), (2, 4)] if args.only_finished else [])
+        for steps, batch in dict.fromkeys(settings):
+            args.overhead_steps, args.overhead_batch = steps, batch
+            rows2 += part2(args)
     rows1 = part1(args) if args.part in ("1", "all") else []
     publish(args.out, {"part1": rows1, "part2": rows2}, markdown(rows1, rows2, args), args.write_results, START, END,
             "Privacy (`benchmarks/privacy.py`)")
