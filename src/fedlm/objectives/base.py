@@ -95,17 +95,21 @@ class Objective(ABC):
         batch_size: int,
         advance: Callable[[int], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Per-example scores of the held-out set (default: summed NLL ``nll`` over ``num_tokens`` target tokens)."""
+        """Per-example scores of the held-out set, batch by batch through :meth:`score_batch` (no gradient)."""
         rows: list[dict[str, float]] = []
         with torch.no_grad():
             for start in range(0, len(test), batch_size):
-                chunk = [ex.tokens for ex in test[start : start + batch_size]]
-                batch = {k: v.to(device) for k, v in collate_for_loss(chunk, pad_id).items()}
-                logps, counts = sequence_logps(model, batch)
-                rows.extend({"nll": -lp, "num_tokens": n} for lp, n in zip(logps.tolist(), counts.tolist()))
+                chunk = test[start : start + batch_size]
+                rows.extend(self.score_batch(model, chunk, pad_id, device))
                 if advance is not None:
                     advance(len(chunk))
         return rows
+
+    def score_batch(self, model: torch.nn.Module, chunk: Sequence[TestExample], pad_id: int, device: torch.device) -> list[dict[str, float]]:
+        """Scores of one batch of held-out examples (default: summed NLL ``nll`` over ``num_tokens`` target tokens)."""
+        batch = {k: v.to(device) for k, v in collate_for_loss([ex.tokens for ex in chunk], pad_id).items()}
+        logps, counts = sequence_logps(model, batch)
+        return [{"nll": -lp, "num_tokens": n} for lp, n in zip(logps.tolist(), counts.tolist())]
 
     def summarize(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """A split's metrics from its examples' scores (default: token-mean loss and its perplexity)."""

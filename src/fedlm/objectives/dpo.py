@@ -168,31 +168,15 @@ class DPOObjective(Objective):
         losses, chosen, rejected = pair_rewards(model, batch, self.beta)
         return losses.mean(), reward_metrics(chosen, rejected)
 
-    def score(
-        self,
-        model: torch.nn.Module,
-        test: Sequence[TestExample],
-        pad_id: int,
-        device: torch.device,
-        batch_size: int,
-        advance: Callable[[int], None] | None = None,
-    ) -> list[dict[str, float]]:
-        rows: list[dict[str, float]] = []
-        with torch.no_grad():
-            for start in range(0, len(test), batch_size):
-                chunk = test[start : start + batch_size]
-                pairs = [PreferenceExample(ex.tokens, ex.rejected) for ex in chunk]
-                batch = {k: v.to(device) for k, v in self.collate(pairs, pad_id).items()}
-                ref, policy = reference_logps(model, batch), sequence_logps(model, batch)[0]  # (2B,) each
-                half = policy.shape[0] // 2
-                losses, chosen, rejected = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
-                prefers = (policy[:half] > policy[half:]).tolist()  # the model's own likelihood, no reference
-                for loss, c, r, own in zip(losses.tolist(), chosen.tolist(), rejected.tolist(), prefers):
-                    rows.append({"dpo_loss": loss, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r,
-                                 "prefers_chosen": float(own)})
-                if advance is not None:
-                    advance(len(chunk))
-        return rows
+    def score_batch(self, model: torch.nn.Module, chunk: Sequence[TestExample], pad_id: int, device: torch.device) -> list[dict[str, float]]:
+        pairs = [PreferenceExample(ex.tokens, ex.rejected) for ex in chunk]
+        batch = {k: v.to(device) for k, v in self.collate(pairs, pad_id).items()}
+        ref, policy = reference_logps(model, batch), sequence_logps(model, batch)[0]  # (2B,) each
+        half = policy.shape[0] // 2
+        losses, chosen, rejected = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
+        prefers = (policy[:half] > policy[half:]).tolist()  # the model's own likelihood, no reference
+        return [{"dpo_loss": loss, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r, "prefers_chosen": float(own)}
+                for loss, c, r, own in zip(losses.tolist(), chosen.tolist(), rejected.tolist(), prefers)]
 
     def summarize(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         n = max(len(rows), 1)
