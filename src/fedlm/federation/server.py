@@ -119,7 +119,7 @@ class ServerLoop:
         lrs = round_lrs(self.config, round_num)
         tasks = {c: self._task(c, state, round_num, lrs) for c in chosen}
         started = time.perf_counter()
-        results = self.runtime.train_clients(tasks)
+        results = self._train_with_retries(tasks, round_num)
         updates = [r for r in results if isinstance(r, ClientUpdate)]
         failures = [r for r in results if isinstance(r, ClientFailure)]
         traffic = self._traffic(state, tasks, updates)
@@ -139,7 +139,7 @@ class ServerLoop:
             self.log.append({"round": round_num, "split": "train", "client": update.client_id, "num_examples": update.num_examples,
                              "rank": tasks[update.client_id].plan.rank or self.lora.full_rank, **traffic[update.client_id], **update.metrics})
         skipped = len(accepted) < fed.min_clients
-        if not accepted and failures:
+        if not accepted and failures and not all(f.unreachable for f in failures):
             raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
         metrics: dict[str, Any] = {}
         if not skipped and secure is not None:
@@ -167,6 +167,27 @@ class ServerLoop:
             metrics["delta"] = self.dp_account.delta
         self._log_round(round_num, chosen, accepted, failures, skipped, train_time, traffic, metrics)
         return state
+
+    def _train_with_retries(self, tasks: dict[str, ClientTask], round_num: int) -> list[ClientUpdate | ClientFailure]:
+        """The runtime's results for ``tasks``; while fewer than ``federation.min_clients`` updates arrived, the failed
+        clients' same tasks (same seeds, so a retried client trains exactly as it would have) are sent again, up to
+        ``federation.round_retries`` times, ``federation.retry_wait_s`` apart. Each retry is logged (``split: retry``)."""
+        fed = self.config.federation
+        results = self.runtime.train_clients(tasks)
+        for attempt in range(1, fed.round_retries + 1):
+            failed = [r.client_id for r in results if isinstance(r, ClientFailure)]
+            if not failed or len(results) - len(failed) >= fed.min_clients:
+                break
+            self.console.print(f"[yellow]round {round_num}: {len(results) - len(failed)} of {fed.min_clients} needed updates; "
+                               f"retry {attempt}/{fed.round_retries} for {', '.join(failed)}[/yellow]")
+            self.log.append({"round": round_num, "split": "retry", "attempt": attempt, "clients": failed,
+                             "reasons": {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}})
+            time.sleep(fed.retry_wait_s)
+            again = {r.client_id: r for r in self.runtime.train_clients({c: tasks[c] for c in failed})}
+            results = [again.get(r.client_id, r) for r in results]
+            order = {c: i for i, c in enumerate(tasks)}  # the tasks' order, as without a retry: float sums do not commute
+            results.sort(key=lambda r: order.get(r.client_id, len(order)))
+        return results
 
     def _server_update(self, state: TensorDict, round_num: int, lrs: list[float]) -> float:
         """Train on the server's root set from the global state (FLTrust's g_0) and hand it to the aggregator."""

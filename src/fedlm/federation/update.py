@@ -40,3 +40,4 @@ class ClientFailure:
     client_id: str
     round: int
     reason: str
+    unreachable: bool = False  # no reply at all (a node died, timed out or has no SuperNode), not a failed training

@@ -27,7 +27,7 @@ from fedlm.federation.update import ClientUpdate, TensorDict
 HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client name handshake; one round's training
 META = "meta"
 # Keys that may differ between the server's and a node's config: where outputs go and the server-only evaluation.
-_LOCAL_KEYS = ("output_dir", "eval", "federation.rounds")
+_LOCAL_KEYS = ("output_dir", "eval", "federation.rounds", "federation.round_retries", "federation.retry_wait_s")
 
 
 def shared_config(config: ExperimentConfig) -> dict[str, Any]:

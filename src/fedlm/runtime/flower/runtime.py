@@ -4,7 +4,9 @@ Every SuperNode serves one client (its ``partition-id``). New nodes get a handsh
 server's config hash; a node whose config differs, or whose partition is outside the federation, answers with an
 error naming the difference and is refused (logged in ``metrics.jsonl`` as a ``split: "flower"`` record). A train
 message that gets no reply within ``round_timeout_s`` (the node died or hangs) or an error reply becomes a
-:class:`ClientFailure` naming the client, and the server loop's ``federation.min_clients`` rule decides the round.
+:class:`ClientFailure` naming the client, and the server loop's ``federation.min_clients`` rule decides the round
+(retried with ``federation.round_retries``, else skipped). A node that did not reply is forgotten: a SuperNode
+restarted for the same client (a new node id) is greeted at the next round or retry and serves it from then on.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class FlowerRuntime:
     wait_for_nodes_s: float = 120.0
     nodes: dict[str, int] = field(default_factory=dict)  # client name -> node id
     refused: dict[int, str] = field(default_factory=dict)  # node id -> why it was refused
+    gone: set[int] = field(default_factory=set)  # nodes that did not reply to a train message (never greeted again)
 
     def connect(self, min_nodes: int, wait_s: float) -> None:
         """Wait up to ``wait_s`` seconds until ``min_nodes`` nodes serve clients (fewer: go on with those)."""
@@ -58,7 +61,7 @@ class FlowerRuntime:
         """Handshake with every connected node not yet known; forget nodes that left."""
         connected = set(self.grid.get_node_ids())
         self.nodes = {c: n for c, n in self.nodes.items() if n in connected}
-        new = [n for n in connected if n not in self.nodes.values() and n not in self.refused]
+        new = [n for n in connected if n not in self.nodes.values() and n not in self.refused and n not in self.gone]
         if not new:
             return
         messages = [Message(hello_content(self.config), dst_node_id=n, message_type=HELLO) for n in new]
@@ -92,7 +95,7 @@ class FlowerRuntime:
         for client, task in tasks.items():
             node = self.nodes.get(client)
             if node is None:
-                results.append(ClientFailure(client, round_num, f"no SuperNode serves client {client}"))
+                results.append(ClientFailure(client, round_num, f"no SuperNode serves client {client}", unreachable=True))
                 continue
             sent[node] = client
             messages.append(Message(task_content(client, task, self.config), dst_node_id=node, message_type=TRAIN))
@@ -114,7 +117,10 @@ class FlowerRuntime:
             if node not in answered:
                 why = (f"did not reply within {self.round_timeout_s:g}s" if waited >= self.round_timeout_s
                        else "left the federation (no reply; the node died or lost its connection)")
-                results.append(ClientFailure(client, round_num, f"client {client} (node {node}) {why}"))
+                results.append(ClientFailure(client, round_num, f"client {client} (node {node}) {why}", unreachable=True))
+                self.gone.add(node)
+                if self.nodes.get(client) == node:
+                    del self.nodes[client]
         order = {client: i for i, client in enumerate(tasks)}  # the simulation's order: float sums do not commute
         return sorted(results, key=lambda r: order[r.client_id])
 
