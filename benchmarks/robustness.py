@@ -62,8 +62,8 @@ def calibrate_norm_bound(args: argparse.Namespace) -> float:
     return statistics.median(r["aggregation"]["update_norm_median"] for r in rounds)
 
 
-def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int, max_norm: float) -> dict[str, Any]:
-    """Run (or reuse) one cell and read its outcome."""
+def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int, max_norm: float) -> dict[str, Any] | None:
+    """Run (or reuse) one cell and read its outcome (``None``: not run yet and ``--cached-only``)."""
     name = f"{defence}-{attack or 'none'}-{count if attack else 0}"
     items = {**base_overrides(args), "aggregation.name": defence}
     params = {**DEFENCES[defence], **({"max_norm": max_norm} if defence == "norm_bound" else {})}
@@ -72,6 +72,8 @@ def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int,
         items["attack.name"], items["attack.clients"] = attack, ATTACKERS[count]
         items.update({f"attack.{k}": v for k, v in ATTACKS[attack].items()})
     folder = args.out / name
+    if args.cached_only and not (folder / "adapter").is_dir():
+        return None
     run_cli(folder, items)
     records = read_metrics(folder)
     final = max(r["round"] for r in records if r.get("split") == "global_test")
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--only-defences", nargs="*")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness")
     parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--cached-only", action="store_true", help="report the finished cells, run none")
     args = parser.parse_args()
     max_norm = calibrate_norm_bound(args)
     results = []
@@ -152,12 +155,14 @@ def main() -> None:
         for defence in defences:
             for attack in args.only_attacks or FULL_MATRIX:
                 results.append(cell(args, defence, attack, count, max_norm))
+    results = [r for r in results if r is not None]
     known = {(r["defence"], r["attack"], r["malicious"]) for r in results}
     for folder in sorted(args.out.glob("*-*-*")):  # cells of earlier invocations (other --only-* choices)
         defence, rest = folder.name.split("-", 1)
         attack, count = rest.rsplit("-", 1)
         if (folder / "adapter").is_dir() and defence in DEFENCES and (defence, attack, int(count)) not in known:
             results.append(cell(args, defence, None if attack == "none" else attack, int(count), max_norm))
+    results = [r for r in results if r is not None]
     publish(args.out, results, markdown(results, args, max_norm), args.write_results, START, END,
             "Robustness (`benchmarks/robustness.py`)")
 
