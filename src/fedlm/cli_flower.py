@@ -2,6 +2,7 @@
 
     fedlm flower superlink [--host 0.0.0.0] [--port 9093]                      # on the server machine
     fedlm flower supernode CONFIG.yaml --partition-id K --superlink HOST:9093  # on each client machine
+        [--data /local/train.jsonl]                                            # partition.method node_local
     fedlm flower run CONFIG.yaml --superlink HOST:9093 [--resume]             # from anywhere: starts the run
 
 ``superlink`` and ``supernode`` replace themselves with Flower's own ``flower-superlink`` / ``flower-supernode``
@@ -82,18 +83,24 @@ def supernode(
     port: Annotated[int, typer.Option(help="this node's local ClientApp API port (one per node on a machine)")] = 9094,
     ca_cert: CaOpt = None,
     private_key: Annotated[Path | None, typer.Option("--private-key", help="this node's private key (node authentication)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="partition.method node_local: this node's own training data (sets data.train)")] = None,
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Start a Flower SuperNode serving one client; a partition id outside the federation is refused here."""
+    if data is not None:
+        set_ = [*(set_ or []), f"data.train={data.resolve()}"]
 
     def action() -> None:
         from fedlm.config_io import load_config  # noqa: PLC0415
-        from fedlm.runtime.flower.client_app import client_names, client_of  # noqa: PLC0415
+        from fedlm.runtime.flower.client_app import check_local_data, client_names, client_of  # noqa: PLC0415
         from fedlm.runtime.flower.launch import supernode_command  # noqa: PLC0415
 
         cfg = load_config(config, set_ or [])
         client = client_of(partition_id, client_names(cfg))
+        if cfg.partition.method == "node_local":
+            count = check_local_data(cfg)
+            typer.echo(f"supernode: client {client} trains on its own {count} records of {cfg.data.train}", err=True)
         if private_key is not None and not private_key.is_file():
             raise FedlmError(f"--private-key {str(private_key)!r} does not exist")
         local = config

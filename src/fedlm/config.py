@@ -135,16 +135,31 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    """How the training (and test) examples are split among clients."""
+    """How the training (and test) examples are split among clients; ``node_local``: they are not split, each client's
+    SuperNode reads its own ``data.train`` (Flower runtime) and the server holds only ``data.test``."""
 
-    method: Literal["iid", "dirichlet", "by_field", "quantity"] = "by_field"
-    num_clients: int | None = Field(None, ge=1, description="required except for by_field")
+    method: Literal["iid", "dirichlet", "by_field", "quantity", "node_local"] = "by_field"
+    num_clients: int | None = Field(None, ge=1, description="required for iid, dirichlet and quantity")
+    clients: list[str] | None = Field(
+        None, description="node_local: the federation's client names (a SuperNode's partition-id K serves clients[K])"
+    )
     field: str | None = "domain"
     alpha: float = Field(0.5, gt=0.0)
     min_examples: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _needs(self) -> PartitionConfig:
+        if self.method == "node_local":
+            if not self.clients:
+                raise ValueError("`partition.clients` is required for `partition.method: node_local`: the federation's client names")
+            repeated = sorted({c for c in self.clients if self.clients.count(c) > 1})
+            if repeated:
+                raise ValueError(f"`partition.clients` names {', '.join(repeated)} more than once")
+            if self.num_clients is not None and self.num_clients != len(self.clients):
+                raise ValueError(f"`partition.num_clients` ({self.num_clients}) differs from the {len(self.clients)} names in `partition.clients`")
+            return self
+        if self.clients is not None:
+            raise ValueError(f"`partition.clients` is only for `partition.method: node_local` (got method {self.method})")
         if self.method != "by_field" and self.num_clients is None:
             raise ValueError(f"`partition.num_clients` is required for `partition.method: {self.method}`")
         if self.method in ("by_field", "dirichlet") and not self.field:
@@ -353,7 +368,11 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        if self.partition.method == "node_local":
+            self._node_local_checks()
         n, k = self.partition.num_clients, self.federation.clients_per_round
+        if self.partition.clients is not None:
+            n = len(self.partition.clients)
         if n is not None and k is not None and k > n:
             raise ValueError(
                 f"`federation.clients_per_round` must be <= `partition.num_clients` ({n}), got {k}"
@@ -369,3 +388,21 @@ class ExperimentConfig(Section):
                 f"`federation.clients_per_round` ({k})"
             )
         return self
+
+    def _node_local_checks(self) -> None:
+        """``partition.method: node_local``: the data is on the SuperNodes; refuse what needs it on the server."""
+        why = "with `partition.method: node_local` (each client's data stays on its SuperNode; the server has none)"
+        if self.federation.runtime != "flower":
+            raise ValueError(f"`federation.runtime` must be flower {why}; to simulate, put the clients' data in one file "
+                             "with a client column and use `partition.method: by_field`")
+        if self.data.test is None:
+            raise ValueError(f"`data.test` is required {why}: the server evaluates on its own held-out set, "
+                             "e.g. `data.test: embedded:wordnet_defs/test`")
+        if self.attack.name is not None:
+            raise ValueError(f"`attack.name` cannot be used {why}: the attack harness rewrites clients' data or updates in the "
+                             "simulation; run attacks with a split of one dataset (`partition.method: by_field` or iid)")
+        if self.eval.audit is not None:
+            raise ValueError(f"`eval.audit` cannot be used {why}: the audit needs the members' training examples")
+        if self.privacy.sample_dp is not None and self.privacy.sample_dp.target_epsilon is not None:
+            raise ValueError(f"`privacy.sample_dp.target_epsilon` cannot be solved {why}: it needs the smallest client's "
+                             "dataset size; give `privacy.sample_dp.noise_multiplier` (each client logs its own epsilon)")

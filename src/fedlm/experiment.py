@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 from peft import PeftModel
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlm.aggregation.base import Aggregator, TrainerHook, build_aggregator
 from fedlm.aggregation.lora import build_lora_mode
@@ -16,6 +16,7 @@ from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.config import ExperimentConfig
 from fedlm.config_io import config_to_dict, flatten_keys
+from fedlm.data.node_local import node_data, server_data
 from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.errors import FedlmError
 from fedlm.evaluation.backdoor import BackdoorProbe, triggered_test_set
@@ -99,8 +100,12 @@ class Session:
         )
 
 
-def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
-    """Load the base model once, attach the adapter, read, partition and tokenize the data."""
+def build_session(config: ExperimentConfig, console: RunConsole, node_client: str | None = None) -> Session:
+    """Load the base model once, attach the adapter, read, partition and tokenize the data.
+
+    With ``partition.method: node_local`` there is no partition: the server's session (``node_client`` None) has the
+    test set and no client data, a SuperNode's session (``node_client``: the client it serves) has that client's
+    examples from its own ``data.train`` (:mod:`fedlm.data.node_local`)."""
     loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31)
     console.print(f"model {config.model.name}: {loaded.dtype} on {loaded.device}")
     model = attach_adapter(
@@ -110,10 +115,7 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
         load_init_adapter(model, config.peft, Path(config.model.init_adapter))
         console.print(f"adapter starts from {config.model.init_adapter}")
     objective = objective_of(config)
-    data = prepare_federated_data(
-        config.data, config.partition, config.eval, loaded.tokenizer, config.seed,
-        compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config), objective,
-    )
+    data = _federated_data(config, loaded.tokenizer, objective, node_client)
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:
         raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
@@ -121,13 +123,30 @@ def build_session(config: ExperimentConfig, console: RunConsole) -> Session:
     if config.eval.audit is not None:
         audit_client(config.eval.audit, data.client_names)  # refuse an unknown `eval.audit.canary_client` now
     attack = build_attack_plan(config, data.client_names)
-    sizes = ", ".join(f"{c}: {len(data.client_train[c])}" for c in data.client_names)
+    sizes = ", ".join(f"{c}: {len(data.client_train[c])}" if c in data.client_train else c for c in data.client_names)
+    if config.partition.method == "node_local" and node_client is None:
+        sizes = ", ".join(data.client_names) + ": data on their SuperNodes"
     unit = {"clm": "blocks", "dpo": "pairs"}.get(objective.name, "examples")
     console.print(f"{n} clients ({sizes}); {len(data.test)} test {unit}; objective {objective.name}")
     if attack is not None:
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
-    sample_dp = sample_dp_settings(config, {c: len(data.client_train[c]) for c in data.client_names})  # solves a target epsilon
+    sample_dp = sample_dp_settings(config, {c: len(data.client_train.get(c, [])) for c in data.client_names})  # solves a target epsilon
     return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp, objective)
+
+
+def _federated_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, objective: Objective, node_client: str | None) -> FederatedData:
+    """The run's data: a partition of one dataset, or (``node_local``) the server's test set or one node's client."""
+    if config.partition.method != "node_local":
+        return prepare_federated_data(
+            config.data, config.partition, config.eval, tokenizer, config.seed,
+            compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config), objective,
+        )
+    if root_set_size(config) > 0:
+        raise FedlmError(f"`aggregation.name: {config.aggregation.name}` trains on a server root set drawn from the clients' "
+                         "data, which `partition.method: node_local` keeps on the SuperNodes; choose another aggregator")
+    if node_client is None:
+        return server_data(config.data, config.partition, config.eval, tokenizer, config.seed, objective)
+    return node_data(config.data, config.partition, tokenizer, config.seed, objective, node_client)
 
 
 def root_set_size(config: ExperimentConfig) -> int:

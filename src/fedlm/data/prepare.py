@@ -64,7 +64,7 @@ def load_split_records(data: DataConfig, seed: int) -> tuple[list[Record], list[
         test = [train[i] for i in sorted(order[:cut])]
         train = [train[i] for i in sorted(order[cut:])]
     if data.max_train_examples is not None and len(train) > data.max_train_examples:
-        train = _subsample(train, data.max_train_examples, derive_seed(seed, "train-subsample"))
+        train = subsample(train, data.max_train_examples, derive_seed(seed, "train-subsample"))
     return train, test
 
 
@@ -94,7 +94,7 @@ def prepare_federated_data(
         objective = build_objective("sft")
     train_records, test_records = load_split_records(data, seed)
     if evaluation.max_examples is not None and len(test_records) > evaluation.max_examples:
-        test_records = _subsample(test_records, evaluation.max_examples, derive_seed(seed, "eval-subsample"))
+        test_records = subsample(test_records, evaluation.max_examples, derive_seed(seed, "eval-subsample"))
     objective.check_records(train_records, "data.train", data)
     objective.check_records(test_records, "data.test", data)
     train_part = split_among_clients(train_records, partition, seed)
@@ -110,7 +110,7 @@ def prepare_federated_data(
     test = objective.test_examples(test_records, tokenizer, data, test_owner, "data.test")
     root: list[Any] = []
     if root_size > 0:
-        picked = _subsample(train_records, min(root_size, len(train_records)), derive_seed(seed, "root-set"))
+        picked = subsample(train_records, min(root_size, len(train_records)), derive_seed(seed, "root-set"))
         root = objective.train_examples(picked, tokenizer, data, "the server's root set", ["root-set example"] * len(picked))
     return FederatedData(client_names=list(train_part.client_names), client_train=client_train, test=test, root=root)
 
@@ -178,6 +178,7 @@ def assign_test_shares(
     return owner
 
 
-def _subsample(records: list[Record], count: int, seed: int) -> list[Record]:
+def subsample(records: list[Record], count: int, seed: int) -> list[Record]:
+    """``count`` of ``records`` drawn without replacement with ``seed``, in their original order."""
     keep = np.random.default_rng(seed % 2**32).choice(len(records), size=count, replace=False)
     return [records[i] for i in sorted(keep)]

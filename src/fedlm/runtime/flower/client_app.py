@@ -1,8 +1,9 @@
 """fedlm's Flower ClientApp: one SuperNode serves one client, trains it with the simulation's ``ClientTrainer``.
 
 The node's ``--node-config`` names its client: ``partition-id=K`` is the K-th client of the config's partition
-(the simulation's client order), and optionally ``fedlm-config="/path/local.yaml"`` gives the node's own copy of
-the config (its model and data paths; default: the config embedded in the app bundle). Flower starts a fresh
+(the simulation's client order; ``partition.method: node_local``: ``partition.clients[K]``), and optionally
+``fedlm-config="/path/local.yaml"`` gives the node's own copy of the config (its model and data paths; default: the
+config embedded in the app bundle). With ``node_local`` the node trains on its own ``data.train`` only. Flower starts a fresh
 ClientApp process for every message, so each train message loads the base model (from the local safetensors cache
 for GGUF models, see :mod:`fedlm.models.gguf_cache`) and the node's partition; the load time is reported in the
 update's metrics (``model_load_s``, ``setup_s``) and lands in ``metrics.jsonl``. A client's memory (e.g.
@@ -43,11 +44,23 @@ def node_config_of(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
 
 
 def client_names(config: ExperimentConfig) -> list[str]:
-    """The federation's client names in partition order, without loading a model."""
+    """The federation's client names in partition order, without loading a model (``node_local``: the config's list)."""
+    if config.partition.method == "node_local":
+        return list(config.partition.clients or [])
     from fedlm.data.prepare import load_split_records, split_among_clients  # noqa: PLC0415 - keep the import light
 
     train, _ = load_split_records(config.data, config.seed)
     return split_among_clients(train, config.partition, config.seed).client_names
+
+
+def check_local_data(config: ExperimentConfig) -> int:
+    """``node_local``: the node's own ``data.train`` can be read and fits the objective; its record count."""
+    from fedlm.data.readers import read_records  # noqa: PLC0415
+    from fedlm.objectives import objective_of  # noqa: PLC0415 - the registry imports torch
+
+    records = read_records(config.data.train, "data.train")
+    objective_of(config).check_records(records, "data.train", config.data)
+    return len(records)
 
 
 def client_of(partition_id: Any, names: list[str]) -> str:
@@ -94,8 +107,8 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     try:
         config = node_config_of(context.node_config, context.run_config)
-        session, load_s = _session(config)
-        client = client_of(context.node_config.get("partition-id"), session.data.client_names)
+        client = client_of(context.node_config.get("partition-id"), client_names(config))
+        session, load_s = _session(config, client)
         memory = unpack_tensors(context.state.array_records[MEMORY]) if MEMORY in context.state.array_records else {}
         wanted, server_hash, task = task_from_content(msg.content, memory, session.initial_state)
         if server_hash != config_hash(config):
@@ -116,10 +129,10 @@ def train(msg: Message, context: Context) -> Message:
     return Message(update_content(update, task.plan.rank), reply_to=msg)
 
 
-def _session(config: ExperimentConfig) -> tuple[Any, float]:
+def _session(config: ExperimentConfig, client: str) -> tuple[Any, float]:
     """The node's session (base model with adapter, its data) and the seconds the base model took to load."""
     from fedlm.experiment import build_session  # noqa: PLC0415 - heavy imports only where training happens
     from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
 
-    session = build_session(config, RunConsole(quiet=True))
+    session = build_session(config, RunConsole(quiet=True), node_client=client if config.partition.method == "node_local" else None)
     return session, session.loaded.load_s

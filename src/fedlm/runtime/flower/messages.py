@@ -30,10 +30,16 @@ META = "meta"
 _LOCAL_KEYS = ("output_dir", "eval", "federation.rounds", "federation.round_retries", "federation.retry_wait_s")
 
 
+# With ``partition.method: node_local`` each node's data paths are its own (the tokenization settings stay shared).
+_NODE_DATA_KEYS = ("data.train", "data.test", "data.max_train_examples", "data.test_fraction")
+
+
 def shared_config(config: ExperimentConfig) -> dict[str, Any]:
-    """The flattened config every node must share with the server (all but output paths, eval and rounds)."""
+    """The flattened config every node must share with the server (all but output paths, eval, rounds and the
+    server's retry settings; with ``node_local``, also the data paths)."""
     flat = flatten_keys(config_to_dict(config))
-    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in _LOCAL_KEYS)}
+    local = _LOCAL_KEYS + (_NODE_DATA_KEYS if config.partition.method == "node_local" else ())
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in local)}
 
 
 def config_hash(config: ExperimentConfig) -> str:

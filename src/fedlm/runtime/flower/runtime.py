@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedlm.config import ExperimentConfig
@@ -26,6 +27,12 @@ from fedlm.federation.update import ClientFailure, ClientUpdate
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.runtime.flower.messages import HELLO, TRAIN, hello_content, meta, task_content, update_from_content
+
+
+# Flower's error replies that mean the message never reached a live ClientApp (not a failed training): the node is
+# unavailable or the message or its reply expired; and a ClientApp process that crashed (e.g. out of memory).
+_NODE_GONE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
+_UNREACHABLE = _NODE_GONE | {ErrorCode.CLIENT_APP_CRASHED}
 
 
 @dataclass
@@ -110,7 +117,10 @@ class FlowerRuntime:
                 continue
             answered.add(node)
             if reply.has_error():
-                results.append(ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}"))
+                code = reply.error.code
+                results.append(ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}", unreachable=code in _UNREACHABLE))
+                if code in _NODE_GONE:
+                    self._forget(client, node)
             else:
                 results.append(update_from_content(reply.content, self.like))
         for node, client in sent.items():
@@ -118,11 +128,15 @@ class FlowerRuntime:
                 why = (f"did not reply within {self.round_timeout_s:g}s" if waited >= self.round_timeout_s
                        else "left the federation (no reply; the node died or lost its connection)")
                 results.append(ClientFailure(client, round_num, f"client {client} (node {node}) {why}", unreachable=True))
-                self.gone.add(node)
-                if self.nodes.get(client) == node:
-                    del self.nodes[client]
+                self._forget(client, node)
         order = {client: i for i, client in enumerate(tasks)}  # the simulation's order: float sums do not commute
         return sorted(results, key=lambda r: order[r.client_id])
+
+    def _forget(self, client: str, node: int) -> None:
+        """``node`` left: never greet it again; a new node may serve ``client``."""
+        self.gone.add(node)
+        if self.nodes.get(client) == node:
+            del self.nodes[client]
 
     def summary(self) -> dict[str, Any]:
         """Which node serves which client, and which nodes were refused."""
