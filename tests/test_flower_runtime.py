@@ -178,6 +178,33 @@ def test_a_supernode_killed_in_round_2_and_a_mismatched_node(tmp_path: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_supernode_restarted_in_round_2_is_retried_and_the_run_ends_as_if_nothing_failed(
+    tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]
+) -> None:
+    from fedlm.runtime.flower.local import kill_tree  # noqa: PLC0415
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir, federation={"min_clients": 3, "round_retries": 4, "retry_wait_s": 10}))
+    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
+    try:
+        fed.start()
+        run = fed.run("--round-timeout", "300")
+        wait_for(lambda: _round_done(run_dir, 1) or run.poll() is not None, 600, "round 1")
+        kill_tree(fed.nodes[2])  # client "2" dies; Flower reports its node unavailable after the heartbeat patience
+        fed.start_node(2)  # and comes back as a new node
+        code = run.wait(timeout=900)
+        assert code == 0 and _finished(run_dir), _logs(fed)
+    finally:
+        fed.stop()
+    assert_same_adapter(adapter(run_dir), simulation_adapter)  # the retried client trained its same task
+    rows = records(run_dir)
+    retries = [r for r in rows if r["split"] == "retry"]
+    assert retries and {r["round"] for r in retries} == {2} and retries[0]["clients"] == ["2"], retries
+    round2 = next(r for r in rows if r["split"] == "aggregate" and r["round"] == 2)
+    assert round2["num_updates"] == 3 and not round2["skipped"] and round2["rejected"] == []
+
+
+@pytest.mark.slow
 def test_server_killed_after_round_1_resumes_to_the_uninterrupted_adapter(
     tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]
 ) -> None:

@@ -52,6 +52,7 @@ class FlowerRuntime:
     nodes: dict[str, int] = field(default_factory=dict)  # client name -> node id
     refused: dict[int, str] = field(default_factory=dict)  # node id -> why it was refused
     gone: set[int] = field(default_factory=set)  # nodes that did not reply to a train message (never greeted again)
+    standby: set[int] = field(default_factory=set)  # nodes for a client another node serves (e.g. a restarted node)
 
     def connect(self, min_nodes: int, wait_s: float) -> None:
         """Wait up to ``wait_s`` seconds until ``min_nodes`` nodes serve clients (fewer: go on with those)."""
@@ -79,9 +80,13 @@ class FlowerRuntime:
                 continue
             info = meta(reply.content)
             client = info["client_id"]
-            if client in self.nodes and self.nodes[client] != node:
-                self._refuse(node, f"client {client} is already served by node {self.nodes[client]}", round_num)
+            if client in self.nodes and self.nodes[client] != node:  # greeted again later: it takes over if the other leaves
+                if node not in self.standby:
+                    self.standby.add(node)
+                    self.console.print(f"[yellow]flower: node {node} also serves client {client} (node {self.nodes[client]}); on standby[/yellow]")
+                    self.log.append({"round": round_num, "split": "flower", "event": "standby", "node": str(node), "client": client})
                 continue
+            self.standby.discard(node)
             self.nodes[client] = node
             self.log.append({"round": round_num, "split": "flower", "event": "joined", "node": str(node), "client": client})
 
