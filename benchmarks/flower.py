@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def run_flower(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
     out = work / "flower"
     cfg = work / "flower.yaml"
     cfg.write_text(yaml.safe_dump(build_config(args, out, "flower")))
-    fed = LocalFederation(work / "fed", cfg, list(range(args.clients)))
+    fed = LocalFederation(work / "fed", cfg, list(range(args.clients)), node_threads=args.node_threads)
     try:
         fed.start()
         started = time.perf_counter()
@@ -79,11 +80,16 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
     trains = [r for r in read_metrics(flower) if r["split"] == "train"]
     a, b = load_file(str(sim / "adapter" / "adapter_model.safetensors")), load_file(str(flower / "adapter" / "adapter_model.safetensors"))
     return {
-        "model": args.model, "clients": args.clients, "rounds": args.rounds, "local_steps": args.steps,
+        "model": args.model, "clients": args.clients, "rounds": args.rounds, "local_steps": args.steps, "node_threads": args.node_threads,
         "simulation_round_s": rounds(sim), "flower_round_s": rounds(flower),
         "overhead_per_round_s": statistics.mean(rounds(flower)) - statistics.mean(rounds(sim)),
         "model_load_s_per_message": statistics.mean(r["model_load_s"] for r in trains),
         "setup_s_per_message": statistics.mean(r["setup_s"] for r in trains),
+        "process_start_s_per_message": statistics.mean(r.get("process_start_s", float("nan")) for r in trains),
+        "local_train_s_per_message": statistics.mean(r.get("local_train_s", float("nan")) for r in trains),
+        # the server's wait beyond its slowest ClientApp: messaging through the SuperLink and Flower's polling
+        "transport_s_per_round": statistics.mean(
+            t - max(r.get("clientapp_s", float("nan")) for r in trains if r["round"] == i + 1) for i, t in enumerate(rounds(flower))),
         "simulation_total_s": sim_s, "flower_total_s": flower_s,
         "adapter_max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
     }
@@ -97,17 +103,21 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
     lines = [
         "One SuperLink and one SuperNode per client, all on this 2-core machine (127.0.0.1), against the in-process "
         "simulation of the same config and seed; evaluation only after the last round. Train time per round is the "
-        "server's, from sending the tasks to holding every update; a ClientApp message is a fresh process (Flower).",
+        "server's, from sending the tasks to holding every update; a ClientApp message is a fresh process (Flower). The "
+        "simulation trains the clients one after the other on all cores; the SuperNodes train at once, sharing the cores "
+        "(`--node-threads` each), as separate machines would not.",
         "",
-        "| model | clients x rounds x local steps | simulation s/round | Flower s/round | overhead s/round | model load s/message "
-        "| set-up s/message | whole run sim / Flower (s) | adapter max diff |",
+        "| model | clients x rounds x local steps | simulation s/round | Flower s/round | overhead s/round | per message: process "
+        "start + imports / model load / set-up / local training (s) | transport + polling s/round | whole run sim / Flower (s) | adapter max diff |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
+        per_message = " / ".join(f"{s.get(k, float('nan')):.1f}" for k in (
+            "process_start_s_per_message", "model_load_s_per_message", "setup_s_per_message", "local_train_s_per_message"))
         lines.append(
-            f"| {s['model']} | {s['clients']} x {s['rounds']} x {s['local_steps']} | {fmt(s['simulation_round_s'])} | "
-            f"{fmt(s['flower_round_s'])} | {s['overhead_per_round_s']:.1f} | {s['model_load_s_per_message']:.2f} | "
-            f"{s['setup_s_per_message']:.1f} | {s['simulation_total_s']:.0f} / {s['flower_total_s']:.0f} | {s['adapter_max_abs_diff']:.2g} |"
+            f"| {s['model']} ({s.get('node_threads', '?')} thread/node) | {s['clients']} x {s['rounds']} x {s['local_steps']} | {fmt(s['simulation_round_s'])} | "
+            f"{fmt(s['flower_round_s'])} | {s['overhead_per_round_s']:.1f} | {per_message} | {s.get('transport_s_per_round', float('nan')):.1f} | "
+            f"{s['simulation_total_s']:.0f} / {s['flower_total_s']:.0f} | {s['adapter_max_abs_diff']:.2g} |"
         )
     return "\n".join(lines)
 
@@ -118,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=4, help="local steps per client per round")
+    p.add_argument("--node-threads", type=int, default=max(1, (os.cpu_count() or 1) // 3),
+                   help="CPU threads per SuperNode's ClientApp (the nodes share this machine's cores)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "flower")
     p.add_argument("--write-results", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -126,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     flower, flower_s = run_flower(args, work)
     summary = summarize(sim, flower, sim_s, flower_s, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.model}.json").write_text(json.dumps(summary, indent=1))
+    (args.out / f"{args.model}-{args.node_threads}.json").write_text(json.dumps(summary, indent=1))
     summaries = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json")) if f.name != "summary.json"]
     summaries.sort(key=lambda x: x["model"] != "tiny-random-llama")
     publish(args.out, summaries, markdown(summaries), args.write_results, START, END, "Flower runtime overhead")

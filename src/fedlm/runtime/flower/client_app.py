@@ -5,8 +5,9 @@ The node's ``--node-config`` names its client: ``partition-id=K`` is the K-th cl
 ``fedlm-config="/path/local.yaml"`` gives the node's own copy of the config (its model and data paths; default: the
 config embedded in the app bundle). With ``node_local`` the node trains on its own ``data.train`` only. Flower starts a fresh
 ClientApp process for every message, so each train message loads the base model (from the local safetensors cache
-for GGUF models, see :mod:`fedlm.models.gguf_cache`) and the node's partition; the load time is reported in the
-update's metrics (``model_load_s``, ``setup_s``) and lands in ``metrics.jsonl``. A client's memory (e.g.
+for GGUF models, see :mod:`fedlm.models.gguf_cache`) and the node's partition. The update's metrics (in
+``metrics.jsonl``) time each message: ``process_start_s`` (process spawn and imports before the handler runs),
+``model_load_s``, ``setup_s`` (config, model, adapter, data), ``local_train_s`` and ``clientapp_s`` (all of it). A client's memory (e.g.
 SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``.
 """
 
@@ -16,6 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import psutil
 import yaml
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -105,6 +107,7 @@ def hello(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train this node's client on the task: the simulation's trainer, data and seeds."""
     started = time.perf_counter()
+    process_s = time.time() - psutil.Process().create_time()  # Flower's fresh process: spawn and imports so far
     try:
         config = node_config_of(context.node_config, context.run_config)
         client = client_of(context.node_config.get("partition-id"), client_names(config))
@@ -120,11 +123,13 @@ def train(msg: Message, context: Context) -> Message:
         trainer = session.trainer(aggregator.trainer_hooks())
         setup_s = time.perf_counter() - started
         update = trainer.train(client, session.data.client_train[client], task.state, task.plan, None, task.context)
+        train_s = time.perf_counter() - started - setup_s
     except (FedlmError, NonFiniteLossError) as exc:
         return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
     if update.memory:
         context.state[MEMORY] = pack_tensors(update.memory)
-    metrics = {**update.metrics, "model_load_s": load_s, "setup_s": setup_s}
+    metrics = {**update.metrics, "process_start_s": process_s, "model_load_s": load_s, "setup_s": setup_s, "local_train_s": train_s,
+               "clientapp_s": time.perf_counter() - started + process_s}
     update = type(update)(update.client_id, update.round, update.num_examples, update.tensors, metrics, update.extras)
     return Message(update_content(update, task.plan.rank), reply_to=msg)
 

@@ -77,6 +77,7 @@ class LocalFederation:
     tls: Tls | None = None
     node_auth: bool = False
     node_keys: dict[int, Path] = field(default_factory=dict)  # partition id -> private key (node authentication)
+    node_threads: int | None = None  # CPU threads of each SuperNode's ClientApps (nodes sharing one machine's cores)
     port: int = field(default_factory=free_port)
     superlink: subprocess.Popen[bytes] | None = None
     nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -91,9 +92,9 @@ class LocalFederation:
         """The environment of every process: its own FLWR_HOME (Flower's app cache and connection file)."""
         return {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "TOKENIZERS_PARALLELISM": "false"}
 
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, cwd=self.workdir, start_new_session=True)
 
     def fedlm(self, *args: str) -> list[str]:
         """The ``fedlm`` command line of this Python environment."""
@@ -118,7 +119,10 @@ class LocalFederation:
             args += ["--ca-cert", str(self.tls.ca_cert)]
         if partition_id in self.node_keys:
             args += ["--private-key", str(self.node_keys[partition_id])]
-        proc = self._start(f"supernode{partition_id}-{len(self.nodes)}", self.fedlm(*args))
+        env = self.env
+        if self.node_threads is not None:  # inherited by the ClientApp processes the SuperNode starts
+            env = {**env, "OMP_NUM_THREADS": str(self.node_threads), "MKL_NUM_THREADS": str(self.node_threads)}
+        proc = self._start(f"supernode{partition_id}-{len(self.nodes)}", self.fedlm(*args), env)
         self.nodes[len(self.nodes)] = proc
         return proc
 
