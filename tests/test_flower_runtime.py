@@ -88,6 +88,11 @@ def test_a_node_with_a_different_config_is_refused_naming_the_difference(tmp_pat
         _check(server, server, 5)
 
 
+def test_secure_aggregation_over_flower_is_refused_until_it_runs_on_the_nodes(tmp_path: Path) -> None:
+    with pytest.raises(FedlmError, match="`privacy.secure_aggregation` is not built for `federation.runtime: flower`"):
+        validate_config(flower_config(tmp_path / "run", privacy={"secure_aggregation": {}}))
+
+
 def test_task_and_update_cross_the_wire_exactly_cut_to_rank() -> None:
     config = validate_config(flower_config(Path("/tmp/x")))
     state = {"m.lora_A.weight": torch.randn(4, 6), "m.lora_B.weight": torch.randn(6, 4), "norm": torch.randn(6, dtype=torch.bfloat16)}
@@ -149,6 +154,33 @@ def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simula
 def _round_done(run_dir: Path, round_num: int) -> bool:
     path = run_dir / "metrics.jsonl"
     return path.is_file() and any(r["split"] == "aggregate" and r["round"] == round_num for r in records(run_dir))
+
+
+@pytest.mark.slow
+def test_client_and_sample_dp_over_flower_end_with_the_simulation_adapter(tmp_path: Path) -> None:
+    """DP-SGD on the nodes (seeded per client and round) and central client DP on the server give the simulation's
+    adapter: the noise is drawn from the same seeds wherever the code runs."""
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    privacy = {"client_dp": {"noise_multiplier": 0.5, "clip": 0.05}, "sample_dp": {"noise_multiplier": 0.8, "max_grad_norm": 1.0}}
+    sim_dir, run_dir = tmp_path / "sim", tmp_path / "run"
+    sim = write_config(tmp_path / "sim.yaml", flower_config(sim_dir, federation={"runtime": "simulation"}, privacy=privacy))
+    result = CliRunner().invoke(app, ["run", str(sim)])
+    assert result.exit_code == 0, result.output
+    cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir, privacy=privacy))
+    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
+    try:
+        fed.start()
+        code = fed.run("--round-timeout", "300").wait(timeout=900)
+        assert code == 0 and _finished(run_dir), _logs(fed)
+    finally:
+        fed.stop()
+    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
+    flower_rows, sim_rows = records(run_dir), records(sim_dir)
+    eps = lambda rows: [r["aggregation"]["epsilon"] for r in rows if r["split"] == "aggregate"]  # noqa: E731
+    assert eps(flower_rows) == eps(sim_rows) and all(e > 0 for e in eps(flower_rows))
+    sample_eps = lambda rows: sorted((r["round"], r["client"], r["sample_epsilon"]) for r in rows if r["split"] == "train")  # noqa: E731
+    assert sample_eps(flower_rows) == sample_eps(sim_rows)
 
 
 @pytest.mark.slow
