@@ -1,8 +1,9 @@
 """fedlm on Flower's Deployment Engine: real SuperLink and SuperNode processes on 127.0.0.1.
 
 Fast tests check the refusals in process (a partition id outside the federation at node start, a node whose config
-differs from the server's, `fedlm run` of a flower config) and the wire format. The ``slow`` ones start a SuperLink
-and SuperNodes as subprocesses (minutes on 2 cores: Flower starts a fresh ClientApp process per message) and check
+differs from the server's, `fedlm run` of a flower config) and the wire format. One end-to-end run (3 SuperNodes,
+2 rounds, the simulation's adapter) is in the default suite too, so CI runs a real deployment; the ``slow`` ones start
+a SuperLink and SuperNodes as subprocesses (minutes on 2 cores: Flower starts a fresh ClientApp process per message) and check
 that a Flower run ends with the simulation's adapter, survives a killed SuperNode and a killed server.
 Every process a test starts is stopped by PID in a ``finally`` (``LocalFederation.stop``).
 """
@@ -134,7 +135,6 @@ def _logs(fed: LocalFederation) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(fed.workdir.glob("*.log")))
 
 
-@pytest.mark.slow
 def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir))
