@@ -149,3 +149,17 @@ def test_three_nodes_with_their_own_files_end_with_the_simulation_adapter(tmp_pa
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_the_flower_example_validates_on_the_server_and_on_a_node(tmp_path: Path, runner) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "flower" / "federation.yaml"
+    from fedlm.config_io import load_config  # noqa: PLC0415
+
+    server = load_config(str(example))
+    assert server.partition.method == "node_local" and server.federation.runtime == "flower"
+    files = client_files(tmp_path / "data")
+    node = load_config(str(example), [f"data.train={files['noun.food']}"])
+    assert messages.config_hash(server) == messages.config_hash(node)
+    result = runner.invoke(app, ["flower", "supernode", str(example), "--partition-id", "7", "--data", str(files["noun.food"]),
+                                 "--superlink", "127.0.0.1:1"])
+    assert result.exit_code == 2 and "partition-id 7 is outside the federation: it has 3 clients" in result.output
