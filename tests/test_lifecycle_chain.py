@@ -4,6 +4,7 @@ on the tiny model: the example configs themselves, with only the model, sizes an
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_pretrain_then_sft_then_dpo_chain_from_the_cli(runner, tmp_path: Path) -
     assert "loss" in finals["2_sft"][1]
     dpo = finals["3_dpo"]
     assert {"preference_accuracy", "reward_margin"} <= set(dpo[1])
-    # round 0: the policy is the SFT adapter it started from, the reference the base with the adapter disabled, so
-    # the margin is already non-zero (it would be exactly 0 had init_adapter not loaded the SFT stage's adapter)
-    assert dpo[0]["reward_margin"] != 0.0
+    # round 0: the policy is the SFT adapter it started from and so is the reference (`reference: init_adapter`), so
+    # every margin is exactly 0 and the loss exactly log 2 (with the base model as reference they would not be)
+    assert dpo[0]["reward_margin"] == 0.0 and dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo[1]["reward_margin"] != 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import typing
 
 import pytest
@@ -76,6 +77,36 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tokenizer) -> Non
     torch.testing.assert_close(loss, expected.mean())
     assert metrics["reward_margin"] == pytest.approx(float((c - r).detach().mean()), abs=1e-6)
     assert any(p.requires_grad for p in model.parameters())  # the adapter is enabled again after the reference
+
+
+def test_init_adapter_reference_is_the_starting_adapter_swapped_in_and_back(tokenizer) -> None:
+    model = attach_adapter(build_tiny_llama(len(tokenizer), seed=7), PeftConfig(r=4, alpha=8, dropout=0.0), seed=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))  # the SFT stage's adapter
+    model.eval()
+    start = trainable_state(model)
+    pristine = copy.deepcopy(model)  # the starting model, kept aside only to check against
+    objective = build_objective("dpo", {"reference": "init_adapter"})
+    objective.reference_state = start
+    batch = objective.collate(_pairs(tokenizer), tokenizer.pad_token_id)
+    loss, metrics = objective.loss(model, batch)  # policy == reference: margins 0, loss log 2 exactly
+    assert metrics["reward_margin"] == 0.0 and float(loss) == pytest.approx(math.log(2), abs=1e-7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05)  # the policy moves away from where it started
+    moved = trainable_state(model)
+    ref = reference_logps(model, batch, start)
+    torch.testing.assert_close(ref, sequence_logps(pristine, batch)[0])  # the starting model's log-probs, not the base's
+    assert all(torch.equal(moved[n], t) for n, t in trainable_state(model).items())  # the policy's tensors are back
+    loss, _ = objective.loss(model, batch)  # the reference pass (a swap in place) comes before the policy's graph
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(FedlmError, match="`model.init_adapter` is not set"):
+        validate_config({"model": {"name": "tiny-random-llama"}, "objective": {"name": "dpo", "reference": "init_adapter"},
+                         "data": {"train": "embedded:wordnet_prefs"}})
 
 
 def test_pairs_share_the_prompt_and_label_only_the_answer(tokenizer) -> None:

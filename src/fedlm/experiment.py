@@ -115,6 +115,8 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
         load_init_adapter(model, config.peft, Path(config.model.init_adapter))
         console.print(f"adapter starts from {config.model.init_adapter}")
     objective = objective_of(config)
+    if config.objective.params().get("reference") == "init_adapter":
+        objective.reference_state = trainable_state(model)  # type: ignore[attr-defined] - DPO's pi_ref = the loaded adapter
     data = _federated_data(config, loaded.tokenizer, objective, node_client)
     k, n = config.federation.clients_per_round, len(data.client_names)
     if k is not None and k > n:

@@ -5,7 +5,10 @@
 
 with log pi(y|x) the summed log-probability of the answer tokens under the policy (the model with the adapter)
 and ref the reference policy: the **base model with the adapter disabled** (``PeftModel.disable_adapter()``), so
-no second copy of the model exists; its log-probabilities carry no gradient. The implicit rewards are
+no second copy of the model exists; its log-probabilities carry no gradient. With ``reference: init_adapter`` the
+reference is instead the adapter the run started from (``model.init_adapter``, e.g. the SFT stage's), as in the
+paper, where pi_ref = pi_SFT: its tensors are swapped into the same adapter for the reference pass and swapped back
+(still no second model); round 0 then has every margin exactly 0 and the loss exactly log 2. The implicit rewards are
 r_c = beta (log pi(y_c|x) - log ref(y_c|x)) and r_r likewise; the reward margin is r_c - r_r and preference
 accuracy the share of pairs with margin > 0 (TRL's ``rewards/accuracies``).
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +51,9 @@ class DPOParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0.0, allow_inf_nan=False, description="strength of the KL penalty toward the reference")
+    reference: Literal["base", "init_adapter"] = Field(
+        "base", description="base: the base model, adapter disabled; init_adapter: the adapter of `model.init_adapter` (pi_SFT)"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,15 +84,31 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
-def reference_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Summed answer log-probabilities under the reference (adapter disabled, no gradient). Shape (B,)."""
-    with torch.no_grad(), adapter_disabled(model):
+@contextmanager
+def adapter_swapped(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """The reference policy ``state`` (trainable tensors) in the model's adapter, the current tensors restored after.
+    The swap is in place: run it before the policy's forward pass of the same step, never between it and backward."""
+    from fedlm.models.adapters import load_trainable_state, trainable_state  # noqa: PLC0415 - models import objectives
+
+    current = trainable_state(model)
+    load_trainable_state(model, state)
+    try:
+        yield
+    finally:
+        load_trainable_state(model, current)
+
+
+def reference_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Summed answer log-probabilities under the reference, no gradient: the adapter disabled, or the adapter
+    tensors ``state`` when given. Shape (B,)."""
+    with torch.no_grad(), (adapter_disabled(model) if state is None else adapter_swapped(model, state)):
         return sequence_logps(model, batch)[0]
 
 
-def pair_rewards(model: torch.nn.Module, batch: Batch, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_rewards(model: torch.nn.Module, batch: Batch, beta: float, reference: Mapping[str, torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO losses and chosen/rejected rewards of a (2B, T) batch (chosen rows first)."""
-    ref = reference_logps(model, batch)  # (2B,)
+    ref = reference_logps(model, batch, reference)  # (2B,)
     policy = sequence_logps(model, batch)[0]  # (2B,)
     half = policy.shape[0] // 2
     return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)
@@ -105,14 +127,25 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, fl
 
 @register_objective
 class DPOObjective(Objective):
-    """DPO on preference pairs, the adapter-disabled base model as reference."""
+    """DPO on preference pairs; the reference is the adapter-disabled base model or the starting adapter."""
 
     name: ClassVar[str] = "dpo"
     Params: ClassVar[type[BaseModel]] = DPOParams
+    #: ``reference: init_adapter``: the adapter tensors the run started from (set by the session after loading them)
+    reference_state: Mapping[str, torch.Tensor] | None = None
 
     @property
     def beta(self) -> float:
         return float(self.params.beta)  # type: ignore[attr-defined]
+
+    @property
+    def reference(self) -> Mapping[str, torch.Tensor] | None:
+        """The reference's adapter tensors (None: the adapter disabled); refuses a missing ``init_adapter`` state."""
+        if self.params.reference == "base":  # type: ignore[attr-defined]
+            return None
+        if self.reference_state is None:
+            raise FedlmError("`objective.reference: init_adapter` needs the starting adapter loaded (`model.init_adapter`)")
+        return self.reference_state
 
     def check_config(self, config: ExperimentConfig) -> None:
         if config.peft.method == "full":
@@ -124,6 +157,11 @@ class DPOObjective(Objective):
             raise FedlmError(
                 "`privacy.sample_dp` cannot run with `objective: dpo`: DP-SGD clips each example's gradient of the token "
                 "cross-entropy, not of the DPO pair loss; use `privacy.client_dp` (client-level DP) or `objective: sft`"
+            )
+        if self.params.reference == "init_adapter" and config.model.init_adapter is None:  # type: ignore[attr-defined]
+            raise FedlmError(
+                "`objective.reference: init_adapter` makes the adapter the run starts from the DPO reference, but "
+                "`model.init_adapter` is not set; give the earlier stage's adapter folder or use `reference: base`"
             )
         if config.data.format != "auto":
             raise FedlmError(f"`data.format: {config.data.format}` applies to `objective: sft`; preference data for `objective: dpo` needs `data.format: auto`")
@@ -165,13 +203,13 @@ class DPOObjective(Objective):
         return collate_for_loss([p.chosen for p in examples] + [p.rejected for p in examples], pad_id)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, chosen, rejected = pair_rewards(model, batch, self.beta)
+        losses, chosen, rejected = pair_rewards(model, batch, self.beta, self.reference)
         return losses.mean(), reward_metrics(chosen, rejected)
 
     def score_batch(self, model: torch.nn.Module, chunk: Sequence[TestExample], pad_id: int, device: torch.device) -> list[dict[str, float]]:
         pairs = [PreferenceExample(ex.tokens, ex.rejected) for ex in chunk]
         batch = {k: v.to(device) for k, v in self.collate(pairs, pad_id).items()}
-        ref, policy = reference_logps(model, batch), sequence_logps(model, batch)[0]  # (2B,) each
+        ref, policy = reference_logps(model, batch, self.reference), sequence_logps(model, batch)[0]  # (2B,) each
         half = policy.shape[0] // 2
         losses, chosen, rejected = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
         prefers = (policy[:half] > policy[half:]).tolist()  # the model's own likelihood, no reference
