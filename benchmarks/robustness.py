@@ -17,6 +17,7 @@ Smoke: ``--model tiny-random-llama --rounds 1 --local-steps 1``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,28 @@ def calibrate_norm_bound(args: argparse.Namespace) -> float:
     return statistics.median(r["aggregation"]["update_norm_median"] for r in rounds)
 
 
+def clean_target_loss(args: argparse.Namespace) -> float | None:
+    """The backdoor target's loss on the triggered test prompts under the clean FedAvg model (no attack): the level
+    a backdoor starts from. Cached in ``out/clean_target_loss.json``; None until both runs exist."""
+    cache = args.out / "clean_target_loss.json"
+    if cache.is_file():
+        return float(json.loads(cache.read_text())["target_loss"])
+    attacked, clean = args.out / "fedavg-backdoor-2", args.out / "fedavg-none-0"
+    if not (attacked / "adapter").is_dir() or not (clean / "adapter").is_dir():
+        return None
+    from safetensors.torch import load_file  # noqa: PLC0415 - only here: the other cells run in subprocesses
+
+    from fedlm.config_io import load_config  # noqa: PLC0415
+    from fedlm.experiment import build_session  # noqa: PLC0415
+    from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
+
+    session = build_session(load_config(str(attacked / "config.yaml")), RunConsole(quiet=True))
+    state = load_file(str(sorted((clean / "checkpoints").iterdir())[-1] / "global_adapter.safetensors"))
+    loss = float(session.backdoor_probe(None).evaluate(state, 0)[0]["target_loss"])
+    cache.write_text(json.dumps({"target_loss": loss}))
+    return loss
+
+
 def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int, max_norm: float) -> dict[str, Any] | None:
     """Run (or reuse) one cell and read its outcome (``None``: not run yet and ``--cached-only``)."""
     name = f"{defence}-{attack or 'none'}-{count if attack else 0}"
@@ -79,11 +102,12 @@ def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int,
     final = max(r["round"] for r in records if r.get("split") == "global_test")
     loss = next(r["loss"] for r in records if r.get("split") == "global_test" and r["round"] == final)
     asr = [r["attack_success_rate"] for r in records if r.get("split") == "backdoor_test" and r["round"] == final]
+    target = [r["target_loss"] for r in records if r.get("split") == "backdoor_test" and r["round"] == final]
     refusal = [r["refusal_rate"] for r in records if r.get("split") == "safety_test" and r["round"] == final]
     rounds = [r for r in records if r.get("split") == "aggregate"]
     outcome = [r.get("attack", {}) for r in rounds]
     return {"defence": defence, "attack": attack or "none", "malicious": count if attack else 0, "loss": loss,
-            "asr": asr[0] if asr else None, "refusal_rate": refusal[0] if refusal else None,
+            "asr": asr[0] if asr else None, "target_loss": target[0] if target else None, "refusal_rate": refusal[0] if refusal else None,
             "round_time_s": statistics.mean(r["train_time_s"] for r in rounds),
             "aggregate_time_s": statistics.mean(r["aggregation"].get("aggregate_time_s", float("nan")) for r in rounds),
             "attackers_excluded": sum(len(o.get("excluded_malicious", [])) for o in outcome),
@@ -95,6 +119,8 @@ def _cell_text(r: dict[str, Any], clean_fedavg: float | None) -> str:
     text = f"{r['loss']:.3f}"
     if r["asr"] is not None:
         text += f" / ASR {r['asr']:.2f}"
+    if r.get("target_loss") is not None:
+        text += f" (target NLL {r['target_loss']:.2f})"
     if r["refusal_rate"] is not None:
         text += f" / refusal {r['refusal_rate']:.2f}"
     if r["attacker_rounds"]:
@@ -104,14 +130,15 @@ def _cell_text(r: dict[str, Any], clean_fedavg: float | None) -> str:
     return text
 
 
-def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: float) -> str:
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: float, clean_target: float | None = None) -> str:
     by = {(r["defence"], r["attack"], r["malicious"]): r for r in results}
     defences = [d for d in DEFENCES if any(key[0] == d for key in by)]
     clean_fedavg = by.get(("fedavg", "none", 0), {}).get("loss")
     lines = [
         f"Model `{args.model}`, WordNet domains (8 clients, all every round), {args.rounds} rounds x {args.local_steps} "
         f"local steps x batch {args.batch_size}, seed 0; final global-test loss on {args.eval_examples} examples (lower "
-        f"is better), backdoor attack success rate (ASR) on triggered test prompts, safety refusal rate on 60 held-out "
+        f"is better), backdoor attack success rate (ASR) on triggered test prompts and the mean loss of the attacker's "
+        f"target answer on them (target NLL: lower means the backdoor is further along), safety refusal rate on 60 held-out "
         f"harmful prompts, and how many attacker-rounds the defence excluded. norm_bound threshold {max_norm:.4g} "
         "(median clean update norm).",
         "", "| attack | malicious | " + " | ".join(defences) + " |", "|---|---|" + "---|" * len(defences),
@@ -130,6 +157,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: 
                       f"{d} {by[(d, 'none', 0)]['aggregate_time_s'] * 1000:.0f} ms "
                       f"({by[(d, 'none', 0)]['round_time_s'] / base['round_time_s']:.2f}x)" for d in costs)]
     lines += ["", "`ok`: clean loss within 10% of FedAvg without attack and (backdoor) ASR under 10%."]
+    if clean_target is not None:
+        lines += [f"Backdoor target NLL of the clean FedAvg model (no attack): {clean_target:.2f}."]
     return "\n".join(lines)
 
 
@@ -163,7 +192,7 @@ def main() -> None:
         if (folder / "adapter").is_dir() and defence in DEFENCES and (defence, attack, int(count)) not in known:
             results.append(cell(args, defence, None if attack == "none" else attack, int(count), max_norm))
     results = [r for r in results if r is not None]
-    publish(args.out, results, markdown(results, args, max_norm), args.write_results, START, END,
+    publish(args.out, results, markdown(results, args, max_norm, clean_target_loss(args)), args.write_results, START, END,
             "Robustness (`benchmarks/robustness.py`)")
 
 
