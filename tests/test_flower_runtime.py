@@ -311,3 +311,16 @@ def test_certs_make_a_ca_a_server_certificate_and_node_keys_flower_accepts(tmp_p
     for key in creds.node_keys:  # the formats flower-supernode and `flwr supernode register` load
         assert uses_nist_ec_curve(load_ssh_public_key(Path(f"{key}.pub").read_bytes()))
         load_ssh_private_key(key.read_bytes(), None)
+
+
+def test_flower_processes_find_this_environments_scripts_without_an_activated_venv() -> None:
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from fedlm.runtime.flower.launch import with_scripts_on_path  # noqa: PLC0415
+
+    scripts = str(Path(sys.executable).parent)
+    env = with_scripts_on_path({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
+    assert with_scripts_on_path(env) == env  # idempotent
+    assert (Path(scripts) / "flower-superexec").exists()  # what the SuperLink starts by name

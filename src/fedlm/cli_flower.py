@@ -37,10 +37,14 @@ def _guarded(debug: bool, action) -> None:  # type: ignore[no-untyped-def]
 
 
 def _exec(cmd: list[str]) -> None:
-    """Replace this process with ``cmd`` (the caller's PID stays the Flower process's PID)."""
+    """Replace this process with ``cmd`` (the caller's PID stays the Flower process's PID), this environment's
+    scripts first on ``PATH`` for the processes Flower starts."""
+    from fedlm.runtime.flower.launch import with_scripts_on_path  # noqa: PLC0415
+
+    env = with_scripts_on_path(dict(os.environ))
     if os.path.isabs(cmd[0]):
-        os.execv(cmd[0], cmd)
-    os.execvp(cmd[0], cmd)
+        os.execve(cmd[0], cmd, env)
+    os.execvpe(cmd[0], cmd, env)
 
 
 def _tls(ca_cert: Path | None, cert: Path | None = None, key: Path | None = None):  # type: ignore[no-untyped-def]
@@ -162,7 +166,9 @@ def run_(
         deployment = Deployment(resume, overwrite, round_timeout, min_nodes, wait_for_nodes)
         app_dir = write_bundle(cfg, work / "app", deployment)
         home = write_flwr_home(work / "flwr-home", superlink_address, _tls(ca_cert))
-        code = subprocess.call(run_command(app_dir), env={**os.environ, "FLWR_HOME": str(home)})
+        from fedlm.runtime.flower.launch import with_scripts_on_path  # noqa: PLC0415
+
+        code = subprocess.call(run_command(app_dir), env=with_scripts_on_path({**os.environ, "FLWR_HOME": str(home)}))
         if code != 0:
             raise FedlmError(f"`flwr run` exited with code {code}; see the SuperLink's log")
 

@@ -8,6 +8,7 @@ SuperLink's address from ``$FLWR_HOME/config.toml``, which :func:`write_flwr_hom
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,17 @@ class Tls:
     ca_cert: Path
     server_cert: Path | None = None
     server_key: Path | None = None
+
+
+def with_scripts_on_path(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this Python environment's scripts first on ``PATH``: Flower starts ``flower-superexec``,
+    ``flwr-serverapp`` and ``flwr-clientapp`` by name, and they must be this environment's (also when it is not
+    activated, e.g. ``.venv/bin/python -m fedlm.cli``)."""
+    scripts = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if path.split(os.pathsep)[0] == scripts:
+        return env
+    return {**env, "PATH": scripts + (os.pathsep + path if path else "")}
 
 
 def _bin(name: str) -> str:

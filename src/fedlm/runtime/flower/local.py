@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from fedlm.runtime.flower.launch import Tls, write_flwr_home
+from fedlm.runtime.flower.launch import Tls, with_scripts_on_path, write_flwr_home
 
 
 def free_port() -> int:
@@ -90,7 +90,7 @@ class LocalFederation:
     @property
     def env(self) -> dict[str, str]:
         """The environment of every process: its own FLWR_HOME (Flower's app cache and connection file)."""
-        return {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "TOKENIZERS_PARALLELISM": "false"}
+        return with_scripts_on_path({**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "TOKENIZERS_PARALLELISM": "false"})
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
