@@ -135,9 +135,8 @@ def _logs(fed: LocalFederation) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(fed.workdir.glob("*.log")))
 
 
-def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir))
+def _run_three_nodes(tmp_path: Path, cfg: Path, run_dir: Path) -> None:
+    """A SuperLink and SuperNodes for partitions 0-2 run ``cfg`` to its end; every process is stopped after."""
     fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
     try:
         fed.start()
@@ -145,6 +144,11 @@ def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simula
         assert code == 0 and _finished(run_dir), _logs(fed)
     finally:
         fed.stop()
+
+
+def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
+    run_dir = tmp_path / "run"
+    _run_three_nodes(tmp_path, write_config(tmp_path / "c.yaml", flower_config(run_dir)), run_dir)
     assert_same_adapter(adapter(run_dir), simulation_adapter)
     trains = [r for r in records(run_dir) if r["split"] == "train"]
     assert sorted((r["round"], r["client"]) for r in trains) == [(1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "1"), (2, "2")]
@@ -167,14 +171,7 @@ def test_client_and_sample_dp_over_flower_end_with_the_simulation_adapter(tmp_pa
     sim = write_config(tmp_path / "sim.yaml", flower_config(sim_dir, federation={"runtime": "simulation"}, privacy=privacy))
     result = CliRunner().invoke(app, ["run", str(sim)])
     assert result.exit_code == 0, result.output
-    cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir, privacy=privacy))
-    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
-    try:
-        fed.start()
-        code = fed.run("--round-timeout", "300").wait(timeout=900)
-        assert code == 0 and _finished(run_dir), _logs(fed)
-    finally:
-        fed.stop()
+    _run_three_nodes(tmp_path, write_config(tmp_path / "c.yaml", flower_config(run_dir, privacy=privacy)), run_dir)
     assert_same_adapter(adapter(run_dir), adapter(sim_dir))
     flower_rows, sim_rows = records(run_dir), records(sim_dir)
     eps = lambda rows: [r["aggregation"]["epsilon"] for r in rows if r["split"] == "aggregate"]  # noqa: E731
