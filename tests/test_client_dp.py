@@ -12,10 +12,8 @@ from fedlm.aggregation.base import AggregationResult, Aggregator, build_aggregat
 from fedlm.aggregation.fedadam import fedadam_step
 from fedlm.errors import FedlmError
 from fedlm.federation.update import ClientUpdate
-from fedlm.privacy.client_dp import (
-    NEEDS_INDIVIDUAL_UPDATES,
-    ClientDPParams,
-    DifferentiallyPrivate,
+from fedlm.privacy.client_dp import NEEDS_INDIVIDUAL_UPDATES, ClientDPParams, DifferentiallyPrivate
+from fedlm.privacy.dp_math import (
     adaptive_noise_multiplier,
     clip_update,
     gaussian_noise_like,

@@ -28,7 +28,8 @@ import torch
 from fedlm.aggregation.base import AggregationResult, Aggregator
 from fedlm.config import SecureAggregationConfig
 from fedlm.federation.update import ClientUpdate
-from fedlm.privacy.client_dp import DifferentiallyPrivate, clip_update
+from fedlm.privacy.client_dp import DifferentiallyPrivate
+from fedlm.privacy.dp_math import clip_update
 from fedlm.privacy.secagg.primitives import TamperedShareError
 from fedlm.privacy.secagg.quantize import dequantize_sum, flatten, quantize, sum_error_bound, unflatten
 from fedlm.privacy.secagg.server import SecAggAbort
