@@ -9,6 +9,11 @@ server-side aggregation time (``aggregate_time_s``) without attack, next to FedA
 but is dominated by local training. ``norm_bound``'s threshold is calibrated on a clean run (the median client
 update norm, as Sun et al. 2019 tune it to benign norms).
 
+``--backdoor-study`` runs the backdoor alone at 2 of 8 against every defence with a larger budget (default 4 rounds x
+4 local steps, its own folder and RESULTS.md section): in the matrix's 2 x 2 steps the backdoor lowers the target's
+loss but never flips a generated answer, so the ASR criterion there passes trivially; the study makes it take hold
+undefended, so that what each defence buys shows in the ASR.
+
 Runs are resumable (a finished run folder is reused), so the matrix can be filled over several sessions:
 ``python benchmarks/robustness.py [--only-attacks ...] [--only-defences ...] [--write-results]``.
 Smoke: ``--model tiny-random-llama --rounds 1 --local-steps 1``.
@@ -25,6 +30,7 @@ from typing import Any
 from common import HERE, publish, read_metrics, run_cli
 
 START, END = "<!-- robustness:start -->", "<!-- robustness:end -->"
+STUDY_START, STUDY_END = "<!-- robustness-backdoor:start -->", "<!-- robustness-backdoor:end -->"
 ATTACKERS = {1: ["noun.artifact"], 2: ["noun.artifact", "verb.motion"]}
 ATTACKS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 1.0},
@@ -165,25 +171,35 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, help="default 2 (study: 4)")
+    parser.add_argument("--local-steps", type=int, help="default 2 (study: 4)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--only-attacks", nargs="*")
     parser.add_argument("--only-defences", nargs="*")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "robustness")
+    parser.add_argument("--out", type=Path, help="default results/robustness (study: results/robustness-backdoor)")
+    parser.add_argument("--backdoor-study", action="store_true", help="the backdoor alone, 2 of 8, a larger budget")
     parser.add_argument("--write-results", action="store_true")
     parser.add_argument("--cached-only", action="store_true", help="report the finished cells, run none")
     args = parser.parse_args()
+    study = args.backdoor_study
+    args.rounds = args.rounds or (4 if study else 2)
+    args.local_steps = args.local_steps or (4 if study else 2)
+    args.out = args.out or HERE / "results" / ("robustness-backdoor" if study else "robustness")
     max_norm = calibrate_norm_bound(args)
     results = []
     defences = args.only_defences or list(DEFENCES)
-    for defence in defences:  # no attack first (the reference), then 2 of 8 (the harder case), then 1 of 8
-        results.append(cell(args, defence, None, 0, max_norm))
-    for count in (2, 1):
-        for defence in defences:
-            for attack in args.only_attacks or FULL_MATRIX:
-                results.append(cell(args, defence, attack, count, max_norm))
+    if study:  # the undefended reference and the undefended attack first: they say whether the study's budget suffices
+        defences = ["fedavg", *(d for d in defences if d != "fedavg")]
+        results.append(cell(args, "fedavg", None, 0, max_norm))
+        results += [cell(args, defence, "backdoor", 2, max_norm) for defence in defences]
+    else:
+        for defence in defences:  # no attack first (the reference), then 2 of 8 (the harder case), then 1 of 8
+            results.append(cell(args, defence, None, 0, max_norm))
+        for count in (2, 1):
+            for defence in defences:
+                for attack in args.only_attacks or FULL_MATRIX:
+                    results.append(cell(args, defence, attack, count, max_norm))
     results = [r for r in results if r is not None]
     known = {(r["defence"], r["attack"], r["malicious"]) for r in results}
     for folder in sorted(args.out.glob("*-*-*")):  # cells of earlier invocations (other --only-* choices)
@@ -192,8 +208,9 @@ def main() -> None:
         if (folder / "adapter").is_dir() and defence in DEFENCES and (defence, attack, int(count)) not in known:
             results.append(cell(args, defence, None if attack == "none" else attack, int(count), max_norm))
     results = [r for r in results if r is not None]
-    publish(args.out, results, markdown(results, args, max_norm, clean_target_loss(args)), args.write_results, START, END,
-            "Robustness (`benchmarks/robustness.py`)")
+    markers = (STUDY_START, STUDY_END, "Robustness: a backdoor that takes hold (`benchmarks/robustness.py --backdoor-study`)") \
+        if study else (START, END, "Robustness (`benchmarks/robustness.py`)")
+    publish(args.out, results, markdown(results, args, max_norm, clean_target_loss(args)), args.write_results, *markers)
 
 
 if __name__ == "__main__":
