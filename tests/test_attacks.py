@@ -302,3 +302,38 @@ def test_a_boosted_data_attack_scales_only_the_attackers_update_and_never_reache
     assert unboosted.poison_updates(1, [ClientUpdate("bad", 1, 4, delta)])[0].tensors is delta
     with pytest.raises(FedlmError, match="attack.boost"):
         build_attack_params("backdoor", {"boost": 0})
+
+
+def test_data_attackers_with_local_steps_train_longer_and_honest_tasks_pass_through_unchanged() -> None:
+    """``attack.local_steps``: the attackers' plans get that many steps (extra ones at the round's last lr, fewer cut
+    from the front), the honest clients' tasks are the very same objects, and the runtime wrapper sends those plans."""
+    from fedlm.aggregation.base import ClientContext
+    from fedlm.attacks.harness import AttackedRuntime, AttackPlan
+    from fedlm.federation.trainer import ClientTask, LocalPlan
+    from fedlm.federation.update import ClientUpdate
+
+    def task(client: str) -> ClientTask:
+        return ClientTask(LocalPlan(round=1, lrs=[0.3, 0.2, 0.1], batch_size=4, seed=7), {}, ClientContext(client, 1))
+
+    def plan(steps: int | None) -> AttackPlan:
+        return AttackPlan(attack_spec("backdoor"), build_attack_params("backdoor", {"local_steps": steps}), frozenset({"bad"}), 0)
+
+    longer = plan(5).attacker_task("bad", task("bad")).plan
+    assert longer.lrs == [0.3, 0.2, 0.1, 0.1, 0.1] and (longer.batch_size, longer.seed, longer.round) == (4, 7, 1)
+    assert plan(2).attacker_task("bad", task("bad")).plan.lrs == [0.3, 0.2]
+    honest = task("good")
+    assert plan(5).attacker_task("good", honest) is honest and plan(None).attacker_task("bad", task("bad")).plan.lrs == [0.3, 0.2, 0.1]
+    assert plan(5).needs_runtime() and not plan(None).needs_runtime()
+
+    seen: dict[str, list[float]] = {}
+
+    class Recorder:
+        def train_clients(self, tasks):
+            seen.update({c: t.plan.lrs for c, t in tasks.items()})
+            return [ClientUpdate(c, 1, 4, {"w": torch.zeros(1)}) for c in tasks]
+
+    out = AttackedRuntime(Recorder(), plan(4)).train_clients({"good": task("good"), "bad": task("bad")})
+    assert seen == {"good": [0.3, 0.2, 0.1], "bad": [0.3, 0.2, 0.1, 0.1]} and [u.client_id for u in out] == ["good", "bad"]
+    assert len(plan(4).poison_records("bad", [{"instruction": f"q{i}", "output": "a"} for i in range(10)])) == 10  # not passed on
+    with pytest.raises(FedlmError, match="attack.local_steps"):
+        build_attack_params("backdoor", {"local_steps": 0})

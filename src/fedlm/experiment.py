@@ -176,7 +176,7 @@ def build_server_loop(
     if runtime is None:
         runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
     attack = session.attack
-    if attack is not None and (attack.spec.kind == "update" or getattr(attack.params, "boost", 1.0) != 1.0):
+    if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)

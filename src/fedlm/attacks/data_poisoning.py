@@ -47,10 +47,17 @@ class DataAttackParams(AttackParams):
     eq. 3) applied to a data-poisoned client: it trains on its poisoned records, then sends gamma * (X - G^t) so the
     average lands near its own model X; gamma = n / server_lr replaces the global model. 1 (the default) sends the
     update as trained. The harness applies it after training; the record transform never sees it.
+
+    ``local_steps`` lets the attackers train longer than the honest clients, as Bagdasaryan et al.'s attacker does
+    (Sec. 4: more local epochs on its poisoned data than the benign participants); steps beyond
+    ``federation.local_steps`` take the round's last learning rate. None (the default): the federation's steps.
     """
 
     boost: float = Field(
         1.0, gt=0, allow_inf_nan=False, description="multiplier of the poisoned update (model replacement: n / server_lr)"
+    )
+    local_steps: int | None = Field(
+        None, ge=1, description="the attackers' local steps per round (None: federation.local_steps)"
     )
 
 

@@ -92,8 +92,22 @@ class AttackPlan:
         """An attacker's training records after a data attack (other clients' records as they are)."""
         if self.spec.kind != "data" or client not in self.attackers:
             return records
-        params = self.params.model_dump(exclude={"boost"})
+        params = self.params.model_dump(exclude={"boost", "local_steps"})
         return self.spec.fn(records, seed=derive_seed(self.seed, "attack-data", client), **params)
+
+    def attacker_task(self, client: str, task: ClientTask) -> ClientTask:
+        """The task as the client runs it: an attacker of a data attack with ``local_steps`` trains that many steps
+        (extra steps at the round's last learning rate); every other task as it is."""
+        steps = getattr(self.params, "local_steps", None)
+        if steps is None or client not in self.attackers:
+            return task
+        lrs = task.plan.lrs[:steps] + [task.plan.lrs[-1]] * max(0, steps - len(task.plan.lrs))
+        return dataclasses.replace(task, plan=dataclasses.replace(task.plan, lrs=lrs))
+
+    def needs_runtime(self) -> bool:
+        """Whether the attack acts on the runtime (an update attack, a boost, or attackers' own local steps)."""
+        return (self.spec.kind == "update" or getattr(self.params, "boost", 1.0) != 1.0
+                or getattr(self.params, "local_steps", None) is not None)
 
     def poison_updates(self, round_num: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
         """The round's updates with every attacker's delta replaced by the update attack's (or, for a data attack
@@ -151,13 +165,14 @@ def record_poisoner(config: ExperimentConfig) -> Callable[[list[str], str, list[
 
 @dataclass
 class AttackedRuntime:
-    """A runtime whose attackers replace their deltas after training (model poisoning)."""
+    """A runtime whose attackers train their own way (``local_steps``) and replace their deltas after training
+    (model poisoning, boost)."""
 
     inner: Runtime
     plan: AttackPlan
 
     def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
-        results = list(self.inner.train_clients(tasks))
+        results = list(self.inner.train_clients({c: self.plan.attacker_task(c, t) for c, t in tasks.items()}))
         updates = [r for r in results if isinstance(r, ClientUpdate)]
         round_num = next(iter(tasks.values())).plan.round if tasks else 0
         poisoned = iter(self.plan.poison_updates(round_num, updates))
