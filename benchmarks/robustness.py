@@ -9,8 +9,8 @@ server-side aggregation time (``aggregate_time_s``) without attack, next to FedA
 but is dominated by local training. ``norm_bound``'s threshold is calibrated on a clean run (the median client
 update norm, as Sun et al. 2019 tune it to benign norms).
 
-``--backdoor-study`` runs the backdoor alone at 2 of 8 against every defence with a larger budget (default 4 rounds x
-4 local steps, its own folder and RESULTS.md section): in the matrix's 2 x 2 steps the backdoor lowers the target's
+``--backdoor-study`` runs the backdoor alone at 2 of 8 against every defence with a larger budget (3 rounds, honest
+clients 2 local steps, attackers 10 (``attack.local_steps``); its own folder and RESULTS.md section): in the matrix's 2 x 2 steps the backdoor lowers the target's
 loss but never flips a generated answer, so the ASR criterion there passes trivially; the study makes it take hold
 undefended, so that what each defence buys shows in the ASR.
 
@@ -42,6 +42,11 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "corrupt_responses": {},
     "safety": {"mix": 1.0},
 }
+#: The study's backdoor: the matrix's, with attackers that train 5x the honest clients' steps (Bagdasaryan et al.
+#: 2020, Sec. 4). Tried first, at 4 rounds x 4 steps for everyone: half the records poisoned moved the undefended
+#: target NLL from 3.20 to 1.09 (clean loss +18%) yet greedy answers stayed definitions (ASR 0); all poisoned with
+#: boost 8 wrecked the model (global test loss 11.6) and still no target answer.
+STUDY_BACKDOOR = {"poison_fraction": 0.5, "boost": 8.0, "local_steps": 10}
 FULL_MATRIX = ["sign_flip", "scaling", "gaussian_noise", "alie", "ipm", "backdoor"]  # the others on request
 DEFENCES: dict[str, dict[str, Any]] = {
     "fedavg": {}, "median": {}, "trimmed_mean": {"beta": 0.25}, "multikrum": {"num_malicious": 2},
@@ -99,7 +104,8 @@ def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int,
     items.update({f"aggregation.{k}": v for k, v in params.items()})
     if attack is not None:
         items["attack.name"], items["attack.clients"] = attack, ATTACKERS[count]
-        items.update({f"attack.{k}": v for k, v in ATTACKS[attack].items()})
+        params = STUDY_BACKDOOR if args.backdoor_study and attack == "backdoor" else ATTACKS[attack]
+        items.update({f"attack.{k}": v for k, v in params.items()})
     folder = args.out / name
     if args.cached_only and not (folder / "adapter").is_dir():
         return None
@@ -171,8 +177,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, help="default 2 (study: 4)")
-    parser.add_argument("--local-steps", type=int, help="default 2 (study: 4)")
+    parser.add_argument("--rounds", type=int, help="default 2 (study: 3)")
+    parser.add_argument("--local-steps", type=int, help="default 2 (study: 2; its attackers: 10)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--only-attacks", nargs="*")
@@ -183,8 +189,8 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="report the finished cells, run none")
     args = parser.parse_args()
     study = args.backdoor_study
-    args.rounds = args.rounds or (4 if study else 2)
-    args.local_steps = args.local_steps or (4 if study else 2)
+    args.rounds = args.rounds or (3 if study else 2)
+    args.local_steps = args.local_steps or 2
     args.out = args.out or HERE / "results" / ("robustness-backdoor" if study else "robustness")
     max_norm = calibrate_norm_bound(args)
     results = []
