@@ -180,24 +180,33 @@ def test_client_and_sample_dp_over_flower_end_with_the_simulation_adapter(tmp_pa
     assert sample_eps(flower_rows) == sample_eps(sim_rows)
 
 
-@pytest.mark.slow
-def test_a_supernode_killed_in_round_2_and_a_mismatched_node(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir))
-    other = write_config(tmp_path / "other.yaml", flower_config(run_dir, peft={"r": 8}))
+def _kill_client_2_in_round_2(tmp_path: Path, cfg: Path, run_dir: Path, *, restart: bool, extra_node: Path | None = None) -> None:
+    """Nodes 0-2 run ``cfg``; once round 1 is aggregated the node of client "2" (and its ClientApp) is killed, and
+    with ``restart`` started again as a new node; the run must still end. ``extra_node``: a fourth node's config."""
+    from fedlm.runtime.flower.local import kill_tree  # noqa: PLC0415
+
     fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
     try:
         fed.start()
-        fed.start_node(0, other)  # a fourth node, with another LoRA rank: refused
-        run = fed.run("--round-timeout", "240")
+        if extra_node is not None:
+            fed.start_node(0, extra_node)
+        run = fed.run("--round-timeout", "300")
         wait_for(lambda: _round_done(run_dir, 1) or run.poll() is not None, 600, "round 1")
-        from fedlm.runtime.flower.local import kill_tree  # noqa: PLC0415
-
-        kill_tree(fed.nodes[2])  # the node of client "2" (and its ClientApp, mid-training or about to be)
+        kill_tree(fed.nodes[2])  # Flower reports the node unavailable after the heartbeat patience
+        if restart:
+            fed.start_node(2)
         code = run.wait(timeout=900)
         assert code == 0 and _finished(run_dir), _logs(fed)
     finally:
         fed.stop()
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_in_round_2_and_a_mismatched_node(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir))
+    other = write_config(tmp_path / "other.yaml", flower_config(run_dir, peft={"r": 8}))  # a fourth node, another rank
+    _kill_client_2_in_round_2(tmp_path, cfg, run_dir, restart=False, extra_node=other)
     rows = records(run_dir)
     round2 = next(r for r in rows if r["split"] == "aggregate" and r["round"] == 2)
     assert round2["num_updates"] == 2 and not round2["skipped"]
@@ -210,21 +219,9 @@ def test_a_supernode_killed_in_round_2_and_a_mismatched_node(tmp_path: Path) -> 
 def test_a_supernode_restarted_in_round_2_is_retried_and_the_run_ends_as_if_nothing_failed(
     tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]
 ) -> None:
-    from fedlm.runtime.flower.local import kill_tree  # noqa: PLC0415
-
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir, federation={"min_clients": 3, "round_retries": 4, "retry_wait_s": 10}))
-    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
-    try:
-        fed.start()
-        run = fed.run("--round-timeout", "300")
-        wait_for(lambda: _round_done(run_dir, 1) or run.poll() is not None, 600, "round 1")
-        kill_tree(fed.nodes[2])  # client "2" dies; Flower reports its node unavailable after the heartbeat patience
-        fed.start_node(2)  # and comes back as a new node
-        code = run.wait(timeout=900)
-        assert code == 0 and _finished(run_dir), _logs(fed)
-    finally:
-        fed.stop()
+    _kill_client_2_in_round_2(tmp_path, cfg, run_dir, restart=True)
     assert_same_adapter(adapter(run_dir), simulation_adapter)  # the retried client trained its same task
     rows = records(run_dir)
     retries = [r for r in rows if r["split"] == "retry"]
