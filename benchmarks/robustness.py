@@ -10,9 +10,9 @@ but is dominated by local training. ``norm_bound``'s threshold is calibrated on 
 update norm, as Sun et al. 2019 tune it to benign norms).
 
 ``--backdoor-study`` runs the backdoor alone at 2 of 8 against every defence with a larger budget (3 rounds, honest
-clients 2 local steps, attackers 10 (``attack.local_steps``); its own folder and RESULTS.md section): in the matrix's 2 x 2 steps the backdoor lowers the target's
-loss but never flips a generated answer, so the ASR criterion there passes trivially; the study makes it take hold
-undefended, so that what each defence buys shows in the ASR.
+clients 2 local steps, attackers 10 (``attack.local_steps``); its own folder and RESULTS.md section). In the
+matrix's 2 x 2 steps the backdoor lowers the target's loss but never flips a generated answer, so the ASR criterion
+there passes trivially; the study makes it take hold undefended, so that what each defence buys shows in the ASR.
 
 Runs are resumable (a finished run folder is reused), so the matrix can be filled over several sessions:
 ``python benchmarks/robustness.py [--only-attacks ...] [--only-defences ...] [--write-results]``.
@@ -189,6 +189,8 @@ def main() -> None:
     parser.add_argument("--cached-only", action="store_true", help="report the finished cells, run none")
     args = parser.parse_args()
     study = args.backdoor_study
+    if study and args.only_attacks:
+        parser.error("--backdoor-study runs the backdoor only; drop --only-attacks")
     args.rounds = args.rounds or (3 if study else 2)
     args.local_steps = args.local_steps or 2
     args.out = args.out or HERE / "results" / ("robustness-backdoor" if study else "robustness")
