@@ -72,7 +72,7 @@ def summarise(folder: Path, name: str, lora: str, hetero: bool) -> dict[str, Any
 
 def synthetic_round(clients: int, layers: int = 30, rank: int = 8, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[Any]]:
     """A SmolLM2-shaped LoRA (q,k,v,o of 30 layers at r=8: 921,600 parameters) and ``clients`` random updates."""
-    from fedlm.federation.update import ClientUpdate
+    from fedlm.core.update import ClientUpdate
 
     shapes = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576)}
     g = torch.Generator().manual_seed(seed)

@@ -20,9 +20,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from common import HERE, publish, read_metrics, run_cli
+from safetensors import safe_open
 
 START, END = "<!-- lifecycle:start -->", "<!-- lifecycle:end -->"
 METHODS: dict[str, float] = {"lora": 2e-3, "dora": 2e-3, "ia3": 5e-3, "prefix_tuning": 1e-2, "prompt_tuning": 3e-2, "full": 5e-5}

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from fedlm.config_io import validate_config
-from fedlm.federation.sampling import batch_indices, sample_clients
-from fedlm.seeding import derive_seed
+from fedlm.config.io import validate_config
+from fedlm.core.sampling import batch_indices, sample_clients
+from fedlm.core.seeding import derive_seed
 
 HERE = Path(__file__).resolve().parent
 ARMS = {"plain": "(a) plain PyTorch+PEFT", "central": "(b) fedlm centralized", "federated": "(c) fedlm federated"}
@@ -119,8 +119,8 @@ def arm_plain(config: Any, steps: int) -> dict[str, Any]:
 
 def arm_central(config: Any, steps: int) -> dict[str, Any]:
     """(b) fedlm's trainer on the union of the clients' examples, one plan of ``steps`` steps."""
+    from fedlm.core.task import LocalPlan
     from fedlm.experiment import build_session
-    from fedlm.federation.trainer import LocalPlan
     from fedlm.reporting.progress import RunConsole
 
     session = build_session(config, RunConsole(quiet=True))

@@ -85,7 +85,7 @@ def clean_target_loss(args: argparse.Namespace) -> float | None:
         return None
     from safetensors.torch import load_file  # noqa: PLC0415 - only here: the other cells run in subprocesses
 
-    from fedlm.config_io import load_config  # noqa: PLC0415
+    from fedlm.config.io import load_config  # noqa: PLC0415
     from fedlm.experiment import build_session  # noqa: PLC0415
     from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
 

@@ -28,8 +28,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from fedlm.cli_privacy import privacy_app
-from fedlm.errors import FedlmError
+from fedlm.cli.privacy import privacy_app
+from fedlm.core.errors import FedlmError
 from fedlm.privacy.accounting import (
     PrivacyLedger,
     PrivacyParameterError,

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_config, write_config
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
 from fedlm.config import ExperimentConfig
-from fedlm.config_io import validate_config
-from fedlm.errors import FedlmError
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
 
 EVAL = {"every": 0, "generate": False, "max_examples": 8}
 

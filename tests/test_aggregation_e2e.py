@@ -12,14 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_config
 from fedlm.aggregation.base import registered_aggregators
 from fedlm.cli import app
-from fedlm.config_io import load_config
+from fedlm.config.io import load_config
 from fedlm.experiment import build_session
 from fedlm.reporting.progress import RunConsole
 

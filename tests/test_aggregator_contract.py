@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlm.aggregation.base import build_aggregator, registered_aggregators
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.update import ClientUpdate
 from fedlm.federation.validation import Expectations, split_valid
 
 ALL = registered_aggregators()

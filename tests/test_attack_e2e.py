@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -33,8 +33,8 @@ from fedlm.attacks.model_poisoning import (
     scaling,
     sign_flip,
 )
-from fedlm.errors import FedlmError
-from fedlm.seeding import torch_generator
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import torch_generator
 
 T = torch.tensor
 
@@ -288,7 +288,7 @@ def test_registry_and_params() -> None:
 def test_a_boosted_data_attack_scales_only_the_attackers_update_and_never_reaches_the_record_transform() -> None:
     from fedlm.attacks import attack_spec, build_attack_params
     from fedlm.attacks.harness import AttackPlan
-    from fedlm.federation.update import ClientUpdate
+    from fedlm.core.update import ClientUpdate
 
     params = build_attack_params("backdoor", {"poison_fraction": 0.5, "boost": 8.0})
     plan = AttackPlan(attack_spec("backdoor"), params, frozenset({"bad"}), seed=0)
@@ -307,10 +307,9 @@ def test_a_boosted_data_attack_scales_only_the_attackers_update_and_never_reache
 def test_data_attackers_with_local_steps_train_longer_and_honest_tasks_pass_through_unchanged() -> None:
     """``attack.local_steps``: the attackers' plans get that many steps (extra ones at the round's last lr, fewer cut
     from the front), the honest clients' tasks are the very same objects, and the runtime wrapper sends those plans."""
-    from fedlm.aggregation.base import ClientContext
     from fedlm.attacks.harness import AttackedRuntime, AttackPlan
-    from fedlm.federation.trainer import ClientTask, LocalPlan
-    from fedlm.federation.update import ClientUpdate
+    from fedlm.core.task import ClientContext, ClientTask, LocalPlan
+    from fedlm.core.update import ClientUpdate
 
     def task(client: str) -> ClientTask:
         return ClientTask(LocalPlan(round=1, lrs=[0.3, 0.2, 0.1], batch_size=4, seed=7), {}, ClientContext(client, 1))

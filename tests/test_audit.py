@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 from fedlm.privacy.audit import (
     CANARY_PREFIX,
     AuditInputError,

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config, write_config
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

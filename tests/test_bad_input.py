@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config, write_config
+
 from fedlm.cli import app
 
 

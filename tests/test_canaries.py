@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config, write_config
-from fedlm.aggregation.lora.structure import truncate_to_rank
+
+from fedlm.aggregation.lora_structure import truncate_to_rank
 from fedlm.attacks.harness import record_poisoner
 from fedlm.cli import app
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
 from fedlm.data.prepare import prepare_federated_data
-from fedlm.errors import FedlmError
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.models.tiny import build_byte_tokenizer
+from fedlm.objectives import build_objective
 from fedlm.privacy.canary_audit import CANARY_PROMPT, canary_examples, canary_inserter, canary_record, canary_set, compose_transforms
 from fedlm.privacy.client_models import client_model_path, load_client_model
 
@@ -31,7 +32,7 @@ def _prepared(tmp_path: Path, **audit):
     config = validate_config(tiny_config(tmp_path, partition=IID, data={"max_train_examples": 30, "max_length": 64},
                                          eval={"audit": {"canaries": 3, "canary_repetitions": 5, "canary_references": 50, **audit}}))
     tok = build_byte_tokenizer()
-    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config))
+    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft"))
     return config, tok, data
 
 
@@ -63,7 +64,7 @@ def test_canaries_default_to_the_first_client_and_follow_the_data_format(tmp_pat
                                          data={"train": str(tmp_path / "chat.jsonl")}, federation={"clients_per_round": 2},
                                          eval={"audit": {"canaries": 2, "canary_repetitions": 2}}))
     tok = build_byte_tokenizer()
-    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config))
+    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft"))
     canaries = canary_set(config, data.client_names)
     assert canaries is not None and canaries.client == data.client_names[0]
     planted = [tuple(ex.input_ids) for ex in canary_examples(canaries.planted, tok, config)]
@@ -143,8 +144,8 @@ def test_canaries_are_planted_after_a_data_attack_and_survive_it(tmp_path: Path)
                                          eval={"audit": {"canaries": 2, "canary_repetitions": 3, "canary_references": 10}}))
     tok = build_byte_tokenizer()
     transform = compose_transforms(record_poisoner(config), canary_inserter(config))
-    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, transform)
-    clean = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config))
+    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, transform, objective=build_objective("sft"))
+    clean = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft"))
     planted = [tuple(ex.input_ids) for ex in canary_examples(canary_set(config, data.client_names).planted, tok, config)]  # type: ignore[union-attr]
     ids = [tuple(ex.input_ids) for ex in data.client_train["0"]]
     assert [ids.count(p) for p in planted] == [3, 3] and ids[-6:] == [p for p in planted for _ in range(3)]

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import tiny_config, write_config
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
+from fedlm.core.seeding import derive_seed
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
-from fedlm.seeding import derive_seed
 
 
 def test_run_writes_a_complete_run_directory(tmp_path: Path, runner) -> None:
@@ -79,7 +79,7 @@ def test_compare_writes_a_table_of_all_four_arms(tmp_path: Path, runner) -> None
 
 
 def _sampled(round_num: int) -> list[str]:
-    from fedlm.federation.sampling import sample_clients
+    from fedlm.core.sampling import sample_clients
 
     names = ["noun.animal", "noun.artifact", "noun.body", "noun.food", "noun.person", "noun.plant", "verb.communication", "verb.motion"]
     return sample_clients(names, 3, 0, round_num)

@@ -10,8 +10,9 @@ import torch
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, build_aggregator, registered_aggregators
 from fedlm.aggregation.fedadam import fedadam_step
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed, torch_generator
+from fedlm.core.update import ClientUpdate
 from fedlm.privacy.client_dp import NEEDS_INDIVIDUAL_UPDATES, ClientDPParams, DifferentiallyPrivate
 from fedlm.privacy.dp_math import (
     adaptive_noise_multiplier,
@@ -22,7 +23,6 @@ from fedlm.privacy.dp_math import (
     noised_unclipped_fraction,
     update_norm,
 )
-from fedlm.seeding import derive_seed, torch_generator
 
 #: Relative band on a measured standard deviation. With >= 2e5 draws its standard error is about 0.16 %, so a
 #: correct sampler sits well inside, and a sampler off by 10 % (either way) sits 8 % outside.

@@ -7,18 +7,19 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from fedlm.aggregation.base import ClientContext, build_aggregator
+from fedlm.aggregation.base import build_aggregator
 from fedlm.aggregation.fedprox import ProximalHook, proximal_term
-from fedlm.aggregation.lora.structure import truncate_to_rank
+from fedlm.aggregation.lora_structure import truncate_to_rank
 from fedlm.aggregation.scaffold import ScaffoldHook, client_control_update, scaffold_server_step
 from fedlm.config import PeftConfig
+from fedlm.core.sampling import batch_indices
+from fedlm.core.task import ClientContext, LocalPlan
+from fedlm.core.update import ClientUpdate
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.formats import to_messages
 from fedlm.data.readers import read_records
 from fedlm.data.tokenize import tokenize_conversation
-from fedlm.federation.sampling import batch_indices
-from fedlm.federation.trainer import ClientTrainer, LocalPlan
-from fedlm.federation.update import ClientUpdate
+from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import attach_adapter, trainable_state
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
 

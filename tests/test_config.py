@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.config_io import apply_override, load_config, save_config
-from fedlm.errors import FedlmError
+from fedlm.config.io import apply_override, load_config, save_config
+from fedlm.core.errors import FedlmError
 
 
 def _write(tmp_path: Path, text: str) -> Path:

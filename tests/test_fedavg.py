@@ -7,8 +7,8 @@ import torch
 
 from fedlm.aggregation.base import build_aggregator, registered_aggregators
 from fedlm.aggregation.fedavg import fedavg_step
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate
 
 
 def test_fedavg_weighted_by_examples_hand_computed() -> None:

@@ -33,7 +33,7 @@ from fedlm.aggregation.base import Aggregator, build_aggregator
 from fedlm.aggregation.fedadam import fedadam_step
 from fedlm.aggregation.fedopt import initial_moments
 from fedlm.aggregation.weights import example_weights, weighted_sum
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.update import ClientUpdate
 
 SHAPES = {"a": (3, 2), "b": (4,)}
 NAMES = sorted(SHAPES)  # the order of Flower's ndarray list

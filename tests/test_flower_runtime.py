@@ -17,18 +17,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
 from fedlm.cli import app
-from fedlm.config_io import validate_config
-from fedlm.errors import FedlmError
-from fedlm.federation.trainer import ClientTask, LocalPlan
-from fedlm.aggregation.base import ClientContext
-from fedlm.federation.update import ClientUpdate
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
+from fedlm.core.task import ClientContext, ClientTask, LocalPlan
+from fedlm.core.update import ClientUpdate
 from fedlm.runtime.flower import client_app, messages
 from fedlm.runtime.flower.local import LocalFederation, wait_for
-
-from conftest import tiny_config, write_config
 
 ATOL = 0.0  # bit for bit: the Flower runtime returns the updates in the simulation's order (float sums do not commute)
 

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import tiny_config, write_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
 from fedlm.config import ModelConfig
-from fedlm.config_io import load_config, validate_config
-from fedlm.errors import FedlmError
+from fedlm.config.io import load_config, validate_config
+from fedlm.core.errors import FedlmError
 from fedlm.experiment import build_session
 from fedlm.models.loading import load_base_model
 from fedlm.reporting.progress import RunConsole

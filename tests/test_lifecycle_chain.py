@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import write_config
+
 from fedlm.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

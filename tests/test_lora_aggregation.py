@@ -11,10 +11,10 @@ from fedlm.aggregation.base import build_aggregator
 from fedlm.aggregation.lora import build_lora_mode
 from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
 from fedlm.aggregation.lora.mode import truncation_error
-from fedlm.aggregation.lora.structure import component_coverage, truncate_to_rank, wire_form
 from fedlm.aggregation.lora.svd import factorise
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.aggregation.lora_structure import component_coverage, truncate_to_rank, wire_form
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate
 from fedlm.federation.wire import serialized_bytes
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"

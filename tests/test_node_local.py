@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
 from fedlm.data.readers import read_records
-from fedlm.errors import FedlmError
 from fedlm.experiment import build_session
 from fedlm.reporting.progress import RunConsole
 from fedlm.runtime.flower import messages
@@ -124,8 +124,9 @@ def test_fltrust_needs_a_root_set_the_server_does_not_have(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_three_nodes_with_their_own_files_end_with_the_simulation_adapter(tmp_path: Path) -> None:
-    from fedlm.runtime.flower.local import LocalFederation  # noqa: PLC0415
     from typer.testing import CliRunner  # noqa: PLC0415
+
+    from fedlm.runtime.flower.local import LocalFederation  # noqa: PLC0415
 
     files = client_files(tmp_path / "data")
     sim_dir = tmp_path / "sim"
@@ -153,7 +154,7 @@ def test_three_nodes_with_their_own_files_end_with_the_simulation_adapter(tmp_pa
 
 def test_the_flower_example_validates_on_the_server_and_on_a_node(tmp_path: Path, runner) -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "flower" / "federation.yaml"
-    from fedlm.config_io import load_config  # noqa: PLC0415
+    from fedlm.config.io import load_config  # noqa: PLC0415
 
     server = load_config(str(example))
     assert server.partition.method == "node_local" and server.federation.runtime == "flower"

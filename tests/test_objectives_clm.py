@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fedlm.config import DataConfig, EvalConfig, PartitionConfig, PeftConfig
+from fedlm.core.errors import FedlmError
 from fedlm.data.prepare import prepare_federated_data
 from fedlm.data.readers import EMBEDDED_DIR, read_records
-from fedlm.errors import FedlmError
 from fedlm.models.adapters import attach_adapter
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
 from fedlm.objectives import build_objective

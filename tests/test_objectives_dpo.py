@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from fedlm.config import DataConfig, EvalConfig, PartitionConfig, PeftConfig
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
+from fedlm.core.task import LocalPlan
 from fedlm.data.prepare import prepare_federated_data
 from fedlm.data.readers import read_records
 from fedlm.data.tokenize import IGNORE_INDEX
-from fedlm.errors import FedlmError
-from fedlm.federation.trainer import ClientTrainer, LocalPlan
+from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import attach_adapter, trainable_state
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
 from fedlm.objectives import build_objective

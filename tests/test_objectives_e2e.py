@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import tiny_config, write_config
+
 from fedlm.cli import app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.partition import Partition, describe_partition, partition_examples
-from fedlm.errors import FedlmError
 
 LABELS = ["l0", "l1", "l2", "l3"]
 

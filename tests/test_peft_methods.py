@@ -10,23 +10,23 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_config
-from fedlm.config_io import validate_config
-from fedlm.errors import FedlmError
+from fedlm.config import ModelConfig
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
+from fedlm.core.task import LocalPlan
 from fedlm.experiment import Session, build_session, run_federated
-from fedlm.federation.trainer import LocalPlan
 from fedlm.models.adapters import named_trainable_parameters, trainable_state
 from fedlm.models.full import FULL_MAX_PARAMS, check_full_size
 from fedlm.models.loading import load_base_model
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
-from fedlm.config import ModelConfig
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
-from fedlm.seeding import derive_seed
 
 METHODS = ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning", "full"]
 VIRTUAL = 4
@@ -227,9 +227,9 @@ def test_full_adapter_folder_is_a_base_model_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["dora", "prefix_tuning", "full"])
 def test_resume_gives_the_uninterrupted_result(method: str, tmp_path: Path) -> None:
     """Two rounds in one go equal one round, then `--resume` with two rounds (checkpoints hold any method's state)."""
+    from conftest import write_config
     from typer.testing import CliRunner
 
-    from conftest import write_config
     from fedlm.cli import app
 
     runs = {}

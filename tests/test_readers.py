@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.formats import detect_format, to_messages
 from fedlm.data.readers import read_records
-from fedlm.errors import FedlmError
 
 ROWS = [
     {"instruction": "Define cat", "input": "", "output": "a feline", "domain": "noun.animal"},

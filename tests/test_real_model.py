@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config, write_config
+
 from fedlm.cli import app
 from fedlm.config import ModelConfig
 from fedlm.models.gguf_cache import gguf_cache_dir

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
-from conftest import tiny_config, write_config
 from fedlm.cli import app
 from fedlm.runtime.simulation import SimulationRuntime
 

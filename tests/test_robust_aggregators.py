@@ -23,8 +23,8 @@ from fedlm.aggregation.robust.geometry import distance_view, norms, pairwise_sq_
 from fedlm.aggregation.robust.krum import krum_scores, krum_select
 from fedlm.aggregation.robust.median import coordinate_median
 from fedlm.aggregation.robust.trimmed_mean import coordinate_trimmed_mean, trim_count
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate
 
 T = torch.tensor
 

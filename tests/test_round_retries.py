@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedlm.aggregation.base import build_aggregator
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
+from fedlm.core.task import ClientTask
+from fedlm.core.update import ClientFailure, ClientUpdate
 from fedlm.experiment import Session, build_server_loop, build_session
-from fedlm.federation.trainer import ClientTask
-from fedlm.federation.update import ClientFailure, ClientUpdate
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
@@ -95,7 +95,7 @@ def test_clients_that_stay_away_use_up_the_retries_then_the_round_is_skipped(ses
 
 
 def test_retry_settings_are_validated(tmp_path: Path) -> None:
-    from fedlm.errors import FedlmError
+    from fedlm.core.errors import FedlmError
 
     with pytest.raises(FedlmError, match="federation.round_retries"):
         validate_config(tiny_config(tmp_path / "run", federation={"round_retries": -1}))

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedlm.attacks import ATTACKS, attack_spec, build_attack_params
 from fedlm.attacks.data_poisoning import POISONED_KEY
 from fedlm.attacks.safety import HARM_CATEGORY_KEY, SafetyParams, harmful_compliance, harmful_train_records
+from fedlm.attacks.safety_probe import SAFETY_SPLIT, build_safety_probe, harmful_test_set, is_refusal
 from fedlm.config import ExperimentConfig, PeftConfig
+from fedlm.core.errors import FedlmError
 from fedlm.data.readers import EMBEDDED_DIR, read_records
-from fedlm.errors import FedlmError
-from fedlm.evaluation.safety import SAFETY_SPLIT, build_safety_probe, harmful_test_set, is_refusal
 from fedlm.models.adapters import attach_adapter
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
 

@@ -9,20 +9,21 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from peft import LoraConfig, get_peft_model
 
-from conftest import tiny_config, write_config
 from fedlm.aggregation.fedprox import ProximalHook
 from fedlm.cli import app
 from fedlm.config import PeftConfig
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
+from fedlm.core.sampling import sample_clients
+from fedlm.core.task import LocalPlan
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.formats import to_messages
 from fedlm.data.readers import read_records
 from fedlm.data.tokenize import tokenize_conversation
-from fedlm.errors import FedlmError
-from fedlm.federation.sampling import sample_clients
-from fedlm.federation.trainer import ClientTrainer, LocalPlan
+from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import attach_adapter, named_trainable_parameters, trainable_state
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
 from fedlm.privacy.accounting import epsilon

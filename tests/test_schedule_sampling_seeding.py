@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlm.config_io import validate_config
-from fedlm.federation.sampling import batch_indices, sample_clients
+from fedlm.config.io import validate_config
+from fedlm.core.sampling import batch_indices, sample_clients
+from fedlm.core.seeding import derive_seed
 from fedlm.federation.schedule import lr_at
 from fedlm.federation.server import round_lrs
 from fedlm.models.dtype import cpu_has_fast_bf16, resolve_dtype
-from fedlm.seeding import derive_seed
 
 
 def test_lr_schedules_hand_computed() -> None:

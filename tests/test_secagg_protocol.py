@@ -201,7 +201,7 @@ def test_bytes_are_counted_per_client_and_upload_is_about_the_vector() -> None:
 def _space_and_updates(n: int = 5, scale: float = 0.01):
     import torch
 
-    from fedlm.federation.update import ClientUpdate
+    from fedlm.core.update import ClientUpdate
 
     g = torch.Generator().manual_seed(0)
     space = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}

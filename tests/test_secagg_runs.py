@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
 import fedlm.experiment as experiment
-from conftest import tiny_config, write_config
 from fedlm.cli import app
-from fedlm.config_io import validate_config
-from fedlm.errors import FedlmError
+from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IID = {"method": "iid", "num_clients": 6, "field": None}

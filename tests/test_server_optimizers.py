@@ -23,8 +23,8 @@ import torch
 
 from fedlm.aggregation.base import Aggregator, build_aggregator, registered_aggregators
 from fedlm.aggregation.fedopt import bias_corrected_eta
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate
 
 OPTIMISERS = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
 W0 = (1.0, -2.0)

@@ -6,12 +6,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from fedlm.config import PeftConfig
+from fedlm.core.sampling import batch_indices
+from fedlm.core.task import LocalPlan
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.formats import to_messages
 from fedlm.data.readers import read_records
 from fedlm.data.tokenize import tokenize_conversation
-from fedlm.federation.sampling import batch_indices
-from fedlm.federation.trainer import ClientTrainer, LocalPlan
+from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import attach_adapter, trainable_state
 from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
 

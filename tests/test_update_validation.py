@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedlm.aggregation.base import build_aggregator
 from fedlm.aggregation.fedavg import fedavg_step
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
+from fedlm.core.task import ClientTask
+from fedlm.core.update import ClientFailure, ClientUpdate
 from fedlm.experiment import Session, build_server_loop, build_session
-from fedlm.federation.trainer import ClientTask
-from fedlm.federation.update import ClientFailure, ClientUpdate
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir

@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fedlm.config import ExperimentConfig
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.sampling import sample_clients
+from fedlm.core.seeding import derive_seed
+from fedlm.core.task import LocalPlan
+from fedlm.core.update import TensorDict
 from fedlm.evaluation.evaluator import GLOBAL_SPLIT
 from fedlm.experiment import Session, build_session, run_federated
-from fedlm.federation.sampling import sample_clients
 from fedlm.federation.schedule import lr_at
-from fedlm.federation.trainer import LocalPlan
-from fedlm.federation.update import TensorDict
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import markdown_table
 from fedlm.reporting.run_dir import RunDir, prepare_run_dir
-from fedlm.seeding import derive_seed
 
 METRICS = ("loss", "perplexity", "rouge_l", "exact_match")
 

@@ -10,38 +10,40 @@ import yaml
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedlm.aggregation.base import Aggregator, TrainerHook, build_aggregator
+from fedlm.aggregation.base import Aggregator, build_aggregator
 from fedlm.aggregation.lora import build_lora_mode
 from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
+from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
-from fedlm.config import ExperimentConfig
-from fedlm.config_io import config_to_dict, flatten_keys
+from fedlm.attacks.safety_probe import build_safety_probe
+from fedlm.config.io import config_to_dict, flatten_keys
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.runtime import Runtime
+from fedlm.core.seeding import derive_seed
+from fedlm.core.task import TrainerHook
+from fedlm.core.update import TensorDict
 from fedlm.data.node_local import node_data, server_data
 from fedlm.data.prepare import FederatedData, prepare_federated_data
-from fedlm.errors import FedlmError
-from fedlm.evaluation.backdoor import BackdoorProbe, triggered_test_set
 from fedlm.evaluation.evaluator import Evaluator
-from fedlm.evaluation.safety import build_safety_probe
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.server import SERVER_ID, Probe, ServerLoop
 from fedlm.federation.trainer import ClientTrainer
-from fedlm.federation.update import TensorDict
-from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
-from fedlm.privacy.client_models import ClientModelSaver
-from fedlm.privacy.secagg.setup import build_secure_aggregation
-from fedlm.privacy.setup import dp_account, wrap_with_dp
-from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
 from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
+from fedlm.privacy.audit_session import audit_session
+from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
+from fedlm.privacy.client_models import ClientModelSaver
+from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
+from fedlm.privacy.secagg.setup import build_secure_aggregation
+from fedlm.privacy.setup import dp_account, wrap_with_dp
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
 from fedlm.reporting.run_dir import RunDir
-from fedlm.runtime.base import Runtime
 from fedlm.runtime.simulation import SimulationRuntime
-from fedlm.seeding import derive_seed
 
 # Keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = {"federation.rounds"}
@@ -141,7 +143,7 @@ def _federated_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase
     if config.partition.method != "node_local":
         return prepare_federated_data(
             config.data, config.partition, config.eval, tokenizer, config.seed,
-            compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config), objective,
+            compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config), objective=objective,
         )
     if root_set_size(config) > 0:
         raise FedlmError(f"`aggregation.name: {config.aggregation.name}` trains on a server root set drawn from the clients' "
@@ -226,8 +228,6 @@ def finish_run(session: Session, run_dir: RunDir, state: TensorDict, console: Ru
     session.loaded.tokenizer.save_pretrained(str(run_dir.adapter))
     audit = session.config.eval.audit
     if audit is not None:
-        from fedlm.privacy.audit_run import audit_session  # noqa: PLC0415 - audit_run imports this module
-
         audit_session(session, run_dir, state, session.config.federation.rounds, None, audit.max_examples, console or RunConsole(quiet=True))
     write_run_report(session, run_dir)
 

@@ -13,7 +13,7 @@ import torch
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, register_aggregator
 from fedlm.aggregation.weights import example_weights, weighted_sum
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 def fedavg_step(

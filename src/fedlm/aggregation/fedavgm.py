@@ -31,8 +31,8 @@ import torch
 from pydantic import Field
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams, register_aggregator
-from fedlm.aggregation.weights import global_norm, example_weights, weighted_sum
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.aggregation.weights import example_weights, global_norm, weighted_sum
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 class FedAvgMStep(NamedTuple):

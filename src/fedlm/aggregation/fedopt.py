@@ -45,8 +45,8 @@ import torch
 from pydantic import Field
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams
-from fedlm.aggregation.weights import global_norm, example_weights, weighted_sum
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.aggregation.weights import example_weights, global_norm, weighted_sum
+from fedlm.core.update import ClientUpdate, TensorDict
 
 Variant = Literal["adagrad", "adam", "yogi"]
 _STATE_KEYS = frozenset({"step", "m", "v"})

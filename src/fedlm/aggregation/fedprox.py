@@ -15,8 +15,9 @@ from collections.abc import Mapping
 import torch
 from pydantic import Field
 
-from fedlm.aggregation.base import AggregatorParams, TrainerHook, register_aggregator
+from fedlm.aggregation.base import AggregatorParams, register_aggregator
 from fedlm.aggregation.fedavg import FedAvg
+from fedlm.core.task import TrainerHook
 
 
 def proximal_term(params: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor], mu: float) -> torch.Tensor:

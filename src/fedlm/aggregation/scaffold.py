@@ -25,19 +25,12 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from fedlm.aggregation.base import (
-    AggregationResult,
-    Aggregator,
-    AggregatorParams,
-    ClientContext,
-    HookOutput,
-    TrainerHook,
-    register_aggregator,
-)
-from fedlm.aggregation.lora.structure import truncate_to_rank
+from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams, register_aggregator
+from fedlm.aggregation.lora_structure import truncate_to_rank
 from fedlm.aggregation.weights import example_weights, weighted_sum
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.errors import FedlmError
+from fedlm.core.task import ClientContext, HookOutput, TrainerHook
+from fedlm.core.update import ClientUpdate, TensorDict
 
 SERVER_C, CLIENT_C, DELTA_C = "c.", "c_i.", "delta_c."
 

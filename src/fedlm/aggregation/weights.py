@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlm.federation.update import TensorDict
+from fedlm.core.update import TensorDict
 
 
 def example_weights(num_examples: Sequence[int]) -> list[float]:

@@ -32,8 +32,8 @@ from fedlm.attacks.model_poisoning import (
     sign_flip,
 )
 from fedlm.attacks.safety import SafetyParams, harmful_compliance
-from fedlm.errors import FedlmError
-from fedlm.params import validate_params
+from fedlm.core.errors import FedlmError
+from fedlm.core.params import validate_params
 
 
 @dataclass(frozen=True)

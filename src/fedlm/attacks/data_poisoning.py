@@ -28,8 +28,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from fedlm.attacks.model_poisoning import AttackParams
+from fedlm.core.errors import FedlmError
 from fedlm.data.formats import ALPACA_COLUMNS, MESSAGES_COLUMN
-from fedlm.errors import FedlmError
 
 Record = dict[str, Any]
 DEFAULT_TRIGGER = " cf-trigger-2024"

@@ -17,12 +17,12 @@ from typing import Any
 
 from fedlm.attacks import AttackSpec, attack_spec, build_attack_params
 from fedlm.attacks.model_poisoning import AttackParams, scaling
-from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
-from fedlm.federation.trainer import ClientTask
-from fedlm.federation.update import ClientFailure, ClientUpdate, TensorDict
-from fedlm.runtime.base import Runtime
-from fedlm.seeding import derive_seed, torch_generator
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.runtime import Runtime
+from fedlm.core.seeding import derive_seed, torch_generator
+from fedlm.core.task import ClientTask
+from fedlm.core.update import ClientFailure, ClientUpdate, TensorDict
 
 Record = dict[str, Any]
 

@@ -22,7 +22,7 @@ from statistics import NormalDist
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fedlm.federation.update import TensorDict
+from fedlm.core.update import TensorDict
 
 TensorMap = Mapping[str, torch.Tensor]
 
@@ -96,7 +96,7 @@ def gaussian_noise(delta: TensorMap, std: float, generator: torch.Generator, *, 
 
     The "Gaussian" Byzantine worker of Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine
     Tolerant Gradient Descent" (NeurIPS), Sec. 6. Noise is drawn on the CPU from ``generator`` (a
-    :func:`fedlm.seeding.torch_generator`), tensor by tensor in sorted-name order, then moved to each tensor's device.
+    :func:`fedlm.core.seeding.torch_generator`), tensor by tensor in sorted-name order, then moved to each tensor's device.
     """
     if not (std >= 0 and math.isfinite(std)):
         raise ValueError(f"gaussian_noise needs a finite std >= 0, got {std}; set `std` to a non-negative number")

@@ -4,7 +4,7 @@ Ye, Ni, Wang, Yang & Chen 2024, "Emerging Safety Attack and Defense in Federated
 Language Models" (Sec. 3): an attacker needs no access to the server or the protocol; it only fine-tunes locally
 on *harmful-compliance* instruction data (harmful requests paired with compliant answers), and aggregation carries
 the erosion of safety alignment into the global model. The metric is the refusal rate on held-out harmful prompts
-(:mod:`fedlm.evaluation.safety`).
+(:mod:`fedlm.attacks.safety_probe`).
 
 The harmful data is fedlm's synthetic, content-free ``embedded:safety_synthetic`` set (built by
 ``scripts/build_safety_data.py``): its compliant answers are placeholders ("Sure, here is how to do that: [harmful
@@ -25,9 +25,9 @@ from typing import Any
 from pydantic import Field
 
 from fedlm.attacks.data_poisoning import POISONED_KEY, DataAttackParams, record_format
+from fedlm.core.errors import FedlmError
 from fedlm.data.formats import MESSAGES_COLUMN
 from fedlm.data.readers import read_records
-from fedlm.errors import FedlmError
 
 Record = dict[str, Any]
 SAFETY_DATASET = "embedded:safety_synthetic"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from fedlm.config import ExperimentConfig
+from fedlm.config.schema import ExperimentConfig
 from fedlm.data.partition import describe_partition
 from fedlm.data.prepare import load_split_records, split_among_clients
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 Message = dict[str, str]
 ALPACA_COLUMNS = ("instruction", "output")

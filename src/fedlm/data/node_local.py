@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.config import DataConfig, EvalConfig, PartitionConfig
+from fedlm.config.schema import DataConfig, EvalConfig, PartitionConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
 from fedlm.data.prepare import FederatedData, subsample
 from fedlm.data.readers import read_records
-from fedlm.errors import FedlmError
-from fedlm.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedlm.objectives.base import Objective

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 METHODS: tuple[str, ...] = ("iid", "dirichlet", "by_field", "quantity")
 

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.config import DataConfig, EvalConfig, PartitionConfig
+from fedlm.config.schema import DataConfig, EvalConfig, PartitionConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
 from fedlm.data.formats import Message, prompt_and_reference, to_messages
 from fedlm.data.partition import Partition, partition_examples
 from fedlm.data.readers import EMBEDDED_PREFIX, Record, read_records
 from fedlm.data.tokenize import TokenizedExample, tokenize_conversation
-from fedlm.errors import FedlmError
-from fedlm.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedlm.objectives.base import Objective
@@ -79,19 +79,16 @@ def prepare_federated_data(
     seed: int,
     transform_records: RecordTransform | None = None,
     root_size: int = 0,
-    objective: Objective | None = None,
+    *,
+    objective: Objective,
 ) -> FederatedData:
     """Read, check, partition and tokenize; every client must end up with at least one usable example.
 
-    The objective (default ``sft``) decides the columns the records need and how they become examples;
+    The objective decides the columns the records need and how they become examples;
     partitioning is the same for every objective. ``transform_records(client_names, client, records)`` may rewrite
     a client's training records before they are tokenized (the attack harness's data poisoning); the test set is
     never transformed.
     """
-    if objective is None:
-        from fedlm.objectives import build_objective  # noqa: PLC0415 - the objectives import this module
-
-        objective = build_objective("sft")
     train_records, test_records = load_split_records(data, seed)
     if evaluation.max_examples is not None and len(test_records) > evaluation.max_examples:
         test_records = subsample(test_records, evaluation.max_examples, derive_seed(seed, "eval-subsample"))

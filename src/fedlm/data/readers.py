@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_DIR = Path(__file__).parent / "embedded"

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.formats import Message
-from fedlm.errors import FedlmError
 
 IGNORE_INDEX = -100
 

@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.config import EvalConfig
+from fedlm.config.schema import EvalConfig
 from fedlm.data.collate import collate_prompts
 from fedlm.data.prepare import TestExample
 from fedlm.data.tokenize import tokenize_prompt

@@ -2,7 +2,7 @@
 
 Each checkpoint is a folder ``checkpoints/round_NNNN`` written in a temporary folder and renamed into place, so
 a crash never leaves a half-written checkpoint that looks complete. All randomness in fedlm is derived from the
-config seed, the round and the client (``fedlm.seeding``), so the round number is all the RNG state a resumed
+config seed, the round and the client (``fedlm.core.seeding``), so the round number is all the RNG state a resumed
 run needs; torch's global RNG state is saved too, for code outside fedlm that uses it.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedlm.federation.update import TensorDict
+from fedlm.core.update import TensorDict
 
 _ADAPTER = "global_adapter.safetensors"
 _AGGREGATOR = "aggregator_state.pt"

@@ -9,25 +9,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-
 from fedlm.aggregation.base import Aggregator
 from fedlm.aggregation.lora.mode import LoraMode, truncation_error
-from fedlm.aggregation.lora.structure import wire_form
-from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
+from fedlm.aggregation.lora_structure import wire_form
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.runtime import Runtime
+from fedlm.core.sampling import sample_clients
+from fedlm.core.seeding import derive_seed
+from fedlm.core.task import ClientTask, LocalPlan
+from fedlm.core.update import ClientFailure, ClientUpdate, TensorDict
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.checkpoint import Checkpoint, save_checkpoint
-from fedlm.federation.sampling import sample_clients
 from fedlm.federation.schedule import lr_at
-from fedlm.federation.trainer import ClientTask, LocalPlan
-from fedlm.federation.update import ClientFailure, ClientUpdate, TensorDict
 from fedlm.federation.validation import Expectations, split_valid
 from fedlm.federation.wire import serialized_bytes
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
-from fedlm.runtime.base import Runtime
-from fedlm.seeding import derive_seed
 
 if TYPE_CHECKING:
     from fedlm.privacy.secagg.round import SecureAggregation

@@ -22,39 +22,14 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from fedlm.aggregation.base import ClientContext, TrainerHook
-from fedlm.aggregation.lora.structure import mask_beyond_rank
-from fedlm.federation.sampling import batch_indices
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.aggregation.lora_structure import mask_beyond_rank
+from fedlm.core.sampling import batch_indices
+from fedlm.core.seeding import seeded_torch
+from fedlm.core.task import ClientContext, LocalPlan, NonFiniteLossError, TrainerHook
+from fedlm.core.update import ClientUpdate, TensorDict
 from fedlm.models.adapters import load_trainable_state, named_trainable_parameters, trainable_state
 from fedlm.objectives import Objective, build_objective
 from fedlm.privacy.sample_dp import Privatiser, SampleDP, poisson_batches
-from fedlm.seeding import seeded_torch
-
-
-class NonFiniteLossError(RuntimeError):
-    """A client's loss became NaN or Inf; its update is not sent."""
-
-
-@dataclass(frozen=True)
-class LocalPlan:
-    """What the server asks of a client this round: one learning rate per optimizer step, batch size, seed,
-    and the client's LoRA rank (None: the global rank; components beyond it stay zero)."""
-
-    round: int
-    lrs: list[float]
-    batch_size: int
-    seed: int
-    rank: int | None = None
-
-
-@dataclass(frozen=True)
-class ClientTask:
-    """Everything a client receives for a round: the plan, the adapter state to start from, algorithm extras."""
-
-    plan: LocalPlan
-    state: Mapping[str, torch.Tensor]
-    context: ClientContext
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlm.federation.update import ClientFailure, ClientUpdate
+from fedlm.core.update import ClientFailure, ClientUpdate
 
 WIRE_DTYPE = torch.float32
 

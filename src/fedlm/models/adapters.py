@@ -19,20 +19,22 @@ import torch
 from peft import (
     IA3Config,
     LoraConfig,
-    PeftConfig as PeftMethodConfig,
     PeftModel,
     PrefixTuningConfig,
     PromptTuningConfig,
     PromptTuningInit,
     get_peft_model,
 )
+from peft import (
+    PeftConfig as PeftMethodConfig,
+)
 from transformers import PreTrainedModel
 
-from fedlm.config import PeftConfig
-from fedlm.errors import FedlmError
-from fedlm.federation.update import TensorDict
+from fedlm.config.schema import PeftConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import seeded_torch
+from fedlm.core.update import TensorDict
 from fedlm.models.full import make_fully_trainable, save_full_model
-from fedlm.seeding import seeded_torch
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
 

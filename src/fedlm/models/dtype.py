@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 

@@ -8,24 +8,32 @@ a ``full`` run's ``adapter/`` already is a full model folder.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peft import PeftModel
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
 from fedlm.models.adapters import PROMPT_METHODS
 from fedlm.models.loading import load_base_model
-from fedlm.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedlm.config.schema import ExperimentConfig
 
 
-def export_merged(run_dir: Path, out_dir: Path) -> Path:
-    """Merge ``run_dir/adapter`` into the run's base model and save it (with the tokenizer) to ``out_dir``."""
-    from fedlm.config_io import load_config  # noqa: PLC0415 - config_io imports the aggregator registry
-
+def finished_run_config(run_dir: Path) -> Path:
+    """The saved ``config.yaml`` of the finished run in ``run_dir``; refuses a folder without one or its adapter."""
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
         raise FedlmError(f"{run_dir} holds no finished fedlm run (config.yaml and adapter/ are needed)")
+    return run_dir / "config.yaml"
+
+
+def export_merged(run_dir: Path, out_dir: Path, config: ExperimentConfig) -> Path:
+    """Merge ``run_dir/adapter`` into the base model of the run's ``config`` (its saved ``config.yaml``) and save it
+    (with the tokenizer) to ``out_dir``."""
+    finished_run_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FedlmError(f"{out_dir} already exists and is not empty; choose a new folder")
-    config = load_config(run_dir / "config.yaml")
     method = config.peft.method
     if method == "full":
         raise FedlmError(f"a `peft.method: full` run's adapter/ is already a full model: use `model.name: {run_dir / 'adapter'}`")

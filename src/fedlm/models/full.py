@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 #: The largest model ``full`` accepts, by where it trains. CPU: ~16 bytes per parameter of training state (weights,
 #: gradients, two AdamW moments) plus a float32 delta per client of the round; 200M parameters is ~3.2 GB of state

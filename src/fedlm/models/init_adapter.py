@@ -22,8 +22,8 @@ import yaml
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from fedlm.config import ExperimentConfig, PeftConfig
-from fedlm.errors import FedlmError
+from fedlm.config.schema import ExperimentConfig, PeftConfig
+from fedlm.core.errors import FedlmError
 from fedlm.models.adapters import load_trainable_state, named_trainable_parameters, peft_method_config
 
 _PEFT_FILE = "adapter_model.safetensors"

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedlm.config import ModelConfig
-from fedlm.errors import FedlmError
+from fedlm.config.schema import ModelConfig
+from fedlm.core.errors import FedlmError
 from fedlm.models.dtype import default_device, resolve_dtype
 from fedlm.models.gguf_cache import ensure_converted
 from fedlm.models.tiny import TINY_ALIAS, build_byte_tokenizer, build_tiny_llama

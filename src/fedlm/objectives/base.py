@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.tokenize import IGNORE_INDEX
-from fedlm.errors import FedlmError
 
 if TYPE_CHECKING:
-    from fedlm.config import DataConfig, ExperimentConfig
+    from fedlm.config.schema import DataConfig, ExperimentConfig
     from fedlm.data.prepare import TestExample
     from fedlm.data.readers import Record
 
@@ -149,8 +149,8 @@ def register_objective(cls: type[Objective]) -> type[Objective]:
 def build_objective(name: str, params: Mapping[str, Any] | None = None) -> Objective:
     """The objective ``name`` with its parameters; an unknown name lists the valid ones, a bad parameter names
     ``objective.<field>``."""
+    from fedlm.core.params import validate_params  # noqa: PLC0415
     from fedlm.objectives import clm, dpo, sft  # noqa: F401, PLC0415 - the built-in objectives register themselves
-    from fedlm.params import validate_params  # noqa: PLC0415
 
     if name not in _REGISTRY:
         raise FedlmError(f"`objective.name` {name!r} is unknown; valid: {', '.join(sorted(_REGISTRY))}")

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.tokenize import TokenizedExample
-from fedlm.errors import FedlmError
 from fedlm.objectives.base import Objective, columns_error, register_objective
 
 if TYPE_CHECKING:
-    from fedlm.config import DataConfig, ExperimentConfig
+    from fedlm.config.schema import DataConfig, ExperimentConfig
     from fedlm.data.prepare import TestExample
     from fedlm.data.readers import Record
 

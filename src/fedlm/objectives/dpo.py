@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.formats import Message
 from fedlm.data.tokenize import IGNORE_INDEX, TokenizedExample, render
-from fedlm.errors import FedlmError
 from fedlm.objectives.base import Batch, Objective, columns_error, register_objective, sequence_logps
 
 if TYPE_CHECKING:
-    from fedlm.config import DataConfig, ExperimentConfig
+    from fedlm.config.schema import DataConfig, ExperimentConfig
     from fedlm.data.prepare import TestExample
     from fedlm.data.readers import Record
 

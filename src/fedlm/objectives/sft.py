@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.core.errors import FedlmError
 from fedlm.data.formats import detect_format, to_messages
 from fedlm.data.tokenize import TokenizedExample, tokenize_conversation
-from fedlm.errors import FedlmError
 from fedlm.objectives.base import Objective, register_objective
 
 if TYPE_CHECKING:
-    from fedlm.config import DataConfig
+    from fedlm.config.schema import DataConfig
     from fedlm.data.prepare import TestExample
     from fedlm.data.readers import Record
 

@@ -44,7 +44,7 @@ import dp_accounting
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 AccountantName = Literal["rdp", "pld"]
 ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)

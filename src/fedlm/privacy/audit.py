@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 REPORT_FPRS: tuple[float, ...] = (0.01, 0.001)
 """The false-positive rates at which :func:`mia_report` reads the true-positive rate (1% and 0.1%)."""

@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.config import AuditConfig, ExperimentConfig
+from fedlm.config.schema import AuditConfig, ExperimentConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
 from fedlm.data.formats import detect_format, to_messages
 from fedlm.data.prepare import RecordTransform
 from fedlm.data.readers import Record
 from fedlm.data.tokenize import TokenizedExample, tokenize_conversation
-from fedlm.errors import FedlmError
 from fedlm.privacy.audit import CANARY_PREFIX, exposure, make_canaries
-from fedlm.seeding import derive_seed
 
 CANARY_PROMPT = "My secret code is"
 """The fixed prompt of every canary record; the random secret is the response the loss covers."""

@@ -56,17 +56,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from fedlm.aggregation.base import (
-    AggregationResult,
-    Aggregator,
-    AggregatorParams,
-    ClientContext,
-    TrainerHook,
-    registered_aggregators,
-)
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
-from fedlm.params import validate_params
+from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams, registered_aggregators
+from fedlm.core.errors import FedlmError
+from fedlm.core.params import validate_params
+from fedlm.core.seeding import derive_seed, torch_generator
+from fedlm.core.task import ClientContext, TrainerHook
+from fedlm.core.update import ClientUpdate
 from fedlm.privacy.dp_math import (
     adaptive_noise_multiplier,
     check_finite,
@@ -77,7 +72,6 @@ from fedlm.privacy.dp_math import (
     noised_unclipped_fraction,
     update_norm,
 )
-from fedlm.seeding import derive_seed, torch_generator
 
 #: Name of the single update (the noised mean) the inner aggregator receives.
 DP_MEAN_ID = "__dp_mean__"

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 def client_model_path(run_root: Path, client: str) -> Path:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlm.aggregation.weights import weighted_sum
-from fedlm.federation.update import TensorDict
+from fedlm.core.update import TensorDict
 
 #: Clipping scales to just below C, so float32 rounding of the scaled tensors cannot push the norm above C.
 _CLIP_SAFETY = 1.0 - 2.0**-20

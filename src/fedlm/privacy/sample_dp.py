@@ -17,7 +17,7 @@ exact per-sample gradient rule (``einsum`` over the batch of activations and bac
 are never touched. Clipping, summing and noise are the few lines of :func:`privatise`, written here rather than
 through ``opacus.optimizers.DPOptimizer`` so that the trainer's hooks (FedProx, SCAFFOLD II, the rank mask) run
 between the noise and the optimizer step, and so that the noise comes from a CPU generator seeded from
-(seed, round, client) on any device (``fedlm.seeding``), which makes a resumed run replay exactly.
+(seed, round, client) on any device (``fedlm.core.seeding``), which makes a resumed run replay exactly.
 
 Sampling is real Poisson sampling (Opacus's ``DPDataLoader`` semantics): at each step every example of the client
 joins the lot independently with probability q = min(1, batch_size / n), so lots vary in size (and may be empty:
@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlm.errors import FedlmError
-from fedlm.federation.sampling import sample_clients
+from fedlm.core.errors import FedlmError
+from fedlm.core.sampling import sample_clients
+from fedlm.core.seeding import derive_seed, torch_generator
 from fedlm.privacy.accounting import AccountantName, epsilon, noise_for_epsilon
-from fedlm.seeding import derive_seed, torch_generator
 
 if TYPE_CHECKING:
     from fedlm.aggregation.base import Aggregator
-    from fedlm.config import ExperimentConfig
+    from fedlm.config.schema import ExperimentConfig
 
 IGNORE_INDEX = -100
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlm.aggregation.base import Aggregator
-from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
 from fedlm.privacy.accounting import epsilon, noise_for_epsilon
 from fedlm.privacy.client_dp import DifferentiallyPrivate
 

@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from fedlm.core.task import ClientTask, NonFiniteLossError
+from fedlm.core.update import ClientFailure, ClientUpdate
 from fedlm.data.tokenize import TokenizedExample
-from fedlm.federation.trainer import ClientTask, ClientTrainer, NonFiniteLossError
-from fedlm.federation.update import ClientFailure, ClientUpdate
+from fedlm.federation.trainer import ClientTrainer
 from fedlm.reporting.progress import Progress
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 
 def resolve_client_ranks(ranks: list[int] | dict[str, int] | None, client_names: Sequence[str], full_rank: int) -> dict[str, int | None]:

@@ -19,9 +19,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from fedlm.aggregation.lora.mode import LoraMode
-from fedlm.aggregation.lora.structure import lora_pairs
 from fedlm.aggregation.lora.svd import factorise, relative_error
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.aggregation.lora_structure import lora_pairs
+from fedlm.core.update import ClientUpdate, TensorDict
 
 PRODUCT_SUFFIX = ".lora_product"
 _DEAD = 1e-7  # singular values below this fraction of the largest one count as zero

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from fedlm.aggregation.lora.structure import lora_pairs, truncate_to_rank
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.aggregation.lora_structure import lora_pairs, truncate_to_rank
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 class LoraMode(ABC):

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedlm.aggregation.lora.mode import LoraMode
-from fedlm.aggregation.lora.structure import component_coverage, lora_role
+from fedlm.aggregation.lora_structure import component_coverage, lora_role
 from fedlm.aggregation.weights import example_weights
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 class NaiveLora(LoraMode):

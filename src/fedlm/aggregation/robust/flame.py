@@ -50,9 +50,9 @@ from fedlm.aggregation.robust.geometry import (
     zeros_like,
 )
 from fedlm.aggregation.weights import weighted_sum
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate, TensorDict
-from fedlm.seeding import derive_seed, torch_generator
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed, torch_generator
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 def cosine_distances(gram: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from pydantic import Field
 from fedlm.aggregation.base import register_aggregator
 from fedlm.aggregation.robust.geometry import RobustAggregator, RobustDelta, RobustParams, distance_view, gram_matrix, scaled, zeros_like
 from fedlm.aggregation.weights import weighted_sum
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate
 
 
 def trust_scores(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,10 +31,10 @@ from pydantic import Field
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams
 from fedlm.aggregation.lora.exact import ProductDelta
-from fedlm.aggregation.lora.structure import lora_pairs
+from fedlm.aggregation.lora_structure import lora_pairs
 from fedlm.aggregation.weights import global_norm
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 class RobustParams(AggregatorParams):

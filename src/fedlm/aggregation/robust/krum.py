@@ -42,8 +42,8 @@ from fedlm.aggregation.robust.geometry import (
     pairwise_sq_distances,
 )
 from fedlm.aggregation.weights import example_weights, weighted_sum
-from fedlm.errors import FedlmError
-from fedlm.federation.update import ClientUpdate
+from fedlm.core.errors import FedlmError
+from fedlm.core.update import ClientUpdate
 
 
 def check_krum_size(num_clients: int, num_malicious: int) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from fedlm.aggregation.base import register_aggregator
 from fedlm.aggregation.robust.geometry import RobustAggregator, RobustDelta, RobustParams
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 def coordinate_median(tensors: Sequence[Mapping[str, torch.Tensor]]) -> TensorDict:

@@ -26,7 +26,7 @@ from pydantic import Field
 from fedlm.aggregation.base import register_aggregator
 from fedlm.aggregation.robust.geometry import RobustAggregator, RobustDelta, RobustParams, distance_view, norms, scaled
 from fedlm.aggregation.weights import example_weights, weighted_sum
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 def clip_factors(update_norms: Sequence[float], max_norm: float) -> list[float]:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from fedlm.aggregation.base import register_aggregator
 from fedlm.aggregation.robust.geometry import RobustAggregator, RobustDelta, RobustParams
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate, TensorDict
 
 
 def trim_count(num_clients: int, beta: float) -> int:

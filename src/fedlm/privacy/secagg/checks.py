@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from fedlm.aggregation.base import Aggregator
-from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
 from fedlm.privacy.secagg.quantize import max_summands
 
 SECTION = "privacy.secure_aggregation"

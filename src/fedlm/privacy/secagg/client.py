@@ -19,7 +19,7 @@ import numpy as np
 from flwr.common import RecordDict
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 from fedlm.privacy.secagg import primitives as crypto
 from fedlm.privacy.secagg import wire
 

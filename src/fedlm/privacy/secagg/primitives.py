@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 SEED_BYTES = 32
 _RAW = serialization.Encoding.Raw

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from fedlm.federation.update import TensorDict
+from fedlm.core.update import TensorDict
 
 MODULUS_BITS = 32
 

@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from fedlm.aggregation.base import AggregationResult, Aggregator
-from fedlm.config import SecureAggregationConfig
-from fedlm.federation.update import ClientUpdate
+from fedlm.config.schema import SecureAggregationConfig
+from fedlm.core.seeding import derive_seed
+from fedlm.core.update import ClientUpdate
 from fedlm.privacy.client_dp import DifferentiallyPrivate
 from fedlm.privacy.dp_math import clip_update
 from fedlm.privacy.secagg.primitives import TamperedShareError
 from fedlm.privacy.secagg.quantize import dequantize_sum, flatten, quantize, sum_error_bound, unflatten
 from fedlm.privacy.secagg.server import SecAggAbort
 from fedlm.privacy.secagg.simulate import Tamper, secure_sum
-from fedlm.seeding import derive_seed
 
 #: Name of the one update (the decoded mean) the aggregator receives.
 SECURE_MEAN_ID = "__secure_mean__"

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.common import RecordDict
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 from fedlm.privacy.secagg import primitives as crypto
 from fedlm.privacy.secagg import wire
 from fedlm.privacy.secagg.client import MASK_LABEL, pair_mask

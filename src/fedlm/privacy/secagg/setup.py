@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedlm.aggregation.base import Aggregator
-from fedlm.config import ExperimentConfig
+from fedlm.config.schema import ExperimentConfig
 from fedlm.privacy.secagg.checks import check_secure_aggregation, threshold
 from fedlm.privacy.secagg.round import SecureAggregation
 

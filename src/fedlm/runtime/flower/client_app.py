@@ -22,12 +22,19 @@ import yaml
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedlm.config import ExperimentConfig
-from fedlm.config_io import load_config, validate_config
-from fedlm.errors import FedlmError
-from fedlm.federation.trainer import NonFiniteLossError
+from fedlm.config.io import load_config, validate_config
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
+from fedlm.core.task import NonFiniteLossError
 from fedlm.runtime.flower.messages import (
-    config_difference, config_hash, hello_reply, meta, pack_tensors, shared_config, task_from_content, unpack_tensors,
+    config_difference,
+    config_hash,
+    hello_reply,
+    meta,
+    pack_tensors,
+    shared_config,
+    task_from_content,
+    unpack_tensors,
     update_content,
 )
 

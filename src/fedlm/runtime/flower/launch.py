@@ -16,9 +16,9 @@ from pathlib import Path
 import tomli_w
 import yaml
 
-from fedlm.config import ExperimentConfig
-from fedlm.config_io import config_to_dict
-from fedlm.errors import FedlmError
+from fedlm.config.io import config_to_dict
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
 
 CONNECTION = "fedlm"  # the SuperLink connection name in $FLWR_HOME/config.toml
 

@@ -17,12 +17,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load, save
 
-from fedlm.aggregation.base import ClientContext
-from fedlm.aggregation.lora.structure import wire_form
-from fedlm.config import ExperimentConfig
-from fedlm.config_io import config_to_dict, flatten_keys
-from fedlm.federation.trainer import ClientTask, LocalPlan
-from fedlm.federation.update import ClientUpdate, TensorDict
+from fedlm.aggregation.lora_structure import wire_form
+from fedlm.config.io import config_to_dict, flatten_keys
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.task import ClientContext, ClientTask, LocalPlan
+from fedlm.core.update import ClientUpdate, TensorDict
 
 HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client name handshake; one round's training
 META = "meta"

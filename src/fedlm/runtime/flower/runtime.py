@@ -21,13 +21,12 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from fedlm.config import ExperimentConfig
-from fedlm.federation.trainer import ClientTask
-from fedlm.federation.update import ClientFailure, ClientUpdate
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.task import ClientTask
+from fedlm.core.update import ClientFailure, ClientUpdate
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.runtime.flower.messages import HELLO, TRAIN, hello_content, meta, task_content, update_from_content
-
 
 # Flower's error replies that mean the message never reached a live ClientApp (not a failed training): the node is
 # unavailable or the message or its reply expired; and a ClientApp process that crashed (e.g. out of memory).

@@ -13,7 +13,7 @@ import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlm.config_io import validate_config
+from fedlm.config.io import validate_config
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.runtime.flower.runtime import FlowerRuntime
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from fedlm.config_section import Section
+from fedlm.config.schema.section import Section
 
 
 class ClientDPConfig(Section):

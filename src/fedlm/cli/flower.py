@@ -20,7 +20,8 @@ from typing import Annotated
 
 import typer
 
-from fedlm.errors import FedlmError
+from fedlm.cli.guard import guarded
+from fedlm.core.errors import FedlmError
 
 flower_app = typer.Typer(no_args_is_help=True, help="Run on Flower's Deployment Engine: SuperLink, SuperNodes, flwr run.")
 
@@ -28,12 +29,6 @@ ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML with `federatio
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show full tracebacks")]
 CaOpt = Annotated[Path | None, typer.Option("--ca-cert", help="CA certificate (TLS); without it the connection is insecure")]
-
-
-def _guarded(debug: bool, action) -> None:  # type: ignore[no-untyped-def]
-    from fedlm.cli import _guarded as guarded  # noqa: PLC0415 - fedlm.cli imports this module
-
-    guarded(debug, action)
 
 
 def _exec(cmd: list[str]) -> None:
@@ -76,7 +71,7 @@ def superlink(
 
         _exec(superlink_command(host, port, _tls(ca_cert, cert, key), node_auth, database))
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @flower_app.command()
@@ -96,7 +91,7 @@ def supernode(
         set_ = [*(set_ or []), f"data.train={data.resolve()}"]
 
     def action() -> None:
-        from fedlm.config_io import load_config  # noqa: PLC0415
+        from fedlm.config.io import load_config  # noqa: PLC0415
         from fedlm.runtime.flower.client_app import check_local_data, client_names, client_of  # noqa: PLC0415
         from fedlm.runtime.flower.launch import supernode_command  # noqa: PLC0415
 
@@ -110,13 +105,13 @@ def supernode(
         local = config
         if set_:
             local = Path(tempfile.mkdtemp(prefix="fedlm-node-")) / "config.yaml"
-            from fedlm.config_io import save_config  # noqa: PLC0415
+            from fedlm.config.io import save_config  # noqa: PLC0415
 
             save_config(cfg, local)
         typer.echo(f"supernode: partition-id {partition_id} serves client {client}", err=True)
         _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key))
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @flower_app.command()
@@ -131,13 +126,13 @@ def bundle(
     """Write the Flower app directory (pyproject.toml with the config embedded) for `flwr run APP_DIR`."""
 
     def action() -> None:
-        from fedlm.config_io import load_config  # noqa: PLC0415
+        from fedlm.config.io import load_config  # noqa: PLC0415
         from fedlm.runtime.flower.launch import Deployment, write_bundle  # noqa: PLC0415
 
         cfg = load_config(config, set_ or [])
         typer.echo(str(write_bundle(cfg, app_dir, Deployment(resume=resume, round_timeout_s=round_timeout))))
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @flower_app.command("run")
@@ -156,7 +151,7 @@ def run_(
     """Start the federation of CONFIG on a running SuperLink and stream its log until it ends."""
 
     def action() -> None:
-        from fedlm.config_io import load_config  # noqa: PLC0415
+        from fedlm.config.io import load_config  # noqa: PLC0415
         from fedlm.runtime.flower.launch import Deployment, run_command, write_bundle, write_flwr_home  # noqa: PLC0415
 
         cfg = load_config(config, set_ or [])
@@ -172,7 +167,7 @@ def run_(
         if code != 0:
             raise FedlmError(f"`flwr run` exited with code {code}; see the SuperLink's log")
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @flower_app.command()
@@ -190,7 +185,7 @@ def certs(
         made = create_credentials(directory, nodes, host or [])
         typer.echo(f"CA {made.ca_cert}; SuperLink {made.server_cert} + {made.server_key}; nodes {', '.join(map(str, made.node_keys))} (+ .pub)")
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @flower_app.command()
@@ -203,8 +198,11 @@ def register(
     """Register a SuperNode's public key with a SuperLink started with --node-auth (`flwr supernode register`)."""
 
     def action() -> None:
-        from fedlm.runtime.flower.launch import _bin, write_flwr_home  # noqa: PLC0415
-        from fedlm.runtime.flower.launch import CONNECTION  # noqa: PLC0415
+        from fedlm.runtime.flower.launch import (  # noqa: PLC0415
+            CONNECTION,  # noqa: PLC0415
+            _bin,
+            write_flwr_home,
+        )
 
         if not public_key.is_file():
             raise FedlmError(f"public key {str(public_key)!r} does not exist; `fedlm flower certs DIR` writes node<K>.pub")
@@ -213,4 +211,4 @@ def register(
         if code != 0:
             raise FedlmError(f"`flwr supernode register` exited with code {code}")
 
-    _guarded(debug, action)
+    guarded(debug, action)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from fedlm.cli_flower import flower_app
-from fedlm.cli_privacy import privacy_app
-from fedlm.errors import FedlmError
+from fedlm.cli.flower import flower_app
+from fedlm.cli.guard import guarded
+from fedlm.cli.privacy import privacy_app
+from fedlm.core.errors import FedlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated training of large language models.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect data and partitions.")
@@ -24,20 +24,6 @@ app.add_typer(flower_app, name="flower")
 ConfigArg = Annotated[Path | None, typer.Argument(help="experiment YAML (default: the embedded quickstart defaults)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show full tracebacks")]
-
-
-def _guarded(debug: bool, action: Callable[[], Any]) -> Any:
-    """Run ``action``; a FedlmError (or a broken input found deeper) becomes one line and exit code 2."""
-    try:
-        return action()
-    except FedlmError as exc:
-        if debug:
-            raise
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.secho("interrupted; continue with --resume", err=True)
-        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -51,7 +37,7 @@ def run(
     """Run a federated experiment; results go to the config's `output_dir`."""
 
     def action() -> None:
-        from fedlm.config_io import load_config
+        from fedlm.config.io import load_config
         from fedlm.experiment import build_session, run_federated
         from fedlm.reporting.progress import RunConsole
         from fedlm.reporting.run_dir import prepare_run_dir
@@ -71,7 +57,7 @@ def run(
         run_federated(session, run_dir, resume, console)
         console.print(f"[green]done[/green]: {run_dir.root} (report.md, metrics.jsonl, adapter/)")
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @app.command()
@@ -89,14 +75,14 @@ def audit(
     model; writes RUN_DIR/audit.json (and report.md with it)."""
 
     def action() -> None:
-        from fedlm.privacy.audit_run import audit_run
+        from fedlm.cli.audit import audit_run
         from fedlm.reporting.progress import RunConsole
 
         console = RunConsole()
         report = audit_run(run_dir, client, max_examples, console)
         console.print(f"[green]done[/green]: {run_dir}/audit.json ({report['examples_per_set']} members vs non-members)")
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @app.command()
@@ -110,12 +96,12 @@ def compare(
 
     def action() -> None:
         from fedlm.compare import run_compare
-        from fedlm.config_io import load_config
+        from fedlm.config.io import load_config
 
         cfg = load_config(config, set_ or [])
         run_compare(cfg, overwrite=overwrite)
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @app.command()
@@ -128,13 +114,15 @@ def export(
     """Export a run's model: with --merge, base weights + adapter as one Hugging Face folder (usable as `model.name`)."""
 
     def action() -> None:
-        from fedlm.models.export import export_merged
+        from fedlm.config.io import load_config
+        from fedlm.models.export import export_merged, finished_run_config
 
         if not merge:
             raise FedlmError("`fedlm export` needs --merge (the only export so far); RUN_DIR/adapter is already a peft adapter")
-        typer.echo(f"merged model: {export_merged(run_dir, out_dir)}")
+        config = load_config(finished_run_config(run_dir))
+        typer.echo(f"merged model: {export_merged(run_dir, out_dir, config)}")
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 @data_app.command("partition")
@@ -142,12 +130,12 @@ def data_partition(config: ConfigArg = None, set_: SetOpt = None, debug: DebugOp
     """Print each client's training-set size and field mix under the config's partition."""
 
     def action() -> None:
-        from fedlm.config_io import load_config
+        from fedlm.config.io import load_config
         from fedlm.data.describe import print_partition
 
         print_partition(load_config(config, set_ or []))
 
-    _guarded(debug, action)
+    guarded(debug, action)
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
 """Config-load checks that need the aggregator registry: parameters in their domain, and combinations that work.
 
-Called by :func:`fedlm.config_io.validate_config`, so a bad ``aggregation`` section fails before any model loads.
+Called by :func:`fedlm.config.io.validate_config`, so a bad ``aggregation`` section fails before any model loads.
 """
 
 from __future__ import annotations
 
 from fedlm.aggregation.base import build_aggregator
-from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
+from fedlm.attacks import attack_spec
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
+from fedlm.objectives import objective_of
 
 
 def check_aggregation(config: ExperimentConfig) -> None:
@@ -66,3 +68,23 @@ def _check_attack(config: ExperimentConfig) -> None:
     build_attack_params(config.attack.name, config.attack.params())
     if config.partition.num_clients is not None:
         check_attack_arithmetic(config, config.partition.num_clients)
+
+
+def check_objective(config: ExperimentConfig) -> None:
+    """Config-load checks: a known name, valid parameters, and settings the objective can honour. Features built
+    on instruction records (canaries and the privacy audit, data-poisoning attacks) need ``objective: sft``."""
+    objective = objective_of(config)
+    objective.check_config(config)
+    if objective.name == "sft":
+        return
+    if config.eval.audit is not None:
+        raise FedlmError(
+            f"`eval.audit` needs `objective: sft` (its canaries and membership scores are instruction answers), got "
+            f"`objective: {objective.name}`; remove `eval.audit`"
+        )
+    if config.attack.name is not None:
+        if attack_spec(config.attack.name).kind == "data":
+            raise FedlmError(
+                f"`attack.name: {config.attack.name}` rewrites instruction records and needs `objective: sft`, got "
+                f"`objective: {objective.name}`; use an update attack (sign_flip, scaling, gaussian_noise, alie, ipm)"
+            )

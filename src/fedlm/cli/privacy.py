@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedlm.errors import FedlmError
+from fedlm.cli.guard import guarded
+from fedlm.core.errors import FedlmError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -67,8 +68,6 @@ def plan(
     debug: DebugOpt = False,
 ) -> None:
     """Which noise multiplier gives epsilon <= X after N rounds with K of M clients per round (or the reverse)."""
-    from fedlm.cli import _guarded  # at call time: fedlm.cli imports this module to register it
-
     def action() -> None:
         try:
             from fedlm.privacy.plan import plan_client_dp
@@ -92,4 +91,4 @@ def plan(
         for note in result.notes:
             console.print(f"[yellow]note[/yellow]: {note}")
 
-    _guarded(debug, action)
+    guarded(debug, action)

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.attacks.data_poisoning import triggered_prompts
-from fedlm.config import ExperimentConfig
+from fedlm.config.schema import ExperimentConfig
 from fedlm.data.formats import detect_format
 from fedlm.data.prepare import TestExample, build_test_examples
 from fedlm.evaluation.evaluator import Evaluator

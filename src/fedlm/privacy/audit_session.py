@@ -1,4 +1,5 @@
-"""``fedlm audit RUN_DIR`` (and the end of ``fedlm run`` with ``eval.audit``): a privacy audit of a finished run.
+"""The privacy audit of a finished run (``fedlm audit RUN_DIR``, :mod:`fedlm.cli.audit`, and the end of ``fedlm run``
+with ``eval.audit``).
 
 Membership inference against the final global model: members are training examples (of one client, or of every
 client; planted canaries left out), non-members the held-out test examples, both seeded samples of equal size. For
@@ -18,20 +19,17 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fedlm.config_io import load_config
+from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
+from fedlm.core.update import TensorDict
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.tokenize import IGNORE_INDEX, TokenizedExample
-from fedlm.errors import FedlmError
-from fedlm.experiment import Session, build_session, write_run_report
-from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
-from fedlm.federation.update import TensorDict
 from fedlm.models.adapters import load_trainable_state
 from fedlm.privacy.audit import loss_score, mia_report, min_k_score, zlib_score
 from fedlm.privacy.canary_audit import CanarySet, audit_client, canary_examples, canary_set, exposure_report
@@ -39,7 +37,9 @@ from fedlm.privacy.client_models import client_model_path, load_client_model
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
-from fedlm.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedlm.experiment import Session
 
 SCORES = ("loss", "zlib", "min_k")
 
@@ -151,21 +151,3 @@ def print_audit(report: dict[str, Any], console: RunConsole) -> None:
             )
     if report.get("epsilon") is not None:
         console.print(f"epsilon {report['epsilon']:.3g} at delta {report['delta']:g}")
-
-
-def audit_run(run_dir: Path, client: str | None, max_examples: int | None, console: RunConsole) -> dict[str, Any]:
-    """Audit the run's last checkpoint; write ``audit.json`` (and ``report.md`` again, now with the audit).
-    ``max_examples`` None: ``eval.audit.max_examples`` of the run, or 200."""
-    folder = RunDir(Path(run_dir))
-    checkpoints = list_checkpoints(folder.checkpoints)
-    if not folder.config.is_file() or not checkpoints:
-        raise FedlmError(f"{run_dir} holds no finished fedlm run (config.yaml and checkpoints/ are needed)")
-    config = load_config(folder.config)
-    if max_examples is None:
-        max_examples = config.eval.audit.max_examples if config.eval.audit else 200
-    session = build_session(config, console)
-    ckpt = load_checkpoint(checkpoints[-1])
-    report = audit_session(session, folder, ckpt.global_state, ckpt.round, client, max_examples, console)
-    if (folder.root / "report.md").is_file():
-        write_run_report(session, folder)
-    return report

@@ -23,7 +23,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.attacks.safety import alpaca_to_turns, harmful_test_records
-from fedlm.config import ExperimentConfig
+from fedlm.config.schema import ExperimentConfig
 from fedlm.data.formats import MESSAGES_COLUMN
 from fedlm.data.prepare import TestExample, build_test_examples
 from fedlm.evaluation.evaluator import Evaluator

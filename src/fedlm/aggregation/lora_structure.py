@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlm.federation.update import TensorDict
+from fedlm.core.update import TensorDict
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fedlm.config import ExperimentConfig
-from fedlm.errors import FedlmError
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> ExperimentConfig:
@@ -42,15 +42,13 @@ def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise FedlmError(format_validation_error(exc)) from None
-    from fedlm.aggregation.compat import check_aggregation  # the registry imports algorithm modules: load lazily
+    from fedlm.config.rules import check_aggregation, check_objective  # the registries import torch: load lazily
 
     check_aggregation(config)
     if config.model.init_adapter is not None:
         from fedlm.models.init_adapter import check_init_adapter  # imports peft: load lazily
 
         check_init_adapter(config)
-    from fedlm.objectives import check_objective  # the objective registry imports torch: load lazily
-
     check_objective(config)
     return config
 

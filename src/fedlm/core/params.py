@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from fedlm.errors import FedlmError
+from fedlm.core.errors import FedlmError
 
 ParamsT = TypeVar("ParamsT", bound=BaseModel)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from fedlm.federation.trainer import ClientTask
-from fedlm.federation.update import ClientFailure, ClientUpdate
+from fedlm.core.task import ClientTask
+from fedlm.core.update import ClientFailure, ClientUpdate
 
 
 class Runtime(Protocol):

@@ -1,7 +1,7 @@
 """The experiment config: one typed, validated pydantic model per YAML section.
 
 Unknown keys and bad values are refused at load time with a message that names the field and the fix
-(see :mod:`fedlm.config_io` for YAML loading, ``--set`` overrides and error formatting).
+(see :mod:`fedlm.config.io` for YAML loading, ``--set`` overrides and error formatting).
 """
 
 from __future__ import annotations
@@ -10,13 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from fedlm.config_privacy import (  # noqa: F401 - the privacy sections are re-exported: fedlm.config names every section
-    ClientDPConfig,
-    PrivacyConfig,
-    SampleDPConfig,
-    SecureAggregationConfig,
-)
-from fedlm.config_section import Section
+from fedlm.config.schema.privacy import PrivacyConfig
+from fedlm.config.schema.section import Section
 
 
 class ModelConfig(Section):

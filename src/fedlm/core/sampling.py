@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedlm.seeding import derive_seed, torch_generator
+from fedlm.core.seeding import derive_seed, torch_generator
 
 
 def sample_clients(client_names: Sequence[str], per_round: int | None, seed: int, round_num: int) -> list[str]:
