@@ -55,9 +55,9 @@ def _round(session: Session, tmp_path: Path, retries: int, away: int, outages: i
     run_dir.create()
     log = MetricsLog(run_dir.metrics)
     loop = build_server_loop(session, build_aggregator("fedavg", {}), run_dir, log, RunConsole(quiet=True), evaluate=False)
-    fed = session.config.federation.model_copy(update={"round_retries": retries})
-    loop.config = session.config.model_copy(update={"federation": fed})
-    loop.runtime = flaky = Flaky(loop.runtime, away, outages)
+    retrying = loop.round.runtime  # federation.round_retries wraps the runtime
+    retrying.retries = retries
+    retrying.inner = flaky = Flaky(retrying.inner, away, outages)
     state = loop.run_round(dict(session.initial_state), 1)
     return state, log.read(), flaky
 

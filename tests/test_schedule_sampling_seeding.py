@@ -12,7 +12,7 @@ from fedlm.config.io import validate_config
 from fedlm.core.sampling import batch_indices, sample_clients
 from fedlm.core.seeding import derive_seed
 from fedlm.federation.schedule import lr_at
-from fedlm.federation.server import round_lrs
+from fedlm.federation.tasks import round_lrs
 from fedlm.models.dtype import cpu_has_fast_bf16, resolve_dtype
 
 

@@ -50,7 +50,7 @@ def _round(session: Session, tmp_path: Path, mutation: Mutation) -> tuple[dict, 
     run_dir.create()
     log = MetricsLog(run_dir.metrics)
     loop = build_server_loop(session, build_aggregator("fedavg", {}), run_dir, log, RunConsole(quiet=True), evaluate=False)
-    loop.runtime = tampering = Tampering(loop.runtime, mutation)
+    loop.round.runtime = tampering = Tampering(loop.round.runtime, mutation)
     state = loop.run_round(dict(session.initial_state), 1)
     record = next(r for r in log.read() if r["split"] == "aggregate")
     return state, record, tampering

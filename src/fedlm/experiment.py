@@ -15,10 +15,12 @@ from fedlm.aggregation.lora import build_lora_mode
 from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
 from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
+from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
+from fedlm.core.round import RoundObserver
 from fedlm.core.runtime import Runtime
 from fedlm.core.seeding import derive_seed
 from fedlm.core.task import TrainerHook
@@ -26,9 +28,18 @@ from fedlm.core.update import TensorDict
 from fedlm.data.node_local import node_data, server_data
 from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.evaluation.evaluator import Evaluator
+from fedlm.federation.aggregation_step import SERVER_ID, AggregationStep, RootSetUpdate
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
-from fedlm.federation.server import SERVER_ID, Probe, ServerLoop
+from fedlm.federation.observers.checkpointing import Checkpointer
+from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
+from fedlm.federation.observers.metrics import RoundLogger
+from fedlm.federation.observers.traffic import TrafficMeter
+from fedlm.federation.retries import RetryingRuntime
+from fedlm.federation.secure_step import SecureAggregationStep
+from fedlm.federation.server import Round, ServerLoop
+from fedlm.federation.tasks import TaskBuilder
 from fedlm.federation.trainer import ClientTrainer
+from fedlm.federation.validation import RoundValidator
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
 from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
@@ -36,6 +47,7 @@ from fedlm.objectives import Objective, build_objective, objective_of
 from fedlm.privacy.audit_session import audit_session
 from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
 from fedlm.privacy.client_models import ClientModelSaver
+from fedlm.privacy.round_accounting import EpsilonObserver
 from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
 from fedlm.privacy.secagg.setup import build_secure_aggregation
 from fedlm.privacy.setup import dp_account, wrap_with_dp
@@ -169,10 +181,9 @@ def build_server_loop(
     evaluate: bool = True,
     runtime: Runtime | None = None,
 ) -> ServerLoop:
-    """The server loop of ``session`` over ``runtime`` (default: the in-process simulation), with the LoRA mode and
-    client ranks of its config."""
-    config = session.config
-    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    """The server loop of ``session`` over ``runtime`` (default: the in-process simulation): the round with its
+    wrappers (retries, attacks, secure aggregation) and observers, attached here and nowhere else."""
+    config, fed = session.config, session.config.federation
     names = session.data.client_names
     aggregator.start(names)
     if runtime is None:
@@ -180,21 +191,50 @@ def build_server_loop(
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
+    runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
-    evaluator = session.evaluator(progress) if evaluate else None
-    probes = session.attack_probes(progress) if evaluate else []
-    attackers = attack.attackers if attack is not None else frozenset()
-    server_trainer = None
-    if aggregator.needs_server_update:
-        trainer, root = session.trainer(private=False), session.data.root  # the server's own root set: no DP-SGD
-        server_trainer = lambda state, plan: trainer.train(SERVER_ID, root, state, plan)  # noqa: E731
-    account = dp_account(config, len(names))
+    tasks = TaskBuilder(config, aggregator, lora, ranks)
+    step = AggregationStep(aggregator, lora, ranks, fed.min_clients, _root_set_update(session, aggregator, tasks))
+    secure = build_secure_aggregation(config, aggregator, len(names))
+    aggregation = SecureAggregationStep(step, secure) if secure is not None else step
+    validator = RoundValidator(names, fed.max_num_examples)
+    round_ = Round(names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation,
+                   _round_observers(session, run_dir, log, console))
+    milestones: list[RoundObserver] = []
+    if evaluate:
+        milestones.append(EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console,
+                                             session.attack_probes(progress)))
+    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    milestones.append(Checkpointer(run_dir, aggregator, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
+    return ServerLoop(round_, fed.rounds, milestones)
+
+
+def _root_set_update(session: Session, aggregator: Aggregator, tasks: TaskBuilder) -> RootSetUpdate | None:
+    """FLTrust's server update on the root set (no DP-SGD), for aggregators that need one."""
+    if not aggregator.needs_server_update:
+        return None
+    trainer, root, seed = session.trainer(private=False), session.data.root, session.config.seed
+    return RootSetUpdate(lambda state, plan: trainer.train(SERVER_ID, root, state, plan),
+                         lambda round_num: tasks.plan(round_num, derive_seed(seed, "server-root", round_num)))
+
+
+def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console: RunConsole) -> list[RoundObserver]:
+    """What records each round, in order: the audit's client models, traffic, epsilon, attack outcomes, the log."""
+    config, names = session.config, session.data.client_names
+    observers: list[RoundObserver] = []
     audit = config.eval.audit
-    observer = ClientModelSaver(run_dir.root, config.federation.rounds, audit_client(audit, names)) if audit and audit.client_model else None
-    return ServerLoop(config, config_yaml, names, runtime, aggregator, evaluator, run_dir, log, console, lora, ranks,  # type: ignore[arg-type]
-                      attackers, probes, server_trainer, account, update_observer=observer,
-                      secure_aggregation=build_secure_aggregation(config, aggregator, len(names)))
+    if audit is not None and audit.client_model:
+        observers.append(ClientModelSaver(run_dir.root, config.federation.rounds, audit_client(audit, names)))
+    observers.append(TrafficMeter())
+    account = dp_account(config, len(names))
+    if account is not None:
+        observers.append(EpsilonObserver(account))
+    if session.attack is not None:
+        observers.append(AttackOutcomeObserver(session.attack.attackers))
+    full_rank = config.peft.r
+    observers.append(RoundLogger(log, console, config.federation.rounds, full_rank))
+    return observers
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole, runtime: Runtime | None = None) -> TensorDict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlm.core.errors import FedlmError
 from fedlm.core.update import ClientFailure, ClientUpdate
 
 WIRE_DTYPE = torch.float32
@@ -89,3 +90,23 @@ def split_valid(updates: Sequence[ClientUpdate], expect: Expectations) -> tuple[
         else:
             rejected.append(ClientFailure(update.client_id, expect.round, f"rejected: {problem}"))
     return accepted, rejected
+
+
+@dataclass(frozen=True)
+class RoundValidator:
+    """Sorts a round's results into accepted updates and failures; refuses a round in which every client that
+    replied failed (a broken setup, not bad luck)."""
+
+    federation: Collection[str]
+    max_num_examples: int | None = None
+
+    def split(self, results: Sequence[ClientUpdate | ClientFailure], state: Mapping[str, torch.Tensor],
+              chosen: Collection[str], round_num: int) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """(accepted updates, failures and rejections) of ``results``."""
+        updates = [r for r in results if isinstance(r, ClientUpdate)]
+        failures = [r for r in results if isinstance(r, ClientFailure)]
+        accepted, rejected = split_valid(updates, Expectations(round_num, state, set(chosen), set(self.federation), self.max_num_examples))
+        failures += rejected
+        if not accepted and failures and not all(f.unreachable for f in failures):
+            raise FedlmError(f"round {round_num}: no client produced a usable update; first reason: {failures[0].reason}")
+        return accepted, failures

@@ -7,7 +7,7 @@ the adapter it downloaded that round plus its update, ``local = start + delta`` 
 ``local - start`` per adapter tensor, so this holds for every LoRA mode: naive, ffa with its frozen A absent from
 the trainable state, exact, and a client of smaller rank whose start is the global adapter cut to its rank).
 
-:class:`ClientModelSaver` is the server loop's ``update_observer``: it writes ``RUN_DIR/audit/client_<name>.safetensors``
+:class:`ClientModelSaver` is a round observer: it writes ``RUN_DIR/audit/client_<name>.safetensors``
 (float32, metadata ``client`` and ``round``) for the audited client every round it takes part (so the file holds
 its model after its last round) and for every client of the final round.
 """
@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedlm.core.round import RoundObserver, RoundRecord
 from fedlm.core.update import ClientUpdate, TensorDict
 
 
@@ -45,14 +46,18 @@ def load_client_model(path: Path) -> tuple[TensorDict, int]:
 
 
 @dataclass
-class ClientModelSaver:
-    """The server loop's update observer that saves local adapters for the audit (see the module docstring)."""
+class ClientModelSaver(RoundObserver):
+    """The round observer that saves local adapters for the audit (see the module docstring)."""
 
     run_root: Path
     final_round: int
     client: str
 
-    def __call__(self, round_num: int, starts: Mapping[str, Mapping[str, torch.Tensor]], accepted: Sequence[ClientUpdate]) -> None:
+    def on_round(self, record: RoundRecord) -> None:
+        self.save(record.round, {client: task.state for client, task in record.tasks.items()}, record.accepted)
+
+    def save(self, round_num: int, starts: Mapping[str, Mapping[str, torch.Tensor]], accepted: Sequence[ClientUpdate]) -> None:
+        """Save the local adapter (start + update) of the audited client, and of every client in the last round."""
         for update in accepted:
             if update.client_id != self.client and round_num != self.final_round:
                 continue

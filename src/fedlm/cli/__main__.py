@@ -1,0 +1,5 @@
+"""``python -m fedlm.cli``: the command line."""
+
+from fedlm.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""Per-round concerns of the server loop, each one :class:`~fedlm.core.round.RoundObserver` with one job."""
