@@ -238,9 +238,10 @@ def test_full_adapter_folder_is_a_base_model_folder(dtype: str, tmp_path: Path) 
     assert all(torch.equal(p, trained[n].float()) for n, p in as32.named_parameters())
 
 
-@pytest.mark.parametrize("method", ["dora", "prefix_tuning", "full"])
-def test_resume_gives_the_uninterrupted_result(method: str, tmp_path: Path) -> None:
-    """Two rounds in one go equal one round, then `--resume` with two rounds (checkpoints hold any method's state)."""
+@pytest.mark.parametrize(("method", "dtype"), [("dora", "float32"), ("prefix_tuning", "float32"), ("full", "float32"), ("full", "bfloat16")])
+def test_resume_gives_the_uninterrupted_result(method: str, dtype: str, tmp_path: Path) -> None:
+    """Two rounds in one go equal one round, then `--resume` with two rounds (checkpoints hold any method's state, a
+    bfloat16 full run's global weights bit for bit in bfloat16)."""
     from typer.testing import CliRunner
 
     from conftest import write_config
@@ -248,7 +249,7 @@ def test_resume_gives_the_uninterrupted_result(method: str, tmp_path: Path) -> N
 
     runs = {}
     for name, rounds_first in (("straight", 2), ("resumed", 1)):
-        cfg = _config(tmp_path / name, method)
+        cfg = _config(tmp_path / name, method, model={"dtype": dtype})
         cfg["federation"]["rounds"] = rounds_first
         path = write_config(tmp_path / f"{name}.yaml", cfg)
         assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0
