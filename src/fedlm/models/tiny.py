@@ -63,5 +63,4 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.
         model = LlamaForCausalLM(config)
     for param in model.parameters():  # not model.to(dtype): like from_pretrained, keep the rotary buffers in float32
         param.data = param.data.to(dtype)
-    model.config.dtype = dtype
     return model
