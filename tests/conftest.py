@@ -13,6 +13,14 @@ import yaml
 from typer.testing import CliRunner
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `model.dtype: auto` would otherwise follow this machine's CPU (bfloat16 with AVX512-BF16/AMX, else float32): pin it,
+# so that no test depends on the CPU it meets. Tests whose result depends on the compute dtype set `model.dtype`
+# explicitly and run under both (the DTYPES parametrization below).
+os.environ["FEDLM_AUTO_DTYPE"] = "float32"
+
+#: The compute dtypes that dtype-sensitive tests run under, whatever the CPU (bfloat16 is emulated, slower, without
+#: AVX512-BF16: such tests use the tiny model).
+DTYPES = ("float32", "bfloat16")
 
 
 def tiny_config(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import DTYPES, tiny_config, write_config
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -37,18 +38,21 @@ def test_run_writes_a_complete_run_directory(tmp_path: Path, runner) -> None:
     assert {"prompt", "prediction", "reference", "domain", "word"} <= set(row)
 
 
-def test_saved_adapter_loads_with_peft_and_matches_the_final_state(tmp_path: Path, runner) -> None:
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_adapter_loads_with_peft_and_matches_the_final_state(dtype: str, tmp_path: Path, runner) -> None:
+    """In either compute dtype the adapter is saved in float32 and peft reloads it, onto a base in that dtype, exactly."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_config(out, federation={"rounds": 1}))
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(out, model={"dtype": dtype}, federation={"rounds": 1}))
     assert runner.invoke(app, ["run", str(cfg)]).exit_code == 0
     tokenizer = build_byte_tokenizer()
-    base = build_tiny_llama(len(tokenizer), seed=derive_seed(0, "base-init") % 2**31)
+    base = build_tiny_llama(len(tokenizer), seed=derive_seed(0, "base-init") % 2**31, dtype=getattr(torch, dtype))
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     final = load_file(str(out / "checkpoints" / "round_0001" / "global_adapter.safetensors"))
+    assert all(t.dtype == torch.float32 for t in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
     loaded = {n.replace(".default", ""): p for n, p in model.named_parameters() if "lora_" in n}
     assert set(loaded) == set(final)
     for name, tensor in final.items():
-        torch.testing.assert_close(loaded[name], tensor)
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
     assert any(t.abs().sum() > 0 for n, t in final.items() if "lora_B" in n)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import tiny_config, write_config
+from conftest import DTYPES, tiny_config, write_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -20,6 +20,7 @@ from fedlm.config import ModelConfig
 from fedlm.config.io import load_config, validate_config
 from fedlm.core.errors import FedlmError
 from fedlm.experiment import build_session
+from fedlm.models.adapters import load_trainable_state
 from fedlm.models.loading import load_base_model
 from fedlm.reporting.progress import RunConsole
 
@@ -54,11 +55,16 @@ def _global_loss(run: Path, round_num: int) -> float:
     return next(r["loss"] for r in records if r["split"] == "global_test" and r["round"] == round_num)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "full"])
-def test_second_stage_starts_where_the_first_ended(method: str, tmp_path: Path) -> None:
-    """Run B's starting global state is run A's final adapter, and B's round-0 loss is A's final loss."""
-    run_a = _run(tmp_path, "a", _config(tmp_path / "a", method))
+def test_second_stage_starts_where_the_first_ended(method: str, dtype: str, tmp_path: Path) -> None:
+    """Run B's starting global state is run A's final adapter, and B's round-0 loss is A's final loss (both runs in
+    ``dtype``: the saved float32 adapter loses nothing of a bfloat16 run either)."""
+    cfg_a = _config(tmp_path / "a", method)
+    cfg_a["model"]["dtype"] = dtype
+    run_a = _run(tmp_path, "a", cfg_a)
     cfg_b = _config(tmp_path / "b", method, init=run_a / "adapter")
+    cfg_b["model"]["dtype"] = dtype
     session = build_session(validate_config(cfg_b), RunConsole(quiet=True))
     final_a = load_file(str(run_a / "checkpoints" / "round_0001" / "global_adapter.safetensors"))
     assert set(session.initial_state) == set(final_a)
@@ -116,21 +122,32 @@ def test_missing_or_wrong_kind_of_folder_is_refused_at_load(tmp_path: Path) -> N
         validate_config(_config(tmp_path / "b", "full", init=tmp_path / "empty"))
 
 
-def test_export_merge_gives_a_base_model_folder(tmp_path: Path) -> None:
-    """`fedlm export --merge` folds the adapter in; `model.name: OUT` loads it to the adapted model's logits."""
-    run_a = _run(tmp_path, "a", _config(tmp_path / "a"))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_export_merge_gives_a_base_model_folder(dtype: str, tmp_path: Path) -> None:
+    """`fedlm export --merge` folds the adapter in, in float32 whatever the run trained in; `model.name: OUT` loads it
+    to the adapted model's logits (base + unmerged adapter, in float32), far from the base model's own."""
+    cfg = _config(tmp_path / "a")
+    cfg["model"]["dtype"] = dtype
+    run_a = _run(tmp_path, "a", cfg)
     out = tmp_path / "merged"
     result = CliRunner().invoke(app, ["export", "--merge", str(run_a), str(out)])
     assert result.exit_code == 0, result.output
-    session = build_session(load_config(run_a / "config.yaml"), RunConsole(quiet=True))
-    from fedlm.models.adapters import load_trainable_state
-
-    load_trainable_state(session.model, load_file(str(run_a / "checkpoints" / "round_0001" / "global_adapter.safetensors")))
-    merged = load_base_model(ModelConfig(name=str(out), dtype="float32"), device=torch.device("cpu"))
+    assert all(t.dtype == torch.float32 for t in load_file(str(out / "model.safetensors")).values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    config = load_config(run_a / "config.yaml")
+    assert config.model.dtype == dtype
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
+    session = build_session(config, RunConsole(quiet=True))
     ids = torch.tensor([[5, 70, 80, 90, 100, 3]])
     session.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(merged.model(input_ids=ids).logits, session.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        base_logits = session.model(input_ids=ids).logits  # the adapter's start: LoRA's B = 0
+        load_trainable_state(session.model, load_file(str(run_a / "checkpoints" / "round_0001" / "global_adapter.safetensors")))
+        adapted = session.model(input_ids=ids).logits
+        merged = load_base_model(ModelConfig(name=str(out), dtype="float32"), device=torch.device("cpu")).model
+        ours = merged(input_ids=ids).logits
+    assert (adapted - base_logits).abs().max() > 1e-2  # the adapter matters...
+    torch.testing.assert_close(ours, adapted, atol=1e-5, rtol=1e-5)  # ...and the merged folder has it
 
 
 def test_export_refuses_what_cannot_merge(tmp_path: Path) -> None:

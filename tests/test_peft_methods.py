@@ -1,5 +1,6 @@
 """Every ``peft.method`` on the tiny model: one federated round changes only its trainable tensors, the update holds
-exactly them, the saved adapter reloads (with ``peft``, or as a full model) to identical logits; refusals at load.
+exactly them, the saved adapter (float32) reloads (with ``peft``, or as a full model) to identical logits in the
+run's compute dtype, float32 and bfloat16 alike; refusals at load.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import DTYPES, tiny_config
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -72,10 +73,12 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
-def test_one_round_changes_only_trainable_tensors_and_the_adapter_reloads(method: str, tmp_path: Path) -> None:
-    session = _session(tmp_path / "run", method)
+def test_one_round_changes_only_trainable_tensors_and_the_adapter_reloads(method: str, dtype: str, tmp_path: Path) -> None:
+    session = _session(tmp_path / "run", method, model={"dtype": dtype})
     model = session.model
+    assert session.loaded.dtype == getattr(torch, dtype)
     trainable = set(named_trainable_parameters(model))
     assert trainable and set(session.initial_state) == trainable
     frozen_before = {n: t.detach().clone() for n, t in model.state_dict().items() if not _is_trainable(model, n)}
@@ -102,16 +105,20 @@ def test_one_round_changes_only_trainable_tensors_and_the_adapter_reloads(method
     assert set(final) == trainable
     assert any(not torch.equal(final[n], session.initial_state[n].float()) for n in final)
 
-    # the saved adapter reloads to identical logits
+    # the saved adapter holds the trained values in float32, and reloads in the run's dtype to identical logits
     ours = _logits(model)
     if method == "full":
-        reloaded = AutoModelForCausalLM.from_pretrained(str(run_dir.adapter))
+        saved = load_file(str(run_dir.adapter / "model.safetensors"))
+        reloaded = AutoModelForCausalLM.from_pretrained(str(run_dir.adapter), dtype=getattr(torch, dtype))
         assert (run_dir.adapter / "README.md").is_file()
-        assert set(load_file(str(run_dir.adapter / "model.safetensors"))) == trainable
     else:
-        assert set(load_file(str(run_dir.adapter / "adapter_model.safetensors"))) == trainable
-        base = build_tiny_llama(len(build_byte_tokenizer()), seed=derive_seed(0, "base-init") % 2**31)
+        saved = load_file(str(run_dir.adapter / "adapter_model.safetensors"))
+        base = build_tiny_llama(len(build_byte_tokenizer()), seed=derive_seed(0, "base-init") % 2**31, dtype=getattr(torch, dtype))
         reloaded = PeftModel.from_pretrained(base, str(run_dir.adapter))
+    assert set(saved) == trainable
+    assert all(t.dtype == torch.float32 and torch.equal(t, final[n].float()) for n, t in saved.items())
+    state = dict(reloaded.named_parameters()) if method == "full" else get_peft_model_state_dict(reloaded)
+    assert set(state) == trainable and all(torch.equal(state[n].float(), saved[n]) for n in trainable)
     theirs = _logits(reloaded)
     if method == "prompt_tuning":  # peft returns the soft prompt's positions too; fedlm cuts them off
         theirs = theirs[:, VIRTUAL:]
@@ -215,18 +222,26 @@ def test_full_is_refused_above_the_size_limit() -> None:
     check_full_size(360_000_000, "cuda")
 
 
-def test_full_adapter_folder_is_a_base_model_folder(tmp_path: Path) -> None:
-    """A full run's adapter/ loads as `model.name` (tokenizer with chat template included)."""
-    session = _session(tmp_path / "run", "full")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_adapter_folder_is_a_base_model_folder(dtype: str, tmp_path: Path) -> None:
+    """A full run's adapter/ loads as `model.name` (tokenizer with chat template included): in the run's dtype to the
+    trained model's logits, in float32 to the trained weights bit for bit (the folder is float32)."""
+    session = _session(tmp_path / "run", "full", model={"dtype": dtype})
     run_dir = _run(session, tmp_path / "run")
-    loaded = load_base_model(ModelConfig(name=str(run_dir.adapter), dtype="float32"), device=torch.device("cpu"))
+    trained = dict(session.model.named_parameters())
+    loaded = load_base_model(ModelConfig(name=str(run_dir.adapter), dtype=dtype), device=torch.device("cpu"))
     assert loaded.tokenizer.chat_template is not None
+    assert loaded.model.dtype == getattr(torch, dtype)
     torch.testing.assert_close(_logits(loaded.model), _logits(session.model), atol=1e-6, rtol=0)
+    as32 = load_base_model(ModelConfig(name=str(run_dir.adapter), dtype="float32"), device=torch.device("cpu")).model
+    assert as32.config.dtype == torch.float32 and set(dict(as32.named_parameters())) == set(trained)
+    assert all(torch.equal(p, trained[n].float()) for n, p in as32.named_parameters())
 
 
-@pytest.mark.parametrize("method", ["dora", "prefix_tuning", "full"])
-def test_resume_gives_the_uninterrupted_result(method: str, tmp_path: Path) -> None:
-    """Two rounds in one go equal one round, then `--resume` with two rounds (checkpoints hold any method's state)."""
+@pytest.mark.parametrize(("method", "dtype"), [("dora", "float32"), ("prefix_tuning", "float32"), ("full", "float32"), ("full", "bfloat16")])
+def test_resume_gives_the_uninterrupted_result(method: str, dtype: str, tmp_path: Path) -> None:
+    """Two rounds in one go equal one round, then `--resume` with two rounds (checkpoints hold any method's state, a
+    bfloat16 full run's global weights bit for bit in bfloat16)."""
     from conftest import write_config
     from typer.testing import CliRunner
 
@@ -234,7 +249,7 @@ def test_resume_gives_the_uninterrupted_result(method: str, tmp_path: Path) -> N
 
     runs = {}
     for name, rounds_first in (("straight", 2), ("resumed", 1)):
-        cfg = _config(tmp_path / name, method)
+        cfg = _config(tmp_path / name, method, model={"dtype": dtype})
         cfg["federation"]["rounds"] = rounds_first
         path = write_config(tmp_path / f"{name}.yaml", cfg)
         assert CliRunner().invoke(app, ["run", str(path)]).exit_code == 0

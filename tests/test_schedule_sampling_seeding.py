@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedlm.config import ModelConfig
 from fedlm.config.io import validate_config
+from fedlm.core.errors import FedlmError
 from fedlm.core.sampling import batch_indices, sample_clients
 from fedlm.core.seeding import derive_seed
 from fedlm.federation.schedule import lr_at
 from fedlm.federation.tasks import round_lrs
-from fedlm.models.dtype import cpu_has_fast_bf16, resolve_dtype
+from fedlm.models.dtype import AUTO_DTYPE_ENV, cpu_has_fast_bf16, resolve_dtype
+from fedlm.models.loading import load_base_model
 
 
 def test_lr_schedules_hand_computed() -> None:
@@ -64,12 +68,40 @@ def test_global_rng_is_not_touched_by_training_seeds() -> None:
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_dtype_auto_follows_cpu_flags(tmp_path: Path) -> None:
-    with_amx = tmp_path / "amx"
+def test_dtype_auto_follows_cpu_flags_unless_overridden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` is bfloat16 exactly when the cpuinfo has AMX or AVX512-BF16 flags; FEDLM_AUTO_DTYPE wins over the
+    probe, never over an explicit `model.dtype`, and any other value of it is refused naming the variable."""
+    cpu = torch.device("cpu")
+    with_amx, with_avx512, without = tmp_path / "amx", tmp_path / "avx512", tmp_path / "plain"
     with_amx.write_text("flags\t\t: fpu avx2 amx_bf16 amx_tile\n")
-    without = tmp_path / "plain"
-    without.write_text("flags\t\t: fpu avx2\n")
-    assert cpu_has_fast_bf16(with_amx) and not cpu_has_fast_bf16(without)
-    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    with_avx512.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    without.write_text("flags\t\t: fpu avx2 avx512f\n")
+    assert cpu_has_fast_bf16(with_amx) and cpu_has_fast_bf16(with_avx512) and not cpu_has_fast_bf16(without)
+    assert not cpu_has_fast_bf16(tmp_path / "missing")
+
+    monkeypatch.delenv(AUTO_DTYPE_ENV, raising=False)  # the suite pins it (conftest); here the probe decides
+    assert resolve_dtype("auto", cpu, cpuinfo=with_amx) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, cpuinfo=with_avx512) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, cpuinfo=without) == torch.float32
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "")
+    assert resolve_dtype("auto", cpu, cpuinfo=with_amx) == torch.bfloat16  # empty means unset
+    for explicit in ("float32", "bfloat16"):
+        assert resolve_dtype(explicit, cpu, cpuinfo=with_amx) == resolve_dtype(explicit, cpu, cpuinfo=without) == getattr(torch, explicit)
+
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "float32")
+    assert resolve_dtype("auto", cpu, cpuinfo=with_avx512) == torch.float32
+    assert resolve_dtype("bfloat16", cpu, cpuinfo=without) == torch.bfloat16
+    monkeypatch.setenv(AUTO_DTYPE_ENV, "bfloat16")
+    assert resolve_dtype("auto", cpu, cpuinfo=without) == torch.bfloat16
+    assert resolve_dtype("float32", cpu, cpuinfo=with_amx) == torch.float32
+    for bad in ("fp16", "float16", "bf16", "auto"):
+        monkeypatch.setenv(AUTO_DTYPE_ENV, bad)
+        with pytest.raises(FedlmError, match=rf"{AUTO_DTYPE_ENV} must be float32 or bfloat16 .*got '{bad}'"):
+            resolve_dtype("auto", cpu, cpuinfo=without)
+        assert resolve_dtype("float32", cpu) == torch.float32  # only `auto` reads it
+
+
+def test_suite_pins_auto_to_float32() -> None:
+    """conftest pins `auto` so that no test depends on the CPU it meets (dtype-sensitive tests set `model.dtype`)."""
+    assert os.environ[AUTO_DTYPE_ENV] == "float32"
+    assert load_base_model(ModelConfig(name="tiny-random-llama"), device=torch.device("cpu")).model.dtype == torch.float32

@@ -38,7 +38,10 @@ class Checkpoint:
 
 
 def save_checkpoint(root: Path, checkpoint: Checkpoint, config_yaml: str, keep: int) -> Path:
-    """Write ``root/round_NNNN`` atomically, then delete all but the newest ``keep`` checkpoints."""
+    """Write ``root/round_NNNN`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    The global state is saved bit for bit in the dtype it is held in (float32 for peft adapters; a ``full`` run's
+    weights in the compute dtype, bfloat16 included), so a resumed run continues exactly."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{_PREFIX}{checkpoint.round:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))

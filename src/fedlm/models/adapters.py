@@ -143,7 +143,13 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
 
 def save_adapter(model: torch.nn.Module, state: Mapping[str, torch.Tensor], out_dir: Path) -> None:
     """Save ``state``: a peft adapter folder (``PeftModel.from_pretrained(base, out_dir)``), or for ``full`` the whole
-    model as a Hugging Face folder (``AutoModelForCausalLM.from_pretrained(out_dir)``)."""
+    model as a Hugging Face folder (``AutoModelForCausalLM.from_pretrained(out_dir)``).
+
+    Saved in float32 whatever ``model.dtype`` the run computed in: peft holds every method's adapter weights in
+    float32 over a bfloat16 base (its ``autocast_adapter_dtype``), and reloads them so; a full model is upcast for
+    the save (:func:`fedlm.models.full.save_full_model`). A reload onto a base in the run's dtype computes exactly
+    what the trained model did.
+    """
     load_trainable_state(model, state)
     if isinstance(model, PeftModel):
         model.save_pretrained(str(out_dir))

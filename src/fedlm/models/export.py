@@ -3,6 +3,12 @@
 
 LoRA, DoRA and IA3 merge exactly (up to float rounding); prompt and prefix tuning have no weights to merge into;
 a ``full`` run's ``adapter/`` already is a full model folder.
+
+The merge is computed and saved in float32, whatever ``model.dtype`` the run trained in: the base model is loaded in
+float32 (exact for bfloat16 checkpoints), the float32 adapter is folded in, and the folder's weights and
+``config.json`` dtype are float32. Merging into bfloat16 weights would round W + s B A to bfloat16 (8 significant
+bits), which erases the part of an adapter's change below a weight's rounding step; a small late-training update can
+vanish entirely. Load the folder in bfloat16 (``model.dtype``) to compute in it: that rounds once, at load.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ def finished_run_config(run_dir: Path) -> Path:
 
 
 def export_merged(run_dir: Path, out_dir: Path, config: ExperimentConfig) -> Path:
-    """Merge ``run_dir/adapter`` into the base model of the run's ``config`` (its saved ``config.yaml``) and save it
-    (with the tokenizer) to ``out_dir``."""
+    """Merge ``run_dir/adapter`` into the base model of the run's ``config`` (its saved ``config.yaml``), in float32,
+    and save it, float32, with the tokenizer to ``out_dir``."""
     finished_run_config(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FedlmError(f"{out_dir} already exists and is not empty; choose a new folder")
@@ -39,7 +45,8 @@ def export_merged(run_dir: Path, out_dir: Path, config: ExperimentConfig) -> Pat
         raise FedlmError(f"a `peft.method: full` run's adapter/ is already a full model: use `model.name: {run_dir / 'adapter'}`")
     if method in PROMPT_METHODS:
         raise FedlmError(f"`peft.method: {method}` learns soft tokens, not weights: there is nothing to merge")
-    loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31)  # as build_session does
+    base = config.model.model_copy(update={"dtype": "float32"})  # the merge in float32, whatever the run trained in
+    loaded = load_base_model(base, seed=derive_seed(config.seed, "base-init") % 2**31)  # as build_session does
     merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out_dir))

@@ -3,7 +3,7 @@
 Each client update then holds a delta for every parameter (4 bytes each on the wire), the simulation keeps one
 float32 copy per round's update, and AdamW keeps two moments per parameter, so ``full`` is refused above a size
 limit (:data:`FULL_MAX_PARAMS`). The final ``adapter/`` folder of a full run is a Hugging Face model folder
-(``config.json`` + ``model.safetensors`` + the tokenizer): load it with ``AutoModelForCausalLM.from_pretrained``,
+(``config.json`` + ``model.safetensors`` in float32 + the tokenizer): load it with ``AutoModelForCausalLM.from_pretrained``,
 or start a later run from it with ``model.name: RUN_DIR/adapter`` (or ``model.init_adapter`` with ``full``).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from fedlm.core.errors import FedlmError
@@ -53,6 +54,23 @@ def make_fully_trainable(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def save_full_model(model: PreTrainedModel, out_dir: Path) -> None:
-    """Save the whole model as a Hugging Face folder (safetensors), with a README saying what it is."""
-    model.save_pretrained(str(out_dir))
+    """Save the whole model as a Hugging Face folder (safetensors), with a README saying what it is.
+
+    The weights and ``config.json``'s dtype are float32 whatever the run computed in, as every adapter fedlm saves:
+    a bfloat16 run's weights upcast exactly, so loading the folder in float32 gives the trained values bit for bit,
+    and in bfloat16 (``model.dtype``) too. The parameters are upcast in place for the save and cast back after
+    (lossless); buffers are left alone (a bfloat16 model keeps its rotary frequencies in float32, as loaded).
+    """
+    params = list(model.parameters())  # tied weights once
+    dtypes = [p.dtype for p in params]
+    config_dtype = model.config.dtype
+    try:
+        for p in params:
+            p.data = p.data.to(torch.float32)
+        model.config.dtype = torch.float32
+        model.save_pretrained(str(out_dir))
+    finally:
+        for p, dtype in zip(params, dtypes):
+            p.data = p.data.to(dtype)
+        model.config.dtype = config_dtype
     (out_dir / "README.md").write_text(_NOTE.format(path=out_dir))

@@ -41,7 +41,11 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 64 (~150K parameters), initialised from ``seed`` without touching global RNG."""
+    """A 2-layer Llama with hidden size 64 (~150K parameters), initialised from ``seed`` without touching global RNG.
+
+    Initialised in float32 and its parameters rounded to ``dtype``; the rotary frequencies stay float32, as in a model
+    that ``from_pretrained(..., dtype=dtype)`` loads, so the tiny model reloaded from a saved folder computes the same.
+    """
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -57,4 +61,6 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.
     )
     with seeded_torch(seed):
         model = LlamaForCausalLM(config)
-    return model.to(dtype)
+    for param in model.parameters():  # not model.to(dtype): like from_pretrained, keep the rotary buffers in float32
+        param.data = param.data.to(dtype)
+    return model
