@@ -115,7 +115,7 @@ def test_exact_with_heterogeneous_ranks_adds_each_clients_change_of_product() ->
     mode = build_lora_mode("exact", state, 5)
     starts = {c: mode.download(state, r) for c, r in ranks.items()}
     updates = []
-    for k, (c, n) in enumerate(zip(ranks, SIZES)):
+    for _k, (c, n) in enumerate(zip(ranks, SIZES)):
         d = truncate_to_rank({A: torch.randn(5, D_IN, generator=g), B: torch.randn(D_OUT, 5, generator=g)}, ranks[c])
         updates.append(ClientUpdate(c, 1, n, d))
     new, _ = _server_round("exact", state, updates, rank=5, ranks=ranks)
@@ -189,7 +189,7 @@ def test_server_optimisers_run_in_the_exact_product_space(aggregator: str) -> No
     state, updates, _ = _clients(rank=5)
     mode = build_lora_mode("exact", state, 5)
     agg = build_aggregator(aggregator, {})
-    for rnd in (1, 2):
+    for _rnd in (1, 2):
         starts = {u.client_id: state for u in updates}
         space, mapped = mode.to_server_space(state, updates, starts, {})
         result = agg.aggregate(space, mapped)

@@ -95,7 +95,7 @@ def test_init_adapter_reference_is_the_starting_adapter_swapped_in_and_back(toke
     loss, metrics = objective.loss(model, batch)  # policy == reference: margins 0, loss log 2 exactly
     assert metrics["reward_margin"] == 0.0 and float(loss.detach()) == pytest.approx(math.log(2), abs=1e-7)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(0.05)  # the policy moves away from where it started
     moved = trainable_state(model)

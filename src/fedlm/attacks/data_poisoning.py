@@ -114,7 +114,7 @@ def _random_word_responses(responses: Sequence[str], rng: random.Random) -> list
         own = Counter(own_words)
         if speakers - (1 if own_words else 0) == 0:
             raise FedlmError(f"corrupt_responses (random_words): record {i}: the other records' responses have no words")
-        drawn = []
+        drawn: list[str] = []
         while len(drawn) < max(1, len(own_words)):
             word = vocabulary[rng.randrange(len(vocabulary))]
             if total[word] > own[word]:  # the word occurs in another response

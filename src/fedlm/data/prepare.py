@@ -154,11 +154,11 @@ def assign_test_shares(
     """
     if partition.method == "by_field":
         names = set(train_part.client_names)
-        owner = []
+        by_value: list[str | None] = []
         for record in records:
             value = record.get(partition.field or "")
-            owner.append(str(value) if value is not None and str(value) in names else None)
-        return owner
+            by_value.append(str(value) if value is not None and str(value) in names else None)
+        return by_value
     test_part = partition_examples(
         records,
         method=partition.method,

@@ -12,8 +12,9 @@ The names of the trainable tensors are the keys of every client update. For the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import (
@@ -53,17 +54,18 @@ def peft_method_config(config: PeftConfig) -> PeftMethodConfig:
     method = config.method
     if method in ("lora", "dora"):
         return LoraConfig(
-            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,
-            task_type="CAUSAL_LM", **({"use_dora": True} if method == "dora" else {}),
+            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,  # type: ignore[arg-type]  # peft annotates int; alpha / r is float math
+            task_type="CAUSAL_LM", use_dora=method == "dora",
         )
+    virtual_tokens = config.num_virtual_tokens or 0  # set for the prompt methods (PeftConfig's validator)
     if method == "ia3":
         return IA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules, task_type="CAUSAL_LM")
     if method == "prompt_tuning":
         return PromptTuningConfig(
-            num_virtual_tokens=config.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type="CAUSAL_LM"
+            num_virtual_tokens=virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type="CAUSAL_LM"
         )
     if method == "prefix_tuning":
-        return PrefixTuningConfig(num_virtual_tokens=config.num_virtual_tokens, task_type="CAUSAL_LM")
+        return PrefixTuningConfig(num_virtual_tokens=virtual_tokens, task_type="CAUSAL_LM")
     raise FedlmError(f"`peft.method` {method!r} has no peft adapter; valid: lora, dora, ia3, prompt_tuning, prefix_tuning, full")
 
 
@@ -96,7 +98,7 @@ def attach_adapter(
     return peft_model
 
 
-def _drop_virtual_token_logits(num_virtual: int):  # noqa: ANN202 - a torch forward hook
+def _drop_virtual_token_logits(num_virtual: int) -> Callable[..., Any]:
     """A forward hook that cuts the soft prompt's positions off the logits, so they line up with ``input_ids``.
 
     peft's prompt tuning prepends ``num_virtual`` embeddings and returns logits of shape (B, n + T, V) (its own loss
@@ -104,7 +106,7 @@ def _drop_virtual_token_logits(num_virtual: int):  # noqa: ANN202 - a torch forw
     Generation does not go through this forward (peft calls the base model's ``generate``), so it is unaffected.
     """
 
-    def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output):  # noqa: ANN001, ANN202
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         ids = kwargs.get("input_ids", args[0] if args else None)
         logits = getattr(output, "logits", None)
         if ids is not None and logits is not None and logits.shape[1] == ids.shape[1] + num_virtual:
@@ -153,8 +155,10 @@ def save_adapter(model: torch.nn.Module, state: Mapping[str, torch.Tensor], out_
     load_trainable_state(model, state)
     if isinstance(model, PeftModel):
         model.save_pretrained(str(out_dir))
-    else:
+    elif isinstance(model, PreTrainedModel):
         save_full_model(model, out_dir)
+    else:
+        raise TypeError(f"save_adapter needs a PeftModel or a PreTrainedModel, got {type(model).__name__}")
 
 
 def state_name(param_name: str) -> str:

@@ -64,7 +64,7 @@ def adapter_settings(peft_dict: dict[str, Any]) -> dict[str, Any]:
     peft_type = str(peft_dict.get("peft_type", "")).removeprefix("PeftType.")
     if peft_type == "LORA":
         method = "dora" if peft_dict.get("use_dora") else "lora"
-        keys = ("r", "lora_alpha", "target_modules")
+        keys: tuple[str, ...] = ("r", "lora_alpha", "target_modules")
     else:
         method = _METHOD_OF_TYPE.get(peft_type, peft_type.lower())
         keys = ("target_modules", "feedforward_modules") if method == "ia3" else ("num_virtual_tokens",)

@@ -85,8 +85,8 @@ def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | N
     device = device or default_device()
     dtype = resolve_dtype(config.dtype, device)
     if config.name == TINY_ALIAS:
-        tokenizer = build_byte_tokenizer()
-        model = build_tiny_llama(len(tokenizer), seed=seed, dtype=dtype)
+        tokenizer: PreTrainedTokenizerBase = build_byte_tokenizer()
+        model: PreTrainedModel = build_tiny_llama(len(tokenizer), seed=seed, dtype=dtype)
     else:
         source = resolve_model_source(config.name)
         try:
@@ -101,5 +101,5 @@ def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | N
     tokenizer.padding_side = "left"
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    model = model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' wrapper annotates its own `self` as the argument
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, load_s=time.perf_counter() - started)

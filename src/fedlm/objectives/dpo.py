@@ -207,7 +207,7 @@ class DPOObjective(Objective):
         return losses.mean(), reward_metrics(chosen, rejected)
 
     def score_batch(self, model: torch.nn.Module, chunk: Sequence[TestExample], pad_id: int, device: torch.device) -> list[dict[str, float]]:
-        pairs = [PreferenceExample(ex.tokens, ex.rejected) for ex in chunk]
+        pairs = [PreferenceExample(ex.tokens, _rejected(ex)) for ex in chunk]
         batch = {k: v.to(device) for k, v in self.collate(pairs, pad_id).items()}
         ref, policy = reference_logps(model, batch, self.reference), sequence_logps(model, batch)[0]  # (2B,) each
         half = policy.shape[0] // 2
@@ -228,6 +228,13 @@ class DPOObjective(Objective):
             # at round 0 too, where every reward margin is 0 and preference_accuracy is 0 by definition)
             "likelihood_accuracy": sum(r.get("prefers_chosen", 0.0) for r in rows) / n,
         }
+
+
+def _rejected(example: TestExample) -> TokenizedExample:
+    """The rejected answer of a DPO test example (every example the DPO objective builds has one)."""
+    if example.rejected is None:
+        raise ValueError("a DPO test example has no rejected answer; build the test set with the dpo objective")
+    return example.rejected
 
 
 def to_pair(record: Record, system_prompt: str | None, where: str) -> tuple[list[Message], str, str]:

@@ -61,12 +61,12 @@ def token_logprobs(model: torch.nn.Module, examples: Sequence[TokenizedExample],
 def example_scores(logprobs: torch.Tensor, text: str) -> dict[str, float]:
     """The three membership scores of one example (higher: more likely a member)."""
     nll = -logprobs.double()
-    return {"loss": loss_score(nll), "zlib": zlib_score(float(nll.sum()), text), "min_k": min_k_score(logprobs.double())}
+    return {"loss": loss_score(nll.numpy()), "zlib": zlib_score(float(nll.sum()), text), "min_k": min_k_score(logprobs.double().numpy())}
 
 
 def response_text(example: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str:
     """The decoded response tokens of an example."""
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX], skip_special_tokens=True)
+    return str(tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX], skip_special_tokens=True))
 
 
 def canary_exposure(session: Session, canaries: CanarySet) -> dict[str, Any]:

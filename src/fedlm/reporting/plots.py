@@ -10,11 +10,12 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # matplotlib is imported only when a plot is drawn (it costs ~30 MiB and ~1 s)
     import matplotlib.pyplot as plt
     from matplotlib.axes import Axes
+    from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "GLOBAL_TEST",
@@ -147,7 +148,7 @@ def _finish(fig: plt.Figure, ax: Axes, ylabel: str, title: str, path: Path) -> P
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    cast("MaxNLocator", ax.xaxis.get_major_locator()).set_params(integer=True)  # the default AutoLocator is one
     n_curves = len(ax.get_lines())
     if n_curves > _LEGEND_INSIDE_MAX:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)

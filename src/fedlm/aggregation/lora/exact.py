@@ -40,7 +40,7 @@ class ExactLora(LoraMode):
         starts: Mapping[str, Mapping[str, torch.Tensor]],
         ranks: Mapping[str, int | None],
     ) -> tuple[TensorDict, list[ClientUpdate]]:
-        return products(state), [dataclasses.replace(u, tensors=ProductDelta(starts[u.client_id], u.tensors)) for u in updates]
+        return products(state), [dataclasses.replace(u, tensors=ProductDelta(starts[u.client_id], u.tensors)) for u in updates]  # type: ignore[arg-type]  # a lazy mapping of products
 
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
         pairs, others = lora_pairs(state)
