@@ -50,17 +50,16 @@ def dp_account(config: ExperimentConfig, num_clients: int) -> DPAccount | None:
     return DPAccount(sigma, q, config.privacy.delta, config.privacy.accountant)
 
 
-def wrap_with_dp(inner: Aggregator, config: ExperimentConfig, num_clients: int) -> Aggregator:
-    """``inner`` wrapped in client-level DP when ``privacy.client_dp`` is set, else ``inner`` itself."""
+def wrap_with_dp(inner: Aggregator, config: ExperimentConfig, num_clients: int, account: DPAccount | None = None) -> Aggregator:
+    """``inner`` wrapped in client-level DP when ``privacy.client_dp`` is set, else ``inner`` itself.
+
+    ``account`` is :func:`dp_account`'s answer when the caller has it already (else it is solved here). The wrapper
+    refuses an ``inner`` it cannot wrap; the config rules (:mod:`fedlm.config.rules`) refuse such a config at load.
+    """
     dp = config.privacy.client_dp
-    account = dp_account(config, num_clients)
+    account = account or dp_account(config, num_clients)
     if dp is None or account is None:
         return inner
-    if dp.mode == "distributed" and config.privacy.secure_aggregation is None:
-        raise FedlmError(
-            "`privacy.client_dp.mode: distributed` splits the noise among the clients and is private only when the "
-            "server sees just the sum; set `privacy.secure_aggregation` too, or use `mode: central`"
-        )
     params = {
         "noise_multiplier": account.noise_multiplier, "clip": dp.clip, "mode": dp.mode, "adaptive": dp.adaptive,
         "target_quantile": dp.target_quantile, "clip_lr": dp.clip_lr, "count_noise_std": dp.count_noise_std,

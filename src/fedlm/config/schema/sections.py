@@ -278,7 +278,8 @@ class EvalConfig(Section):
 
 
 class ExperimentConfig(Section):
-    """One federated experiment."""
+    """One federated experiment. Each section validates itself; combinations of sections are judged by the rules of
+    :mod:`fedlm.config.rules` (run by :func:`fedlm.config.io.validate_config`)."""
 
     seed: int = 0
     output_dir: str = "runs/experiment"
@@ -297,50 +298,3 @@ class ExperimentConfig(Section):
     @classmethod
     def _objective_from_string(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> ExperimentConfig:
-        if self.partition.method == "node_local":
-            self._node_local_checks()
-        if self.federation.runtime == "flower" and self.privacy.secure_aggregation is not None:
-            raise ValueError(
-                "`privacy.secure_aggregation` is not built for `federation.runtime: flower` yet: the SecAgg+ rounds run "
-                "in-process in the simulation, and over Flower the server would see each client's update in the clear; "
-                "use `federation.runtime: simulation`, or client DP with `privacy.client_dp.mode: central` over Flower"
-            )
-        n, k = self.partition.num_clients, self.federation.clients_per_round
-        if self.partition.clients is not None:
-            n = len(self.partition.clients)
-        if n is not None and k is not None and k > n:
-            raise ValueError(
-                f"`federation.clients_per_round` must be <= `partition.num_clients` ({n}), got {k}"
-            )
-        ranks = self.peft.client_ranks
-        if isinstance(ranks, list) and n is not None and len(ranks) != n:
-            raise ValueError(
-                f"`peft.client_ranks` has {len(ranks)} entries but `partition.num_clients` is {n}; give one rank per client"
-            )
-        if k is not None and self.federation.min_clients > k:
-            raise ValueError(
-                f"`federation.min_clients` ({self.federation.min_clients}) must be <= "
-                f"`federation.clients_per_round` ({k})"
-            )
-        return self
-
-    def _node_local_checks(self) -> None:
-        """``partition.method: node_local``: the data is on the SuperNodes; refuse what needs it on the server."""
-        why = "with `partition.method: node_local` (each client's data stays on its SuperNode; the server has none)"
-        if self.federation.runtime != "flower":
-            raise ValueError(f"`federation.runtime` must be flower {why}; to simulate, put the clients' data in one file "
-                             "with a client column and use `partition.method: by_field`")
-        if self.data.test is None:
-            raise ValueError(f"`data.test` is required {why}: the server evaluates on its own held-out set, "
-                             "e.g. `data.test: embedded:wordnet_defs/test`")
-        if self.attack.name is not None:
-            raise ValueError(f"`attack.name` cannot be used {why}: the attack harness rewrites clients' data or updates in the "
-                             "simulation; run attacks with a split of one dataset (`partition.method: by_field` or iid)")
-        if self.eval.audit is not None:
-            raise ValueError(f"`eval.audit` cannot be used {why}: the audit needs the members' training examples")
-        if self.privacy.sample_dp is not None and self.privacy.sample_dp.target_epsilon is not None:
-            raise ValueError(f"`privacy.sample_dp.target_epsilon` cannot be solved {why}: it needs the smallest client's "
-                             "dataset size; give `privacy.sample_dp.noise_multiplier` (each client logs its own epsilon)")
