@@ -26,9 +26,10 @@ from fedlm.core.errors import FedlmError
 from fedlm.objectives import objective_of
 from fedlm.privacy.canary_audit import audit_client
 from fedlm.privacy.client_dp import dp_compatible_aggregators, wrap_refusal
+from fedlm.privacy.ledger import PrivacyLedger
 from fedlm.privacy.secagg.quantize import max_summands
 from fedlm.privacy.secagg.threshold import share_holders, threshold
-from fedlm.privacy.setup import DPAccount, dp_account, wrap_with_dp
+from fedlm.privacy.setup import dp_account, wrap_with_dp
 
 SECAGG = "privacy.secure_aggregation"
 NODE_LOCAL = "with `partition.method: node_local` (each client's data stays on its SuperNode; the server has none)"
@@ -49,7 +50,7 @@ class Setting:
         return build_aggregator(agg.name, agg.params())
 
     @cached_property
-    def dp_account(self) -> DPAccount | None:
+    def dp_account(self) -> PrivacyLedger | None:
         """Client DP's accounting (its noise multiplier solved for a target epsilon), once per setting."""
         if self.config.privacy.client_dp is None or self.num_clients is None:
             return None
