@@ -31,12 +31,12 @@ from typer.testing import CliRunner
 from fedlm.cli.privacy import privacy_app
 from fedlm.core.errors import FedlmError
 from fedlm.privacy.accounting import (
-    PrivacyLedger,
     PrivacyParameterError,
     dp_event,
     epsilon,
     noise_for_epsilon,
 )
+from fedlm.privacy.ledger import PrivacyLedger
 from fedlm.privacy.plan import plan_client_dp, round_up
 
 # ------------------------------------------------------------------------------------------------ goldens

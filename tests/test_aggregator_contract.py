@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from fedlm.aggregation.base import build_aggregator, registered_aggregators
+from fedlm.aggregation.base import AGGREGATORS, ByzantineBound, aggregator_class, build_aggregator, registered_aggregators
+from fedlm.config.rules import check_config
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
 from fedlm.core.update import ClientUpdate
 from fedlm.federation.validation import Expectations, split_valid
+from fedlm.privacy.client_dp import dp_compatible_aggregators
 
 ALL = registered_aggregators()
 
@@ -158,3 +164,72 @@ def test_every_aggregator_works_through_every_lora_mode(name: str, mode_name: st
     assert torch.allclose(product(forward), product(backward), atol=1e-5)
     assert torch.allclose(product(still), product(state), atol=1e-5)
     assert torch.allclose(forward["bias"], backward["bias"], atol=1e-6) and torch.allclose(still["bias"], state["bias"], atol=1e-6)
+
+
+# Capabilities: every aggregator declares what it needs, and the config rules ask the capability, never the name.
+
+
+def _config(name: str, privacy: dict[str, Any]) -> ExperimentConfig:
+    return ExperimentConfig.model_validate({
+        "partition": {"method": "iid", "num_clients": 6, "field": None},
+        "federation": {"clients_per_round": 6},
+        "aggregation": {"name": name},
+        "privacy": privacy,
+    })
+
+
+PRIVACY = {"client_dp": {"noise_multiplier": 1.0}, "secure_aggregation": {}}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_capabilities_are_declared_with_their_types(name: str) -> None:
+    cls = aggregator_class(name)
+    for capability in ("needs_individual_updates", "uploads_extras"):
+        reason = getattr(cls, capability)
+        assert reason is None or (isinstance(reason, str) and len(reason) > 20), f"{name}.{capability} must say why"
+    for flag in ("needs_server_update", "needs_stable_parameter_space", "returns_mean_update"):
+        assert isinstance(getattr(cls, flag), bool)
+    bound = cls.byzantine_bound
+    if bound is not None:
+        assert isinstance(bound, ByzantineBound) and bound.margin >= 0 and bound.source
+        assert cls.needs_individual_updates is not None, "a Byzantine-robust rule must see the individual updates"
+        assert bound.assumed_param is None or bound.assumed_param in cls.Params.model_fields
+
+
+@pytest.mark.parametrize("privacy", sorted(PRIVACY))
+@pytest.mark.parametrize("name", ALL)
+def test_the_rules_refuse_exactly_the_aggregators_that_need_more_than_a_sum(name: str, privacy: str) -> None:
+    """Client DP (one noised sum) and secure aggregation (only the sum) refuse an aggregator that declares it needs
+    each update, uploads extras or needs the server's update, and accept every other one."""
+    cls = aggregator_class(name)
+    config = _config(name, {privacy: PRIVACY[privacy]})
+    if cls.needs_individual_updates or cls.uploads_extras or cls.needs_server_update:
+        with pytest.raises(FedlmError, match=f"`privacy.{privacy}`.*`aggregation.name: {name}`") as refused:
+            check_config(config)
+        reason = cls.needs_individual_updates or cls.uploads_extras
+        assert reason is None or reason in str(refused.value)
+    else:
+        check_config(config)
+
+
+def test_the_rules_follow_a_new_capability_not_a_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aggregator registered under a new name that declares ``needs_individual_updates`` is refused by both."""
+    from fedlm.aggregation.fedavg import FedAvg
+
+    class Picky(FedAvg):
+        needs_individual_updates = "it reads each client's update one by one for this test"
+
+    monkeypatch.setitem(AGGREGATORS._items, "picky_test_only", Picky)
+    for privacy, value in PRIVACY.items():
+        with pytest.raises(FedlmError, match="for this test"):
+            check_config(_config("picky_test_only", {privacy: value}))
+    check_config(_config("picky_test_only", {}))
+    assert "picky_test_only" not in dp_compatible_aggregators()
+
+
+def test_the_declared_needs_match_the_known_behaviour() -> None:
+    """Pins what fedlm refuses under DP and secure aggregation, so a changed declaration is a visible decision."""
+    needs = {n for n in ALL if aggregator_class(n).needs_individual_updates is not None}
+    assert needs == {"krum", "multikrum", "median", "trimmed_mean", "flame", "fltrust", "scaffold"}
+    assert {n for n in ALL if aggregator_class(n).uploads_extras is not None} == {"scaffold"}
+    assert {n for n in ALL if aggregator_class(n).byzantine_bound is not None} == {"krum", "multikrum", "median", "trimmed_mean"}

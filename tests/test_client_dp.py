@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from fedlm.aggregation.base import AggregationResult, Aggregator, build_aggregator, registered_aggregators
+from fedlm.aggregation.base import AggregationResult, Aggregator, aggregator_class, build_aggregator, registered_aggregators
 from fedlm.aggregation.fedadam import fedadam_step
 from fedlm.core.errors import FedlmError
 from fedlm.core.seeding import derive_seed, torch_generator
 from fedlm.core.update import ClientUpdate
-from fedlm.privacy.client_dp import NEEDS_INDIVIDUAL_UPDATES, ClientDPParams, DifferentiallyPrivate
+from fedlm.privacy.client_dp import ClientDPParams, DifferentiallyPrivate
 from fedlm.privacy.dp_math import (
     adaptive_noise_multiplier,
     clip_update,
@@ -27,6 +27,9 @@ from fedlm.privacy.dp_math import (
 #: Relative band on a measured standard deviation. With >= 2e5 draws its standard error is about 0.16 %, so a
 #: correct sampler sits well inside, and a sampler off by 10 % (either way) sits 8 % outside.
 STD_TOL = 0.02
+
+#: The aggregators that declare they need each client's own update (the capability, not a list of names).
+NEEDS_INDIVIDUAL_UPDATES = [n for n in registered_aggregators() if aggregator_class(n).needs_individual_updates]
 
 
 def _std_ok(measured: float, expected: float) -> bool:

@@ -18,6 +18,7 @@ from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan
 from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
 from fedlm.config.io import config_to_dict, flatten_keys
+from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.core.round import RoundObserver
@@ -132,12 +133,8 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
     if config.objective.params().get("reference") == "init_adapter":
         objective.reference_state = trainable_state(model)  # type: ignore[attr-defined] - DPO's pi_ref = the loaded adapter
     data = _federated_data(config, loaded.tokenizer, objective, node_client)
-    k, n = config.federation.clients_per_round, len(data.client_names)
-    if k is not None and k > n:
-        raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
-    resolve_client_ranks(config.peft.client_ranks, data.client_names, config.peft.r)  # refuse a bad list now
-    if config.eval.audit is not None:
-        audit_client(config.eval.audit, data.client_names)  # refuse an unknown `eval.audit.canary_client` now
+    check_federation(config, data.client_names)  # the config rules that need the real clients
+    n = len(data.client_names)
     attack = build_attack_plan(config, data.client_names)
     sizes = ", ".join(f"{c}: {len(data.client_train[c])}" if c in data.client_train else c for c in data.client_names)
     if config.partition.method == "node_local" and node_client is None:

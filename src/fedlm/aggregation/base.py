@@ -7,7 +7,6 @@ contract and keeps state (``state_dict``/``load_state_dict``, saved in every che
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from fedlm.core.errors import FedlmError
 from fedlm.core.params import validate_params
+from fedlm.core.registry import Registry
 from fedlm.core.task import ClientContext, TrainerHook
 from fedlm.core.update import ClientUpdate, TensorDict
 
@@ -26,6 +25,30 @@ class AggregatorParams(BaseModel):
     """Parameters of an aggregator, given beside ``aggregation.name``; subclasses add fields."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class ByzantineBound:
+    """How many attackers a robust aggregator bounds: f of the K updates of a round when K > 2f + ``margin``.
+
+    Attributes:
+        margin: 2 for Krum (K > 2f + 2), 0 for an honest majority (K > 2f: median, trimmed mean).
+        source: The paper the bound comes from, cited in the refusal.
+        assumed_param: The aggregator's parameter giving the f it assumes (Krum's ``num_malicious``), if any.
+    """
+
+    margin: int
+    source: str
+    assumed_param: str | None = None
+
+    def holds(self, updates: int, attackers: int) -> bool:
+        """Whether ``attackers`` of ``updates`` updates per round are within the bound."""
+        return updates > 2 * attackers + self.margin
+
+    def formula(self, attackers: int) -> str:
+        """The bound written out for a message: ``K > 2f + 2 = 8`` (or ``K > 2f = 6`` for an honest majority)."""
+        rhs = f"2f + {self.margin}" if self.margin else "2f"
+        return f"K > {rhs} = {2 * attackers + self.margin}"
 
 
 @dataclass
@@ -59,6 +82,14 @@ class Aggregator(ABC):
     #: True when the algorithm needs the server's own update on a root dataset each round (FLTrust); the server
     #: loop then calls :meth:`set_server_update` before :meth:`aggregate`.
     needs_server_update: ClassVar[bool] = False
+    #: Why the algorithm must see each client's own update, or None when a sum (or mean) of the updates is enough.
+    #: Client DP (one noised sum) and secure aggregation (only the sum) refuse an algorithm that sets it.
+    needs_individual_updates: ClassVar[str | None] = None
+    #: What clients upload beside their delta (SCAFFOLD's control-variate changes), or None. Neither client DP nor
+    #: secure aggregation protects it, so both refuse an algorithm that sets it.
+    uploads_extras: ClassVar[str | None] = None
+    #: The attacker share a robust aggregator bounds, or None for an algorithm that makes no Byzantine claim.
+    byzantine_bound: ClassVar[ByzantineBound | None] = None
 
     def __init__(self, params: AggregatorParams) -> None:
         self.params = params
@@ -67,7 +98,7 @@ class Aggregator(ABC):
     def aggregate(self, global_params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
         """The next global tensors from the current ones and a non-empty list of accepted updates."""
 
-    def check_config(self, config: Any) -> None:
+    def check_config(self, config: Any) -> None:  # noqa: B027 - a hook: the default accepts every config
         """Refuse (with :class:`FedlmError`) an experiment config this algorithm cannot honour; default accepts all.
 
         ``config`` is the :class:`fedlm.config.ExperimentConfig`; called at config load.
@@ -77,7 +108,7 @@ class Aggregator(ABC):
         """Receive this round's server update (in the LoRA mode's space); only for ``needs_server_update``."""
         raise TypeError(f"aggregator {self.name!r} does not use a server update (needs_server_update is False)")
 
-    def start(self, client_names: Sequence[str]) -> None:
+    def start(self, client_names: Sequence[str]) -> None:  # noqa: B027 - a hook: the default needs no names
         """Learn the federation (all client names) before the first round; the default ignores it."""
 
     def trainer_hooks(self) -> list[TrainerHook]:
@@ -98,55 +129,41 @@ class Aggregator(ABC):
             raise ValueError(f"aggregator {self.name!r} is stateless but got state keys {sorted(state)}")
 
 
-_REGISTRY: dict[str, type[Aggregator]] = {}
+AGGREGATORS: Registry[type[Aggregator]] = Registry(
+    "aggregator",
+    "aggregation.name",
+    builtin=[
+        f"fedlm.aggregation.{module}"
+        for module in (
+            "fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi",
+            "robust.median", "robust.trimmed_mean", "robust.krum", "robust.norm_bound", "robust.flame", "robust.fltrust",
+        )
+    ],
+)
+"""Every aggregator by its ``aggregation.name``; a module registers its class with :func:`register_aggregator`."""
 
 
 def register_aggregator(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
     """Class decorator: make an aggregator available as ``aggregation.name: <name>``."""
 
     def decorate(cls: type[Aggregator]) -> type[Aggregator]:
-        if name in _REGISTRY:
-            raise ValueError(f"aggregator {name!r} is registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return AGGREGATORS.register(name, cls)
 
     return decorate
 
 
 def registered_aggregators() -> list[str]:
     """Names of every registered aggregator, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return AGGREGATORS.names()
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The class registered as ``aggregation.name: <name>`` (its capabilities are class attributes)."""
+    return AGGREGATORS.get(name)
 
 
 def build_aggregator(name: str, params: Mapping[str, Any]) -> Aggregator:
     """Instantiate the aggregator ``name`` with its parameters, refusing unknown names and parameters."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise FedlmError(f"`aggregation.name` {name!r} is unknown; valid: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    cls = AGGREGATORS.get(name)
     return cls(validate_params(cls.Params, params, "aggregation", "aggregator", name))
-
-
-_BUILTIN_MODULES = (
-    "fedavg",
-    "fedavgm",
-    "fedprox",
-    "scaffold",
-    "fedadagrad",
-    "fedadam",
-    "fedyogi",
-    "robust.median",
-    "robust.trimmed_mean",
-    "robust.krum",
-    "robust.norm_bound",
-    "robust.flame",
-    "robust.fltrust",
-)
-
-
-def _load_builtin() -> None:
-    """Import the built-in algorithm modules so that they register themselves."""
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(f"fedlm.aggregation.{module}")

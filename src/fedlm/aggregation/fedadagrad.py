@@ -10,27 +10,10 @@ Adagrad has no second-moment decay, so ``beta2`` and ``bias_correction`` are not
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import torch
 from pydantic import Field
 
 from fedlm.aggregation.base import register_aggregator
-from fedlm.aggregation.fedopt import FedOptAggregator, FedOptParams, FedOptStep, fedopt_step
-
-
-def fedadagrad_step(
-    params: Mapping[str, torch.Tensor],
-    mean_delta: Mapping[str, torch.Tensor],
-    m: Mapping[str, torch.Tensor],
-    v: Mapping[str, torch.Tensor],
-    *,
-    eta: float,
-    beta1: float,
-    tau: float,
-) -> FedOptStep:
-    """One FedAdagrad server step: v + Delta^2; x + eta m_t / (sqrt(v_t) + tau)."""
-    return fedopt_step(params, mean_delta, m, v, variant="adagrad", eta=eta, beta1=beta1, beta2=0.0, tau=tau)
+from fedlm.aggregation.fedopt import FedOptAggregator, FedOptParams
 
 
 @register_aggregator("fedadagrad")

@@ -10,27 +10,8 @@ same formula and no bias correction; the shared step, its state and the other di
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import torch
-
 from fedlm.aggregation.base import register_aggregator
-from fedlm.aggregation.fedopt import AdaptiveMomentParams, FedOptAggregator, FedOptStep, fedopt_step
-
-
-def fedyogi_step(
-    params: Mapping[str, torch.Tensor],
-    mean_delta: Mapping[str, torch.Tensor],
-    m: Mapping[str, torch.Tensor],
-    v: Mapping[str, torch.Tensor],
-    *,
-    eta: float,
-    beta1: float,
-    beta2: float,
-    tau: float,
-) -> FedOptStep:
-    """One FedYogi server step: v - (1 - beta2) Delta^2 sign(v - Delta^2); x + eta m_t / (sqrt(v_t) + tau)."""
-    return fedopt_step(params, mean_delta, m, v, variant="yogi", eta=eta, beta1=beta1, beta2=beta2, tau=tau)
+from fedlm.aggregation.fedopt import AdaptiveMomentParams, FedOptAggregator
 
 
 @register_aggregator("fedyogi")

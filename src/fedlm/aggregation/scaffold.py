@@ -110,6 +110,8 @@ class Scaffold(Aggregator):
     """Server control variate c, per-client c_i (client memory), and the server step."""
 
     needs_stable_parameter_space = True
+    needs_individual_updates = "its server step needs each client's own control-variate change Delta c_i"
+    uploads_extras = "each client's control-variate change Delta c_i (a function of its gradients)"
 
     class Params(AggregatorParams):
         option: Literal["I", "II"] = Field(

@@ -1,7 +1,8 @@
 """The attack harness: what malicious clients do to their updates (model poisoning) or their data (data poisoning).
 
 Pure transforms only; the server loop decides which clients are malicious and calls them. ``ATTACKS`` names every
-attack with its kind, its parameters (a pydantic model, unknown keys refused) and its function:
+attack (in the registry, by ``attack.name``) with its kind, its parameters (a pydantic model, unknown keys refused) and
+its function:
 
 * kind ``update``: a function of tensor mappings (the malicious client's delta, or with ``omniscient`` the honest
   deltas of the round) returning the delta to send: :mod:`fedlm.attacks.model_poisoning`;
@@ -32,8 +33,8 @@ from fedlm.attacks.model_poisoning import (
     sign_flip,
 )
 from fedlm.attacks.safety import SafetyParams, harmful_compliance
-from fedlm.core.errors import FedlmError
 from fedlm.core.params import validate_params
+from fedlm.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -55,26 +56,25 @@ class AttackSpec:
     omniscient: bool = False
 
 
-ATTACKS: dict[str, AttackSpec] = {
-    spec.name: spec
-    for spec in (
-        AttackSpec("sign_flip", "update", SignFlipParams, sign_flip),
-        AttackSpec("scaling", "update", ScalingParams, scaling),
-        AttackSpec("gaussian_noise", "update", GaussianNoiseParams, gaussian_noise),
-        AttackSpec("alie", "update", AlieParams, alie, omniscient=True),
-        AttackSpec("ipm", "update", IpmParams, ipm, omniscient=True),
-        AttackSpec("corrupt_responses", "data", CorruptResponsesParams, corrupt_responses),
-        AttackSpec("backdoor", "data", BackdoorParams, insert_backdoor),
-        AttackSpec("safety", "data", SafetyParams, harmful_compliance),
-    )
-}
+ATTACKS: Registry[AttackSpec] = Registry("attack", "attack.name")
+"""Every attack by its ``attack.name``."""
+
+for _spec in (
+    AttackSpec("sign_flip", "update", SignFlipParams, sign_flip),
+    AttackSpec("scaling", "update", ScalingParams, scaling),
+    AttackSpec("gaussian_noise", "update", GaussianNoiseParams, gaussian_noise),
+    AttackSpec("alie", "update", AlieParams, alie, omniscient=True),
+    AttackSpec("ipm", "update", IpmParams, ipm, omniscient=True),
+    AttackSpec("corrupt_responses", "data", CorruptResponsesParams, corrupt_responses),
+    AttackSpec("backdoor", "data", BackdoorParams, insert_backdoor),
+    AttackSpec("safety", "data", SafetyParams, harmful_compliance),
+):
+    ATTACKS.register(_spec.name, _spec)
 
 
 def attack_spec(name: str) -> AttackSpec:
     """The registered attack ``name``; an unknown name lists the valid ones."""
-    if name not in ATTACKS:
-        raise FedlmError(f"attack {name!r} is unknown; valid: {', '.join(sorted(ATTACKS))}")
-    return ATTACKS[name]
+    return ATTACKS.get(name)
 
 
 def build_attack_params(name: str, params: Mapping[str, Any], where: str = "attack") -> AttackParams:

@@ -37,19 +37,15 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Exper
 
 
 def validate_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw mapping into an :class:`ExperimentConfig`, with one readable line per problem."""
+    """Validate a raw mapping into an :class:`ExperimentConfig`, with one readable line per problem: each section
+    against its schema, then the cross-section rules (:func:`fedlm.config.rules.check_config`)."""
     try:
         config = ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         raise FedlmError(format_validation_error(exc)) from None
-    from fedlm.config.rules import check_aggregation, check_objective  # the registries import torch: load lazily
+    from fedlm.config.rules import check_config  # noqa: PLC0415 - the registries import torch: load lazily
 
-    check_aggregation(config)
-    if config.model.init_adapter is not None:
-        from fedlm.models.init_adapter import check_init_adapter  # imports peft: load lazily
-
-        check_init_adapter(config)
-    check_objective(config)
+    check_config(config)
     return config
 
 

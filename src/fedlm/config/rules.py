@@ -1,55 +1,229 @@
-"""Config-load checks that need the aggregator registry: parameters in their domain, and combinations that work.
+"""Every cross-section compatibility rule of the experiment config, in one place.
 
-Called by :func:`fedlm.config.io.validate_config`, so a bad ``aggregation`` section fails before any model loads.
+A section's own constraints (a range, a required key) live in its schema (:mod:`fedlm.config.schema`); a
+component's constraints on its own parameters live with the component (an aggregator's or objective's
+``check_config``, so that adding one touches one file). Everything else, a combination of sections that cannot
+work, is one small function here whose docstring says why. :func:`check_config` runs the rules a config can be
+judged on at load (:func:`fedlm.config.io.validate_config` calls it); :func:`check_federation` runs those that
+need the real client names (called when a run's data is partitioned).
+
+Rules ask components for their declared capabilities (``needs_individual_updates``, ``uploads_extras``,
+``byzantine_bound``, ...), never for their names.
 """
 
 from __future__ import annotations
 
-from fedlm.aggregation.base import build_aggregator
-from fedlm.attacks import attack_spec
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from fedlm.aggregation.base import Aggregator, aggregator_class, build_aggregator, registered_aggregators
+from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
+from fedlm.attacks import attack_spec, build_attack_params
+from fedlm.attacks.harness import worst_round_attackers
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.objectives import objective_of
+from fedlm.privacy.canary_audit import audit_client
+from fedlm.privacy.client_dp import dp_compatible_aggregators, wrap_refusal
+from fedlm.privacy.ledger import PrivacyLedger
+from fedlm.privacy.secagg.quantize import max_summands
+from fedlm.privacy.secagg.threshold import share_holders, threshold
+from fedlm.privacy.setup import dp_account, wrap_with_dp
+
+SECAGG = "privacy.secure_aggregation"
+NODE_LOCAL = "with `partition.method: node_local` (each client's data stays on its SuperNode; the server has none)"
 
 
-def check_aggregation(config: ExperimentConfig) -> None:
-    """Raise :class:`FedlmError` naming the field when the aggregation settings cannot be honoured."""
-    agg = config.aggregation
-    aggregator = build_aggregator(agg.name, agg.params())
-    aggregator.check_config(config)
-    _check_attack(config)
-    if config.privacy.client_dp is not None and config.partition.num_clients is not None:
-        from fedlm.privacy.setup import wrap_with_dp  # solves a target epsilon and refuses combinations now
+@dataclass
+class Setting:
+    """What a rule judges: the config, the number of clients when known, and the configured aggregator (built on
+    first use, so an unknown ``aggregation.name`` is reported by the first rule that needs it)."""
 
-        wrap_with_dp(aggregator, config, config.partition.num_clients)
-    if config.privacy.sample_dp is not None:
-        from fedlm.privacy.sample_dp import check_sample_dp
+    config: ExperimentConfig
+    num_clients: int | None = None
+    client_names: Sequence[str] = field(default_factory=list)
 
-        check_sample_dp(config, aggregator)
-    if config.privacy.secure_aggregation is not None:
-        from fedlm.privacy.secagg.checks import check_secure_aggregation
+    @cached_property
+    def aggregator(self) -> Aggregator:
+        agg = self.config.aggregation
+        return build_aggregator(agg.name, agg.params())
 
-        check_secure_aggregation(config, aggregator, config.partition.num_clients)
-    _check_peft_method(config)
-    if agg.lora == "exact" and aggregator.needs_stable_parameter_space:
+    @cached_property
+    def dp_account(self) -> PrivacyLedger | None:
+        """Client DP's accounting (its noise multiplier solved for a target epsilon), once per setting."""
+        if self.config.privacy.client_dp is None or self.num_clients is None:
+            return None
+        return dp_account(self.config, self.num_clients)
+
+    @property
+    def per_round(self) -> int | None:
+        """Clients per round: ``federation.clients_per_round``, else all of them (None while unknown)."""
+        return self.config.federation.clients_per_round or self.num_clients
+
+
+Rule = Callable[[Setting], None]
+
+
+def known_num_clients(config: ExperimentConfig) -> int | None:
+    """The number of clients when the config alone tells it (``partition.clients`` or ``partition.num_clients``)."""
+    return len(config.partition.clients) if config.partition.clients is not None else config.partition.num_clients
+
+
+# ------------------------------------------------------------------------------------------ federation shape
+
+
+def node_local_keeps_data_on_the_nodes(s: Setting) -> None:
+    """``node_local``: the data is on the SuperNodes, so refuse what needs it in the simulation or on the server."""
+    c = s.config
+    if c.partition.method != "node_local":
+        return
+    if c.federation.runtime != "flower":
+        raise FedlmError(f"`federation.runtime` must be flower {NODE_LOCAL}; to simulate, put the clients' data in one file "
+                         "with a client column and use `partition.method: by_field`")
+    if c.data.test is None:
+        raise FedlmError(f"`data.test` is required {NODE_LOCAL}: the server evaluates on its own held-out set, "
+                         "e.g. `data.test: embedded:wordnet_defs/test`")
+    if c.attack.name is not None:
+        raise FedlmError(f"`attack.name` cannot be used {NODE_LOCAL}: the attack harness rewrites clients' data or updates in "
+                         "the simulation; run attacks with a split of one dataset (`partition.method: by_field` or iid)")
+    if c.eval.audit is not None:
+        raise FedlmError(f"`eval.audit` cannot be used {NODE_LOCAL}: the audit needs the members' training examples")
+    if c.privacy.sample_dp is not None and c.privacy.sample_dp.target_epsilon is not None:
+        raise FedlmError(f"`privacy.sample_dp.target_epsilon` cannot be solved {NODE_LOCAL}: it needs the smallest client's "
+                         "dataset size; give `privacy.sample_dp.noise_multiplier` (each client logs its own epsilon)")
+
+
+def secure_aggregation_runs_in_the_simulation(s: Setting) -> None:
+    """The SecAgg+ rounds run in-process; over Flower the server would see each update in the clear."""
+    if s.config.federation.runtime == "flower" and s.config.privacy.secure_aggregation is not None:
         raise FedlmError(
-            f"`aggregation.name: {agg.name}` keeps per-client state on the LoRA factors A and B across rounds, but "
-            "`aggregation.lora: exact` re-factorises A and B by SVD every round, so that state would refer to "
-            "factors that no longer exist; use `aggregation.lora: naive` or `ffa` with it"
+            f"`{SECAGG}` is not built for `federation.runtime: flower` yet: the SecAgg+ rounds run "
+            "in-process in the simulation, and over Flower the server would see each client's update in the clear; "
+            "use `federation.runtime: simulation`, or client DP with `privacy.client_dp.mode: central` over Flower"
         )
 
 
-def _check_peft_method(config: ExperimentConfig) -> None:
-    """What only LoRA supports: the LoRA aggregation modes, and DP-SGD's per-example gradients through Opacus."""
-    method, mode = config.peft.method, config.aggregation.lora
-    if mode != "naive" and method != "lora":
-        why = "the DoRA magnitude normalises W + B A, so " if method == "dora" else ""
+def clients_per_round_within_federation(s: Setting) -> None:
+    """A round cannot sample more clients than the federation has."""
+    n, k = s.num_clients, s.config.federation.clients_per_round
+    if n is not None and k is not None and k > n:
+        raise FedlmError(f"`federation.clients_per_round` must be <= `partition.num_clients` ({n}), got {k}")
+
+
+def client_ranks_one_per_client(s: Setting) -> None:
+    """A list of client ranks is read in client order, so it needs one entry per client."""
+    ranks, n = s.config.peft.client_ranks, s.num_clients
+    if isinstance(ranks, list) and n is not None and len(ranks) != n:
         raise FedlmError(
-            f"`aggregation.lora: {mode}` needs `peft.method: lora`, got {method!r}: {why}exact re-factorises the mean "
-            "of the products B A and ffa freezes A, both for plain LoRA factors only; "
-            "use `aggregation.lora: naive` (plain per-tensor averaging) for other methods"
+            f"`peft.client_ranks` has {len(ranks)} entries but `partition.num_clients` is {n}; give one rank per client"
         )
-    if config.privacy.sample_dp is not None and method != "lora":
+
+
+def min_clients_within_round(s: Setting) -> None:
+    """A round with fewer sampled clients than ``min_clients`` could never be aggregated."""
+    fed = s.config.federation
+    if fed.clients_per_round is not None and fed.min_clients > fed.clients_per_round:
+        raise FedlmError(
+            f"`federation.min_clients` ({fed.min_clients}) must be <= `federation.clients_per_round` ({fed.clients_per_round})"
+        )
+
+
+# ------------------------------------------------------------------------------------------ aggregation, attacks
+
+
+def aggregator_accepts_config(s: Setting) -> None:
+    """A known aggregator with valid parameters, and settings it can honour (its own ``check_config``)."""
+    s.aggregator.check_config(s.config)
+
+
+def attack_parameters_valid(s: Setting) -> None:
+    """The attack's parameters are checked by the attack at load, not when the first attacker trains."""
+    if s.config.attack.name is not None:
+        build_attack_params(s.config.attack.name, s.config.attack.params())
+
+
+def attackers_within_bounds(s: Setting) -> None:
+    """A robust aggregator bounds only so many attackers per round (its declared ``byzantine_bound``), and ALIE's
+    perturbation is defined for a minority of attackers; refuse an attacker share beyond either."""
+    config, n = s.config, s.num_clients
+    if config.attack.name is None or n is None:
+        return
+    k, f = worst_round_attackers(config, n)
+    who = f"`attack.fraction` {config.attack.fraction} of {n} clients" if config.attack.fraction else f"`attack.clients` ({f})"
+    name, bound = config.aggregation.name, s.aggregator.byzantine_bound
+    if bound is not None:
+        assumed = int(getattr(s.aggregator.params, bound.assumed_param, 0)) if bound.assumed_param else 0
+        f_bound = max(f, assumed)
+        if not bound.holds(k, f_bound):
+            raise FedlmError(
+                f"{who} gives up to f = {f_bound} attackers among the K = {k} updates of a round, but "
+                f"`aggregation.name: {name}` bounds them only when {bound.formula(f_bound)} ({bound.source}); "
+                "lower the attacker share or raise `federation.clients_per_round`"
+            )
+    if config.attack.name == "alie" and 2 * f >= k:
+        raise FedlmError(
+            f"`attack.name: alie` needs the attackers to be a minority of a round (2f < n), but {who} gives up to "
+            f"f = {f} of n = {k}; lower the attacker share or raise `federation.clients_per_round`"
+        )
+
+
+# ------------------------------------------------------------------------------------------ differential privacy
+
+
+def client_dp_target_reachable(s: Setting) -> None:
+    """``privacy.client_dp.target_epsilon`` is solved for a noise multiplier at load, so an unreachable target fails
+    before any model loads (needs the number of clients for the sampling rate)."""
+    _ = s.dp_account
+
+
+def distributed_dp_needs_secure_aggregation(s: Setting) -> None:
+    """Distributed DP splits the noise among the clients: private only when the server sees just the sum."""
+    dp = s.config.privacy.client_dp
+    if dp is not None and dp.mode == "distributed" and s.config.privacy.secure_aggregation is None:
+        raise FedlmError(
+            "`privacy.client_dp.mode: distributed` splits the noise among the clients and is private only when the "
+            "server sees just the sum; set `privacy.secure_aggregation` too, or use `mode: central`"
+        )
+
+
+def client_dp_needs_only_the_sum(s: Setting) -> None:
+    """Client DP hands the aggregator one noised sum: refuse an aggregator that declares it needs each update
+    (``needs_individual_updates``, ``needs_server_update``) or uploads what DP does not protect (``uploads_extras``)."""
+    if s.config.privacy.client_dp is None:
+        return
+    reason = wrap_refusal(s.aggregator)
+    if reason is not None:
+        raise FedlmError(
+            f"`privacy.client_dp`: differential privacy cannot wrap `aggregation.name: {s.config.aggregation.name}`: "
+            f"{reason}; use one of {', '.join(dp_compatible_aggregators())}, or remove `privacy.client_dp`"
+        )
+
+
+def client_dp_wrapper_settings(s: Setting) -> None:
+    """The DP wrapper's own parameters (e.g. adaptive clipping's count noise) are checked by building it."""
+    if s.config.privacy.client_dp is not None and s.num_clients is not None:
+        wrap_with_dp(s.aggregator, s.config, s.num_clients, s.dp_account)
+
+
+def sample_dp_covers_every_upload(s: Setting) -> None:
+    """DP-SGD noises the local steps only: a client hook that uploads a plain gradient (SCAFFOLD option I's control
+    variate at the server model) would leak past it."""
+    if s.config.privacy.sample_dp is None:
+        return
+    if any(hook.needs_start_gradient for hook in s.aggregator.trainer_hooks()):
+        raise FedlmError(
+            f"`privacy.sample_dp` cannot run with `aggregation.name: {s.config.aggregation.name}` and "
+            f"`aggregation.option: {getattr(s.aggregator.params, 'option', '?')}`: that control variate is the client's "
+            "plain gradient at the server model (no per-example clipping, no noise) and is uploaded, bypassing DP-SGD; "
+            "use `aggregation.option: II` (with `federation.optimizer: sgd`) or remove `privacy.sample_dp`"
+        )
+
+
+def sample_dp_needs_lora(s: Setting) -> None:
+    """Opacus's per-example gradients are exact for LoRA's nn.Linear factors only."""
+    method = s.config.peft.method
+    if s.config.privacy.sample_dp is not None and method != "lora":
         raise FedlmError(
             f"`privacy.sample_dp` needs `peft.method: lora`, got {method!r}: DP-SGD takes per-example gradients from "
             "Opacus, which are exact for LoRA's nn.Linear factors only (not for DoRA's norm, IA3's scaling vectors, "
@@ -58,33 +232,218 @@ def _check_peft_method(config: ExperimentConfig) -> None:
         )
 
 
-def _check_attack(config: ExperimentConfig) -> None:
-    """The attack's parameters, and, where the federation size is known at load, the attacker arithmetic."""
-    if config.attack.name is None:
+# ------------------------------------------------------------------------------------------ secure aggregation
+
+
+def _secagg_compatible_aggregators() -> list[str]:
+    """Names of the registered aggregators that work on the sum of the updates alone."""
+    return [name for name in registered_aggregators() if _needs_each_update(aggregator_class(name)) is None]
+
+
+def _needs_each_update(agg: type[Aggregator] | Aggregator) -> str | None:
+    """Why ``agg`` needs more than the sum of the updates (its declared capabilities), or None."""
+    if agg.needs_individual_updates is not None:
+        return agg.needs_individual_updates
+    if agg.uploads_extras is not None:
+        return f"it uploads {agg.uploads_extras} beside the delta, which the masked sum does not carry"
+    if agg.needs_server_update:
+        return "it compares each client's update with the server's own"
+    return None
+
+
+def secure_aggregation_needs_only_the_sum(s: Setting) -> None:
+    """Under secure aggregation the server learns only the sum of the updates."""
+    if s.config.privacy.secure_aggregation is None:
         return
-    from fedlm.attacks import build_attack_params
-    from fedlm.attacks.harness import check_attack_arithmetic
+    reason = _needs_each_update(s.aggregator)
+    if reason is not None:
+        raise FedlmError(
+            f"`{SECAGG}` shows the server only the sum of the updates, but `aggregation.name: {s.config.aggregation.name}` "
+            f"needs the individual ones: {reason}; use one of {', '.join(_secagg_compatible_aggregators())}"
+        )
 
-    build_attack_params(config.attack.name, config.attack.params())
-    if config.partition.num_clients is not None:
-        check_attack_arithmetic(config, config.partition.num_clients)
 
-
-def check_objective(config: ExperimentConfig) -> None:
-    """Config-load checks: a known name, valid parameters, and settings the objective can honour. Features built
-    on instruction records (canaries and the privacy audit, data-poisoning attacks) need ``objective: sft``."""
-    objective = objective_of(config)
-    objective.check_config(config)
-    if objective.name == "sft":
+def secure_aggregation_lora_mode(s: Setting) -> None:
+    """A masked sum of factors is no sum of products (``exact``), and ``naive``'s per-rank weights need every
+    client's rank beside its update."""
+    c = s.config
+    if c.privacy.secure_aggregation is None:
         return
-    if config.eval.audit is not None:
+    if c.aggregation.lora == "exact":
+        raise FedlmError(f"`{SECAGG}` sums what clients send, but `aggregation.lora: exact` needs each client's own "
+                         "product B_k A_k (a sum of factors is not a sum of products); use `aggregation.lora: naive` or `ffa`")
+    if c.peft.client_ranks is not None and c.aggregation.lora == "naive":
+        raise FedlmError(f"`{SECAGG}` with `peft.client_ranks` needs `aggregation.lora: ffa`: naive's per-rank "
+                         "weighting needs every client's rank and example count beside its update")
+
+
+def secure_aggregation_without_adaptive_clipping(s: Setting) -> None:
+    """Adaptive clipping needs each client's clipped bit, which would have to be summed securely too."""
+    dp = s.config.privacy.client_dp
+    if s.config.privacy.secure_aggregation is not None and dp is not None and dp.adaptive:
+        raise FedlmError(f"`{SECAGG}` with `privacy.client_dp.adaptive: true` is not supported: the clipped count of "
+                         "each client would have to be summed securely too; set `adaptive: false`")
+
+
+def secure_aggregation_neighbours_even(s: Setting) -> None:
+    """SecAgg+'s Harary graph puts k/2 neighbours on each side of a client."""
+    sa = s.config.privacy.secure_aggregation
+    if sa is not None and sa.neighbours is not None and sa.neighbours % 2:
+        raise FedlmError(f"`{SECAGG}.neighbours` must be even (k/2 on each side of the SecAgg+ Harary graph), got {sa.neighbours}")
+
+
+def secure_aggregation_threshold(s: Setting) -> None:
+    """The threshold must let a round finish, stay within the share holders, and exceed half of them; the quantised
+    sum must fit the 2^32 modulus (needs the number of clients)."""
+    sa, per_round = s.config.privacy.secure_aggregation, s.per_round
+    if sa is None or per_round is None:
+        return
+    holders = share_holders(sa, per_round)
+    t = threshold(sa, per_round)
+    if t > per_round:
+        raise FedlmError(f"`{SECAGG}.threshold` {t} is above the clients per round ({per_round}); no round could finish")
+    if t > holders:
+        raise FedlmError(f"`{SECAGG}.threshold` {t} is above the {holders} holders of each client's shares "
+                         f"(its {holders - 1} neighbours and itself); lower it or raise `{SECAGG}.neighbours`")
+    if 2 * t <= holders:
+        raise FedlmError(f"`{SECAGG}.threshold` {t} must be more than half of the {holders} share holders, or the server "
+                         "could rebuild both a client's self-mask and its mask key from two disjoint groups "
+                         f"(Bonawitz et al. 2017, Sec. 4); use at least {holders // 2 + 1}")
+    if per_round > max_summands(sa.quantization_bits):
+        raise FedlmError(f"`{SECAGG}.quantization_bits` {sa.quantization_bits}: {per_round} clients x (2^{sa.quantization_bits} - 1) "
+                         f"overflows the 2^32 modulus; use at most {max_summands(sa.quantization_bits)} clients or fewer bits")
+
+
+# ------------------------------------------------------------------------------------------ LoRA, adapters, objective
+
+
+def lora_modes_need_lora(s: Setting) -> None:
+    """``exact`` re-factorises the mean of the products B A and ``ffa`` freezes A: both for plain LoRA only."""
+    method, mode = s.config.peft.method, s.config.aggregation.lora
+    if mode != "naive" and method != "lora":
+        why = "the DoRA magnitude normalises W + B A, so " if method == "dora" else ""
+        raise FedlmError(
+            f"`aggregation.lora: {mode}` needs `peft.method: lora`, got {method!r}: {why}exact re-factorises the mean "
+            "of the products B A and ffa freezes A, both for plain LoRA factors only; "
+            "use `aggregation.lora: naive` (plain per-tensor averaging) for other methods"
+        )
+
+
+def exact_lora_keeps_no_factor_state(s: Setting) -> None:
+    """State kept on the factors A and B across rounds (``needs_stable_parameter_space``) would refer to factors that
+    ``exact`` replaces by SVD every round."""
+    name = s.config.aggregation.name
+    if s.config.aggregation.lora == "exact" and s.aggregator.needs_stable_parameter_space:
+        raise FedlmError(
+            f"`aggregation.name: {name}` keeps per-client state on the LoRA factors A and B across rounds, but "
+            "`aggregation.lora: exact` re-factorises A and B by SVD every round, so that state would refer to "
+            "factors that no longer exist; use `aggregation.lora: naive` or `ffa` with it"
+        )
+
+
+def init_adapter_fits(s: Setting) -> None:
+    """``model.init_adapter`` must have been trained with the same base model and ``peft`` settings."""
+    if s.config.model.init_adapter is not None:
+        from fedlm.models.init_adapter import check_init_adapter  # noqa: PLC0415 - imports peft: load lazily
+
+        check_init_adapter(s.config)
+
+
+def objective_accepts_config(s: Setting) -> None:
+    """A known objective with valid parameters, and settings it can honour (its own ``check_config``)."""
+    objective_of(s.config).check_config(s.config)
+
+
+def audit_needs_sft(s: Setting) -> None:
+    """The privacy audit's canaries and membership scores are instruction answers."""
+    name = s.config.objective.name
+    if s.config.eval.audit is not None and name != "sft":
         raise FedlmError(
             f"`eval.audit` needs `objective: sft` (its canaries and membership scores are instruction answers), got "
-            f"`objective: {objective.name}`; remove `eval.audit`"
+            f"`objective: {name}`; remove `eval.audit`"
         )
-    if config.attack.name is not None:
-        if attack_spec(config.attack.name).kind == "data":
-            raise FedlmError(
-                f"`attack.name: {config.attack.name}` rewrites instruction records and needs `objective: sft`, got "
-                f"`objective: {objective.name}`; use an update attack (sign_flip, scaling, gaussian_noise, alie, ipm)"
-            )
+
+
+def data_attacks_need_sft(s: Setting) -> None:
+    """A data attack rewrites instruction records."""
+    name, attack = s.config.objective.name, s.config.attack.name
+    if attack is not None and name != "sft" and attack_spec(attack).kind == "data":
+        raise FedlmError(
+            f"`attack.name: {attack}` rewrites instruction records and needs `objective: sft`, got "
+            f"`objective: {name}`; use an update attack (sign_flip, scaling, gaussian_noise, alie, ipm)"
+        )
+
+
+#: The rules judged at config load, in the order they are checked (the first refusal is reported).
+LOAD_RULES: tuple[Rule, ...] = (
+    node_local_keeps_data_on_the_nodes,
+    secure_aggregation_runs_in_the_simulation,
+    clients_per_round_within_federation,
+    client_ranks_one_per_client,
+    min_clients_within_round,
+    aggregator_accepts_config,
+    attack_parameters_valid,
+    attackers_within_bounds,
+    client_dp_target_reachable,
+    distributed_dp_needs_secure_aggregation,
+    client_dp_needs_only_the_sum,
+    client_dp_wrapper_settings,
+    sample_dp_covers_every_upload,
+    secure_aggregation_needs_only_the_sum,
+    secure_aggregation_lora_mode,
+    secure_aggregation_without_adaptive_clipping,
+    secure_aggregation_neighbours_even,
+    secure_aggregation_threshold,
+    lora_modes_need_lora,
+    sample_dp_needs_lora,
+    exact_lora_keeps_no_factor_state,
+    init_adapter_fits,
+    objective_accepts_config,
+    audit_needs_sft,
+    data_attacks_need_sft,
+)
+
+
+def check_config(config: ExperimentConfig) -> None:
+    """Run every load-time rule on ``config``; the first that refuses raises :class:`FedlmError` naming the fields."""
+    setting = Setting(config, known_num_clients(config))
+    for rule in LOAD_RULES:
+        rule(setting)
+
+
+# ------------------------------------------------------------------------------------------ the real federation
+
+
+def clients_per_round_within_clients(s: Setting) -> None:
+    """A round cannot sample more clients than the partition produced."""
+    n, k = len(s.client_names), s.config.federation.clients_per_round
+    if k is not None and k > n:
+        raise FedlmError(f"`federation.clients_per_round` must be <= the number of clients ({n}), got {k}")
+
+
+def client_ranks_fit_clients(s: Setting) -> None:
+    """``peft.client_ranks`` must name (or list, in order) the partition's clients."""
+    resolve_client_ranks(s.config.peft.client_ranks, s.client_names, s.config.peft.r)
+
+
+def audit_client_exists(s: Setting) -> None:
+    """``eval.audit.canary_client`` must be one of the partition's clients."""
+    if s.config.eval.audit is not None:
+        audit_client(s.config.eval.audit, s.client_names)
+
+
+#: The rules judged once the partition gives the client names, in order.
+FEDERATION_RULES: tuple[Rule, ...] = (
+    clients_per_round_within_clients,
+    client_ranks_fit_clients,
+    audit_client_exists,
+    attackers_within_bounds,
+    secure_aggregation_threshold,
+)
+
+
+def check_federation(config: ExperimentConfig, client_names: Sequence[str]) -> None:
+    """Run the rules that need the real federation (the partition's ``client_names``); FedlmError on the first refusal."""
+    setting = Setting(config, len(client_names), list(client_names))
+    for rule in FEDERATION_RULES:
+        rule(setting)

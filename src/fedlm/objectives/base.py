@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.core.errors import FedlmError
+from fedlm.core.params import validate_params
+from fedlm.core.registry import Registry
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.tokenize import IGNORE_INDEX
 
@@ -70,7 +72,7 @@ class Objective(ABC):
     ) -> list[TestExample]:
         """Held-out examples; ``owners[i]`` is the client whose test share record i belongs to (None: global only)."""
 
-    def check_config(self, config: ExperimentConfig) -> None:
+    def check_config(self, config: ExperimentConfig) -> None:  # noqa: B027 - a hook: the default accepts all
         """Refuse, at config load, settings this objective cannot honour (default: none)."""
 
     # ------------------------------------------------------------------------------------- training
@@ -137,22 +139,19 @@ def columns_error(field_name: str, objective: str, needed: str, records: Sequenc
 
 # ------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Objective]] = {}
+OBJECTIVES: Registry[type[Objective]] = Registry(
+    "objective", "objective.name", builtin=[f"fedlm.objectives.{name}" for name in ("sft", "clm", "dpo")]
+)
+"""Every objective by its ``objective.name``; a module registers its class with :func:`register_objective`."""
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
     """Class decorator: make ``cls`` buildable by its ``name``."""
-    _REGISTRY[cls.name] = cls
-    return cls
+    return OBJECTIVES.register(cls.name, cls)
 
 
 def build_objective(name: str, params: Mapping[str, Any] | None = None) -> Objective:
     """The objective ``name`` with its parameters; an unknown name lists the valid ones, a bad parameter names
     ``objective.<field>``."""
-    from fedlm.core.params import validate_params  # noqa: PLC0415
-    from fedlm.objectives import clm, dpo, sft  # noqa: F401, PLC0415 - the built-in objectives register themselves
-
-    if name not in _REGISTRY:
-        raise FedlmError(f"`objective.name` {name!r} is unknown; valid: {', '.join(sorted(_REGISTRY))}")
-    cls = _REGISTRY[name]
+    cls = OBJECTIVES.get(name)
     return cls(validate_params(cls.Params, params or {}, "objective", "objective", name))

@@ -27,8 +27,8 @@ Two accountants from Google's ``dp-accounting``:
   dp-accounting's own default (1e-4) and is ten times faster, which keeps a bisection on sigma to about a second.
   PLD grows slow when sigma is far below ~0.3 with a large sampling rate (a huge epsilon).
 
-The functions are pure; :class:`PrivacyLedger` is the thin stateful wrapper a server keeps (as Opacus separates
-``accountants/analysis/rdp.py`` from ``accountants/rdp.py``).
+The functions here are pure; :class:`fedlm.privacy.ledger.PrivacyLedger` is the one stateful accountant a run keeps
+(as Opacus separates ``accountants/analysis/rdp.py`` from ``accountants/rdp.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import logging
 import math
 import operator
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 import dp_accounting
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
@@ -110,6 +110,16 @@ def _check_pld_interval(pld_interval: float) -> float:
     if not isinstance(pld_interval, (int, float)) or not 0 < pld_interval <= 0.1:
         raise PrivacyParameterError(f"`pld_interval` must lie in (0, 0.1], got {pld_interval}")
     return float(pld_interval)
+
+
+def check_mechanism(
+    noise_multiplier: float, sampling_rate: float, delta: float, accountant: str, pld_interval: float = PLD_VALUE_DISCRETIZATION
+) -> tuple[float, float, float, AccountantName, float]:
+    """The mechanism's parameters validated (:class:`PrivacyParameterError` naming the bad one) and normalised."""
+    return (
+        _check_noise_multiplier(noise_multiplier), _check_sampling_rate(sampling_rate), _check_delta(delta),
+        _check_accountant(accountant), _check_pld_interval(pld_interval),
+    )
 
 
 # --------------------------------------------------------------------------------------------- the math
@@ -238,6 +248,28 @@ def noise_for_epsilon(
     return hi
 
 
+def solve_noise_multiplier(
+    field: str,
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    sampling_rate: float,
+    steps: int,
+    delta: float,
+    accountant: AccountantName = "rdp",
+) -> float:
+    """The noise multiplier of a config section that gives either ``noise_multiplier`` or ``target_epsilon``: the
+    given one, or :func:`noise_for_epsilon` of the target. An unreachable target is a FedlmError naming
+    ``<field>.target_epsilon`` (``field`` is the section, e.g. ``privacy.client_dp``)."""
+    if noise_multiplier is not None:
+        return noise_multiplier
+    if target_epsilon is None:
+        raise PrivacyParameterError(f"give exactly one of `{field}.noise_multiplier` or `{field}.target_epsilon`")
+    try:
+        return noise_for_epsilon(target_epsilon, sampling_rate, steps, delta, accountant)
+    except FedlmError as exc:
+        raise FedlmError(f"`{field}.target_epsilon` {target_epsilon} cannot be reached: {exc}") from None
+
+
 def _bracket(
     eps_at: Callable[[float], float], target: float, *, start: float, shrink: float
 ) -> tuple[float, float] | None:
@@ -251,62 +283,3 @@ def _bracket(
     while lo > 1e-6 and eps_at(lo) <= target:
         hi, lo = lo, shrink * lo
     return (lo if lo > 1e-6 else 0.0), hi
-
-
-# --------------------------------------------------------------------------------------------- the state
-
-
-class PrivacyLedger:
-    """The privacy spent so far by a run with a fixed noise multiplier and sampling rate, one entry per round.
-
-    The ledger holds only the round count: :meth:`epsilon` recomposes ``rounds`` rounds from scratch (cheap for RDP,
-    and for PLD the same self-composition every time), so a run resumed from :meth:`state_dict` reports exactly the
-    epsilon an uninterrupted run would.
-    """
-
-    def __init__(
-        self,
-        noise_multiplier: float,
-        sampling_rate: float,
-        delta: float,
-        accountant: AccountantName = "rdp",
-        *,
-        pld_interval: float = PLD_VALUE_DISCRETIZATION,
-    ) -> None:
-        self.noise_multiplier = _check_noise_multiplier(noise_multiplier)
-        self.sampling_rate = _check_sampling_rate(sampling_rate)
-        self.delta = _check_delta(delta)
-        self.accountant: AccountantName = _check_accountant(accountant)
-        self.pld_interval = _check_pld_interval(pld_interval)
-        self.rounds = 0
-
-    def record_round(self) -> None:
-        """Compose one more round of the subsampled Gaussian mechanism."""
-        self.rounds += 1
-
-    def epsilon(self) -> float:
-        """The epsilon spent after :attr:`rounds` rounds at :attr:`delta`."""
-        return epsilon(
-            self.noise_multiplier, self.sampling_rate, self.rounds, self.delta, self.accountant,
-            pld_interval=self.pld_interval,
-        )
-
-    def state_dict(self) -> dict[str, int]:
-        """What a checkpoint needs: the number of rounds recorded."""
-        return {"rounds": self.rounds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the round count saved by :meth:`state_dict`."""
-        rounds = state.get("rounds") if isinstance(state, dict) else None
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-            raise PrivacyParameterError(
-                f"privacy ledger state needs `rounds`, a whole number >= 0, got {rounds!r}; "
-                "resume from a checkpoint written by PrivacyLedger.state_dict()"
-            )
-        self.rounds = rounds
-
-    def __repr__(self) -> str:
-        return (
-            f"PrivacyLedger(noise_multiplier={self.noise_multiplier}, sampling_rate={self.sampling_rate}, "
-            f"delta={self.delta}, accountant={self.accountant!r}, rounds={self.rounds})"
-        )

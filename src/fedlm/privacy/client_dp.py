@@ -56,7 +56,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
-from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams, registered_aggregators
+from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams, aggregator_class, registered_aggregators
 from fedlm.core.errors import FedlmError
 from fedlm.core.params import validate_params
 from fedlm.core.seeding import derive_seed, torch_generator
@@ -76,23 +76,11 @@ from fedlm.privacy.dp_math import (
 #: Name of the single update (the noised mean) the inner aggregator receives.
 DP_MEAN_ID = "__dp_mean__"
 
-_HIDDEN = (
-    "it selects, ranks or scores individual client updates, but under DP it receives one noised sum in which the "
-    "individual updates are hidden (their norms and directions are exactly what DP protects)"
+#: What DP does to the updates, said after an aggregator's reason for needing them one by one.
+HIDDEN_UNDER_DP = (
+    "but under DP it receives one noised sum in which the individual updates are hidden (their norms and "
+    "directions are exactly what DP protects)"
 )
-#: Aggregators DP refuses to wrap, and why: they need the individual updates, or upload what DP does not protect.
-NEEDS_INDIVIDUAL_UPDATES: Mapping[str, str] = {
-    "krum": _HIDDEN,
-    "multikrum": _HIDDEN,
-    "median": _HIDDEN,
-    "trimmed_mean": _HIDDEN,
-    "flame": _HIDDEN,
-    "fltrust": _HIDDEN + ", and it needs the server's own root-data update",
-    "scaffold": (
-        "it uploads each client's control-variate change Delta c_i beside the delta, which DP would neither clip "
-        "nor noise (a leak of each client's gradients), and its server step needs those individual Delta c_i"
-    ),
-}
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -281,19 +269,34 @@ class DifferentiallyPrivate(Aggregator):
         self.round = int(state.get("round", 0))
 
 
+def wrap_refusal(inner: type[Aggregator] | Aggregator) -> str | None:
+    """Why DP cannot wrap ``inner`` (from its declared capabilities), or None when it can."""
+    if isinstance(inner, DifferentiallyPrivate):
+        return "it is differentially private already; wrap the base aggregator once"
+    if inner.needs_individual_updates is not None:
+        reason = f"{inner.needs_individual_updates}, {HIDDEN_UNDER_DP}"
+        if inner.uploads_extras is not None:
+            reason += f"; and it uploads {inner.uploads_extras} beside the delta, which DP would neither clip nor noise"
+        return reason
+    if inner.uploads_extras is not None:
+        return f"it uploads {inner.uploads_extras} beside the delta, which DP would neither clip nor noise"
+    if inner.needs_server_update:
+        return "it needs the server's own update and the individual client updates to compare with it"
+    return None
+
+
+def dp_compatible_aggregators() -> list[str]:
+    """Names of the registered aggregators DP can wrap."""
+    return [name for name in registered_aggregators() if wrap_refusal(aggregator_class(name)) is None]
+
+
 def refuse_inner(inner: Aggregator) -> None:
     """Raise FedlmError when DP cannot wrap ``inner`` (it needs individual updates, or is DP already)."""
-    name = getattr(inner, "name", type(inner).__name__)
-    if isinstance(inner, DifferentiallyPrivate):
-        reason = "it is differentially private already; wrap the base aggregator once"
-    elif name in NEEDS_INDIVIDUAL_UPDATES:
-        reason = NEEDS_INDIVIDUAL_UPDATES[name]
-    elif inner.needs_server_update:
-        reason = "it needs the server's own update and the individual client updates to compare with it"
-    else:
+    reason = wrap_refusal(inner)
+    if reason is None:
         return
-    fine = ", ".join(n for n in registered_aggregators() if n not in NEEDS_INDIVIDUAL_UPDATES)
+    name = getattr(inner, "name", type(inner).__name__)
     raise FedlmError(
         f"differential privacy cannot wrap `aggregation.name: {name}`: {reason}; "
-        f"use one of {fine} with `privacy`, or turn `privacy` off"
+        f"use one of {', '.join(dp_compatible_aggregators())} with `privacy`, or turn `privacy` off"
     )

@@ -36,13 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlm.core.errors import FedlmError
 from fedlm.core.sampling import sample_clients
 from fedlm.core.seeding import derive_seed, torch_generator
-from fedlm.privacy.accounting import AccountantName, epsilon, noise_for_epsilon
+from fedlm.privacy.accounting import AccountantName, epsilon, solve_noise_multiplier
 
 if TYPE_CHECKING:
-    from fedlm.aggregation.base import Aggregator
     from fedlm.config.schema import ExperimentConfig
 
 IGNORE_INDEX = -100
@@ -78,7 +76,7 @@ class SampleDP:
     @contextmanager
     def privatiser(self, model: torch.nn.Module, batch_size: int, num_examples: int, seed: int) -> Iterator[Privatiser]:
         """A :class:`Privatiser` over ``model`` for one client's round; Opacus's hooks are removed on exit."""
-        from opacus import GradSampleModule  # heavy import: only when DP-SGD runs
+        from opacus import GradSampleModule  # noqa: PLC0415 - heavy import: only when DP-SGD runs
 
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         try:
@@ -180,27 +178,10 @@ def sample_dp_settings(config: ExperimentConfig, client_sizes: Mapping[str, int]
     if dp is None:
         return None
     fed, privacy = config.federation, config.privacy
-    sigma = dp.noise_multiplier
-    if sigma is None:
-        assert dp.target_epsilon is not None  # noqa: S101 - the config validator requires one of them
-        q = sampling_rate(fed.batch_size, min(client_sizes.values()))
-        try:
-            sigma = noise_for_epsilon(dp.target_epsilon, q, fed.local_steps * fed.rounds, privacy.delta, privacy.accountant)
-        except FedlmError as exc:
-            raise FedlmError(f"`privacy.sample_dp.target_epsilon` {dp.target_epsilon} cannot be reached: {exc}") from None
+    q = sampling_rate(fed.batch_size, min(client_sizes.values())) if client_sizes else 1.0  # the smallest client
+    sigma = solve_noise_multiplier(
+        "privacy.sample_dp", dp.noise_multiplier, dp.target_epsilon, q, fed.local_steps * fed.rounds, privacy.delta, privacy.accountant
+    )
     names = tuple(client_sizes)
     per_round = fed.clients_per_round if fed.clients_per_round is not None and fed.clients_per_round < len(names) else None
     return SampleDP(sigma, dp.max_grad_norm, privacy.delta, privacy.accountant, names, per_round, config.seed)
-
-
-def check_sample_dp(config: ExperimentConfig, aggregator: Aggregator) -> None:
-    """Refuse, at config load, combinations with ``privacy.sample_dp`` that would leak past DP-SGD."""
-    if config.privacy.sample_dp is None:
-        return
-    if any(hook.needs_start_gradient for hook in aggregator.trainer_hooks()):
-        raise FedlmError(
-            f"`privacy.sample_dp` cannot run with `aggregation.name: {config.aggregation.name}` and "
-            f"`aggregation.option: {getattr(aggregator.params, 'option', '?')}`: that control variate is the client's "
-            "plain gradient at the server model (no per-example clipping, no noise) and is uploaded, bypassing DP-SGD; "
-            "use `aggregation.option: II` (with `federation.optimizer: sgd`) or remove `privacy.sample_dp`"
-        )

@@ -6,17 +6,12 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlm.aggregation.lora.exact import ExactLora
-from fedlm.aggregation.lora.ffa import FfaLora
-from fedlm.aggregation.lora.mode import LoraMode
-from fedlm.aggregation.lora.naive import NaiveLora
-
-LORA_MODES: dict[str, type[LoraMode]] = {m.name: m for m in (NaiveLora, ExactLora, FfaLora)}
+from fedlm.aggregation.lora.mode import LORA_MODES, LoraMode
 
 
 def build_lora_mode(name: str, initial_state: Mapping[str, torch.Tensor], full_rank: int) -> LoraMode:
     """The LoRA aggregation mode ``name`` for an adapter whose initial tensors are ``initial_state``."""
-    return LORA_MODES[name](initial_state, full_rank)
+    return LORA_MODES.get(name)(initial_state, full_rank)
 
 
 __all__ = ["LORA_MODES", "LoraMode", "build_lora_mode"]

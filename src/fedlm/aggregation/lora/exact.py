@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from fedlm.aggregation.lora.mode import LoraMode
+from fedlm.aggregation.lora.mode import LoraMode, register_lora_mode
 from fedlm.aggregation.lora.svd import factorise, relative_error
 from fedlm.aggregation.lora_structure import lora_pairs
 from fedlm.core.update import ClientUpdate, TensorDict
@@ -27,6 +27,7 @@ PRODUCT_SUFFIX = ".lora_product"
 _DEAD = 1e-7  # singular values below this fraction of the largest one count as zero
 
 
+@register_lora_mode
 class ExactLora(LoraMode):
     """Aggregate B A per module; return a rank-r LoRA by truncated SVD."""
 

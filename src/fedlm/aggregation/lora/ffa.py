@@ -9,9 +9,10 @@ missing columns multiply the same rows of the shared A.
 
 from __future__ import annotations
 
-from fedlm.aggregation.lora.mode import LoraMode
+from fedlm.aggregation.lora.mode import LoraMode, register_lora_mode
 
 
+@register_lora_mode
 class FfaLora(LoraMode):
     """B only; the aggregator works directly on B (the base class's identity mapping), which is exact."""
 

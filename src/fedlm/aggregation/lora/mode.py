@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 
 from fedlm.aggregation.lora_structure import lora_pairs, truncate_to_rank
+from fedlm.core.registry import Registry
 from fedlm.core.update import ClientUpdate, TensorDict
 
 
@@ -55,6 +56,19 @@ class LoraMode(ABC):
         """The next global adapter tensors from the aggregator's result, and what to log about the mapping
         (default: the result as it is, nothing to log)."""
         return dict(params), {}
+
+
+LORA_MODES: Registry[type[LoraMode]] = Registry(
+    "LoRA aggregation mode",
+    "aggregation.lora",
+    builtin=[f"fedlm.aggregation.lora.{name}" for name in ("naive", "exact", "ffa")],
+)
+"""Every LoRA mode by its ``aggregation.lora`` name; each mode's module registers its class."""
+
+
+def register_lora_mode(cls: type[LoraMode]) -> type[LoraMode]:
+    """Class decorator: make ``cls`` available as ``aggregation.lora: <cls.name>``."""
+    return LORA_MODES.register(cls.name, cls)
 
 
 def truncation_error(state: Mapping[str, torch.Tensor], rank: int | None) -> float:

@@ -13,12 +13,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlm.aggregation.lora.mode import LoraMode
+from fedlm.aggregation.lora.mode import LoraMode, register_lora_mode
 from fedlm.aggregation.lora_structure import component_coverage, lora_role
 from fedlm.aggregation.weights import example_weights
 from fedlm.core.update import ClientUpdate, TensorDict
 
 
+@register_lora_mode
 class NaiveLora(LoraMode):
     """Average the factors; rescale rank components by their coverage when ranks differ."""
 

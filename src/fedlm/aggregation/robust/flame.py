@@ -73,7 +73,7 @@ def majority_cluster(distances: torch.Tensor) -> list[int]:
     if k == 1:
         return [0]
     try:
-        from sklearn.cluster import HDBSCAN
+        from sklearn.cluster import HDBSCAN  # noqa: PLC0415 - scikit-learn loads only when FLAME runs
     except ImportError as exc:  # pragma: no cover - scikit-learn is a dependency
         raise FedlmError("aggregator 'flame' needs scikit-learn; install it with `pip install scikit-learn`") from exc
     clusterer = HDBSCAN(min_cluster_size=k // 2 + 1, min_samples=1, metric="precomputed", allow_single_cluster=True, copy=True)
@@ -99,6 +99,8 @@ def flame_delta(
 @register_aggregator("flame")
 class Flame(RobustAggregator):
     """FLAME's filter, clip and noise; state: the number of steps taken (seeds the noise)."""
+
+    needs_individual_updates = "it clusters the individual client updates and clips them to their median norm"
 
     class Params(RobustParams):
         """FLAME's noise level and the seed of its noise."""

@@ -44,6 +44,7 @@ class FLTrust(RobustAggregator):
     """Trust-weighted, magnitude-normalised mean against the server's root-set update."""
 
     needs_server_update = True
+    needs_individual_updates = "it scores each client's update against the server's own root-data update"
     returns_mean_update = False
 
     class Params(RobustParams):

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from pydantic import Field
 
-from fedlm.aggregation.base import register_aggregator
+from fedlm.aggregation.base import ByzantineBound, register_aggregator
 from fedlm.aggregation.robust.geometry import (
     RobustAggregator,
     RobustDelta,
@@ -78,6 +78,9 @@ def krum_select(sq_distances: torch.Tensor, num_malicious: int, num_selected: in
 
 class _KrumBase(RobustAggregator):
     """Score on product-space distances, keep the best, average the kept deltas with example weights."""
+
+    needs_individual_updates = "it scores each client's update by its distances to the other updates"
+    byzantine_bound = ByzantineBound(margin=2, source="Blanchard et al. 2017", assumed_param="num_malicious")
 
     class Params(RobustParams):
         """Krum's assumed number of Byzantine clients."""

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlm.aggregation.base import register_aggregator
+from fedlm.aggregation.base import ByzantineBound, register_aggregator
 from fedlm.aggregation.robust.geometry import RobustAggregator, RobustDelta, RobustParams
 from fedlm.core.update import ClientUpdate, TensorDict
 
@@ -41,6 +41,9 @@ def coordinate_median(tensors: Sequence[Mapping[str, torch.Tensor]]) -> TensorDi
 @register_aggregator("median")
 class Median(RobustAggregator):
     """Coordinate-wise median of the client deltas; stateless."""
+
+    needs_individual_updates = "it takes the coordinate-wise median of the individual client updates"
+    byzantine_bound = ByzantineBound(margin=0, source="an honest majority; Yin et al. 2018")
 
     class Params(RobustParams):
         """The median has no parameter of its own."""

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from pydantic import Field
 
-from fedlm.aggregation.base import register_aggregator
+from fedlm.aggregation.base import ByzantineBound, register_aggregator
 from fedlm.aggregation.robust.geometry import RobustAggregator, RobustDelta, RobustParams
 from fedlm.core.update import ClientUpdate, TensorDict
 
@@ -51,6 +51,9 @@ def coordinate_trimmed_mean(tensors: Sequence[Mapping[str, torch.Tensor]], beta:
 @register_aggregator("trimmed_mean")
 class TrimmedMean(RobustAggregator):
     """Coordinate-wise beta-trimmed mean of the client deltas; stateless."""
+
+    needs_individual_updates = "it cuts the largest and smallest individual client updates coordinate by coordinate"
+    byzantine_bound = ByzantineBound(margin=0, source="an honest majority; Yin et al. 2018")
 
     class Params(RobustParams):
         """The trimmed fraction (Yin et al. 2018 need beta above the fraction of Byzantine clients)."""

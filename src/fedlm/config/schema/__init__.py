@@ -1,20 +1,15 @@
-"""The experiment config's schema: one pydantic model per YAML section (no rules that need other packages)."""
+"""The experiment config's schema: one pydantic model per YAML section, one module per section or small group
+(model+peft, data+partition, federation+aggregation+objective, attack, eval+audit, privacy, the whole experiment).
+No rule here looks at two sections; those are :mod:`fedlm.config.rules`."""
 
+from fedlm.config.schema.attack import AttackConfig
+from fedlm.config.schema.data import DataConfig, PartitionConfig
+from fedlm.config.schema.evaluation import AuditConfig, EvalConfig
+from fedlm.config.schema.experiment import ExperimentConfig
+from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
+from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.privacy import ClientDPConfig, PrivacyConfig, SampleDPConfig, SecureAggregationConfig
 from fedlm.config.schema.section import Section
-from fedlm.config.schema.sections import (
-    AggregationConfig,
-    AttackConfig,
-    AuditConfig,
-    DataConfig,
-    EvalConfig,
-    ExperimentConfig,
-    FederationConfig,
-    ModelConfig,
-    ObjectiveConfig,
-    PartitionConfig,
-    PeftConfig,
-)
 
 __all__ = [
     "AggregationConfig", "AttackConfig", "AuditConfig", "ClientDPConfig", "DataConfig", "EvalConfig", "ExperimentConfig",

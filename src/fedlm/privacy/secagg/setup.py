@@ -1,18 +1,20 @@
-"""Building a run's secure aggregation from its config (checked again on the real federation size)."""
+"""Building a run's secure aggregation from its config (the rules that refuse a bad one: :mod:`fedlm.config.rules`)."""
 
 from __future__ import annotations
 
 from fedlm.aggregation.base import Aggregator
 from fedlm.config.schema import ExperimentConfig
-from fedlm.privacy.secagg.checks import check_secure_aggregation, threshold
 from fedlm.privacy.secagg.round import SecureAggregation
+from fedlm.privacy.secagg.threshold import threshold
 
 
 def build_secure_aggregation(config: ExperimentConfig, aggregator: Aggregator, num_clients: int) -> SecureAggregation | None:
-    """SecAgg+ for the run when ``privacy.secure_aggregation`` is set, else None."""
+    """SecAgg+ for the run when ``privacy.secure_aggregation`` is set, else None.
+
+    ``aggregator`` is the run's (possibly DP-wrapped) aggregator; the config rules have accepted it with secure
+    aggregation (:func:`fedlm.config.rules.check_config`, and :func:`~fedlm.config.rules.check_federation` on the
+    real ``num_clients``)."""
     sa = config.privacy.secure_aggregation
     if sa is None:
         return None
-    inner = getattr(aggregator, "inner", aggregator)  # the DP wrapper delegates; check the aggregator it wraps
-    check_secure_aggregation(config, inner, num_clients)
-    return SecureAggregation(sa, threshold(config, config.federation.clients_per_round or num_clients), config.seed)
+    return SecureAggregation(sa, threshold(sa, config.federation.clients_per_round or num_clients), config.seed)

@@ -84,12 +84,6 @@ def client_of(partition_id: Any, names: list[str]) -> str:
     return names[partition_id]
 
 
-def _refusal(server: dict[str, Any], server_hash: str, config: ExperimentConfig) -> str | None:
-    if server_hash == config_hash(config):
-        return None
-    return f"the node's config differs from the server's in {config_difference(server, shared_config(config))}"
-
-
 def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
     """(client name, partition id) this node serves, given the server's handshake ``server``; raises
     :class:`FedlmError` naming the config difference or the bad partition id."""

@@ -1,0 +1,32 @@
+"""The ``eval`` section and its privacy ``audit``: when and how the global model is evaluated."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from fedlm.config.schema.section import Section
+
+
+class AuditConfig(Section):
+    """The privacy audit run after training (``fedlm audit``): membership inference on the global model (and a client's
+    local model), and canaries (Carlini et al. 2019, "The Secret Sharer"): random secrets planted in one client's
+    training data, their exposure in bits ranked among ``canary_references`` never-planted secrets of the same format."""
+
+    canaries: int = Field(0, ge=0, le=1000, description="how many random secrets to plant (0: none)")
+    canary_client: str | None = Field(None, description="whose training data gets them; default the first client")
+    canary_repetitions: int = Field(4, ge=1, le=1000, description="copies of each canary in that client's data")
+    canary_references: int = Field(1000, ge=1, le=100_000, description="random candidate secrets a canary is ranked among")
+    client_model: bool = Field(False, description="also save and audit the canary client's local model")
+    max_examples: int = Field(200, ge=2, description="members and non-members each in the membership inference")
+
+
+class EvalConfig(Section):
+    """When and how the global model is evaluated."""
+
+    every: int = Field(1, ge=0, description="evaluate every N rounds (0: only the last round)")
+    at_start: bool = Field(True, description="evaluate the starting model as round 0")
+    generate: bool = True
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="seeded subsample of the test set")
+    audit: AuditConfig | None = Field(None, description="privacy audit at the end of the run (`fedlm audit`)")

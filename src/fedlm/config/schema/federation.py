@@ -1,0 +1,68 @@
+"""The ``federation``, ``aggregation`` and ``objective`` sections: what a round is, how updates are combined, what
+is trained. The aggregator's and the objective's own parameters sit beside their ``name`` and are checked by them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedlm.config.schema.section import Section
+
+
+class FederationConfig(Section):
+    """What a round is and who runs it."""
+
+    runtime: Literal["simulation", "flower"] = Field(
+        "simulation", description="simulation: in-process; flower: a Flower SuperLink and SuperNodes (`fedlm flower run`)"
+    )
+    rounds: int = Field(3, ge=1)
+    clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
+    min_clients: int = Field(1, ge=1, description="fewest valid updates for a round to be aggregated")
+    round_retries: int = Field(
+        0, ge=0, description="with fewer than min_clients updates, send the failed clients' tasks again up to this many times"
+    )
+    retry_wait_s: float = Field(0.0, ge=0.0, description="seconds to wait before each retry (e.g. for a node to restart)")
+    max_num_examples: int | None = Field(
+        None, ge=1, description="updates claiming more training examples than this are rejected (caps a client's weight)"
+    )
+    local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer, fresh every round")
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for linear and cosine")
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class AggregationConfig(BaseModel):
+    """The server aggregator by registered name; its own parameters sit beside ``name`` and are checked by it."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = "fedavg"
+    lora: Literal["naive", "exact", "ffa"] = Field(
+        "naive",
+        description="naive: average A and B; exact: average B A and SVD back (FlexLoRA); ffa: frozen A, B only",
+    )
+
+    def params(self) -> dict[str, Any]:
+        """The aggregator's parameters: every key but ``name`` and ``lora``."""
+        return dict(self.model_extra or {})
+
+
+class ObjectiveConfig(BaseModel):
+    """The training objective (``sft | clm | dpo``, :mod:`fedlm.objectives`). A bare string in YAML
+    (``objective: sft``) means ``{name: sft}``; the objective's own parameters sit beside ``name``
+    (``objective: {name: dpo, beta: 0.1}``) and are checked by it at load."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field("sft", description="sft (instruction tuning) | clm (raw text, continued pre-training) | dpo (preference pairs)")
+
+    def params(self) -> dict[str, Any]:
+        """The objective's parameters: every key but ``name``."""
+        return dict(self.model_extra or {})
