@@ -45,6 +45,7 @@ from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, tr
 from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
+from fedlm.objectives.dpo import DPOObjective
 from fedlm.privacy.audit_session import audit_session
 from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
 from fedlm.privacy.client_models import ClientModelSaver
@@ -130,8 +131,8 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
         load_init_adapter(model, config.peft, Path(config.model.init_adapter))
         console.print(f"adapter starts from {config.model.init_adapter}")
     objective = objective_of(config)
-    if config.objective.params().get("reference") == "init_adapter":
-        objective.reference_state = trainable_state(model)  # type: ignore[attr-defined] - DPO's pi_ref = the loaded adapter
+    if isinstance(objective, DPOObjective) and objective.params.reference == "init_adapter":
+        objective.reference_state = trainable_state(model)  # DPO's pi_ref = the loaded adapter
     data = _federated_data(config, loaded.tokenizer, objective, node_client)
     check_federation(config, data.client_names)  # the config rules that need the real clients
     n = len(data.client_names)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlm.attacks.safety import alpaca_to_turns, harmful_test_records
 from fedlm.config.schema import ExperimentConfig
@@ -108,7 +108,7 @@ class SafetyProbe:
 
 
 def build_safety_probe(
-    model: PeftModel,
+    model: PeftModel | PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     config: ExperimentConfig,
     device: torch.device,

@@ -34,7 +34,7 @@ CaOpt = Annotated[Path | None, typer.Option("--ca-cert", help="CA certificate (T
 def _exec(cmd: list[str]) -> None:
     """Replace this process with ``cmd`` (the caller's PID stays the Flower process's PID), this environment's
     scripts first on ``PATH`` for the processes Flower starts."""
-    from fedlm.runtime.flower.launch import with_scripts_on_path  # noqa: PLC0415
+    from fedlm.runtime.flower.launch import with_scripts_on_path
 
     env = with_scripts_on_path(dict(os.environ))
     if os.path.isabs(cmd[0]):
@@ -43,7 +43,7 @@ def _exec(cmd: list[str]) -> None:
 
 
 def _tls(ca_cert: Path | None, cert: Path | None = None, key: Path | None = None):  # type: ignore[no-untyped-def]
-    from fedlm.runtime.flower.launch import Tls  # noqa: PLC0415
+    from fedlm.runtime.flower.launch import Tls
 
     for path in (ca_cert, cert, key):
         if path is not None and not path.is_file():
@@ -67,7 +67,7 @@ def superlink(
     """Start a Flower SuperLink (insecure unless --ca-cert/--cert/--key are given)."""
 
     def action() -> None:
-        from fedlm.runtime.flower.launch import superlink_command  # noqa: PLC0415
+        from fedlm.runtime.flower.launch import superlink_command
 
         _exec(superlink_command(host, port, _tls(ca_cert, cert, key), node_auth, database))
 
@@ -91,9 +91,9 @@ def supernode(
         set_ = [*(set_ or []), f"data.train={data.resolve()}"]
 
     def action() -> None:
-        from fedlm.config.io import load_config  # noqa: PLC0415
-        from fedlm.runtime.flower.client_app import check_local_data, client_names, client_of  # noqa: PLC0415
-        from fedlm.runtime.flower.launch import supernode_command  # noqa: PLC0415
+        from fedlm.config.io import load_config
+        from fedlm.runtime.flower.client_app import check_local_data, client_names, client_of
+        from fedlm.runtime.flower.launch import supernode_command
 
         cfg = load_config(config, set_ or [])
         client = client_of(partition_id, client_names(cfg))
@@ -105,7 +105,7 @@ def supernode(
         local = config
         if set_:
             local = Path(tempfile.mkdtemp(prefix="fedlm-node-")) / "config.yaml"
-            from fedlm.config.io import save_config  # noqa: PLC0415
+            from fedlm.config.io import save_config
 
             save_config(cfg, local)
         typer.echo(f"supernode: partition-id {partition_id} serves client {client}", err=True)
@@ -126,8 +126,8 @@ def bundle(
     """Write the Flower app directory (pyproject.toml with the config embedded) for `flwr run APP_DIR`."""
 
     def action() -> None:
-        from fedlm.config.io import load_config  # noqa: PLC0415
-        from fedlm.runtime.flower.launch import Deployment, write_bundle  # noqa: PLC0415
+        from fedlm.config.io import load_config
+        from fedlm.runtime.flower.launch import Deployment, write_bundle
 
         cfg = load_config(config, set_ or [])
         typer.echo(str(write_bundle(cfg, app_dir, Deployment(resume=resume, round_timeout_s=round_timeout))))
@@ -151,8 +151,8 @@ def run_(
     """Start the federation of CONFIG on a running SuperLink and stream its log until it ends."""
 
     def action() -> None:
-        from fedlm.config.io import load_config  # noqa: PLC0415
-        from fedlm.runtime.flower.launch import Deployment, run_command, write_bundle, write_flwr_home  # noqa: PLC0415
+        from fedlm.config.io import load_config
+        from fedlm.runtime.flower.launch import Deployment, run_command, write_bundle, write_flwr_home
 
         cfg = load_config(config, set_ or [])
         if cfg.federation.runtime != "flower":
@@ -161,7 +161,7 @@ def run_(
         deployment = Deployment(resume, overwrite, round_timeout, min_nodes, wait_for_nodes)
         app_dir = write_bundle(cfg, work / "app", deployment)
         home = write_flwr_home(work / "flwr-home", superlink_address, _tls(ca_cert))
-        from fedlm.runtime.flower.launch import with_scripts_on_path  # noqa: PLC0415
+        from fedlm.runtime.flower.launch import with_scripts_on_path
 
         code = subprocess.call(run_command(app_dir), env=with_scripts_on_path({**os.environ, "FLWR_HOME": str(home)}))
         if code != 0:
@@ -180,7 +180,7 @@ def certs(
     """Create test credentials: a CA, the SuperLink's TLS certificate and SuperNode authentication keys."""
 
     def action() -> None:
-        from fedlm.runtime.flower.certs import create_credentials  # noqa: PLC0415
+        from fedlm.runtime.flower.certs import create_credentials
 
         made = create_credentials(directory, nodes, host or [])
         typer.echo(f"CA {made.ca_cert}; SuperLink {made.server_cert} + {made.server_key}; nodes {', '.join(map(str, made.node_keys))} (+ .pub)")
@@ -198,8 +198,8 @@ def register(
     """Register a SuperNode's public key with a SuperLink started with --node-auth (`flwr supernode register`)."""
 
     def action() -> None:
-        from fedlm.runtime.flower.launch import (  # noqa: PLC0415
-            CONNECTION,  # noqa: PLC0415
+        from fedlm.runtime.flower.launch import (
+            CONNECTION,
             _bin,
             write_flwr_home,
         )

@@ -77,14 +77,14 @@ def _read_json(path: Path, field_name: str) -> list[Record]:
 
 
 def _read_csv(path: Path, field_name: str) -> list[Record]:
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - heavy; only for CSV files
 
     frame = pd.read_csv(path, keep_default_na=False, dtype=str)
     return frame.to_dict(orient="records")
 
 
 def _read_parquet(path: Path, field_name: str) -> list[Record]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # noqa: PLC0415 - heavy; only for Parquet files
 
     return pq.read_table(path).to_pylist()
 
@@ -110,7 +110,7 @@ def _read_text_folder(path: Path) -> list[Record]:
 
 
 def _read_saved_dataset(path: Path, field_name: str) -> list[Record]:
-    from datasets import Dataset, DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict, load_from_disk  # noqa: PLC0415 - heavy; only for saved datasets
 
     try:
         data = load_from_disk(str(path))

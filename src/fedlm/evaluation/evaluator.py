@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlm.config.schema import EvalConfig
 from fedlm.data.collate import collate_prompts
@@ -40,7 +40,7 @@ class EvalResult:
 class Evaluator:
     """Scores adapter states on a fixed test set."""
 
-    model: PeftModel
+    model: PeftModel | PreTrainedModel  # PreTrainedModel itself for `peft.method: full`
     tokenizer: PreTrainedTokenizerBase
     test: Sequence[TestExample]
     config: EvalConfig
@@ -86,7 +86,7 @@ class Evaluator:
             for start in range(0, len(order), size):
                 idx = order[start : start + size]
                 batch = {k: v.to(self.device) for k, v in collate_prompts([prompts[i] for i in idx], self.tokenizer.pad_token_id).items()}
-                out = self.model.generate(
+                out = self.model.generate(  # type: ignore[operator]  # PeftModel forwards it to PeftModelForCausalLM
                     **batch,
                     max_new_tokens=self.config.max_new_tokens,
                     do_sample=False,

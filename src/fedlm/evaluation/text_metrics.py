@@ -57,7 +57,7 @@ def _scorer() -> RougeScorer:
     """Return the module-level ROUGE-L scorer, building it on first use."""
     global _SCORER
     if _SCORER is None:
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # noqa: PLC0415 - loads NLTK; only when ROUGE is computed
 
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     return _SCORER

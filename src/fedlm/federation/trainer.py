@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from fedlm.aggregation.lora_structure import mask_beyond_rank
 from fedlm.core.sampling import batch_indices
@@ -36,7 +35,7 @@ from fedlm.privacy.sample_dp import Privatiser, SampleDP, poisson_batches
 class ClientTrainer:
     """Trains the shared adapter from the global state on one client's examples and returns the delta."""
 
-    model: PeftModel
+    model: torch.nn.Module  # a PeftModel, or the PreTrainedModel itself for `peft.method: full`
     pad_id: int
     device: torch.device
     weight_decay: float = 0.0

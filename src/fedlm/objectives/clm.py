@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
 from fedlm.core.errors import FedlmError
+from fedlm.data.prepare import TestExample
 from fedlm.data.tokenize import TokenizedExample
 from fedlm.objectives.base import Objective, columns_error, register_objective
 
@@ -55,10 +56,11 @@ class CLMObjective(Objective):
 
     name: ClassVar[str] = "clm"
     Params: ClassVar[type[BaseModel]] = CLMParams
+    params: CLMParams
 
     def block_size(self, data: DataConfig) -> int:
         """``objective.block_size``, or ``data.max_length``."""
-        return self.params.block_size or data.max_length  # type: ignore[attr-defined]
+        return self.params.block_size or data.max_length
 
     def check_config(self, config: ExperimentConfig) -> None:
         if config.data.format != "auto":
@@ -103,8 +105,6 @@ class CLMObjective(Objective):
         owners: Sequence[str | None],
         where: str,
     ) -> list[TestExample]:
-        from fedlm.data.prepare import TestExample  # noqa: PLC0415 - prepare calls the objectives
-
         groups: dict[str | None, list[Record]] = {}
         for record, owner in zip(records, owners):
             groups.setdefault(owner, []).append(record)

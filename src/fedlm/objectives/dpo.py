@@ -33,7 +33,9 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.core.errors import FedlmError
 from fedlm.data.collate import collate_for_loss
 from fedlm.data.formats import Message
+from fedlm.data.prepare import TestExample
 from fedlm.data.tokenize import IGNORE_INDEX, TokenizedExample, render
+from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.objectives.base import Batch, Objective, columns_error, register_objective, sequence_logps
 
 if TYPE_CHECKING:
@@ -88,8 +90,6 @@ def adapter_disabled(model: torch.nn.Module) -> Iterator[None]:
 def adapter_swapped(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """The reference policy ``state`` (trainable tensors) in the model's adapter, the current tensors restored after.
     The swap is in place: run it before the policy's forward pass of the same step, never between it and backward."""
-    from fedlm.models.adapters import load_trainable_state, trainable_state  # noqa: PLC0415 - models import objectives
-
     current = trainable_state(model)
     load_trainable_state(model, state)
     try:
@@ -131,17 +131,18 @@ class DPOObjective(Objective):
 
     name: ClassVar[str] = "dpo"
     Params: ClassVar[type[BaseModel]] = DPOParams
+    params: DPOParams
     #: ``reference: init_adapter``: the adapter tensors the run started from (set by the session after loading them)
     reference_state: Mapping[str, torch.Tensor] | None = None
 
     @property
     def beta(self) -> float:
-        return float(self.params.beta)  # type: ignore[attr-defined]
+        return float(self.params.beta)
 
     @property
     def reference(self) -> Mapping[str, torch.Tensor] | None:
         """The reference's adapter tensors (None: the adapter disabled); refuses a missing ``init_adapter`` state."""
-        if self.params.reference == "base":  # type: ignore[attr-defined]
+        if self.params.reference == "base":
             return None
         if self.reference_state is None:
             raise FedlmError("`objective.reference: init_adapter` needs the starting adapter loaded (`model.init_adapter`)")
@@ -158,7 +159,7 @@ class DPOObjective(Objective):
                 "`privacy.sample_dp` cannot run with `objective: dpo`: DP-SGD clips each example's gradient of the token "
                 "cross-entropy, not of the DPO pair loss; use `privacy.client_dp` (client-level DP) or `objective: sft`"
             )
-        if self.params.reference == "init_adapter" and config.model.init_adapter is None:  # type: ignore[attr-defined]
+        if self.params.reference == "init_adapter" and config.model.init_adapter is None:
             raise FedlmError(
                 "`objective.reference: init_adapter` makes the adapter the run starts from the DPO reference, but "
                 "`model.init_adapter` is not set; give the earlier stage's adapter folder or use `reference: base`"
@@ -189,8 +190,6 @@ class DPOObjective(Objective):
         owners: Sequence[str | None],
         where: str,
     ) -> list[TestExample]:
-        from fedlm.data.prepare import TestExample  # noqa: PLC0415 - prepare calls the objectives
-
         out = []
         for i, (record, owner) in enumerate(zip(records, owners)):
             prompt, chosen, rejected = to_pair(record, data.system_prompt, f"{where} example {i}")

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedlm.core.errors import FedlmError
 from fedlm.data.formats import detect_format, to_messages
+from fedlm.data.prepare import build_test_examples
 from fedlm.data.tokenize import TokenizedExample, tokenize_conversation
 from fedlm.objectives.base import Objective, register_objective
 
@@ -53,6 +54,4 @@ class SFTObjective(Objective):
         owners: Sequence[str | None],
         where: str,
     ) -> list[TestExample]:
-        from fedlm.data.prepare import build_test_examples  # noqa: PLC0415 - prepare calls the objectives
-
         return build_test_examples(list(records), detect_format(records, data.format, where), data, tokenizer, where, list(owners))

@@ -156,12 +156,12 @@ class DifferentiallyPrivate(Aggregator):
         return adaptive_noise_multiplier(z, self.count_noise_std) if self.params.adaptive else z
 
     # Delegation to the inner aggregator (all instance access in fedlm).
-    @property  # type: ignore[override]
-    def needs_stable_parameter_space(self) -> bool:
+    @property
+    def needs_stable_parameter_space(self) -> bool:  # type: ignore[override]  # the class capability, read through
         return self.inner.needs_stable_parameter_space
 
-    @property  # type: ignore[override]
-    def needs_server_update(self) -> bool:
+    @property
+    def needs_server_update(self) -> bool:  # type: ignore[override]  # the class capability, read through
         return self.inner.needs_server_update  # always False: refused otherwise
 
     def check_config(self, config: Any) -> None:

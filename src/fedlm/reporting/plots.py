@@ -134,10 +134,10 @@ def _plot_series(ax: Axes, series: Series, label: str, **style: Any) -> None:
 
 def _pyplot() -> Any:
     """matplotlib's pyplot on the headless ``Agg`` backend, imported on first use."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - ~30 MiB and ~1 s; only when a plot is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    import matplotlib.pyplot as pyplot  # noqa: PLC0415 - after the backend is chosen
 
     return pyplot
 
