@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo quickstart test test-slow bench clean
+.PHONY: setup demo quickstart lint test test-slow bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ demo: setup
 
 quickstart: setup
 	$(BIN)/fedlm run examples/quickstart.yaml --overwrite
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/mypy
 
 test: setup
 	$(BIN)/python -m pytest -q
