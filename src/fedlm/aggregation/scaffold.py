@@ -74,7 +74,7 @@ class ScaffoldHook(TrainerHook):
 
     def __init__(self, option: Literal["I", "II"]) -> None:
         self.option = option
-        self.needs_start_gradient = option == "I"  # type: ignore[misc]
+        self.needs_start_gradient = option == "I"
         self._c: TensorDict = {}
         self._c_i: TensorDict = {}
         self._rank: int | None = None

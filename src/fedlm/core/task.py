@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
@@ -54,7 +53,7 @@ class TrainerHook:
     batches (one extra forward/backward per step).
     """
 
-    needs_start_gradient: ClassVar[bool] = False
+    needs_start_gradient: bool = False  # a class default; a hook may set it per instance (SCAFFOLD's option I)
 
     def begin(self, context: ClientContext, global_params: Mapping[str, torch.Tensor]) -> None:
         """Called before the first local step."""

@@ -118,7 +118,7 @@ def _client_section(records: Sequence[Mapping[str, Any]]) -> str:
     tests = [r for r in records if is_client_test(r) and _round(r) is not None]
     if not tests:
         return "## Per-client test metrics\n\n_No per-client test evaluations recorded._"
-    last = max(_round(r) for r in tests)  # type: ignore[type-var]
+    last = max(n for r in tests if (n := _round(r)) is not None)
     by_client = {client_name(r): r for r in tests if _round(r) == last}
     rows = [_metric_row(by_client[c], client=c) for c in sorted(by_client)]
     cols = _present(rows, EVAL_METRICS)
