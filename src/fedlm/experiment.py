@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -178,9 +179,12 @@ def build_server_loop(
     progress: Progress | None = None,
     evaluate: bool = True,
     runtime: Runtime | None = None,
+    observers: Sequence[RoundObserver] = (),
 ) -> ServerLoop:
     """The server loop of ``session`` over ``runtime`` (default: the in-process simulation): the round with its
-    wrappers (retries, attacks, secure aggregation) and observers, attached here and nowhere else."""
+    wrappers (retries, attacks, secure aggregation) and observers, attached here and nowhere else. ``observers``
+    (a new per-round concern) run after the built-in ones and before the metrics log, so what they add to a round's
+    record is logged with it."""
     config, fed = session.config, session.config.federation
     names = session.data.client_names
     aggregator.start(names)
@@ -198,7 +202,7 @@ def build_server_loop(
     aggregation = SecureAggregationStep(step, secure) if secure is not None else step
     validator = RoundValidator(names, fed.max_num_examples)
     round_ = Round(names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation,
-                   _round_observers(session, run_dir, log, console))
+                   _round_observers(session, run_dir, log, console, observers))
     milestones: list[RoundObserver] = []
     if evaluate:
         milestones.append(EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console,
@@ -217,8 +221,10 @@ def _root_set_update(session: Session, aggregator: Aggregator, tasks: TaskBuilde
                          lambda round_num: tasks.plan(round_num, derive_seed(seed, "server-root", round_num)))
 
 
-def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console: RunConsole) -> list[RoundObserver]:
-    """What records each round, in order: the audit's client models, traffic, epsilon, attack outcomes, the log."""
+def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console: RunConsole,
+                     extra: Sequence[RoundObserver]) -> list[RoundObserver]:
+    """What records each round, in order: the audit's client models, traffic, epsilon, attack outcomes, ``extra``,
+    the log."""
     config, names = session.config, session.data.client_names
     observers: list[RoundObserver] = []
     audit = config.eval.audit
@@ -230,8 +236,8 @@ def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console
         observers.append(EpsilonObserver(account))
     if session.attack is not None:
         observers.append(AttackOutcomeObserver(session.attack.attackers))
-    full_rank = config.peft.r
-    observers.append(RoundLogger(log, console, config.federation.rounds, full_rank))
+    observers.extend(extra)
+    observers.append(RoundLogger(log, console, config.federation.rounds, config.peft.r))
     return observers
 
 
