@@ -102,6 +102,18 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(tmp_path: Path) -> None
         _validate(tmp_path, model={"name": "tiny-random-llama", "quantization": "4bit"}, peft={"method": "full"})
 
 
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"peft": {"method": "prefix_tuning"}}, r"does not work with `peft.method: prefix_tuning`"),
+        ({"privacy": {"sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}}, r"does not work with `privacy.sample_dp`"),
+    ],
+)
+def test_checkpointing_is_refused_where_the_recomputation_breaks_the_method(tmp_path: Path, sections: dict, message: str) -> None:
+    with pytest.raises(FedlmError, match=message):
+        _validate(tmp_path, model={"name": "tiny-random-llama", "gradient_checkpointing": True}, **sections)
+
+
 def test_device_and_checkpointing_may_differ_between_flower_nodes(tmp_path: Path) -> None:
     base = validate_config(tiny_config(tmp_path / "run", model={"name": "tiny-random-llama", "device": "cpu"}))
     node = validate_config(tiny_config(tmp_path / "run", model={"name": "tiny-random-llama", "device": "auto", "gradient_checkpointing": True}))

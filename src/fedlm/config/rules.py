@@ -412,12 +412,34 @@ def full_needs_unquantized_base(s: Setting) -> None:
         )
 
 
+def checkpointing_fits_the_method(s: Setting) -> None:
+    """Gradient checkpointing re-runs each layer's forward in the backward pass: peft's prefix tuning passes its
+    prefixes as a key/value cache that the recomputation cannot replay, and Opacus's per-example gradient hooks
+    (``privacy.sample_dp``) lose the activations they record in the forward."""
+    c = s.config
+    if not c.model.gradient_checkpointing:
+        return
+    if c.peft.method == "prefix_tuning":
+        raise FedlmError(
+            "`model.gradient_checkpointing: true` does not work with `peft.method: prefix_tuning` (peft passes the "
+            "prefixes as a key/value cache, which checkpointing cannot recompute); set `model.gradient_checkpointing: "
+            "false` or use `peft.method: prompt_tuning` or lora"
+        )
+    if c.privacy.sample_dp is not None:
+        raise FedlmError(
+            "`model.gradient_checkpointing: true` does not work with `privacy.sample_dp`: Opacus takes per-example "
+            "gradients from activations its hooks record in the forward pass, which checkpointing discards and "
+            "recomputes; set `model.gradient_checkpointing: false` (lower `federation.batch_size` to save memory)"
+        )
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
     model_device_exists,
     quantization_runs_on_device,
     attention_runs_on_device,
     full_needs_unquantized_base,
+    checkpointing_fits_the_method,
     node_local_keeps_data_on_the_nodes,
     secure_aggregation_runs_in_the_simulation,
     clients_per_round_within_federation,
