@@ -60,7 +60,7 @@ def build_tiny_llama(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation,  # type: ignore[call-arg]  # PreTrainedConfig takes it through **kwargs
     )
     with seeded_torch(seed):
         model = LlamaForCausalLM(config)
