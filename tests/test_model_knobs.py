@@ -225,3 +225,26 @@ def test_a_gradient_checkpointed_run_matches_the_plain_run(tmp_path: Path, runne
     b = load_file(str(checkpointed / "adapter" / "adapter_model.safetensors"))
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the real model (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [{"quantization": "4bit"}, {"gradient_checkpointing": True}], ids=["qlora", "checkpointed"])
+def test_a_run_on_the_real_model_completes(model: dict[str, Any], tmp_path: Path, runner) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(
+        out,
+        model={"name": "smollm2-135m-instruct", "dtype": "float32", **model},
+        peft={"r": 8, "alpha": 16, "dropout": 0.0},
+        data={"max_length": 96, "max_train_examples": 120},
+        federation={"rounds": 1, "clients_per_round": 2, "local_steps": 2, "batch_size": 4, "lr": 0.002},
+        eval={"max_examples": 8, "max_new_tokens": 4},
+    )
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.exit_code == 0, result.output
+    losses = _train_losses(out)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in records if r["split"] == "global_test"} == {0, 1}
