@@ -23,6 +23,7 @@ from fedlm.attacks import attack_spec, build_attack_params
 from fedlm.attacks.harness import worst_round_attackers
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
+from fedlm.models.hardware import attn_refusal, device_refusal, quantization_refusal, resolve_device
 from fedlm.objectives import objective_of
 from fedlm.privacy.canary_audit import audit_client
 from fedlm.privacy.client_dp import dp_compatible_aggregators, wrap_refusal
@@ -374,8 +375,71 @@ def data_attacks_need_sft(s: Setting) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ model hardware knobs
+
+
+def model_device_exists(s: Setting) -> None:
+    """``model.device`` names a device this machine has: no ``cuda`` without a GPU, no ``cuda:3`` on two GPUs."""
+    reason = device_refusal(s.config.model.device)
+    if reason is not None:
+        raise FedlmError(reason)
+
+
+def quantization_runs_on_device(s: Setting) -> None:
+    """A quantized base needs bitsandbytes with a backend for the device (CPU since 0.48, CUDA)."""
+    model = s.config.model
+    reason = quantization_refusal(model.quantization, resolve_device(model.device))
+    if reason is not None:
+        raise FedlmError(reason)
+
+
+def attention_runs_on_device(s: Setting) -> None:
+    """``flash_attention_2`` needs a CUDA device and the flash-attn package."""
+    model = s.config.model
+    reason = attn_refusal(model.attn_implementation, resolve_device(model.device))
+    if reason is not None:
+        raise FedlmError(reason)
+
+
+def full_needs_unquantized_base(s: Setting) -> None:
+    """A 4-bit or 8-bit weight has no gradient step: ``full`` would train a model it cannot update."""
+    quantization = s.config.model.quantization
+    if quantization != "none" and s.config.peft.method == "full":
+        raise FedlmError(
+            f"`peft.method: full` trains every base weight, but `model.quantization: {quantization}` stores the base as "
+            "frozen integer blocks that no optimizer step can update; use `model.quantization: none` for full "
+            "fine-tuning, or a parameter-efficient method (e.g. `peft.method: lora`, QLoRA) on the quantized base"
+        )
+
+
+def checkpointing_fits_the_method(s: Setting) -> None:
+    """Gradient checkpointing re-runs each layer's forward in the backward pass: peft's prefix tuning passes its
+    prefixes as a key/value cache that the recomputation cannot replay, and Opacus's per-example gradient hooks
+    (``privacy.sample_dp``) lose the activations they record in the forward."""
+    c = s.config
+    if not c.model.gradient_checkpointing:
+        return
+    if c.peft.method == "prefix_tuning":
+        raise FedlmError(
+            "`model.gradient_checkpointing: true` does not work with `peft.method: prefix_tuning` (peft passes the "
+            "prefixes as a key/value cache, which checkpointing cannot recompute); set `model.gradient_checkpointing: "
+            "false` or use `peft.method: prompt_tuning` or lora"
+        )
+    if c.privacy.sample_dp is not None:
+        raise FedlmError(
+            "`model.gradient_checkpointing: true` does not work with `privacy.sample_dp`: Opacus takes per-example "
+            "gradients from activations its hooks record in the forward pass, which checkpointing discards and "
+            "recomputes; set `model.gradient_checkpointing: false` (lower `federation.batch_size` to save memory)"
+        )
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
+    model_device_exists,
+    quantization_runs_on_device,
+    attention_runs_on_device,
+    full_needs_unquantized_base,
+    checkpointing_fits_the_method,
     node_local_keeps_data_on_the_nodes,
     secure_aggregation_runs_in_the_simulation,
     clients_per_round_within_federation,

@@ -59,7 +59,3 @@ def resolve_dtype(name: str, device: torch.device, cpuinfo: Path = _CPUINFO) -> 
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_fast_bf16(cpuinfo) else torch.float32
 
-
-def default_device() -> torch.device:
-    """The GPU when one is visible, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -12,6 +12,7 @@ Accepted names, in the order they are tried:
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from fedlm.config.schema import ModelConfig
 from fedlm.core.errors import FedlmError
-from fedlm.models.dtype import default_device, resolve_dtype
+from fedlm.models.dtype import resolve_dtype
 from fedlm.models.gguf_cache import ensure_converted
+from fedlm.models.hardware import (
+    attn_refusal,
+    enable_gradient_checkpointing,
+    quantization_config,
+    quantization_refusal,
+    resolve_device,
+)
 from fedlm.models.tiny import TINY_ALIAS, build_byte_tokenizer, build_tiny_llama
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
@@ -80,18 +88,24 @@ def resolve_model_source(name: str) -> Path | str:
 
 
 def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | None = None) -> LoadedModel:
-    """Load the frozen base model and its tokenizer (pad token set, padding on the left for generation)."""
+    """Load the frozen base model and its tokenizer (pad token set, padding on the left for generation) on
+    ``device`` (default: ``model.device``), quantized and checkpointed as the ``model`` section says."""
     started = time.perf_counter()
-    device = device or default_device()
+    device = device or resolve_device(config.device)
+    for reason in (quantization_refusal(config.quantization, device), attn_refusal(config.attn_implementation, device)):
+        if reason is not None:
+            raise FedlmError(reason)
     dtype = resolve_dtype(config.dtype, device)
     if config.name == TINY_ALIAS:
         tokenizer: PreTrainedTokenizerBase = build_byte_tokenizer()
-        model: PreTrainedModel = build_tiny_llama(len(tokenizer), seed=seed, dtype=dtype)
+        model: PreTrainedModel = build_tiny_llama(len(tokenizer), seed=seed, dtype=dtype, attn_implementation=config.attn_implementation)
+        if config.quantization != "none":
+            model = _quantized_copy(model, config, dtype, device)
     else:
         source = resolve_model_source(config.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=config.revision)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, revision=config.revision)
+            model = _from_pretrained(source, config, dtype, device)
         except OSError as exc:
             raise FedlmError(f"`model.name` {config.name!r} could not be loaded: {exc}") from None
     if tokenizer.pad_token is None:
@@ -101,5 +115,34 @@ def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | N
     tokenizer.padding_side = "left"
     model.config.pad_token_id = tokenizer.pad_token_id
     model.requires_grad_(False)
-    model.to(device)  # type: ignore[arg-type]  # transformers' wrapper annotates its own `self` as the argument
+    if config.quantization == "none":
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapper annotates its own `self` as the argument
+    else:  # QLoRA's preparation: norms, embeddings and LM head in float32 (quantized layers are placed at load)
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, dtype=dtype, load_s=time.perf_counter() - started)
+
+
+def _from_pretrained(source: Path | str, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """``from_pretrained`` with the ``model`` section's dtype, attention and quantization (quantized weights are
+    placed on ``device`` as they load: a quantized model cannot be moved after)."""
+    quantized = config.quantization != "none"
+    return AutoModelForCausalLM.from_pretrained(
+        source,
+        dtype=dtype,
+        revision=config.revision,
+        attn_implementation=config.attn_implementation,
+        quantization_config=quantization_config(config.quantization, dtype),
+        device_map={"": str(device)} if quantized else None,
+    )
+
+
+def _quantized_copy(model: PreTrainedModel, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
+    """The model built in code, saved and reloaded through ``from_pretrained`` with the quantization config: the
+    same route (and the same bitsandbytes layers) as a model loaded from disk."""
+    with tempfile.TemporaryDirectory(prefix="fedlm-quantize-") as folder:
+        model.save_pretrained(folder)
+        return _from_pretrained(Path(folder), config, dtype, device)

@@ -13,11 +13,28 @@ class ModelConfig(Section):
     """Which base model to load and how.
 
     ``name`` is an alias (``smollm2-135m-instruct``, ``tiny-random-llama``), a local directory, a ``.gguf`` file
-    or a Hugging Face hub id.
+    or a Hugging Face hub id. ``device``, ``quantization``, ``attn_implementation`` and ``gradient_checkpointing``
+    are checked against this machine at load (:mod:`fedlm.models.hardware`).
     """
 
     name: str = "smollm2-135m-instruct"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto (the GPU when one is visible, else the CPU), cpu, cuda or cuda:N",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="store the frozen base in 4-bit NF4 with double quantization (QLoRA) or 8-bit (bitsandbytes), "
+        "computed in `model.dtype`; adapters and updates stay float32; not with `peft.method: full`",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, ~30% more compute per step"
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="the attention kernel; flash_attention_2 needs a CUDA GPU and the flash-attn package"
+    )
     revision: str | None = None
     init_adapter: str | None = Field(
         None,

@@ -25,8 +25,10 @@ from fedlm.core.update import ClientUpdate, TensorDict
 
 HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client name handshake; one round's training
 META = "meta"
-# Keys that may differ between the server's and a node's config: where outputs go and the server-only evaluation.
-_LOCAL_KEYS = ("output_dir", "eval", "federation.rounds", "federation.round_retries", "federation.retry_wait_s")
+# Keys that may differ between the server's and a node's config: where outputs go, the server-only evaluation, and
+# each machine's own hardware (its device; checkpointing trades memory for compute without changing the math).
+_LOCAL_KEYS = ("output_dir", "eval", "federation.rounds", "federation.round_retries", "federation.retry_wait_s",
+               "model.device", "model.gradient_checkpointing")
 
 
 # With ``partition.method: node_local`` each node's data paths are its own (the tokenization settings stay shared).
