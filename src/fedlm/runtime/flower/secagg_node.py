@@ -117,14 +117,27 @@ def masked_stage(msg: Message, context: Context) -> Message:
     return _answer(msg, reply, round_num, stage, index, client, RecordDict({META: ConfigRecord({"json": json.dumps(values)})}))
 
 
+def _kill_supernode() -> None:
+    """Test fault: SIGKILL the ``flower-supernode`` process this ClientApp runs under (found among its parents)."""
+    import psutil  # noqa: PLC0415
+
+    for parent in psutil.Process().parents():
+        try:
+            if any("flower-supernode" in part for part in parent.cmdline()):
+                os.kill(parent.pid, signal.SIGKILL)
+                return
+        except psutil.Error:
+            continue
+
+
 def _answer(msg: Message, reply: RecordDict, round_num: int, stage: str, index: int, client: str,
             extra: RecordDict | None = None) -> Message:
     """The reply under the request's header (or the test fault configured for this stage)."""
     fault = os.environ.get(FAULT_ENV, "")
     if fault and fault.split(":")[:2] == [str(round_num), stage]:
         kind = fault.split(":")[2]
-        if kind == "die":  # the SuperNode started this ClientApp: kill it, then this process, before replying
-            os.kill(os.getppid(), signal.SIGKILL)
+        if kind == "die":  # kill the SuperNode above this ClientApp (its SuperExec follows it), then this process
+            _kill_supernode()
             os._exit(1)
         if kind == "malformed":
             reply = wire.message({"garbage": b"\x00"}, wire.vector(reply)[:-1] if wire.VECTOR in reply.array_records else None)
