@@ -302,12 +302,6 @@ class ExperimentConfig(Section):
     def _cross_checks(self) -> ExperimentConfig:
         if self.partition.method == "node_local":
             self._node_local_checks()
-        if self.federation.runtime == "flower" and self.privacy.secure_aggregation is not None:
-            raise ValueError(
-                "`privacy.secure_aggregation` is not built for `federation.runtime: flower` yet: the SecAgg+ rounds run "
-                "in-process in the simulation, and over Flower the server would see each client's update in the clear; "
-                "use `federation.runtime: simulation`, or client DP with `privacy.client_dp.mode: central` over Flower"
-            )
         n, k = self.partition.num_clients, self.federation.clients_per_round
         if self.partition.clients is not None:
             n = len(self.partition.clients)
