@@ -185,7 +185,37 @@ def test_malformed_replayed_and_silent_nodes_are_excluded_and_the_protocol_recov
 # ------------------------------------------------------------------------------ whole runs over the in-memory Grid
 
 
-def _simulate(root: Path, runner, drop: dict | None = None, monkeypatch=None) -> Path:
+def true_deltas(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, str], np.ndarray]:
+    """Every client's true delta per round, flattened in the encoded order, as the simulation encodes it."""
+    from fedlm.privacy.secagg.round import SecureAggregation  # noqa: PLC0415
+
+    deltas: dict[tuple[int, str], np.ndarray] = {}
+    encode = SecureAggregation.encode
+
+    def spy(self: SecureAggregation, update: Any, names: Any, dp: Any) -> Any:
+        deltas[(update.round, update.client_id)] = np.concatenate([update.tensors[n].flatten().numpy() for n in names])
+        return encode(self, update, names, dp)
+
+    monkeypatch.setattr(SecureAggregation, "encode", spy)
+    return deltas
+
+
+def assert_no_plaintext(received: list[np.ndarray], blobs: list[bytes], deltas: dict[tuple[int, str], np.ndarray]) -> None:
+    """No received array equals or correlates (|r| >= 0.5) with a true delta; no run of 16 of a delta's float32
+    values (around its largest) appears in the received bytes."""
+    assert deltas and received
+    for array in received:
+        values = array.astype(np.float64).ravel()
+        for delta in deltas.values():
+            if values.size in (delta.size, delta.size + 1):  # a masked vector: the delta's codes and the weight
+                assert not np.array_equal(values[: delta.size], delta)
+                assert abs(np.corrcoef(values[: delta.size], delta)[0, 1]) < 0.5
+    for delta in deltas.values():
+        window = delta[np.argmax(np.abs(delta)) // 16 * 16:][:16].astype(np.float32).tobytes()
+        assert not any(window in blob for blob in blobs)
+
+
+def _simulate(root: Path, runner, drop: dict | None = None, monkeypatch=None, **privacy: Any) -> Path:
     if drop is not None:
         build = experiment.build_secure_aggregation
 
@@ -195,34 +225,56 @@ def _simulate(root: Path, runner, drop: dict | None = None, monkeypatch=None) ->
             return secure
 
         monkeypatch.setattr(experiment, "build_secure_aggregation", with_drop)
-    cfg = write_config(root.parent / f"{root.name}.yaml", secure_config(root, "simulation"))
+    cfg = write_config(root.parent / f"{root.name}.yaml", secure_config(root, "simulation", **privacy))
     result = runner.invoke(cli, ["run", str(cfg)])
     assert result.exit_code == 0, result.output
     return root
 
 
-def _over_grid(root: Path, faults: dict | None = None) -> tuple[Path, InMemoryGrid]:
+def _over_grid(root: Path, faults: dict | None = None, **privacy: Any) -> tuple[Path, InMemoryGrid]:
     from fedlm.runtime.flower import server_app  # noqa: PLC0415
 
-    text = yaml.safe_dump(secure_config(root, "flower"))
+    text = yaml.safe_dump(secure_config(root, "flower", **privacy))
     grid = InMemoryGrid(client_app.app, {n: {"partition-id": n - 1} for n in (1, 2, 3)}, {"fedlm-config": text}, faults or {})
     server_app.main(grid, Context(1, 0, {}, RecordDict(), {"fedlm-config": text, "round-timeout": 5.0, "wait-for-nodes": 1.0}))
     return root, grid
 
 
-def test_a_secure_run_over_flower_messages_ends_with_the_simulation_adapter(tmp_path: Path, runner) -> None:
+def test_a_secure_run_over_flower_messages_ends_with_the_simulation_adapter(tmp_path: Path, runner, monkeypatch) -> None:
+    deltas = true_deltas(monkeypatch)
     sim = _simulate(tmp_path / "sim", runner)
+    simulated = dict(deltas)
+    deltas.clear()
     run, grid = _over_grid(tmp_path / "flower")
     assert same(adapter(run), adapter(sim))
+    assert len(simulated) == 6 and all(np.array_equal(deltas[k], v) for k, v in simulated.items())  # nodes encoded the same
+    received = [a.numpy() for _, c in grid.received for r in c.array_records.values() for a in r.values()]
+    assert len(received) == 6  # one masked vector per client and round, and nothing else with tensors
+    assert_no_plaintext(received, [wire.to_bytes(c) for _, c in grid.received], simulated)
+    one = next(iter(simulated.values()))
+    with pytest.raises(AssertionError):  # the check can fail: a plaintext update, or its codes, would be caught
+        assert_no_plaintext([np.round((one + 0.5) * 2**20)], [], simulated)
     flower_rows, sim_rows = records(run), records(sim)
     aggs = [r for r in flower_rows if r["split"] == "aggregate"]
     assert [a["aggregation"]["secagg_survivors"] for a in aggs] == [["0", "1", "2"]] * 2
-    assert all(r["upload_bytes"] > 4 * 0 for r in flower_rows if r["split"] == "train")
+    assert all(r["upload_bytes"] > 0 for r in flower_rows if r["split"] == "train")
     sim_up = sum(r["upload_bytes"] for r in sim_rows if r["split"] == "train")
     flower_up = sum(r["upload_bytes"] for r in flower_rows if r["split"] == "train")
     assert sim_up < flower_up < 1.2 * sim_up  # the same protocol messages, plus headers and the metrics
-    assert not any(r.get("tensors") for _, r in [(0, {})])
     assert all(not c.array_records or set(c.array_records) == {wire.VECTOR} for _, c in grid.received)
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_client_dp_composes_over_flower_as_in_the_simulation(tmp_path: Path, runner, mode: str) -> None:
+    """Central: the server noises the decoded sum; distributed: each node adds its noise share before masking."""
+    dp = {"client_dp": {"noise_multiplier": 0.5, "clip": 0.05, "mode": mode}}
+    sim = _simulate(tmp_path / "sim", runner, **dp)
+    run, _ = _over_grid(tmp_path / "flower", **dp)
+    assert same(adapter(run), adapter(sim))
+    eps = lambda rows: [r["aggregation"]["epsilon"] for r in rows if r["split"] == "aggregate"]  # noqa: E731
+    assert eps(records(run)) == eps(records(sim)) and all(e > 0 for e in eps(records(run)))
+    plain = _simulate(tmp_path / "plain", runner)  # the noise is there: not the run without DP
+    assert not same(adapter(run), adapter(plain))
 
 
 def test_a_node_silent_after_its_masked_input_is_recovered_as_in_the_simulation(tmp_path: Path, runner, monkeypatch) -> None:
@@ -255,3 +307,24 @@ def test_more_excluded_nodes_than_the_threshold_allows_abort_the_round_and_the_n
     assert [r["round"] for r in rows if r["split"] == "secagg" and r["event"] == "aborted"] == [1]
     start = adapter(run)
     assert all(torch.isfinite(t).all() for t in start.values())
+
+
+def test_a_node_whose_update_is_not_finite_drops_out_before_masking_as_in_the_simulation(tmp_path: Path, runner, monkeypatch) -> None:
+    from fedlm.federation.trainer import ClientTrainer  # noqa: PLC0415
+
+    train = ClientTrainer.train
+
+    def poisoned(self, client, *args, **kwargs):  # client "1" sends NaN in round 1, wherever it trains
+        update = train(self, client, *args, **kwargs)
+        if client == "1" and update.round == 1:
+            update = type(update)(update.client_id, 1, update.num_examples, {k: v * float("nan") for k, v in update.tensors.items()}, update.metrics)
+        return update
+
+    monkeypatch.setattr(ClientTrainer, "train", poisoned)
+    sim = _simulate(tmp_path / "sim", runner)
+    run, grid = _over_grid(tmp_path / "flower")
+    assert same(adapter(run), adapter(sim))
+    first = next(r for r in records(run) if r["split"] == "aggregate")
+    assert first["aggregation"]["secagg_survivors"] == ["0", "2"]
+    assert "rejected on the node before masking: tensor" in first["aggregation"]["secagg_excluded"]["1"]
+    assert "NaN or Inf" in json.dumps(first["rejected"])
