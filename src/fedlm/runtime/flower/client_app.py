@@ -23,11 +23,11 @@ from flwr.clientapp import ClientApp
 from fedlm.config.io import load_config, validate_config
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
-from fedlm.core.task import NonFiniteLossError
 from fedlm.runtime.flower import secagg_node
-from fedlm.runtime.flower.messages import config_difference, config_hash, hello_reply, meta, shared_config, update_content
-from fedlm.runtime.flower.node_train import train_on_node
 from fedlm.runtime.flower.secagg_envelope import SECAGG_ACTION
+
+# torch and the model code are imported where a message needs them, so that the ClientApp process of a secure
+# aggregation key stage (a fresh process per message) starts without them.
 
 app = ClientApp()
 REFUSED = 4001  # error code of a refused node (config mismatch, bad partition id)
@@ -75,6 +75,8 @@ def client_of(partition_id: Any, names: list[str]) -> str:
 
 
 def _refusal(server: dict[str, Any], server_hash: str, config: ExperimentConfig) -> str | None:
+    from fedlm.runtime.flower.messages import config_difference, config_hash, shared_config  # noqa: PLC0415
+
     if server_hash == config_hash(config):
         return None
     return f"the node's config differs from the server's in {config_difference(server, shared_config(config))}"
@@ -83,6 +85,8 @@ def _refusal(server: dict[str, Any], server_hash: str, config: ExperimentConfig)
 def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
     """(client name, partition id) this node serves, given the server's handshake ``server``; raises
     :class:`FedlmError` naming the config difference or the bad partition id."""
+    from fedlm.runtime.flower.messages import config_difference, config_hash, shared_config  # noqa: PLC0415
+
     config = node_config_of(node_config, run_config)
     if server["config_hash"] != config_hash(config):
         raise FedlmError(f"the node's config differs from the server's in {config_difference(server['shared_config'], shared_config(config))}")
@@ -93,6 +97,8 @@ def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_co
 @app.query("fedlm_hello")
 def hello(msg: Message, context: Context) -> Message:
     """Answer the server's handshake with the client this node serves, or refuse (config or partition)."""
+    from fedlm.runtime.flower.messages import hello_reply, meta  # noqa: PLC0415
+
     try:
         client, partition_id = check_node(meta(msg.content), context.node_config, context.run_config)
     except FedlmError as exc:
@@ -103,6 +109,10 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this node's client on the task: the simulation's trainer, data and seeds."""
+    from fedlm.core.task import NonFiniteLossError  # noqa: PLC0415
+    from fedlm.runtime.flower.messages import update_content  # noqa: PLC0415
+    from fedlm.runtime.flower.node_train import train_on_node  # noqa: PLC0415
+
     try:
         local = train_on_node(msg.content, context)
     except (FedlmError, NonFiniteLossError) as exc:

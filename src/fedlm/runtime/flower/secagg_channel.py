@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,6 @@ class FlowerChannel:
 
     def exchange(self, stage: str, outbox: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
         """Send ``stage`` to the nodes still in the protocol; the valid replies by client index."""
-        import time  # noqa: PLC0415
-
         messages, sent = [], {}
         kind = f"{'train' if stage == 'masked_input' else 'query'}.{envelope.SECAGG_ACTION}"
         for index, proto in outbox.items():
@@ -77,7 +76,7 @@ class FlowerChannel:
             if index is not None:
                 self._take(stage, index, reply, valid)
         for node, index in sent.items():
-            self._leave(index, stage, f"node {node} did not reply to {stage} within {self.runtime.round_timeout_s:g}s "
+            self.leave(index, stage, f"node {node} did not reply to {stage} within {self.runtime.round_timeout_s:g}s "
                                       "(it died or lost its connection)", unreachable=True)
         return valid
 
@@ -87,7 +86,7 @@ class FlowerChannel:
             code, reason = reply.error.code, reply.error.reason
             if code == TAMPERED:
                 raise TamperReported(f"secure aggregation aborted: client {client} at {stage}: {reason}")
-            self._leave(index, stage, f"node failed at {stage}: {reason}", unreachable=code in _NODE_GONE)
+            self.leave(index, stage, f"node failed at {stage}: {reason}", unreachable=code in _NODE_GONE)
             return
         self.up[client] = self.up.get(client, 0) + len(wire.to_bytes(reply.content))
         _dump(reply.content, self.round_num, stage, client)
@@ -95,7 +94,7 @@ class FlowerChannel:
         if problem is None and stage == "masked_input":
             problem = self._masked_update(client, reply.content)
         if problem is not None:
-            self._leave(index, stage, f"excluded from secure aggregation at {stage}: {problem}", unreachable=False)
+            self.leave(index, stage, f"excluded from secure aggregation at {stage}: {problem}", unreachable=False)
             return
         valid[index] = envelope.protocol(reply.content)
 
@@ -113,7 +112,7 @@ class FlowerChannel:
             self.results[client] = update
         return problem
 
-    def _leave(self, index: int, stage: str, reason: str, unreachable: bool) -> None:
+    def leave(self, index: int, stage: str, reason: str, unreachable: bool) -> None:
         """Client ``index`` is out of the protocol from ``stage`` on (a failure if it had not sent its masked input)."""
         client, node = self.clients[index], self.nodes.pop(index, None)
         self.excluded[client] = reason

@@ -27,12 +27,10 @@ import signal
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
 from fedlm.core.errors import FedlmError
-from fedlm.core.task import NonFiniteLossError
 from fedlm.privacy.secagg import wire
 from fedlm.privacy.secagg.client import SecAggClient
 from fedlm.privacy.secagg.primitives import TamperedShareError
 from fedlm.runtime.flower import secagg_envelope as envelope
-from fedlm.runtime.flower.messages import META
 
 STATE = "fedlm_secagg"  # the SecAggClient's record in context.state
 REFUSED, FAILED, TAMPERED = 4101, 4102, 4103  # out-of-order or bad message; no update to mask; a tampered share
@@ -82,8 +80,10 @@ def key_stage(msg: Message, context: Context) -> Message:
 def masked_stage(msg: Message, context: Context) -> Message:
     """Round 3 on this node: train, check, encode and mask the update; only the masked vector and metrics leave."""
     from fedlm.aggregation.lora import build_lora_mode  # noqa: PLC0415 - torch-heavy, only where training happens
+    from fedlm.core.task import NonFiniteLossError  # noqa: PLC0415
     from fedlm.federation.validation import Expectations, update_problem  # noqa: PLC0415
     from fedlm.privacy.secagg.setup import build_secure_aggregation  # noqa: PLC0415
+    from fedlm.runtime.flower.messages import META  # noqa: PLC0415
     from fedlm.runtime.flower.node_train import train_on_node  # noqa: PLC0415
 
     try:

@@ -75,7 +75,7 @@ class SecureFlowerRuntime:
                               self.secure.graph_seed(round_num))
         channel = FlowerChannel(flower, round_num, length, tasks, nodes, clients)
         for i in sorted(set(clients) - set(nodes)):
-            channel._leave(i, "advertise_keys", f"no SuperNode serves client {clients[i]}", unreachable=True)  # noqa: SLF001
+            channel.leave(i, "advertise_keys", f"no SuperNode serves client {clients[i]}", unreachable=True)
         self.pending = pending = PendingRound(round_num, server, channel)
         try:
             pending.requests = masked_stage(server, channel, key_stages(server, channel))
