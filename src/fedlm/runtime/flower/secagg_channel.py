@@ -63,9 +63,11 @@ class FlowerChannel:
             node, client = self.nodes.get(index), self.clients[index]
             if node is None:
                 continue
-            self.down[client] = self.down.get(client, 0) + len(wire.to_bytes(envelope.wrap(proto, self.round_num, stage, index, client)))
+            protocol_bytes = len(wire.to_bytes(envelope.wrap(proto, self.round_num, stage, index, client)))
+            self.down[client] = self.down.get(client, 0) + protocol_bytes  # the task is the traffic meter's
             task = task_content(client, self.tasks[client], self.runtime.config) if stage == "masked_input" else None
-            messages.append(Message(envelope.wrap(proto, self.round_num, stage, index, client, task), dst_node_id=node, message_type=kind))
+            content = envelope.wrap(proto, self.round_num, stage, index, client, task)
+            messages.append(Message(content, dst_node_id=node, message_type=kind))
             sent[node] = index
         tick = time.monotonic()
         replies = list(self.runtime.grid.send_and_receive(messages, timeout=self.runtime.round_timeout_s)) if messages else []

@@ -97,13 +97,16 @@ def masked_stage(msg: Message, context: Context) -> Message:
     except NonFiniteLossError as exc:
         return Message(Error(FAILED, str(exc)), reply_to=msg)
     update, config = local.update, local.config
-    problem = update_problem(update, Expectations(round_num, local.task.state, max_num_examples=config.federation.max_num_examples))
+    expect = Expectations(round_num, local.task.state, max_num_examples=config.federation.max_num_examples)
+    problem = update_problem(update, expect)
     if problem is not None:
         return Message(Error(FAILED, f"rejected on the node before masking: {problem}"), reply_to=msg)
     secure = build_secure_aggregation(config, local.aggregator, len(local.session.data.client_names))
     if secure is None:
-        return Message(Error(REFUSED, "secure aggregation refused: the node's config has no `privacy.secure_aggregation`"), reply_to=msg)
-    space = build_lora_mode(config.aggregation.lora, local.session.initial_state, config.peft.r).to_server_space(local.task.state, [], {}, {})[0]
+        reason = "secure aggregation refused: the node's config has no `privacy.secure_aggregation`"
+        return Message(Error(REFUSED, reason), reply_to=msg)
+    lora = build_lora_mode(config.aggregation.lora, local.session.initial_state, config.peft.r)
+    space = lora.to_server_space(local.task.state, [], {}, {})[0]  # the aggregator's space, as on the server
     codes, outside = secure.client_codes(local.aggregator, space, update)
     try:
         reply = secagg.masked_input(envelope.protocol(msg.content), codes)

@@ -97,10 +97,6 @@ class FlowerSecureAggregation:
     runtime: SecureFlowerRuntime
     secure: SecureAggregation
 
-    @property
-    def threshold(self) -> int:
-        return self.secure.threshold
-
     def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   chosen: Sequence[str], round_num: int) -> SecureRound:
         """The aggregation of the survivors' securely summed updates, or None in the result when the round aborts."""
@@ -108,8 +104,9 @@ class FlowerSecureAggregation:
         if pending is None or pending.round_num != round_num:
             return SecureRound(None, {"secagg_aborted": f"no secure-aggregation protocol ran in round {round_num}"}, {}, {})
         channel, server = pending.channel, pending.server
+        clipped = int(sum(u.metrics.get("secagg_clipped_coordinates", 0) for u in updates))  # counted on the nodes
         metrics: dict[str, Any] = {"secagg_clients": len(chosen), "secagg_threshold": self.secure.threshold,
-                                   "secagg_clipped_coordinates": int(sum(u.metrics.get("secagg_clipped_coordinates", 0) for u in updates))}
+                                   "secagg_clipped_coordinates": clipped}
         total = None
         if pending.aborted is None:
             try:
