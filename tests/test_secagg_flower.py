@@ -328,3 +328,28 @@ def test_a_node_whose_update_is_not_finite_drops_out_before_masking_as_in_the_si
     assert first["aggregation"]["secagg_survivors"] == ["0", "2"]
     assert "rejected on the node before masking: tensor" in first["aggregation"]["secagg_excluded"]["1"]
     assert "NaN or Inf" in json.dumps(first["rejected"])
+
+
+def test_tampered_shares_over_flower_abort_the_round_as_in_the_simulation(tmp_path: Path) -> None:
+    """Round 1: a share altered in transit fails authentication at its receiver (a node); round 2: a wrong unmasking
+    share does not rebuild the committed seed (the server). Both rounds abort with the global model kept."""
+
+    def flip(blobs: list[bytes]) -> list[bytes]:
+        return [blobs[0][:-1] + bytes([blobs[0][-1] ^ 1]), *blobs[1:]]
+
+    def tamper(r: int, s: str, i: int, c: RecordDict) -> RecordDict:
+        f = dict(wire.fields(envelope.protocol(c)))
+        if (r, s) == (1, "share_keys"):
+            f["ciphertexts"] = flip(list(f["ciphertexts"]))
+        elif (r, s) == (2, "unmask"):
+            f["shares"] = flip(list(f["shares"]))
+        else:
+            return c
+        return envelope.wrap(wire.message(f), r, s, i, envelope.head(c)[3])
+
+    run, _ = _over_grid(tmp_path / "flower", {2: tamper})
+    first, second = [r for r in records(run) if r["split"] == "aggregate"]
+    assert first["skipped"] and "failed authentication (altered in transit)" in first["aggregation"]["secagg_aborted"]
+    assert second["skipped"] and "tampered share" in second["aggregation"]["secagg_aborted"]
+    excluded = [r for r in records(run) if r["split"] == "secagg" and r["event"] == "aborted"]
+    assert [r["round"] for r in excluded] == [1, 2]  # skipped: AggregateOutcome keeps the global state

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +31,10 @@ class SecureSum(Protocol):
         """The aggregation of the securely summed updates (``result`` None when the protocol aborted)."""
         ...
 
+    def skipped(self, round_num: int) -> dict[str, Any]:
+        """What to log of a round skipped before its sum (fewer than ``federation.min_clients`` updates)."""
+        ...
+
 
 @dataclass
 class SecureAggregationStep:
@@ -44,7 +48,9 @@ class SecureAggregationStep:
                   round_num: int) -> AggregateOutcome:
         """The next global state from the securely summed updates."""
         if len(accepted) < self.inner.min_clients:
-            return self.inner.aggregate(state, tasks, accepted, round_num)
+            outcome = self.inner.aggregate(state, tasks, accepted, round_num)
+            outcome.metrics.update(self.secure.skipped(round_num))
+            return outcome
         started = time.perf_counter()
         space = self.inner.lora.to_server_space(state, [], {}, {})[0]
         secure = self.secure.aggregate(self.inner.aggregator, space, accepted, list(tasks), round_num)

@@ -107,6 +107,10 @@ class SecureAggregation:
         result = aggregator.aggregate(space, [ClientUpdate(SECURE_MEAN_ID, round_num, examples, mean)])
         return dataclasses.replace(result, metrics={**result.metrics, "num_updates": float(len(survivors))})
 
+    def skipped(self, round_num: int) -> dict[str, Any]:
+        """Nothing to log of a round skipped before the protocol: in the simulation it runs after validation."""
+        return {}
+
     def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   chosen: Sequence[str], round_num: int) -> SecureRound:
         """Encode every update, run the protocol over the round's clients, decode the sum and aggregate it."""

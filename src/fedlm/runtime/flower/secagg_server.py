@@ -97,6 +97,18 @@ class FlowerSecureAggregation:
     runtime: SecureFlowerRuntime
     secure: SecureAggregation
 
+    def skipped(self, round_num: int) -> dict[str, Any]:
+        """A round with too few masked inputs for ``federation.min_clients``: why the protocol stopped, who left."""
+        pending, self.runtime.pending = self.runtime.pending, None
+        if pending is None or pending.round_num != round_num:
+            return {}
+        channel = pending.channel
+        metrics: dict[str, Any] = {"secagg_excluded": dict(channel.excluded), "secagg_upload_bytes": sum(channel.up.values()),
+                                   "secagg_download_bytes": sum(channel.down.values())}
+        if pending.aborted is not None:
+            metrics["secagg_aborted"] = pending.aborted
+        return metrics
+
     def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   chosen: Sequence[str], round_num: int) -> SecureRound:
         """The aggregation of the survivors' securely summed updates, or None in the result when the round aborts."""
