@@ -87,9 +87,9 @@ def test_a_node_with_a_different_config_is_refused_naming_the_difference(tmp_pat
         _check(server, server, 5)
 
 
-def test_secure_aggregation_over_flower_is_refused_until_it_runs_on_the_nodes(tmp_path: Path) -> None:
-    with pytest.raises(FedlmError, match="`privacy.secure_aggregation` is not built for `federation.runtime: flower`"):
-        validate_config(flower_config(tmp_path / "run", privacy={"secure_aggregation": {}}))
+def test_secure_aggregation_over_flower_is_accepted_since_it_runs_on_the_nodes(tmp_path: Path) -> None:
+    config = validate_config(flower_config(tmp_path / "run", privacy={"secure_aggregation": {}}))  # test_secagg_flower*.py
+    assert config.privacy.secure_aggregation is not None and config.federation.runtime == "flower"
 
 
 def test_task_and_update_cross_the_wire_exactly_cut_to_rank() -> None:

@@ -37,8 +37,8 @@ from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
 from fedlm.federation.observers.metrics import RoundLogger
 from fedlm.federation.observers.traffic import TrafficMeter
 from fedlm.federation.retries import RetryingRuntime
-from fedlm.federation.secure_step import SecureAggregationStep
-from fedlm.federation.server import Round, ServerLoop
+from fedlm.federation.secure_step import MaskedRoundValidator, SecureAggregationStep
+from fedlm.federation.server import Aggregation, Round, ServerLoop
 from fedlm.federation.tasks import TaskBuilder
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.validation import RoundValidator
@@ -193,14 +193,24 @@ def build_server_loop(
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
-    runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
     tasks = TaskBuilder(config, aggregator, lora, ranks)
     step = AggregationStep(aggregator, lora, ranks, fed.min_clients, _root_set_update(session, aggregator, tasks))
     secure = build_secure_aggregation(config, aggregator, len(names))
-    aggregation = SecureAggregationStep(step, secure) if secure is not None else step
+    aggregation: Aggregation = step
     validator = RoundValidator(names, fed.max_num_examples)
+    on_nodes = getattr(runtime, "masked_secure_aggregation", None) if secure is not None else None
+    if secure is not None and on_nodes is not None:  # a deployment: SecAgg+ rounds 0-3 on the nodes, 4 in the step
+        if attack is not None:
+            raise FedlmError("`attack` cannot run under `privacy.secure_aggregation` over `federation.runtime: flower`: "
+                             "the server never sees an update to alter; run the attack in the simulation")
+        runtime, secure_sum = on_nodes(secure, lora.to_server_space(session.initial_state, [], {}, {})[0])
+        aggregation = SecureAggregationStep(step, secure_sum)
+        validator = MaskedRoundValidator(names, fed.max_num_examples)  # no retries: a protocol round cannot be resumed
+    else:
+        runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
+        aggregation = SecureAggregationStep(step, secure) if secure is not None else step
     round_ = Round(names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation,
                    _round_observers(session, run_dir, log, console, observers))
     milestones: list[RoundObserver] = []

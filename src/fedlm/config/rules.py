@@ -95,16 +95,6 @@ def node_local_keeps_data_on_the_nodes(s: Setting) -> None:
                          "dataset size; give `privacy.sample_dp.noise_multiplier` (each client logs its own epsilon)")
 
 
-def secure_aggregation_runs_in_the_simulation(s: Setting) -> None:
-    """The SecAgg+ rounds run in-process; over Flower the server would see each update in the clear."""
-    if s.config.federation.runtime == "flower" and s.config.privacy.secure_aggregation is not None:
-        raise FedlmError(
-            f"`{SECAGG}` is not built for `federation.runtime: flower` yet: the SecAgg+ rounds run "
-            "in-process in the simulation, and over Flower the server would see each client's update in the clear; "
-            "use `federation.runtime: simulation`, or client DP with `privacy.client_dp.mode: central` over Flower"
-        )
-
-
 def clients_per_round_within_federation(s: Setting) -> None:
     """A round cannot sample more clients than the federation has."""
     n, k = s.num_clients, s.config.federation.clients_per_round
@@ -441,7 +431,6 @@ LOAD_RULES: tuple[Rule, ...] = (
     full_needs_unquantized_base,
     checkpointing_fits_the_method,
     node_local_keeps_data_on_the_nodes,
-    secure_aggregation_runs_in_the_simulation,
     clients_per_round_within_federation,
     client_ranks_one_per_client,
     min_clients_within_round,

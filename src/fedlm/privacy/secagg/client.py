@@ -16,7 +16,7 @@ Per round a client, known by a 1-based index:
 from __future__ import annotations
 
 import numpy as np
-from flwr.common import RecordDict
+from flwr.common import ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 
 from fedlm.core.errors import FedlmError
@@ -51,6 +51,33 @@ class SecAggClient:
         self._seed_b = crypto.random_seed()
         self._public: dict[int, tuple[bytes, bytes]] = {}
         self._held: dict[int, tuple[bytes, bytes]] = {}  # sender -> (b share, s share) it gave me
+
+    def to_record(self) -> ConfigRecord:
+        """The whole state between two stages, private keys included, as Flower's per-node ``context.state`` holds
+        it (the ClientApp is a fresh process per message; the record never leaves the node)."""
+        held = sorted(self._held)
+        public = sorted(self._public)
+        return ConfigRecord({
+            "index": self.index, "round": self.round, "threshold": self.threshold, "length": self.length,
+            "neighbours": list(self.neighbours), "sk_c": crypto.private_bytes(self._key_c),
+            "sk_s": crypto.private_bytes(self._key_s), "seed_b": self._seed_b,
+            "public_ids": public, "public_c": [self._public[v][0] for v in public],
+            "public_s": [self._public[v][1] for v in public],
+            "held_ids": held, "held_b": [self._held[v][0] for v in held], "held_s": [self._held[v][1] for v in held],
+        })
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> SecAggClient:
+        """The client :meth:`to_record` saved."""
+        client = cls(int(record["index"]))
+        client.round, client.threshold, client.length = int(record["round"]), int(record["threshold"]), int(record["length"])
+        client.neighbours = [int(v) for v in record["neighbours"]]
+        client._key_c = crypto.private_from_bytes(bytes(record["sk_c"]))
+        client._key_s = crypto.private_from_bytes(bytes(record["sk_s"]))
+        client._seed_b = bytes(record["seed_b"])
+        client._public = {int(v): (bytes(c), bytes(s)) for v, c, s in zip(record["public_ids"], record["public_c"], record["public_s"])}
+        client._held = {int(v): (bytes(b), bytes(s)) for v, b, s in zip(record["held_ids"], record["held_b"], record["held_s"])}
+        return client
 
     def advertise_keys(self, setup: RecordDict) -> RecordDict:
         """Stage 1: read the setup; reply with both public keys and the commitment to b."""

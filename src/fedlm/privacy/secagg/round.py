@@ -73,19 +73,55 @@ class SecureAggregation:
         rng = np.random.default_rng(derive_seed(self.seed, "secagg-rounding", update.round, update.client_id))
         return quantize(vector, self.params.clip_range, self.params.quantization_bits, rng)
 
+    def client_codes(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], update: ClientUpdate) -> tuple[np.ndarray, int]:
+        """Client side, wherever it runs: :meth:`encode` in the order of ``space``, under the run's DP wrapper if any."""
+        dp = aggregator if isinstance(aggregator, DifferentiallyPrivate) else None
+        return self.encode(update, sorted(space), dp)
+
+    @staticmethod
+    def client_indices(chosen: Sequence[str]) -> dict[str, int]:
+        """The protocol's 1-based client index of each of the round's clients (sorted by name)."""
+        return {c: i + 1 for i, c in enumerate(sorted(chosen))}
+
+    def vector_length(self, space: Mapping[str, torch.Tensor]) -> int:
+        """How many codes each client sends: every coordinate of ``space`` and its weight."""
+        return sum(t.numel() for t in space.values()) + 1
+
+    def graph_seed(self, round_num: int) -> int:
+        """The public randomness of round ``round_num``'s SecAgg+ graph."""
+        return derive_seed(self.seed, "secagg-graph", round_num)
+
+    def decode(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], total: np.ndarray, survivors: Sequence[str],
+               round_num: int, metrics: dict[str, Any]) -> AggregationResult:
+        """Server side: the aggregator's step on the decoded sum of the ``survivors``' codes (``metrics`` gains the
+        sum's error bound). With DP the wrapper noises the sum (``central``) or only divides it (``distributed``)."""
+        names = sorted(space)
+        dp = aggregator if isinstance(aggregator, DifferentiallyPrivate) else None
+        decoded = dequantize_sum(total, len(survivors), self.params.clip_range, self.params.quantization_bits)
+        summed, weight = unflatten(decoded[:-1], space, names), float(decoded[-1]) / self.params.clip_range
+        metrics["secagg_sum_error_bound"] = sum_error_bound(len(survivors), self.params.clip_range, self.params.quantization_bits)
+        if dp is not None:
+            return dp.aggregate_sum(space, summed, len(survivors), round_num)
+        mean = {n: t / max(weight, 1e-12) for n, t in summed.items()}
+        examples = max(1, round(weight * self.params.max_weight))
+        result = aggregator.aggregate(space, [ClientUpdate(SECURE_MEAN_ID, round_num, examples, mean)])
+        return dataclasses.replace(result, metrics={**result.metrics, "num_updates": float(len(survivors))})
+
+    def skipped(self, round_num: int) -> dict[str, Any]:
+        """Nothing to log of a round skipped before the protocol: in the simulation it runs after validation."""
+        return {}
+
     def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   chosen: Sequence[str], round_num: int) -> SecureRound:
         """Encode every update, run the protocol over the round's clients, decode the sum and aggregate it."""
-        names = sorted(space)
-        dp = aggregator if isinstance(aggregator, DifferentiallyPrivate) else None
         order = sorted(chosen)
-        index = {c: i + 1 for i, c in enumerate(order)}
+        index = self.client_indices(order)
         by_client = {u.client_id: u for u in updates}
-        length = sum(space[n].numel() for n in names) + 1
+        length = self.vector_length(space)
         codes, outside = {}, 0
         for client in order:
             if client in by_client:
-                codes[index[client]], out = self.encode(by_client[client], names, dp)
+                codes[index[client]], out = self.client_codes(aggregator, space, by_client[client])
                 outside += out
             else:
                 codes[index[client]] = np.zeros(length, dtype=np.uint32)
@@ -96,26 +132,17 @@ class SecureAggregation:
                                    "secagg_clipped_coordinates": outside}
         try:
             outcome = secure_sum(codes, round_num=round_num, threshold=self.threshold, neighbours=self.params.neighbours,
-                                 graph_seed=derive_seed(self.seed, "secagg-graph", round_num), drop=drop, tamper=self.tamper)
+                                 graph_seed=self.graph_seed(round_num), drop=drop, tamper=self.tamper)
         except (SecAggAbort, TamperedShareError) as exc:
             return SecureRound(None, {**metrics, "secagg_aborted": str(exc)}, {}, {})
         names_of = {i: c for c, i in index.items()}
         survivors = [names_of[i] for i in outcome.survivors]
-        decoded = dequantize_sum(outcome.total, len(survivors), self.params.clip_range, self.params.quantization_bits)
-        total, weight = unflatten(decoded[:-1], space, names), float(decoded[-1]) / self.params.clip_range
         metrics.update(
             secagg_survivors=survivors, secagg_dropped_before_input=[names_of[i] for i in outcome.dropped_before_input],
             secagg_client_time_s=outcome.client_seconds, secagg_server_time_s=outcome.server_seconds,
             secagg_upload_bytes=sum(outcome.upload_bytes.values()), secagg_download_bytes=sum(outcome.download_bytes.values()),
-            secagg_sum_error_bound=sum_error_bound(len(survivors), self.params.clip_range, self.params.quantization_bits),
         )
-        if dp is not None:
-            result = dp.aggregate_sum(space, total, len(survivors), round_num)
-        else:
-            mean = {n: t / max(weight, 1e-12) for n, t in total.items()}
-            examples = max(1, round(weight * self.params.max_weight))
-            result = aggregator.aggregate(space, [ClientUpdate(SECURE_MEAN_ID, round_num, examples, mean)])
-            result = dataclasses.replace(result, metrics={**result.metrics, "num_updates": float(len(survivors))})
+        result = self.decode(aggregator, space, outcome.total, survivors, round_num, metrics)
         return SecureRound(result, metrics, {names_of[i]: b for i, b in outcome.upload_bytes.items()},
                            {names_of[i]: b for i, b in outcome.download_bytes.items()})
 

@@ -18,8 +18,10 @@ from flwr.common import RecordDict
 from fedlm.privacy.secagg import wire
 from fedlm.privacy.secagg.client import SecAggClient
 from fedlm.privacy.secagg.server import SecAggServer
+from fedlm.privacy.secagg.workflow import STAGES, key_stages, masked_stage, unmask_stage
 
-STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+__all__ = ["STAGES", "InProcessChannel", "SecureSumResult", "Tamper", "secure_sum"]
+
 #: A hook that may alter a message in transit: (stage, sender, receiver, encoded message) -> encoded message.
 Tamper = Callable[[str, int, int, bytes], bytes]
 SERVER = 0
@@ -57,6 +59,41 @@ class _Traffic:
         return wire.from_bytes(blob)
 
 
+@dataclass
+class InProcessChannel:
+    """The simulation's channel: each message serialised, handed to the client's ``SecAggClient`` in this process,
+    and the reply serialised back; ``drop[stage]``: clients that reply no more from that stage on."""
+
+    clients: Mapping[int, SecAggClient]
+    codes: Mapping[int, np.ndarray]
+    drop: Mapping[str, set[int]]
+    traffic: _Traffic
+    gone: set[int] = field(default_factory=set)
+
+    def exchange(self, stage: str, outbox: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
+        """Every client's reply to its message of ``stage``, but those of clients that dropped."""
+        self.gone.update(self.drop.get(stage, set()))
+        replies = {}
+        for u, msg in outbox.items():
+            received = self.traffic.send(stage, SERVER, u, msg)
+            if u in self.gone:
+                continue
+            tick = time.perf_counter()
+            reply = self._act(stage, self.clients[u], received)
+            self.traffic.client_seconds += time.perf_counter() - tick
+            replies[u] = self.traffic.send(stage, u, SERVER, reply)
+        return replies
+
+    def _act(self, stage: str, client: SecAggClient, msg: RecordDict) -> RecordDict:
+        if stage == "advertise_keys":
+            return client.advertise_keys(msg)
+        if stage == "share_keys":
+            return client.share_keys(msg)
+        if stage == "masked_input":
+            return client.masked_input(msg, self.codes[client.index])
+        return client.unmask(msg)
+
+
 def secure_sum(
     codes: Mapping[int, np.ndarray],
     *,
@@ -81,38 +118,12 @@ def secure_sum(
     unknown = set(drop) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; the stages are {STAGES}")
-    traffic = _Traffic({u: 0 for u in codes}, {u: 0 for u in codes}, tamper)
+    channel = InProcessChannel({u: SecAggClient(u) for u in codes}, codes, drop, _Traffic({u: 0 for u in codes}, {u: 0 for u in codes}, tamper))
     started = time.perf_counter()
     server = SecAggServer(round_num, n, threshold, neighbours, length, graph_seed)
-    clients = {u: SecAggClient(u) for u in codes}
-    gone: set[int] = set()
-
-    def exchange(stage: str, outbox: Mapping[int, RecordDict], act: Callable[[SecAggClient, RecordDict], RecordDict]) -> dict[int, RecordDict]:
-        gone.update(drop.get(stage, set()))
-        replies = {}
-        for u, msg in outbox.items():
-            received = traffic.send(stage, SERVER, u, msg)
-            if u in gone:
-                continue
-            tick = time.perf_counter()
-            reply = act(clients[u], received)
-            traffic.client_seconds += time.perf_counter() - tick
-            replies[u] = traffic.send(stage, u, SERVER, reply)
-        return replies
-
-    def serve(step: Callable[..., dict[int, RecordDict]], *args: object) -> dict[int, RecordDict]:
-        tick = time.perf_counter()
-        out = step(*args)
-        traffic.server_seconds += time.perf_counter() - tick
-        return out
-
-    keys = exchange("advertise_keys", serve(server.setup_messages), lambda c, m: c.advertise_keys(m))
-    shares = exchange("share_keys", serve(server.broadcast_keys, keys), lambda c, m: c.share_keys(m))
-    masked = exchange("masked_input", serve(server.route_shares, shares), lambda c, m: c.masked_input(m, codes[c.index]))
-    unmasking = exchange("unmask", serve(server.unmask_requests, masked), lambda c, m: c.unmask(m))
-    tick = time.perf_counter()
-    total = server.unmask(unmasking)
-    traffic.server_seconds += time.perf_counter() - tick
-    del started
+    requests = masked_stage(server, channel, key_stages(server, channel))
+    total = unmask_stage(server, channel, requests)
+    traffic = channel.traffic
+    traffic.server_seconds = time.perf_counter() - started - traffic.client_seconds  # serialisation included
     return SecureSumResult(total, sorted(server.masked), sorted(server.dropped), traffic.up, traffic.down,
                            traffic.client_seconds, traffic.server_seconds)

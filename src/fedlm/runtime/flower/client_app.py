@@ -13,11 +13,9 @@ SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
-import psutil
 import yaml
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
@@ -25,21 +23,13 @@ from flwr.clientapp import ClientApp
 from fedlm.config.io import load_config, validate_config
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
-from fedlm.core.task import NonFiniteLossError
-from fedlm.runtime.flower.messages import (
-    config_difference,
-    config_hash,
-    hello_reply,
-    meta,
-    pack_tensors,
-    shared_config,
-    task_from_content,
-    unpack_tensors,
-    update_content,
-)
+from fedlm.runtime.flower import secagg_node
+from fedlm.runtime.flower.secagg_envelope import SECAGG_ACTION
+
+# torch and the model code are imported where a message needs them, so that the ClientApp process of a secure
+# aggregation key stage (a fresh process per message) starts without them.
 
 app = ClientApp()
-MEMORY = "fedlm_memory"
 REFUSED = 4001  # error code of a refused node (config mismatch, bad partition id)
 FAILED = 4002  # error code of a failed local training (non-finite loss)
 
@@ -87,6 +77,8 @@ def client_of(partition_id: Any, names: list[str]) -> str:
 def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[str, int]:
     """(client name, partition id) this node serves, given the server's handshake ``server``; raises
     :class:`FedlmError` naming the config difference or the bad partition id."""
+    from fedlm.runtime.flower.messages import config_difference, config_hash, shared_config  # noqa: PLC0415
+
     config = node_config_of(node_config, run_config)
     if server["config_hash"] != config_hash(config):
         raise FedlmError(f"the node's config differs from the server's in {config_difference(server['shared_config'], shared_config(config))}")
@@ -97,6 +89,8 @@ def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_co
 @app.query("fedlm_hello")
 def hello(msg: Message, context: Context) -> Message:
     """Answer the server's handshake with the client this node serves, or refuse (config or partition)."""
+    from fedlm.runtime.flower.messages import hello_reply, meta  # noqa: PLC0415
+
     try:
         client, partition_id = check_node(meta(msg.content), context.node_config, context.run_config)
     except FedlmError as exc:
@@ -107,38 +101,16 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train this node's client on the task: the simulation's trainer, data and seeds."""
-    started = time.perf_counter()
-    process_s = time.time() - psutil.Process().create_time()  # Flower's fresh process: spawn and imports so far
+    from fedlm.core.task import NonFiniteLossError  # noqa: PLC0415
+    from fedlm.runtime.flower.messages import update_content  # noqa: PLC0415
+    from fedlm.runtime.flower.node_train import train_on_node  # noqa: PLC0415
+
     try:
-        config = node_config_of(context.node_config, context.run_config)
-        client = client_of(context.node_config.get("partition-id"), client_names(config))
-        session, load_s = _session(config, client)
-        memory = unpack_tensors(context.state.array_records[MEMORY]) if MEMORY in context.state.array_records else {}
-        wanted, server_hash, task = task_from_content(msg.content, memory, session.initial_state)
-        if server_hash != config_hash(config):
-            raise FedlmError("the node's config differs from the server's (config hash); restart the node with the server's config")
-        if wanted != client:
-            raise FedlmError(f"this node serves client {client}, not {wanted}")
-        aggregator = session.aggregator()
-        aggregator.start(session.data.client_names)
-        trainer = session.trainer(aggregator.trainer_hooks())
-        setup_s = time.perf_counter() - started
-        update = trainer.train(client, session.data.client_train[client], task.state, task.plan, None, task.context)
-        train_s = time.perf_counter() - started - setup_s
+        local = train_on_node(msg.content, context)
     except (FedlmError, NonFiniteLossError) as exc:
         return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
-    if update.memory:
-        context.state[MEMORY] = pack_tensors(update.memory)
-    metrics = {**update.metrics, "process_start_s": process_s, "model_load_s": load_s, "setup_s": setup_s, "local_train_s": train_s,
-               "clientapp_s": time.perf_counter() - started + process_s}
-    update = type(update)(update.client_id, update.round, update.num_examples, update.tensors, metrics, update.extras)
-    return Message(update_content(update, task.plan.rank), reply_to=msg)
+    return Message(update_content(local.update, local.task.plan.rank), reply_to=msg)
 
 
-def _session(config: ExperimentConfig, client: str) -> tuple[Any, float]:
-    """The node's session (base model with adapter, its data) and the seconds the base model took to load."""
-    from fedlm.experiment import build_session  # noqa: PLC0415 - heavy imports only where training happens
-    from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
-
-    session = build_session(config, RunConsole(quiet=True), node_client=client if config.partition.method == "node_local" else None)
-    return session, session.loaded.load_s
+app.query(SECAGG_ACTION)(secagg_node.key_stage)  # SecAgg+ rounds 0-2 and 4 (privacy.secure_aggregation)
+app.train(SECAGG_ACTION)(secagg_node.masked_stage)  # round 3: train, check, encode and mask the update

@@ -78,6 +78,7 @@ class LocalFederation:
     node_auth: bool = False
     node_keys: dict[int, Path] = field(default_factory=dict)  # partition id -> private key (node authentication)
     node_threads: int | None = None  # CPU threads of each SuperNode's ClientApps (nodes sharing one machine's cores)
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # partition id -> extra environment (tests' faults)
     port: int = field(default_factory=free_port)
     superlink: subprocess.Popen[bytes] | None = None
     nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -122,6 +123,7 @@ class LocalFederation:
         env = self.env
         if self.node_threads is not None:  # inherited by the ClientApp processes the SuperNode starts
             env = {**env, "OMP_NUM_THREADS": str(self.node_threads), "MKL_NUM_THREADS": str(self.node_threads)}
+        env = {**env, **self.node_env.get(partition_id, {})}
         proc = self._start(f"supernode{partition_id}-{len(self.nodes)}", self.fedlm(*args), env)
         self.nodes[len(self.nodes)] = proc
         return proc

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.task import ClientTask
 from fedlm.core.update import ClientFailure, ClientUpdate
+from fedlm.privacy.secagg.round import SecureAggregation
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.runtime.flower.messages import HELLO, TRAIN, hello_content, meta, task_content, update_from_content
@@ -135,6 +136,14 @@ class FlowerRuntime:
                 self._forget(client, node)
         order = {client: i for i, client in enumerate(tasks)}  # the simulation's order: float sums do not commute
         return sorted(results, key=lambda r: order[r.client_id])
+
+    def masked_secure_aggregation(self, secure: SecureAggregation, space: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
+        """Capability asked by the server loop under ``privacy.secure_aggregation``: the runtime that trains and masks
+        on the nodes (SecAgg+ rounds 0-3) and the aggregation side of the protocol (round 4), sharing one round."""
+        from fedlm.runtime.flower.secagg_server import FlowerSecureAggregation, SecureFlowerRuntime  # noqa: PLC0415 - it imports this module
+
+        masked = SecureFlowerRuntime(self, secure, space)
+        return masked, FlowerSecureAggregation(masked, secure)
 
     def _forget(self, client: str, node: int) -> None:
         """``node`` left: never greet it again; a new node may serve ``client``."""
