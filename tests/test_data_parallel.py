@@ -16,14 +16,18 @@ import torch
 from fedlm.aggregation.fedprox import ProximalHook
 from fedlm.aggregation.scaffold import CLIENT_C, SERVER_C, ScaffoldHook
 from fedlm.cli import app
+from fedlm.config import DataConfig, PeftConfig
 from fedlm.config.io import validate_config
 from fedlm.core.errors import FedlmError
 from fedlm.core.sampling import batch_indices
 from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.core.update import ClientFailure, ClientUpdate
+from fedlm.data.readers import read_records
 from fedlm.experiment import Session, build_session, client_process_model
 from fedlm.federation.data_parallel import ClientProcesses
-from fedlm.models.adapters import load_trainable_state, named_trainable_parameters
+from fedlm.models.adapters import attach_adapter, load_trainable_state, named_trainable_parameters
+from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
+from fedlm.objectives import build_objective
 from fedlm.reporting.progress import RunConsole
 from fedlm.runtime.simulation import SimulationRuntime
 from tests.conftest import tiny_config, write_config
@@ -127,13 +131,34 @@ class TestSameUpdateAsOneProcess:
         assert isinstance(runtime.train_clients({client: task})[0], ClientFailure)  # and so stays, quickly
 
 
+@pytest.mark.parametrize(("name", "data"), [("sft", "embedded:wordnet_defs"), ("dpo", "embedded:wordnet_prefs")])
+def test_weighted_shard_losses_add_up_to_the_batch_loss_and_gradient(name: str, data: str) -> None:
+    """The rule every rank follows, in one process: sum over shards of loss(shard) * items(shard) / items(batch)
+    is the batch's loss, and its gradient the batch's gradient (sft: tokens; dpo: whole pairs, chosen then rejected)."""
+    tokenizer = build_byte_tokenizer()
+    objective = build_objective(name)
+    examples = objective.train_examples(read_records(data)[:5], tokenizer, DataConfig(max_length=96), "c", ["x"] * 5)
+    model = attach_adapter(build_tiny_llama(len(tokenizer), seed=1), PeftConfig(r=4, alpha=8, dropout=0.0), seed=5)
+    params = list(named_trainable_parameters(model).values())
+    batch = objective.collate(examples, tokenizer.pad_token_id)
+    loss = objective.loss(model, batch)[0]
+    whole = torch.autograd.grad(loss, params)
+    parts = objective.split_batch(batch, 2)
+    assert sum(objective.loss_items(p) for p in parts) == objective.loss_items(batch)
+    sharded = sum(objective.loss(model, p)[0] * objective.loss_items(p) / objective.loss_items(batch) for p in parts)
+    torch.testing.assert_close(sharded, loss, rtol=0, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(sharded, params), whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_run_with_two_processes_per_client_completes(tmp_path: Path, runner, one_torch_thread: None) -> None:
     out = tmp_path / "run"
     raw = tiny_config(out, federation={"rounds": 1, "clients_per_round": 2, "local_steps": 2, "batch_size": 4, "lr": 0.003, "client_processes": 2})
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", raw))])
     assert result.exit_code == 0, result.output
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("round") == 1 for r in rounds)
+    [aggregate] = [r for r in rounds if r["round"] == 1 and r["split"] == "aggregate"]
+    assert aggregate["num_updates"] == 2 and aggregate["rejected"] == []  # both clients trained on two processes
     assert (out / "adapter" / "adapter_config.json").is_file()
 
 

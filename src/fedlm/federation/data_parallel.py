@@ -26,6 +26,7 @@ with :class:`WorkerLost` (a collective times out after ``timeout_s``) instead of
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -166,6 +167,8 @@ class ClientProcesses:
         for proc in self._procs:
             proc.join(timeout=10.0)
         self._kill()
+        self._errors.close()
+        self._errors.join_thread()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -228,10 +231,10 @@ def _worker_main(
         model.train()
         while _serve_step(rank, model, objective, named, device):
             pass
-        dist.destroy_process_group()
     except BaseException:
         errors.put((rank, traceback.format_exc(limit=4)))
         raise
+    os._exit(0)  # told to stop: nothing to flush, and the interpreter's teardown of torch takes seconds
 
 
 def _serve_step(rank: int, model: torch.nn.Module, objective: Objective, named: dict[str, torch.nn.Parameter], device: torch.device) -> bool:
