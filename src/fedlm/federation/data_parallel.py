@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
@@ -48,6 +49,11 @@ from fedlm.objectives.base import Batch, Objective
 ModelFactory = Callable[[int], tuple[torch.nn.Module, Objective, torch.device]]
 TIMEOUT_S = 600.0  # a collective (or a worker's start) waiting longer than this fails the client
 _STOP = "stop"
+
+
+def _ready(rank: int) -> str:
+    """The store key a worker sets once its model is loaded."""
+    return f"fedlm-worker-{rank}-loaded"
 
 
 class WorkerLost(RuntimeError):
@@ -86,11 +92,22 @@ class ClientProcesses:
         for proc in self._procs:
             proc.start()
         try:
+            self._wait_until_loaded(store)
             dist.init_process_group(backend, store=store, rank=0, world_size=world, timeout=timeout)
         except Exception as exc:
             self._kill()
-            raise WorkerLost(self._reason(exc)) from exc
+            raise FedlmError(f"`federation.client_processes: {world}`: the worker processes did not start: {self._reason(exc)}") from exc
         self._store = store  # kept alive for the group's lifetime
+
+    def _wait_until_loaded(self, store: dist.TCPStore) -> None:
+        """Wait for every worker to load its model (a key in the store), failing at once when one dies."""
+        keys, deadline = [_ready(rank) for rank in range(1, self.world)], time.monotonic() + self.timeout_s
+        while not store.check(keys):
+            if any(not proc.is_alive() for proc in self._procs):
+                raise RuntimeError("a worker exited while loading the model")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workers did not load the model within {self.timeout_s:.0f} s")
+            time.sleep(0.1)
 
     # ------------------------------------------------------------------------------------------- rank 0's side
 
@@ -226,6 +243,7 @@ def _worker_main(
             torch.cuda.set_device(device)
         timeout = timedelta(seconds=timeout_s)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+        store.set(_ready(rank), "1")
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         named = named_trainable_parameters(model)
         model.train()
