@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,6 +35,7 @@ from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.aggregation_step import SERVER_ID, AggregationStep, RootSetUpdate
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
+from fedlm.federation.data_parallel import ClientProcesses
 from fedlm.federation.observers.checkpointing import Checkpointer
 from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
 from fedlm.federation.observers.metrics import RoundLogger
@@ -43,6 +47,7 @@ from fedlm.federation.tasks import TaskBuilder
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.validation import RoundValidator
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
+from fedlm.models.dtype import default_device
 from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
@@ -123,17 +128,7 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
     With ``partition.method: node_local`` there is no partition: the server's session (``node_client`` None) has the
     test set and no client data, a SuperNode's session (``node_client``: the client it serves) has that client's
     examples from its own ``data.train`` (:mod:`fedlm.data.node_local`)."""
-    loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31)
-    console.print(f"model {config.model.name}: {loaded.dtype} on {loaded.device}")
-    model = attach_adapter(
-        loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
-    )
-    if config.model.init_adapter is not None:
-        load_init_adapter(model, config.peft, Path(config.model.init_adapter))
-        console.print(f"adapter starts from {config.model.init_adapter}")
-    objective = objective_of(config)
-    if isinstance(objective, DPOObjective) and objective.params.reference == "init_adapter":
-        objective.reference_state = trainable_state(model)  # DPO's pi_ref = the loaded adapter
+    loaded, model, objective = build_model(config, console)
     data = _federated_data(config, loaded.tokenizer, objective, node_client)
     check_federation(config, data.client_names)  # the config rules that need the real clients
     n = len(data.client_names)
@@ -147,6 +142,45 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
     sample_dp = sample_dp_settings(config, {c: len(data.client_train.get(c, [])) for c in data.client_names})  # solves a target epsilon
     return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp, objective)
+
+
+def build_model(
+    config: ExperimentConfig, console: RunConsole, device: torch.device | None = None
+) -> tuple[LoadedModel, PeftModel | PreTrainedModel, Objective]:
+    """The base model with its adapter (from ``model.init_adapter`` when set) and the objective: what every process
+    of a client loads."""
+    loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31, device=device)
+    console.print(f"model {config.model.name}: {loaded.dtype} on {loaded.device}")
+    model = attach_adapter(
+        loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
+    )
+    if config.model.init_adapter is not None:
+        load_init_adapter(model, config.peft, Path(config.model.init_adapter))
+        console.print(f"adapter starts from {config.model.init_adapter}")
+    objective = objective_of(config)
+    if isinstance(objective, DPOObjective) and objective.params.reference == "init_adapter":
+        objective.reference_state = trainable_state(model)  # DPO's pi_ref = the loaded adapter
+    return loaded, model, objective
+
+
+def client_process_model(config: ExperimentConfig, rank: int) -> tuple[torch.nn.Module, Objective, torch.device]:
+    """What data-parallel worker ``rank`` of a client loads (``federation.client_processes``): the same base model,
+    adapter and objective as rank 0, on GPU ``rank`` when CUDA is used."""
+    device = default_device()
+    device = torch.device("cuda", rank) if device.type == "cuda" else device
+    loaded, model, objective = build_model(config, RunConsole(quiet=True), device)
+    return model, objective, loaded.device
+
+
+@contextmanager
+def client_processes(session: Session) -> Iterator[ClientProcesses | None]:
+    """The worker processes of a data-parallel client, for the whole run (None with one process per client)."""
+    n = session.config.federation.client_processes
+    if n == 1:
+        yield None
+        return
+    with ClientProcesses(n, partial(client_process_model, session.config), session.loaded.device) as processes:
+        yield processes
 
 
 def _federated_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, objective: Objective, node_client: str | None) -> FederatedData:
@@ -180,16 +214,20 @@ def build_server_loop(
     evaluate: bool = True,
     runtime: Runtime | None = None,
     observers: Sequence[RoundObserver] = (),
+    processes: ClientProcesses | None = None,
 ) -> ServerLoop:
     """The server loop of ``session`` over ``runtime`` (default: the in-process simulation): the round with its
     wrappers (retries, attacks, secure aggregation) and observers, attached here and nowhere else. ``observers``
     (a new per-round concern) run after the built-in ones and before the metrics log, so what they add to a round's
-    record is logged with it."""
+    record is logged with it. ``processes``: the simulated clients train data-parallel on these
+    (``federation.client_processes``)."""
     config, fed = session.config, session.config.federation
     names = session.data.client_names
     aggregator.start(names)
     if runtime is None:
-        runtime = SimulationRuntime(session.trainer(aggregator.trainer_hooks()), session.data.client_train, progress)
+        trainer = session.trainer(aggregator.trainer_hooks())
+        trainer = processes.trainer(trainer) if processes is not None else trainer
+        runtime = SimulationRuntime(trainer, session.data.client_train, progress)
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
@@ -269,8 +307,9 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
         log.truncate_after_round(start if checkpoints else -1)
         console.print(f"resuming {run_dir.root} after round {start}")
     run_dir.config.write_text(config_yaml)
-    with Progress(console) as progress:
-        state = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime).run(state, start)
+    with Progress(console) as progress, client_processes(session) as processes:
+        loop = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime, processes=processes)
+        state = loop.run(state, start)
     finish_run(session, run_dir, state, console)
     return state
 

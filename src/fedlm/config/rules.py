@@ -423,6 +423,38 @@ def checkpointing_fits_the_method(s: Setting) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ data-parallel clients
+
+
+def client_processes_run_in_the_simulation(s: Setting) -> None:
+    """A data-parallel client's worker processes are started by the simulation (a SuperNode's ClientApp does not
+    start them yet)."""
+    fed = s.config.federation
+    if fed.client_processes > 1 and fed.runtime == "flower":
+        raise FedlmError(
+            f"`federation.client_processes: {fed.client_processes}` is not built for `federation.runtime: flower` yet: "
+            "the worker processes are started by the in-process simulation, not by a SuperNode's ClientApp; use "
+            "`federation.runtime: simulation` or `federation.client_processes: 1`"
+        )
+
+
+def client_processes_split_a_plain_batch(s: Setting) -> None:
+    """Every process needs at least one example of each step's batch, and DP-SGD's Poisson lots with per-example
+    clipping would need Opacus's own distributed path, which fedlm does not run."""
+    fed, n = s.config.federation, s.config.federation.client_processes
+    if n > 1 and s.config.privacy.sample_dp is not None:
+        raise FedlmError(
+            f"`federation.client_processes: {n}` cannot run with `privacy.sample_dp`: DP-SGD's per-example clipping "
+            "and noise would have to be split among the processes (Opacus's DP-DDP path), which fedlm does not do; "
+            "use `federation.client_processes: 1` or remove `privacy.sample_dp`"
+        )
+    if n > fed.batch_size:
+        raise FedlmError(
+            f"`federation.client_processes` ({n}) must be <= `federation.batch_size` ({fed.batch_size}): each process "
+            "takes a share of every step's batch; raise `federation.batch_size` or lower `federation.client_processes`"
+        )
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
     model_device_exists,
@@ -454,6 +486,8 @@ LOAD_RULES: tuple[Rule, ...] = (
     objective_accepts_config,
     audit_needs_sft,
     data_attacks_need_sft,
+    client_processes_run_in_the_simulation,
+    client_processes_split_a_plain_batch,
 )
 
 

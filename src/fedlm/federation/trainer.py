@@ -44,6 +44,8 @@ class ClientTrainer:
     optimizer: str = "adamw"
     sample_dp: SampleDP | None = None
     objective: Objective = field(default_factory=lambda: build_objective("sft"))
+    #: called after each backward: adds the other data-parallel processes' gradients (fedlm.federation.data_parallel)
+    gradient_sum: Callable[[dict[str, torch.nn.Parameter]], None] | None = None
 
     def train(
         self,
@@ -123,6 +125,8 @@ class ClientTrainer:
                 batch = {k: v.to(self.device) for k, v in self.objective.collate(batch_examples, self.pad_id).items()}
                 self.model.zero_grad(set_to_none=True)
                 self.objective.loss(self.model, batch)[0].backward()
+                if self.gradient_sum is not None:
+                    self.gradient_sum(named)
                 if plan.rank is not None:
                     mask_beyond_rank(named, plan.rank)
                 for name, p in named.items():
@@ -164,6 +168,8 @@ class ClientTrainer:
                 objective = extra if objective is None else objective + extra
         if objective is not None:
             objective.backward()
+        if self.gradient_sum is not None:
+            self.gradient_sum(named)
         if self.max_grad_norm is not None and privatiser is None:  # per-example clipping replaces it under DP-SGD
             torch.nn.utils.clip_grad_norm_(list(named.values()), self.max_grad_norm)
         for hook in self.hooks:

@@ -86,6 +86,17 @@ class Objective(ABC):
         over the labelled tokens (Hugging Face shifts the labels inside the model)."""
         return model(**batch).loss, {}
 
+    def loss_items(self, batch: Batch) -> int:
+        """How many items :meth:`loss` is a mean over (default: the labelled next-token targets, as the model counts
+        them), so that data-parallel shards can be weighted to the mean over the whole batch."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def split_batch(self, batch: Batch, parts: int) -> list[Batch]:
+        """``batch`` cut into ``parts`` batches of whole examples, in order (default: contiguous rows, as
+        ``torch.tensor_split``), for data-parallel processes."""
+        rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), parts)
+        return [{k: v[idx] for k, v in batch.items()} for idx in rows]
+
     # ----------------------------------------------------------------------------------- evaluation
 
     def score(

@@ -205,6 +205,15 @@ class DPOObjective(Objective):
         losses, chosen, rejected = pair_rewards(model, batch, self.beta, self.reference)
         return losses.mean(), reward_metrics(chosen, rejected)
 
+    def loss_items(self, batch: Batch) -> int:
+        """The loss is a mean over pairs: half the rows."""
+        return batch["input_ids"].shape[0] // 2
+
+    def split_batch(self, batch: Batch, parts: int) -> list[Batch]:
+        """Whole pairs: each part keeps its pairs' chosen rows, then their rejected rows."""
+        half = batch["input_ids"].shape[0] // 2
+        return [{k: torch.cat([v[idx], v[idx + half]]) for k, v in batch.items()} for idx in torch.tensor_split(torch.arange(half), parts)]
+
     def score_batch(self, model: torch.nn.Module, chunk: Sequence[TestExample], pad_id: int, device: torch.device) -> list[dict[str, float]]:
         pairs = [PreferenceExample(ex.tokens, _rejected(ex)) for ex in chunk]
         batch = {k: v.to(device) for k, v in self.collate(pairs, pad_id).items()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fedlm.core.task import ClientTask, NonFiniteLossError
 from fedlm.core.update import ClientFailure, ClientUpdate
 from fedlm.data.tokenize import TokenizedExample
+from fedlm.federation.data_parallel import WorkerLost
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.reporting.progress import Progress
 
@@ -25,7 +26,8 @@ class SimulationRuntime:
     progress: Progress | None = None
 
     def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
-        """Train each client from its task's state; a NaN/Inf loss becomes a :class:`ClientFailure`."""
+        """Train each client from its task's state; a NaN/Inf loss or a lost data-parallel worker becomes a
+        :class:`ClientFailure`."""
         results: list[ClientUpdate | ClientFailure] = []
         total = sum(len(task.plan.lrs) for task in tasks.values())
         bar = self.progress.task("train", total) if self.progress else None
@@ -35,7 +37,7 @@ class SimulationRuntime:
                 results.append(
                     self.trainer.train(client_id, self.client_train[client_id], task.state, task.plan, on_step, task.context)
                 )
-            except NonFiniteLossError as exc:
+            except (NonFiniteLossError, WorkerLost) as exc:  # a NaN loss; a data-parallel worker died
                 results.append(ClientFailure(client_id, task.plan.round, str(exc)))
         if bar is not None:
             bar.done()

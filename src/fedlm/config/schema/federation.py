@@ -34,6 +34,9 @@ class FederationConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for linear and cosine")
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
+    client_processes: int = Field(
+        1, ge=1, description="data-parallel processes per client (gloo on CPU, nccl with one GPU each); a step's batch is split among them"
+    )
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
 
