@@ -47,7 +47,7 @@ from fedlm.federation.tasks import TaskBuilder
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.validation import RoundValidator
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
-from fedlm.models.dtype import default_device
+from fedlm.models.hardware import resolve_device
 from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
@@ -166,7 +166,7 @@ def build_model(
 def client_process_model(config: ExperimentConfig, rank: int) -> tuple[torch.nn.Module, Objective, torch.device]:
     """What data-parallel worker ``rank`` of a client loads (``federation.client_processes``): the same base model,
     adapter and objective as rank 0, on GPU ``rank`` when CUDA is used."""
-    device = default_device()
+    device = resolve_device(config.model.device)
     device = torch.device("cuda", rank) if device.type == "cuda" else device
     loaded, model, objective = build_model(config, RunConsole(quiet=True), device)
     return model, objective, loaded.device
