@@ -15,6 +15,9 @@ Per round a client, known by a 1-based index:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 from flwr.common import ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
@@ -67,8 +70,9 @@ class SecAggClient:
         })
 
     @classmethod
-    def from_record(cls, record: ConfigRecord) -> SecAggClient:
+    def from_record(cls, saved: Mapping[str, Any]) -> SecAggClient:
         """The client :meth:`to_record` saved."""
+        record: Mapping[str, Any] = saved  # the kinds to_record wrote
         client = cls(int(record["index"]))
         client.round, client.threshold, client.length = int(record["round"]), int(record["threshold"]), int(record["length"])
         client.neighbours = [int(v) for v in record["neighbours"]]
@@ -139,7 +143,11 @@ class SecAggClient:
         ids, kinds, out = [], [], []
         for src in sorted(self._held):
             if src in survivors:
-                ids.append(src), kinds.append(0), out.append(self._held[src][0])
+                ids.append(src)
+                kinds.append(0)
+                out.append(self._held[src][0])
             elif src in dropped:
-                ids.append(src), kinds.append(1), out.append(self._held[src][1])
+                ids.append(src)
+                kinds.append(1)
+                out.append(self._held[src][1])
         return wire.message({"ids": ids, "kinds": kinds, "shares": out})

@@ -8,7 +8,8 @@ runtime can send the same messages. The simulation passes each one through :func
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 from flwr.common import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -26,14 +27,21 @@ def message(fields: dict[str, Any], vector: np.ndarray | None = None) -> RecordD
     return RecordDict(records)
 
 
-def fields(msg: RecordDict) -> ConfigRecord:
-    """The scalar and byte fields of a message."""
-    return msg[CONFIG]
+def fields(msg: RecordDict) -> Mapping[str, Any]:
+    """The scalar and byte fields of a message (their kinds are checked where each is read)."""
+    record = msg[CONFIG]
+    if not isinstance(record, ConfigRecord):
+        raise ValueError(f"a SecAgg message's {CONFIG!r} record is a {type(record).__name__}, not a ConfigRecord")
+    return cast(Mapping[str, Any], record)
 
 
 def vector(msg: RecordDict) -> np.ndarray:
     """The uint32 vector of a message."""
-    return np.asarray(msg[VECTOR]["masked"].numpy(), dtype=np.uint32)
+    record = msg[VECTOR]
+    array = record["masked"] if isinstance(record, ArrayRecord) else None
+    if not isinstance(array, Array):
+        raise ValueError(f"a SecAgg message's {VECTOR!r} record holds no array 'masked'")
+    return np.asarray(array.numpy(), dtype=np.uint32)
 
 
 def to_bytes(msg: RecordDict) -> bytes:

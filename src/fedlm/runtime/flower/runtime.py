@@ -76,7 +76,7 @@ class FlowerRuntime:
         for reply in self.grid.send_and_receive(messages, timeout=self.hello_timeout_s):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self._refuse(node, reply.error.reason, round_num)
+                self._refuse(node, reply.error.reason or f"error code {reply.error.code}", round_num)
                 continue
             info = meta(reply.content)
             client = info["client_id"]
@@ -117,9 +117,9 @@ class FlowerRuntime:
         answered: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
-            client = sent.get(node)
-            if client is None:
+            if node not in sent:
                 continue
+            client = sent[node]
             answered.add(node)
             if reply.has_error():
                 code = reply.error.code

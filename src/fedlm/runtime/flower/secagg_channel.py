@@ -74,9 +74,8 @@ class FlowerChannel:
         self.seconds += time.monotonic() - tick
         valid: dict[int, RecordDict] = {}
         for reply in replies:
-            index = sent.pop(reply.metadata.src_node_id, None)
-            if index is not None:
-                self._take(stage, index, reply, valid)
+            if reply.metadata.src_node_id in sent:
+                self._take(stage, sent.pop(reply.metadata.src_node_id), reply, valid)
         for node, index in sent.items():
             self.leave(index, stage, f"node {node} did not reply to {stage} within {self.runtime.round_timeout_s:g}s "
                                       "(it died or lost its connection)", unreachable=True)

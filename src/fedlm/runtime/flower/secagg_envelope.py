@@ -10,6 +10,7 @@ that node from the round (it has dropped out, as in Bonawitz et al. 2017, Sec. 4
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
@@ -45,7 +46,7 @@ def wrap(protocol: RecordDict, round_num: int, stage: str, index: int, client: s
 def head(content: RecordDict) -> tuple[int, str, int, str]:
     """(round, stage, index, client) of a message; :class:`ProtocolMessageError` if it has no valid header."""
     try:
-        h = content.config_records[HEAD]
+        h: Mapping[str, Any] = content.config_records[HEAD]
         return int(h["round"]), str(h["stage"]), int(h["index"]), str(h["client"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolMessageError(f"no valid secure-aggregation header ({type(exc).__name__}: {exc})") from None
@@ -76,7 +77,7 @@ def reply_problem(content: RecordDict, round_num: int, stage: str, index: int, l
 
 
 def _check_fields(content: RecordDict, stage: str, length: int) -> None:
-    fields = content.config_records[wire.CONFIG]
+    fields = wire.fields(content)
     for name, kind in _REPLY_FIELDS[stage].items():
         value = fields[name]
         if kind == "key" and not (isinstance(value, bytes) and len(value) == KEY_BYTES):

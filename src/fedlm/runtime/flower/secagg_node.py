@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 
@@ -40,7 +42,7 @@ FAULT_ENV = "FEDLM_SECAGG_FAULT"
 
 def _load(context: Context, round_num: int, stage: str, index: int) -> SecAggClient:
     """The node's protocol state for ``stage`` of ``round_num``; refuses a message out of order."""
-    record = context.state.config_records.get(STATE)
+    record: Mapping[str, Any] | None = context.state.config_records.get(STATE)
     if record is None:
         raise FedlmError(f"{stage} of round {round_num} arrived, but this node holds no secure-aggregation state")
     done = (int(record["round"]), str(record["stage"]), int(record["index"]))
