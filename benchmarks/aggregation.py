@@ -24,10 +24,18 @@ from common import HERE, read_metrics, run_cli, write_results_block
 START, END = "<!-- aggregation:start -->", "<!-- aggregation:end -->"
 HETERO = [2, 4, 8, 2, 4, 8, 4, 8]  # one rank per client (global r = 8), e.g. three device classes
 RUNS: list[tuple[str, str, bool]] = [
-    ("fedavg", "naive", False), ("fedavgm", "naive", False), ("fedprox", "naive", False), ("scaffold", "naive", False),
-    ("fedadagrad", "naive", False), ("fedadam", "naive", False), ("fedyogi", "naive", False),
-    ("fedavg", "exact", False), ("fedavg", "ffa", False),
-    ("fedavg", "naive", True), ("fedavg", "exact", True), ("fedavg", "ffa", True),
+    ("fedavg", "naive", False),
+    ("fedavgm", "naive", False),
+    ("fedprox", "naive", False),
+    ("scaffold", "naive", False),
+    ("fedadagrad", "naive", False),
+    ("fedadam", "naive", False),
+    ("fedyogi", "naive", False),
+    ("fedavg", "exact", False),
+    ("fedavg", "ffa", False),
+    ("fedavg", "naive", True),
+    ("fedavg", "exact", True),
+    ("fedavg", "ffa", True),
 ]
 
 
@@ -38,9 +46,16 @@ def run_name(name: str, lora: str, hetero: bool) -> str:
 def overrides(args: argparse.Namespace, name: str, lora: str, hetero: bool) -> dict[str, Any]:
     """Settings on top of the quickstart config: fewer steps, loss-only evaluation every round."""
     items: dict[str, Any] = {
-        "model.name": args.model, "federation.rounds": args.rounds, "federation.local_steps": args.local_steps,
-        "federation.clients_per_round": 4, "eval.every": 1, "eval.generate": False, "eval.max_examples": args.eval_examples,
-        "aggregation.name": name, "aggregation.lora": lora, "federation.checkpoint_every": args.rounds,
+        "model.name": args.model,
+        "federation.rounds": args.rounds,
+        "federation.local_steps": args.local_steps,
+        "federation.clients_per_round": 4,
+        "eval.every": 1,
+        "eval.generate": False,
+        "eval.max_examples": args.eval_examples,
+        "aggregation.name": name,
+        "aggregation.lora": lora,
+        "federation.checkpoint_every": args.rounds,
     }
     if hetero:
         items["peft.client_ranks"] = HETERO
@@ -61,7 +76,10 @@ def summarise(folder: Path, name: str, lora: str, hetero: bool) -> dict[str, Any
     test = {r["round"]: r["loss"] for r in records if r.get("split") == "global_test"}
     rounds = [r for r in records if r.get("split") == "aggregate"]
     return {
-        "run": run_name(name, lora, hetero), "aggregator": name, "lora": lora, "ranks": HETERO if hetero else "all 8",
+        "run": run_name(name, lora, hetero),
+        "aggregator": name,
+        "lora": lora,
+        "ranks": HETERO if hetero else "all 8",
         "test_loss": [test[k] for k in sorted(test)],
         "mib_per_round": statistics.mean((r["download_bytes"] + r["upload_bytes"]) / 2**20 for r in rounds),
         "upload_mib_per_round": statistics.mean(r["upload_bytes"] / 2**20 for r in rounds),
@@ -82,10 +100,7 @@ def synthetic_round(clients: int, layers: int = 30, rank: int = 8, seed: int = 0
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
             state[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.02
             state[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.02
-    updates = [
-        ClientUpdate(f"c{k}", 1, 10 + k, {n: torch.randn(t.shape, generator=g) * 1e-3 for n, t in state.items()})
-        for k in range(clients)
-    ]
+    updates = [ClientUpdate(f"c{k}", 1, 10 + k, {n: torch.randn(t.shape, generator=g) * 1e-3 for n, t in state.items()}) for k in range(clients)]
     return state, updates
 
 
@@ -133,8 +148,13 @@ def results_markdown(runs: list[dict[str, Any]], timings: list[dict[str, Any]], 
             f"{'-' if not svd else ', '.join(f'{e:.3f}' for e in svd)} |"
         )
     if timings:
-        lines += ["", "One server step (validation + LoRA mapping + aggregation) on synthetic updates, best of repeats:", "",
-                  "| aggregator | LoRA mode | clients | trainable parameters | seconds |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "One server step (validation + LoRA mapping + aggregation) on synthetic updates, best of repeats:",
+            "",
+            "| aggregator | LoRA mode | clients | trainable parameters | seconds |",
+            "|---|---|---|---|---|",
+        ]
         lines += [f"| {t['aggregator']} | {t['lora']} | {t['clients']} | {t['params']:,} | {t['seconds']:.2f} |" for t in timings]
     lines += ["", "![global-test loss per round](aggregation.png)"]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ def write_results_block(start: str, end: str, heading: str, markdown: str) -> No
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = f"{start}\n{markdown}\n{end}"
     if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text += f"\n## {heading}\n\n{block}\n"
     path.write_text(text)

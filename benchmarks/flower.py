@@ -37,12 +37,20 @@ START, END = "<!-- flower:start -->", "<!-- flower:end -->"
 def build_config(args: argparse.Namespace, output_dir: Path, runtime: str) -> dict[str, Any]:
     """Embedded WordNet data split iid among ``--clients`` clients, every client every round, evaluation only at the end."""
     return {
-        "seed": 0, "output_dir": str(output_dir), "model": {"name": args.model},
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"name": args.model},
         "peft": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"max_train_examples": 80 * args.clients, "max_length": 128},
         "partition": {"method": "iid", "num_clients": args.clients, "field": None},
-        "federation": {"runtime": runtime, "rounds": args.rounds, "clients_per_round": args.clients,
-                       "local_steps": args.steps, "batch_size": 4, "lr": 1e-3},
+        "federation": {
+            "runtime": runtime,
+            "rounds": args.rounds,
+            "clients_per_round": args.clients,
+            "local_steps": args.steps,
+            "batch_size": 4,
+            "lr": 1e-3,
+        },
         "eval": {"max_examples": 16, "max_new_tokens": 4, "batch_size": 8, "at_start": False, "every": 0},
     }
 
@@ -80,8 +88,13 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
     trains = [r for r in read_metrics(flower) if r["split"] == "train"]
     a, b = load_file(str(sim / "adapter" / "adapter_model.safetensors")), load_file(str(flower / "adapter" / "adapter_model.safetensors"))
     return {
-        "model": args.model, "clients": args.clients, "rounds": args.rounds, "local_steps": args.steps, "node_threads": args.node_threads,
-        "simulation_round_s": rounds(sim), "flower_round_s": rounds(flower),
+        "model": args.model,
+        "clients": args.clients,
+        "rounds": args.rounds,
+        "local_steps": args.steps,
+        "node_threads": args.node_threads,
+        "simulation_round_s": rounds(sim),
+        "flower_round_s": rounds(flower),
         "overhead_per_round_s": statistics.mean(rounds(flower)) - statistics.mean(rounds(sim)),
         "model_load_s_per_message": statistics.mean(r["model_load_s"] for r in trains),
         "setup_s_per_message": statistics.mean(r["setup_s"] for r in trains),
@@ -89,14 +102,17 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         "local_train_s_per_message": statistics.mean(r.get("local_train_s", float("nan")) for r in trains),
         # the server's wait beyond its slowest ClientApp: messaging through the SuperLink and Flower's polling
         "transport_s_per_round": statistics.mean(
-            t - max(r.get("clientapp_s", float("nan")) for r in trains if r["round"] == i + 1) for i, t in enumerate(rounds(flower))),
-        "simulation_total_s": sim_s, "flower_total_s": flower_s,
+            t - max(r.get("clientapp_s", float("nan")) for r in trains if r["round"] == i + 1) for i, t in enumerate(rounds(flower))
+        ),
+        "simulation_total_s": sim_s,
+        "flower_total_s": flower_s,
         "adapter_max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
     }
 
 
 def markdown(summaries: list[dict[str, Any]]) -> str:
     """One table over every model measured (each model's summary is kept in ``--out``)."""
+
     def fmt(xs: list[float]) -> str:
         return ", ".join(f"{x:.1f}" for x in xs)
 
@@ -112,8 +128,10 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
-        per_message = " / ".join(f"{s.get(k, float('nan')):.1f}" for k in (
-            "process_start_s_per_message", "model_load_s_per_message", "setup_s_per_message", "local_train_s_per_message"))
+        per_message = " / ".join(
+            f"{s.get(k, float('nan')):.1f}"
+            for k in ("process_start_s_per_message", "model_load_s_per_message", "setup_s_per_message", "local_train_s_per_message")
+        )
         lines.append(
             f"| {s['model']} ({s.get('node_threads', '?')} thread/node) | {s['clients']} x {s['rounds']} x {s['local_steps']} | {fmt(s['simulation_round_s'])} | "
             f"{fmt(s['flower_round_s'])} | {s['overhead_per_round_s']:.1f} | {per_message} | {s.get('transport_s_per_round', float('nan')):.1f} | "
@@ -128,8 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=4, help="local steps per client per round")
-    p.add_argument("--node-threads", type=int, default=max(1, (os.cpu_count() or 1) // 3),
-                   help="CPU threads per SuperNode's ClientApp (the nodes share this machine's cores)")
+    p.add_argument(
+        "--node-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 1) // 3),
+        help="CPU threads per SuperNode's ClientApp (the nodes share this machine's cores)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "flower")
     p.add_argument("--write-results", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)

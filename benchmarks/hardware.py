@@ -35,12 +35,24 @@ import torch
 HERE = Path(__file__).resolve().parent
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": {  # Llama-3.2-1B
-        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "max_position_embeddings": 4096,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 4096,
     },
     "llama-7b": {  # Llama-2-7B
-        "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False, "max_position_embeddings": 4096,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "tie_word_embeddings": False,
+        "max_position_embeddings": 4096,
     },
 }
 MODES = ("float32", "bfloat16", "4bit")
@@ -79,8 +91,15 @@ def _quantize_layers(model: torch.nn.Module, dtype: torch.dtype, device: torch.d
     for module in list(model.model.layers.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Linear:
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+                layer = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=dtype,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
                 weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4")
                 layer.weight = weight.to(device)  # quantized here
                 setattr(module, name, layer)
@@ -111,8 +130,13 @@ def load(model_name: str, mode: str, checkpointing: bool, device: torch.device) 
 
     if model_name == "smollm2-135m":
         dtype = str(compute_dtype(mode, device)).removeprefix("torch.")
-        config = ModelConfig(name="smollm2-135m-instruct", dtype=dtype, device=str(device),  # type: ignore[arg-type]
-                             quantization="4bit" if mode == "4bit" else "none", gradient_checkpointing=checkpointing)
+        config = ModelConfig(
+            name="smollm2-135m-instruct",
+            dtype=dtype,
+            device=str(device),  # type: ignore[arg-type]
+            quantization="4bit" if mode == "4bit" else "none",
+            gradient_checkpointing=checkpointing,
+        )
         return load_base_model(config, device=device).model
     model = random_llama(model_name, mode, device)
     if checkpointing:
@@ -123,6 +147,7 @@ def load(model_name: str, mode: str, checkpointing: bool, device: torch.device) 
 def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(all parameters and buffers, the decoder layers' parameters) in bytes, as held in memory; a 4-bit weight
     counts its packed codes and its quantization state (block scales, double-quantized)."""
+
     def size(p: torch.Tensor) -> int:
         state = getattr(p, "quant_state", None)
         extra = 0
@@ -182,16 +207,28 @@ def measure_row(model_name: str, mode: str, checkpointing: bool, batch: int, seq
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak
     step_s = statistics.median(times) if times else None
     return {
-        "model": model_name, "mode": mode, "checkpointing": checkpointing, "device": str(device),
-        "compute_dtype": str(compute_dtype(mode, device)).removeprefix("torch."), "adapter_dtypes": adapter_dtypes,
-        "batch": batch, "seq": seq, "steps": len(times), "step_s": step_s,
-        "tokens_per_s": batch * seq / step_s if step_s else None, "peak_mib": peak / MiB,
-        "weights_mib": total / MiB, "layer_weights_mib": layers / MiB, "load_s": load_s, "loss": loss,
+        "model": model_name,
+        "mode": mode,
+        "checkpointing": checkpointing,
+        "device": str(device),
+        "compute_dtype": str(compute_dtype(mode, device)).removeprefix("torch."),
+        "adapter_dtypes": adapter_dtypes,
+        "batch": batch,
+        "seq": seq,
+        "steps": len(times),
+        "step_s": step_s,
+        "tokens_per_s": batch * seq / step_s if step_s else None,
+        "peak_mib": peak / MiB,
+        "weights_mib": total / MiB,
+        "layer_weights_mib": layers / MiB,
+        "load_s": load_s,
+        "loss": loss,
     }
 
 
-def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, steps: int, device: torch.device,
-           times: list[float]) -> float:
+def _train(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, steps: int, device: torch.device, times: list[float]
+) -> float:
     """One warm-up step and ``steps`` timed ones (appended to ``times``); the last loss (no step at all with 0)."""
     loss = float("nan")
     for step in range(steps + 1 if steps else 0):
@@ -224,8 +261,22 @@ def run_rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, A
     results = []
     for model, mode, ckpt in rows_for(args.models, args.modes, [c == "on" for c in args.checkpointing], device.type == "cuda"):
         batch, seq = args.batch or (4 if device.type == "cuda" else 1), args.seq or (512 if device.type == "cuda" else 32)
-        cmd = [sys.executable, __file__, "--row", model, mode, "on" if ckpt else "off", "--batch", str(batch),
-               "--seq", str(seq), "--steps", str(args.steps), "--device", str(device)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--row",
+            model,
+            mode,
+            "on" if ckpt else "off",
+            "--batch",
+            str(batch),
+            "--seq",
+            str(seq),
+            "--steps",
+            str(args.steps),
+            "--device",
+            str(device),
+        ]
         print(f"{model} {mode} checkpointing={'on' if ckpt else 'off'} {batch}x{seq} ...", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -284,21 +335,26 @@ def goals(results: list[dict[str, Any]], device: torch.device) -> list[str]:
         f32, bf16 = _find(results, model, "float32", False), _find(results, model, "bfloat16", False)
         if f32 and bf16 and f32["tokens_per_s"] and bf16["tokens_per_s"]:
             ratio = bf16["tokens_per_s"] / f32["tokens_per_s"]
-            out.append(f"- {model}: bfloat16 / float32 tokens/s = {ratio:.3f} (goal >= 1.4 where the hardware has bf16 "
-                       f"matrix units): {'PASS' if ratio >= 1.4 else 'not met'}")
+            out.append(
+                f"- {model}: bfloat16 / float32 tokens/s = {ratio:.3f} (goal >= 1.4 where the hardware has bf16 "
+                f"matrix units): {'PASS' if ratio >= 1.4 else 'not met'}"
+            )
     bf16, q4 = _find(results, "llama-1b", "bfloat16"), _find(results, "llama-1b", "4bit")
     if bf16 and q4:
         total, layers = q4["weights_mib"] / bf16["weights_mib"], q4["layer_weights_mib"] / bf16["layer_weights_mib"]
-        out.append(f"- llama-1b: 4-bit / bfloat16 weight memory = {total:.3f} for the whole model as trained, {layers:.3f} for "
-                   f"the quantized decoder layers (goal <= 0.5): {'PASS' if total <= 0.5 else 'not met'} / "
-                   f"{'PASS' if layers <= 0.5 else 'not met'}")
+        out.append(
+            f"- llama-1b: 4-bit / bfloat16 weight memory = {total:.3f} for the whole model as trained, {layers:.3f} for "
+            f"the quantized decoder layers (goal <= 0.5): {'PASS' if total <= 0.5 else 'not met'} / "
+            f"{'PASS' if layers <= 0.5 else 'not met'}"
+        )
     big = _find(results, "llama-7b", "4bit", True)
     if device.type != "cuda":
-        out.append("- GPU rows (llama-7b 4-bit QLoRA, batch 4 x 512, checkpointing; goal peak < 16 GB): not measured, "
-                   "no CUDA device on this machine")
+        out.append("- GPU rows (llama-7b 4-bit QLoRA, batch 4 x 512, checkpointing; goal peak < 16 GB): not measured, no CUDA device on this machine")
     elif big:
-        out.append(f"- llama-7b 4-bit QLoRA with checkpointing, {big['batch']} x {big['seq']}: peak {big['peak_mib'] / 1024:.2f} GiB "
-                   f"(goal < 16 GB): {'PASS' if big['peak_mib'] * MiB < 16e9 else 'not met'}")
+        out.append(
+            f"- llama-7b 4-bit QLoRA with checkpointing, {big['batch']} x {big['seq']}: peak {big['peak_mib'] / 1024:.2f} GiB "
+            f"(goal < 16 GB): {'PASS' if big['peak_mib'] * MiB < 16e9 else 'not met'}"
+        )
     return out
 
 
@@ -325,8 +381,15 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from common import publish  # noqa: PLC0415
 
-    publish(args.out, results, table, args.write_results, "<!-- hardware:start -->", "<!-- hardware:end -->",
-            "Hardware: dtype, 4-bit base, gradient checkpointing (`benchmarks/hardware.py`)")
+    publish(
+        args.out,
+        results,
+        table,
+        args.write_results,
+        "<!-- hardware:start -->",
+        "<!-- hardware:end -->",
+        "Hardware: dtype, 4-bit base, gradient checkpointing (`benchmarks/hardware.py`)",
+    )
 
 
 if __name__ == "__main__":

@@ -29,9 +29,16 @@ METHODS: dict[str, float] = {"lora": 2e-3, "dora": 2e-3, "ia3": 5e-3, "prefix_tu
 
 def common(args: argparse.Namespace) -> dict[str, Any]:
     items: dict[str, Any] = {
-        "model.name": args.model, "federation.rounds": args.rounds, "federation.local_steps": args.local_steps,
-        "federation.clients_per_round": args.clients, "federation.batch_size": 4, "federation.lr_schedule": "constant",
-        "eval.every": args.rounds, "eval.generate": False, "eval.max_examples": 64, "federation.checkpoint_every": args.rounds,
+        "model.name": args.model,
+        "federation.rounds": args.rounds,
+        "federation.local_steps": args.local_steps,
+        "federation.clients_per_round": args.clients,
+        "federation.batch_size": 4,
+        "federation.lr_schedule": "constant",
+        "eval.every": args.rounds,
+        "eval.generate": False,
+        "eval.max_examples": 64,
+        "federation.checkpoint_every": args.rounds,
     }
     if args.model == "tiny-random-llama":
         items["data.max_length"] = 256
@@ -62,16 +69,31 @@ def part1(args: argparse.Namespace) -> list[dict[str, Any]]:
         final = max(r["round"] for r in records if r.get("split") == "global_test")
         loss = next(r["loss"] for r in records if r.get("split") == "global_test" and r["round"] == final)
         steps = args.clients * args.local_steps
-        rows.append({"method": method, "lr": lr, "trainable": trainable_parameters(folder), "loss": loss,
-                     "bytes_per_round": sum(r["download_bytes"] + r["upload_bytes"] for r in rounds) / len(rounds),
-                     "step_time_s": sum(r["train_time_s"] for r in rounds) / len(rounds) / steps})
+        rows.append(
+            {
+                "method": method,
+                "lr": lr,
+                "trainable": trainable_parameters(folder),
+                "loss": loss,
+                "bytes_per_round": sum(r["download_bytes"] + r["upload_bytes"] for r in rounds) / len(rounds),
+                "step_time_s": sum(r["train_time_s"] for r in rounds) / len(rounds) / steps,
+            }
+        )
     return rows
 
 
 def part2(args: argparse.Namespace) -> dict[str, Any]:
     folder = args.out / "dpo"
-    run_cli(folder, {**common(args), "data.train": "embedded:wordnet_prefs", "objective": '{"name": "dpo", "beta": 0.1}',
-                     "federation.lr": 5e-4, "eval.at_start": True})
+    run_cli(
+        folder,
+        {
+            **common(args),
+            "data.train": "embedded:wordnet_prefs",
+            "objective": '{"name": "dpo", "beta": 0.1}',
+            "federation.lr": 5e-4,
+            "eval.at_start": True,
+        },
+    )
     evals = {r["round"]: r for r in read_metrics(folder) if r.get("split") == "global_test"}
     before, after = evals[min(evals)], evals[max(evals)]
     keys = ("likelihood_accuracy", "preference_accuracy", "reward_margin", "loss")
@@ -81,20 +103,30 @@ def part2(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]], dpo: dict[str, Any] | None, args: argparse.Namespace) -> str:
     lines = []
     if rows:
-        lines += [f"Part 1: `{args.model}`, SFT on the WordNet domains, {args.rounds} rounds x {args.clients} clients x "
-                  f"{args.local_steps} local steps x batch 4 for every method; final global-test loss on 64 examples.", "",
-                  "| peft.method | lr | trainable parameters | MiB per round (down + up) | s per local step | test loss |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"Part 1: `{args.model}`, SFT on the WordNet domains, {args.rounds} rounds x {args.clients} clients x "
+            f"{args.local_steps} local steps x batch 4 for every method; final global-test loss on 64 examples.",
+            "",
+            "| peft.method | lr | trainable parameters | MiB per round (down + up) | s per local step | test loss |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['bytes_per_round'] / 2**20:.1f} | "
-                         f"{r['step_time_s']:.2f} | {r['loss']:.3f} |")
+            lines.append(
+                f"| {r['method']} | {r['lr']:g} | {r['trainable']:,} | {r['bytes_per_round'] / 2**20:.1f} | "
+                f"{r['step_time_s']:.2f} | {r['loss']:.3f} |"
+            )
     if dpo:
         b, a = dpo["before"], dpo["after"]
-        lines += ["", f"Part 2: federated DPO (beta 0.1, lr 5e-4) on `embedded:wordnet_prefs` from the base model, same "
-                  f"rounds and clients; {dpo['examples']} held-out pairs.", "",
-                  "| | likelihood accuracy | preference accuracy (margin > 0) | reward margin | DPO loss |", "|---|---|---|---|---|",
-                  f"| before (round 0) | {b['likelihood_accuracy']:.3f} | {b['preference_accuracy']:.3f} | {b['reward_margin']:.4f} | {b['loss']:.4f} |",
-                  f"| after (round {args.rounds}) | {a['likelihood_accuracy']:.3f} | {a['preference_accuracy']:.3f} | {a['reward_margin']:.4f} | {a['loss']:.4f} |"]
+        lines += [
+            "",
+            f"Part 2: federated DPO (beta 0.1, lr 5e-4) on `embedded:wordnet_prefs` from the base model, same "
+            f"rounds and clients; {dpo['examples']} held-out pairs.",
+            "",
+            "| | likelihood accuracy | preference accuracy (margin > 0) | reward margin | DPO loss |",
+            "|---|---|---|---|---|",
+            f"| before (round 0) | {b['likelihood_accuracy']:.3f} | {b['preference_accuracy']:.3f} | {b['reward_margin']:.4f} | {b['loss']:.4f} |",
+            f"| after (round {args.rounds}) | {a['likelihood_accuracy']:.3f} | {a['preference_accuracy']:.3f} | {a['reward_margin']:.4f} | {a['loss']:.4f} |",
+        ]
     return "\n".join(lines)
 
 
@@ -110,8 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     dpo = part2(args) if args.part in ("2", "all") else None
     rows = part1(args) if args.part in ("1", "all") else []
-    publish(args.out, {"peft": rows, "dpo": dpo}, markdown(rows, dpo, args), args.write_results, START, END,
-            "Lifecycle (`benchmarks/lifecycle.py`)")
+    publish(args.out, {"peft": rows, "dpo": dpo}, markdown(rows, dpo, args), args.write_results, START, END, "Lifecycle (`benchmarks/lifecycle.py`)")
 
 
 if __name__ == "__main__":

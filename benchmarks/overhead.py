@@ -36,17 +36,31 @@ START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 
 def build_config(args: argparse.Namespace) -> Any:
     """The one config of every arm: embedded WordNet data split iid among the clients, constant lr, no eval."""
-    return validate_config({
-        "seed": SEED, "model": {"name": args.model},
-        "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": TARGETS},
-        "data": {"train": "embedded:wordnet_defs", "max_train_examples": args.max_train_examples,
-                 "system_prompt": "Answer with a short dictionary definition.", "max_length": max_length(args)},
-        "partition": {"method": "iid", "num_clients": args.clients},
-        "federation": {"rounds": ROUNDS, "clients_per_round": args.clients, "batch_size": args.batch_size,
-                       "local_steps": args.steps // (args.clients * ROUNDS), "lr": LR, "lr_schedule": "constant",
-                       "weight_decay": 0.0, "max_grad_norm": 1.0},
-        "eval": {"max_examples": 8, "at_start": False, "generate": False},
-    })
+    return validate_config(
+        {
+            "seed": SEED,
+            "model": {"name": args.model},
+            "peft": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": TARGETS},
+            "data": {
+                "train": "embedded:wordnet_defs",
+                "max_train_examples": args.max_train_examples,
+                "system_prompt": "Answer with a short dictionary definition.",
+                "max_length": max_length(args),
+            },
+            "partition": {"method": "iid", "num_clients": args.clients},
+            "federation": {
+                "rounds": ROUNDS,
+                "clients_per_round": args.clients,
+                "batch_size": args.batch_size,
+                "local_steps": args.steps // (args.clients * ROUNDS),
+                "lr": LR,
+                "lr_schedule": "constant",
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+            },
+            "eval": {"max_examples": 8, "at_start": False, "generate": False},
+        }
+    )
 
 
 def max_length(args: argparse.Namespace) -> int:
@@ -79,9 +93,19 @@ def pad_batch(examples: list[Any], pad_id: int) -> dict[str, torch.Tensor]:
 def arm_result(elapsed: float, steps: int, loss: float, tokens: int, hwm_before: int, loaded: Any, examples: list[Any]) -> dict[str, Any]:
     """One arm's measurements plus what it trained on (dtype, device, sequence lengths)."""
     lengths = [len(ex.input_ids) for ex in examples]
-    return {"time_s": elapsed, "steps": steps, "mean_loss": loss, "padded_tokens": tokens, "hwm_before_train_kib": hwm_before,
-            "dtype": str(loaded.dtype).removeprefix("torch."), "device": str(loaded.device), "num_examples": len(lengths),
-            "seq_len_mean": sum(lengths) / len(lengths), "seq_len_min": min(lengths), "seq_len_max": max(lengths)}
+    return {
+        "time_s": elapsed,
+        "steps": steps,
+        "mean_loss": loss,
+        "padded_tokens": tokens,
+        "hwm_before_train_kib": hwm_before,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+        "num_examples": len(lengths),
+        "seq_len_mean": sum(lengths) / len(lengths),
+        "seq_len_min": min(lengths),
+        "seq_len_max": max(lengths),
+    }
 
 
 def arm_plain(config: Any, steps: int) -> dict[str, Any]:
@@ -147,8 +171,11 @@ def arm_federated(config: Any, steps: int) -> dict[str, Any]:
     session = build_session(config, console)
     fed, data = config.federation, session.data
     aggregator = build_aggregator(config.aggregation.name, config.aggregation.params())
-    plans = [(data.client_train[c], derive_seed(SEED, "local", rnd, c)) for rnd in range(1, fed.rounds + 1)
-             for c in sample_clients(data.client_names, fed.clients_per_round, SEED, rnd)]  # as ServerLoop.run_round
+    plans = [
+        (data.client_train[c], derive_seed(SEED, "local", rnd, c))
+        for rnd in range(1, fed.rounds + 1)
+        for c in sample_clients(data.client_names, fed.clients_per_round, SEED, rnd)
+    ]  # as ServerLoop.run_round
     tokens = sum(padded_tokens(ex, batch_indices(len(ex), fed.local_steps, fed.batch_size, seed)) for ex, seed in plans)
     with tempfile.TemporaryDirectory() as tmp:
         log = MetricsLog((run_dir := RunDir(Path(tmp))).metrics)
@@ -195,25 +222,45 @@ def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -
     """Medians per arm, the ratios to (a) and the verdict against both goals."""
     arms: dict[str, Any] = {}
     for arm, results in runs.items():
-        arms[arm] = {"label": ARMS[arm], "time_s": statistics.median(r["time_s"] for r in results),
-                     "times_s": [r["time_s"] for r in results], **{k: results[0][k] for k in ("steps", "mean_loss", "padded_tokens")},
-                     "peak_rss_mib": statistics.median(r["peak_rss_kib"] for r in results) / 1024,
-                     "rss_before_train_mib": statistics.median(r["hwm_before_train_kib"] for r in results) / 1024}
+        arms[arm] = {
+            "label": ARMS[arm],
+            "time_s": statistics.median(r["time_s"] for r in results),
+            "times_s": [r["time_s"] for r in results],
+            **{k: results[0][k] for k in ("steps", "mean_loss", "padded_tokens")},
+            "peak_rss_mib": statistics.median(r["peak_rss_kib"] for r in results) / 1024,
+            "rss_before_train_mib": statistics.median(r["hwm_before_train_kib"] for r in results) / 1024,
+        }
     for arm in arms.values():
         arm["time_ratio"] = arm["time_s"] / arms["plain"]["time_s"]
         arm["rss_ratio"] = arm["peak_rss_mib"] / arms["plain"]["peak_rss_mib"]
     fed, ref = arms["federated"], runs["plain"][0]
     return {
         "machine": {**machine_info(), "torch_threads": ref["torch_threads"]},
-        "settings": {"model": args.model, "dtype": ref["dtype"], "device": ref["device"], "steps": args.steps,
-                     "batch_size": args.batch_size, "clients": args.clients, "rounds": ROUNDS,
-                     "local_steps": args.steps // (args.clients * ROUNDS), "lr": LR, "repeats": args.repeats,
-                     "max_length": max_length(args), "seq_len_mean": round(ref["seq_len_mean"], 1),
-                     **{k: ref[k] for k in ("num_examples", "seq_len_min", "seq_len_max")}},
+        "settings": {
+            "model": args.model,
+            "dtype": ref["dtype"],
+            "device": ref["device"],
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "clients": args.clients,
+            "rounds": ROUNDS,
+            "local_steps": args.steps // (args.clients * ROUNDS),
+            "lr": LR,
+            "repeats": args.repeats,
+            "max_length": max_length(args),
+            "seq_len_mean": round(ref["seq_len_mean"], 1),
+            **{k: ref[k] for k in ("num_examples", "seq_len_min", "seq_len_max")},
+        },
         "arms": arms,
-        "goals": {"time_ratio_c_a": fed["time_ratio"], "time_goal": TIME_GOAL, "time_pass": fed["time_ratio"] <= TIME_GOAL,
-                  "time_ratio_b_a": arms["central"]["time_ratio"], "rss_ratio_c_a": fed["rss_ratio"],
-                  "rss_goal": RSS_GOAL, "rss_pass": fed["rss_ratio"] <= RSS_GOAL},
+        "goals": {
+            "time_ratio_c_a": fed["time_ratio"],
+            "time_goal": TIME_GOAL,
+            "time_pass": fed["time_ratio"] <= TIME_GOAL,
+            "time_ratio_b_a": arms["central"]["time_ratio"],
+            "rss_ratio_c_a": fed["rss_ratio"],
+            "rss_goal": RSS_GOAL,
+            "rss_pass": fed["rss_ratio"] <= RSS_GOAL,
+        },
     }
 
 
@@ -231,12 +278,16 @@ def markdown(summary: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a in summary["arms"].values():
-        lines.append(f"| {a['label']} | {a['time_s']:.2f} | {a['time_ratio']:.3f} | {a['peak_rss_mib']:.0f} | "
-                     f"{a['rss_ratio']:.3f} | {a['rss_before_train_mib']:.0f} | {a['padded_tokens']} | {a['mean_loss']:.4f} |")
-    lines += ["",
-              f"- time (c)/(a) = {g['time_ratio_c_a']:.3f} (goal <= {g['time_goal']}): **{'PASS' if g['time_pass'] else 'FAIL'}**; "
-              f"(b)/(a) = {g['time_ratio_b_a']:.3f}",
-              f"- peak RSS (c)/(a) = {g['rss_ratio_c_a']:.3f} (goal <= {g['rss_goal']}): **{'PASS' if g['rss_pass'] else 'FAIL'}**"]
+        lines.append(
+            f"| {a['label']} | {a['time_s']:.2f} | {a['time_ratio']:.3f} | {a['peak_rss_mib']:.0f} | "
+            f"{a['rss_ratio']:.3f} | {a['rss_before_train_mib']:.0f} | {a['padded_tokens']} | {a['mean_loss']:.4f} |"
+        )
+    lines += [
+        "",
+        f"- time (c)/(a) = {g['time_ratio_c_a']:.3f} (goal <= {g['time_goal']}): **{'PASS' if g['time_pass'] else 'FAIL'}**; "
+        f"(b)/(a) = {g['time_ratio_b_a']:.3f}",
+        f"- peak RSS (c)/(a) = {g['rss_ratio_c_a']:.3f} (goal <= {g['rss_goal']}): **{'PASS' if g['rss_pass'] else 'FAIL'}**",
+    ]
     return "\n".join(lines)
 
 

@@ -35,8 +35,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "client z=0.001": {"privacy.client_dp": {"noise_multiplier": 0.001, "clip": CLIP}},
     "client z=0.01": {"privacy.client_dp": {"noise_multiplier": 0.01, "clip": CLIP}},
     "none + secagg": {"privacy.secure_aggregation": {}},
-    "client z=0.01 + secagg": {"privacy.client_dp": {"noise_multiplier": 0.01, "clip": CLIP, "mode": "distributed"},
-                               "privacy.secure_aggregation": {}},
+    "client z=0.01 + secagg": {
+        "privacy.client_dp": {"noise_multiplier": 0.01, "clip": CLIP, "mode": "distributed"},
+        "privacy.secure_aggregation": {},
+    },
     "client z=0.1": {"privacy.client_dp": {"noise_multiplier": 0.1, "clip": CLIP}},
     "sample z=1": {"privacy.sample_dp": {"noise_multiplier": 1.0, "max_grad_norm": CLIP}},
 }
@@ -52,17 +54,29 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part1_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {**model_overrides(args), "data.max_train_examples": args.train_examples, "federation.rounds": args.rounds,
-            "federation.local_steps": args.local_steps, "federation.batch_size": 4, "federation.clients_per_round": 8,
-            "federation.lr": args.lr, "federation.lr_schedule": "constant", "eval.every": args.rounds, "eval.at_start": False,
-            "eval.generate": False, "eval.max_examples": 64, "federation.checkpoint_every": args.rounds}
+    return {
+        **model_overrides(args),
+        "data.max_train_examples": args.train_examples,
+        "federation.rounds": args.rounds,
+        "federation.local_steps": args.local_steps,
+        "federation.batch_size": 4,
+        "federation.clients_per_round": 8,
+        "federation.lr": args.lr,
+        "federation.lr_schedule": "constant",
+        "eval.every": args.rounds,
+        "eval.at_start": False,
+        "eval.generate": False,
+        "eval.max_examples": 64,
+        "federation.checkpoint_every": args.rounds,
+    }
 
 
 def audit(folder: Path, examples: int) -> dict[str, Any]:
     """``fedlm audit`` once per run folder; its audit.json."""
     if not (folder / "audit.json").is_file():
-        subprocess.run([sys.executable, "-m", "fedlm.cli", "audit", str(folder), "--max-examples", str(examples)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "fedlm.cli", "audit", str(folder), "--max-examples", str(examples)], check=True, stdout=subprocess.DEVNULL
+        )
     return json.loads((folder / "audit.json").read_text())
 
 
@@ -82,9 +96,18 @@ def part1(args: argparse.Namespace) -> list[dict[str, Any]]:
         report = audit(folder, args.audit_examples)
         scores = {k: v for k, v in report.items() if isinstance(v, dict) and "auc" in v}
         best = max(scores, key=lambda k: scores[k]["auc"])
-        rows.append({"setting": label, "loss": loss, "epsilon_client": eps_client, "epsilon_sample": eps_sample,
-                     "auc": scores[best]["auc"], "auc_score": best, "tpr_at_1pct": scores[best].get("tpr_at_fpr_0.01"),
-                     "round_time_s": sum(r["train_time_s"] for r in rounds) / len(rounds)})
+        rows.append(
+            {
+                "setting": label,
+                "loss": loss,
+                "epsilon_client": eps_client,
+                "epsilon_sample": eps_sample,
+                "auc": scores[best]["auc"],
+                "auc_score": best,
+                "tpr_at_1pct": scores[best].get("tpr_at_fpr_0.01"),
+                "round_time_s": sum(r["train_time_s"] for r in rounds) / len(rounds),
+            }
+        )
     return rows
 
 
@@ -92,10 +115,21 @@ def part2(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for n in args.clients:
         k = None if n <= 10 else 2 * math.ceil(math.log2(n))
-        base = {**model_overrides(args), "partition.method": "iid", "partition.num_clients": n, "partition.field": "null",
-                "data.max_train_examples": 8 * n, "federation.rounds": 1, "federation.local_steps": args.overhead_steps,
-                "federation.batch_size": args.overhead_batch, "federation.clients_per_round": n, "eval.every": 1, "eval.at_start": False,
-                "eval.generate": False, "eval.max_examples": 8}
+        base = {
+            **model_overrides(args),
+            "partition.method": "iid",
+            "partition.num_clients": n,
+            "partition.field": "null",
+            "data.max_train_examples": 8 * n,
+            "federation.rounds": 1,
+            "federation.local_steps": args.overhead_steps,
+            "federation.batch_size": args.overhead_batch,
+            "federation.clients_per_round": n,
+            "eval.every": 1,
+            "eval.at_start": False,
+            "eval.generate": False,
+            "eval.max_examples": 8,
+        }
         for secure in (False, True):
             work = "" if (args.overhead_steps, args.overhead_batch) == (1, 2) else f"{args.overhead_steps}x{args.overhead_batch}-"
             folder = args.out / "overhead" / f"{n}-{work}{'secagg' if secure else 'plain'}"
@@ -107,10 +141,19 @@ def part2(args: argparse.Namespace) -> list[dict[str, Any]]:
             run_cli(folder, items)
             (agg,) = [r for r in read_metrics(folder) if r.get("split") == "aggregate"]
             m = agg["aggregation"]
-            rows.append({"clients": n, "local_work": f"{args.overhead_steps} x batch {args.overhead_batch}", "secure": secure, "neighbours": k if secure else None, "round_time_s": agg["train_time_s"],
-                         "protocol_s": (m.get("secagg_client_time_s", 0) + m.get("secagg_server_time_s", 0)) if secure else 0.0,
-                         "aggregate_s": m["aggregate_time_s"],
-                         "upload_bytes": agg["upload_bytes"], "download_bytes": agg["download_bytes"]})
+            rows.append(
+                {
+                    "clients": n,
+                    "local_work": f"{args.overhead_steps} x batch {args.overhead_batch}",
+                    "secure": secure,
+                    "neighbours": k if secure else None,
+                    "round_time_s": agg["train_time_s"],
+                    "protocol_s": (m.get("secagg_client_time_s", 0) + m.get("secagg_server_time_s", 0)) if secure else 0.0,
+                    "aggregate_s": m["aggregate_time_s"],
+                    "upload_bytes": agg["upload_bytes"],
+                    "download_bytes": agg["download_bytes"],
+                }
+            )
     return rows
 
 
@@ -126,17 +169,25 @@ def markdown(rows1: list[dict[str, Any]], rows2: list[dict[str, Any]], args: arg
             f"all, {args.rounds} rounds x {args.local_steps} local steps x batch 4, lr {args.lr}; loss on 64 test examples; "
             f"audit on {args.audit_examples} members vs {args.audit_examples} non-members (best of loss / zlib / Min-K%). "
             f"Client-level DP clips each update to {CLIP} and noises the sum; epsilon at delta 1e-5 with q = 8/8.",
-            "", "| setting | test loss | epsilon (client-level) | epsilon (sample-level, worst client) | MIA AUC | TPR at 1% FPR | round time (s) |",
-            "|---|---|---|---|---|---|---|"]
+            "",
+            "| setting | test loss | epsilon (client-level) | epsilon (sample-level, worst client) | MIA AUC | TPR at 1% FPR | round time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in rows1:
             tpr = "-" if r["tpr_at_1pct"] is None else f"{r['tpr_at_1pct']:.2f}"
-            lines.append(f"| {r['setting']} | {r['loss']:.3f} | {fmt_eps(r['epsilon_client'])} | {fmt_eps(r['epsilon_sample'])} | "
-                         f"{r['auc']:.3f} ({r['auc_score']}) | {tpr} | {r['round_time_s']:.0f} |")
+            lines.append(
+                f"| {r['setting']} | {r['loss']:.3f} | {fmt_eps(r['epsilon_client'])} | {fmt_eps(r['epsilon_sample'])} | "
+                f"{r['auc']:.3f} ({r['auc_score']}) | {tpr} | {r['round_time_s']:.0f} |"
+            )
     if rows2:
-        lines += ["", f"Part 2: one round on `{args.model}`, every client's local steps as given; secure aggregation on the "
-                  "round's clients (bytes: all protocol messages, Flower-encoded, vs the plain safetensors upload).", "",
-                  "| clients | local steps | graph | round time plain (s) | round time SecAgg (s) | wall ratio | protocol compute (s) | all SecAgg work (s) | SecAgg work / plain round | bytes up+down plain (MiB) | bytes SecAgg (MiB) | bytes ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Part 2: one round on `{args.model}`, every client's local steps as given; secure aggregation on the "
+            "round's clients (bytes: all protocol messages, Flower-encoded, vs the plain safetensors upload).",
+            "",
+            "| clients | local steps | graph | round time plain (s) | round time SecAgg (s) | wall ratio | protocol compute (s) | all SecAgg work (s) | SecAgg work / plain round | bytes up+down plain (MiB) | bytes SecAgg (MiB) | bytes ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         by = {(r["clients"], r["local_work"], r["secure"]): r for r in rows2}
         for n, work, secure in sorted(by):
             if secure or (n, work, True) not in by:
@@ -145,12 +196,17 @@ def markdown(rows1: list[dict[str, Any]], rows2: list[dict[str, Any]], args: arg
             pb, sb = p["upload_bytes"] + p["download_bytes"], s["upload_bytes"] + s["download_bytes"]
             graph = "all pairs (SecAgg)" if s["neighbours"] is None else f"k = {s['neighbours']} (SecAgg+)"
             added = s["aggregate_s"] - p["aggregate_s"]  # encoding, the protocol (clients and server), decoding
-            lines.append(f"| {n} | {work} | {graph} | {p['round_time_s']:.1f} | {s['round_time_s']:.1f} | {s['round_time_s'] / p['round_time_s']:.3f} | "
-                         f"{s['protocol_s']:.1f} | {added:.1f} | {added / p['round_time_s']:.1%} | {pb / 2**20:.1f} | {sb / 2**20:.1f} | {sb / pb:.3f} |")
-        lines += ["", "Round time includes every client's local training (sequential in the simulation). The protocol "
-                  "compute is key agreement, Shamir sharing, masks and unmasking (clients' and server's); all SecAgg work "
-                  "adds fixed-point encoding and decoding (the SecAgg run's aggregation time minus the plain run's). The "
-                  "wall ratio also carries the noise of a shared 2-core machine; the work column is what SecAgg adds."]
+            lines.append(
+                f"| {n} | {work} | {graph} | {p['round_time_s']:.1f} | {s['round_time_s']:.1f} | {s['round_time_s'] / p['round_time_s']:.3f} | "
+                f"{s['protocol_s']:.1f} | {added:.1f} | {added / p['round_time_s']:.1%} | {pb / 2**20:.1f} | {sb / 2**20:.1f} | {sb / pb:.3f} |"
+            )
+        lines += [
+            "",
+            "Round time includes every client's local training (sequential in the simulation). The protocol "
+            "compute is key agreement, Shamir sharing, masks and unmasking (clients' and server's); all SecAgg work "
+            "adds fixed-point encoding and decoding (the SecAgg run's aggregation time minus the plain run's). The "
+            "wall ratio also carries the noise of a shared 2-core machine; the work column is what SecAgg adds.",
+        ]
     return "\n".join(lines)
 
 
@@ -177,8 +233,9 @@ def main() -> None:
             args.overhead_steps, args.overhead_batch = steps, batch
             rows2 += part2(args)
     rows1 = part1(args) if args.part in ("1", "all") else []
-    publish(args.out, {"part1": rows1, "part2": rows2}, markdown(rows1, rows2, args), args.write_results, START, END,
-            "Privacy (`benchmarks/privacy.py`)")
+    publish(
+        args.out, {"part1": rows1, "part2": rows2}, markdown(rows1, rows2, args), args.write_results, START, END, "Privacy (`benchmarks/privacy.py`)"
+    )
 
 
 if __name__ == "__main__":

@@ -49,16 +49,29 @@ ATTACKS: dict[str, dict[str, Any]] = {
 STUDY_BACKDOOR = {"poison_fraction": 0.5, "boost": 8.0, "local_steps": 10}
 FULL_MATRIX = ["sign_flip", "scaling", "gaussian_noise", "alie", "ipm", "backdoor"]  # the others on request
 DEFENCES: dict[str, dict[str, Any]] = {
-    "fedavg": {}, "median": {}, "trimmed_mean": {"beta": 0.25}, "multikrum": {"num_malicious": 2},
-    "norm_bound": {}, "flame": {}, "fltrust": {"root_size": 64},
+    "fedavg": {},
+    "median": {},
+    "trimmed_mean": {"beta": 0.25},
+    "multikrum": {"num_malicious": 2},
+    "norm_bound": {},
+    "flame": {},
+    "fltrust": {"root_size": 64},
 }
 
 
 def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
     items: dict[str, Any] = {
-        "model.name": args.model, "federation.rounds": args.rounds, "federation.local_steps": args.local_steps,
-        "federation.clients_per_round": 8, "federation.batch_size": args.batch_size, "federation.lr_schedule": "constant", "eval.every": args.rounds,
-        "eval.at_start": False, "eval.generate": False, "eval.max_examples": args.eval_examples, "eval.max_new_tokens": 12,
+        "model.name": args.model,
+        "federation.rounds": args.rounds,
+        "federation.local_steps": args.local_steps,
+        "federation.clients_per_round": 8,
+        "federation.batch_size": args.batch_size,
+        "federation.lr_schedule": "constant",
+        "eval.every": args.rounds,
+        "eval.at_start": False,
+        "eval.generate": False,
+        "eval.max_examples": args.eval_examples,
+        "eval.max_new_tokens": 12,
         "federation.checkpoint_every": args.rounds,
     }
     if args.model == "tiny-random-llama":
@@ -118,13 +131,20 @@ def cell(args: argparse.Namespace, defence: str, attack: str | None, count: int,
     refusal = [r["refusal_rate"] for r in records if r.get("split") == "safety_test" and r["round"] == final]
     rounds = [r for r in records if r.get("split") == "aggregate"]
     outcome = [r.get("attack", {}) for r in rounds]
-    return {"defence": defence, "attack": attack or "none", "malicious": count if attack else 0, "loss": loss,
-            "asr": asr[0] if asr else None, "target_loss": target[0] if target else None, "refusal_rate": refusal[0] if refusal else None,
-            "round_time_s": statistics.mean(r["train_time_s"] for r in rounds),
-            "aggregate_time_s": statistics.mean(r["aggregation"].get("aggregate_time_s", float("nan")) for r in rounds),
-            "attackers_excluded": sum(len(o.get("excluded_malicious", [])) for o in outcome),
-            "honest_excluded": sum(len(o.get("excluded_honest", [])) for o in outcome),
-            "attacker_rounds": count * len(rounds) if attack else 0}
+    return {
+        "defence": defence,
+        "attack": attack or "none",
+        "malicious": count if attack else 0,
+        "loss": loss,
+        "asr": asr[0] if asr else None,
+        "target_loss": target[0] if target else None,
+        "refusal_rate": refusal[0] if refusal else None,
+        "round_time_s": statistics.mean(r["train_time_s"] for r in rounds),
+        "aggregate_time_s": statistics.mean(r["aggregation"].get("aggregate_time_s", float("nan")) for r in rounds),
+        "attackers_excluded": sum(len(o.get("excluded_malicious", [])) for o in outcome),
+        "honest_excluded": sum(len(o.get("excluded_honest", [])) for o in outcome),
+        "attacker_rounds": count * len(rounds) if attack else 0,
+    }
 
 
 def _cell_text(r: dict[str, Any], clean_fedavg: float | None) -> str:
@@ -153,10 +173,12 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: 
         f"target answer on them (target NLL: lower means the backdoor is further along), safety refusal rate on 60 held-out "
         f"harmful prompts, and how many attacker-rounds the defence excluded. norm_bound threshold {max_norm:.4g} "
         "(median clean update norm).",
-        "", "| attack | malicious | " + " | ".join(defences) + " |", "|---|---|" + "---|" * len(defences),
+        "",
+        "| attack | malicious | " + " | ".join(defences) + " |",
+        "|---|---|" + "---|" * len(defences),
     ]
     for attack in ["none", *ATTACKS]:
-        for count in ([0] if attack == "none" else [1, 2]):
+        for count in [0] if attack == "none" else [1, 2]:
             if not any((d, attack, count) in by for d in defences):
                 continue
             cells = [_cell_text(by[(d, attack, count)], clean_fedavg) if (d, attack, count) in by else "-" for d in defences]
@@ -164,10 +186,15 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace, max_norm: 
     base = by.get(("fedavg", "none", 0))
     costs = [d for d in defences if (d, "none", 0) in by]
     if base:
-        lines += ["", "Cost of each defence without attack: server aggregation time per round (wall round time incl. "
-                  "local training, relative to FedAvg): " + ", ".join(
-                      f"{d} {by[(d, 'none', 0)]['aggregate_time_s'] * 1000:.0f} ms "
-                      f"({by[(d, 'none', 0)]['round_time_s'] / base['round_time_s']:.2f}x)" for d in costs)]
+        lines += [
+            "",
+            "Cost of each defence without attack: server aggregation time per round (wall round time incl. "
+            "local training, relative to FedAvg): "
+            + ", ".join(
+                f"{d} {by[(d, 'none', 0)]['aggregate_time_s'] * 1000:.0f} ms ({by[(d, 'none', 0)]['round_time_s'] / base['round_time_s']:.2f}x)"
+                for d in costs
+            ),
+        ]
     lines += ["", "`ok`: clean loss within 10% of FedAvg without attack and (backdoor) ASR under 10%."]
     if clean_target is not None:
         lines += [f"Backdoor target NLL of the clean FedAvg model (no attack): {clean_target:.2f}."]
@@ -216,8 +243,11 @@ def main() -> None:
         if (folder / "adapter").is_dir() and defence in DEFENCES and (defence, attack, int(count)) not in known:
             results.append(cell(args, defence, None if attack == "none" else attack, int(count), max_norm))
     results = [r for r in results if r is not None]
-    markers = (STUDY_START, STUDY_END, "Robustness: a backdoor that takes hold (`benchmarks/robustness.py --backdoor-study`)") \
-        if study else (START, END, "Robustness (`benchmarks/robustness.py`)")
+    markers = (
+        (STUDY_START, STUDY_END, "Robustness: a backdoor that takes hold (`benchmarks/robustness.py --backdoor-study`)")
+        if study
+        else (START, END, "Robustness (`benchmarks/robustness.py`)")
+    )
     publish(args.out, results, markdown(results, args, max_norm, clean_target_loss(args)), args.write_results, *markers)
 
 

@@ -127,9 +127,7 @@ TEST_PHRASINGS: tuple[str, ...] = (
 Record = dict[str, str]
 
 
-def build_split(
-    topics: tuple[tuple[str, str], ...], phrasings: tuple[str, ...], answers: tuple[str, ...], rng: random.Random
-) -> list[Record]:
+def build_split(topics: tuple[tuple[str, str], ...], phrasings: tuple[str, ...], answers: tuple[str, ...], rng: random.Random) -> list[Record]:
     """Every topic in every phrasing, each with a seeded answer wording, in a seeded order."""
     records = [
         {"instruction": phrasing.format(x=action), "input": "", "output": rng.choice(answers), "category": category}

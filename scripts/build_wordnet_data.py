@@ -46,17 +46,51 @@ MAX_GLOSS_WORDS = 30
 # WordNet 3.0 lexicographer file names, indexed by lex_filenum (lexnames(5)).
 # Used when the database directory has no ``lexnames`` file (Debian omits it).
 LEXNAMES: tuple[str, ...] = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal",
-    "noun.artifact", "noun.attribute", "noun.body", "noun.cognition",
-    "noun.communication", "noun.event", "noun.feeling", "noun.food",
-    "noun.group", "noun.location", "noun.motive", "noun.object",
-    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession",
-    "noun.process", "noun.quantity", "noun.relation", "noun.shape",
-    "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change",
-    "verb.cognition", "verb.communication", "verb.competition",
-    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion",
-    "verb.motion", "verb.perception", "verb.possession", "verb.social",
-    "verb.stative", "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 )
 POS_FILES: dict[str, str] = {"noun": "noun", "verb": "verb", "adj": "adj", "adv": "adv"}
 SS_TYPE_POS: dict[str, str] = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
@@ -213,9 +247,7 @@ def collect_candidates(wordnet_dir: Path) -> dict[str, list[Example]]:
     return per_domain
 
 
-def split_examples(
-    per_domain: dict[str, list[Example]], rng: random.Random
-) -> tuple[list[Example], list[Example]]:
+def split_examples(per_domain: dict[str, list[Example]], rng: random.Random) -> tuple[list[Example], list[Example]]:
     """Sample N_TEST test then N_TRAIN train examples per domain, disjoint by word.
 
     Test words are drawn first for every domain; train examples are then drawn
@@ -269,9 +301,7 @@ def parse_args() -> argparse.Namespace:
     """Parse command-line options (all optional)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wordnet-dir", type=Path, default=Path("/usr/share/wordnet"))
-    parser.add_argument(
-        "--out", type=Path, default=Path("src/fedlm/data/embedded/wordnet_defs")
-    )
+    parser.add_argument("--out", type=Path, default=Path("src/fedlm/data/embedded/wordnet_defs"))
     return parser.parse_args()
 
 

@@ -47,16 +47,18 @@ def pairs(records: list[dict], rng: random.Random) -> list[dict]:
             other = pool[rng.randrange(len(pool))]
             if other["output"] != record["output"]:
                 break
-        out.append({
-            "prompt": record["instruction"],
-            "chosen": record["output"],
-            "rejected": other["output"],
-            "domain": record["domain"],
-            "word": record["word"],
-            "pos": record["pos"],
-            "synset": record["synset"],
-            "rejected_synset": other["synset"],
-        })
+        out.append(
+            {
+                "prompt": record["instruction"],
+                "chosen": record["output"],
+                "rejected": other["output"],
+                "domain": record["domain"],
+                "word": record["word"],
+                "pos": record["pos"],
+                "synset": record["synset"],
+                "rejected_synset": other["synset"],
+            }
+        )
     return out
 
 

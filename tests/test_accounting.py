@@ -238,8 +238,7 @@ def _plan(app: typer.Typer, *args: str):  # noqa: ANN202 - click's Result
 
 
 def test_cli_plan_prints_a_sigma_for_a_reachable_target(privacy_cli: typer.Typer) -> None:
-    result = _plan(privacy_cli, "--epsilon", "4", "--delta", "1e-5", "--rounds", "100",
-                   "--clients-per-round", "10", "--num-clients", "100")
+    result = _plan(privacy_cli, "--epsilon", "4", "--delta", "1e-5", "--rounds", "100", "--clients-per-round", "10", "--num-clients", "100")
     assert result.exit_code == 0, result.output
     assert "epsilon (RDP)" in result.output and "epsilon (PLD)" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("│"))
@@ -249,8 +248,7 @@ def test_cli_plan_prints_a_sigma_for_a_reachable_target(privacy_cli: typer.Typer
 
 
 def test_cli_plan_reports_epsilon_for_a_sigma(privacy_cli: typer.Typer) -> None:
-    result = _plan(privacy_cli, "--noise-multiplier", "1.2", "--rounds", "100",
-                   "--clients-per-round", "10", "--num-clients", "100")
+    result = _plan(privacy_cli, "--noise-multiplier", "1.2", "--rounds", "100", "--clients-per-round", "10", "--num-clients", "100")
     assert result.exit_code == 0, result.output
     assert f"{epsilon(1.2, 0.1, 100, 1e-5, 'rdp'):.4f}" in result.output
 
@@ -259,8 +257,7 @@ def test_cli_plan_reports_epsilon_for_a_sigma(privacy_cli: typer.Typer) -> None:
     ("args", "needle"),
     [
         (["--epsilon", "0.0001", "--rounds", "1000", "--clients-per-round", "5", "--num-clients", "5"], "unreachable"),
-        (["--epsilon", "4", "--delta", "1.5", "--rounds", "10", "--clients-per-round", "2", "--num-clients", "10"],
-         "`delta`"),
+        (["--epsilon", "4", "--delta", "1.5", "--rounds", "10", "--clients-per-round", "2", "--num-clients", "10"], "`delta`"),
         (["--epsilon", "4", "--rounds", "10", "--clients-per-round", "20", "--num-clients", "10"], "`num_clients`"),
     ],
 )

@@ -62,8 +62,17 @@ def _cli_error(tmp_path: Path, config: dict[str, Any], *args: str) -> str:
         ({"name": "fedavgm", "momentum": 1}, "aggregation.momentum"),
         ({"name": "scaffold", "option": "III"}, "aggregation.option"),
     ],
-    ids=["fedadam-beta1-1", "fedadam-beta1-1.5", "fedyogi-beta2-1", "fedadam-tau-0", "fedadam-tau-neg",
-         "fedadagrad-eta-0", "fedprox-mu-neg", "fedavgm-momentum-1", "scaffold-option-III"],
+    ids=[
+        "fedadam-beta1-1",
+        "fedadam-beta1-1.5",
+        "fedyogi-beta2-1",
+        "fedadam-tau-0",
+        "fedadam-tau-neg",
+        "fedadagrad-eta-0",
+        "fedprox-mu-neg",
+        "fedavgm-momentum-1",
+        "scaffold-option-III",
+    ],
 )
 def test_aggregator_parameter_out_of_range_names_the_field(tmp_path: Path, aggregation: dict[str, Any], field: str) -> None:
     """A parameter outside its domain is refused at load, naming `aggregation.<param>` and the aggregator."""
@@ -116,8 +125,11 @@ def test_bad_aggregator_parameter_via_the_cli(tmp_path: Path) -> None:
 # peft.client_ranks ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ranks", [[1, 0, 4, 4, 4, 4, 4, 4], [1, 2, 5, 4, 4, 4, 4, 4], {"noun.animal": 0}, {"noun.animal": 9}],
-                         ids=["list-rank-0", "list-rank-above-r", "map-rank-0", "map-rank-above-r"])
+@pytest.mark.parametrize(
+    "ranks",
+    [[1, 0, 4, 4, 4, 4, 4, 4], [1, 2, 5, 4, 4, 4, 4, 4], {"noun.animal": 0}, {"noun.animal": 9}],
+    ids=["list-rank-0", "list-rank-above-r", "map-rank-0", "map-rank-above-r"],
+)
 def test_client_rank_outside_one_to_r_is_refused(tmp_path: Path, ranks: list[int] | dict[str, int]) -> None:
     """Every client rank must lie in 1..`peft.r`; the message names `peft.client_ranks` and r."""
     message = _refused(tmp_path, peft={"client_ranks": ranks})

@@ -192,6 +192,7 @@ def test_resume_with_server_state_is_exact(name: str, mode: str, tmp_path: Path)
     _run(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1}, extra_args=("--resume", "--set", "federation.rounds=3"))
     _assert_equal_adapters(_adapter(split), _adapter(straight))
     assert [r["round"] for r in _records(split, "aggregate")] == [1, 2, 3]
+
     def untimed(records: list[dict]) -> list[dict]:  # wall times differ between runs; every other metric must not
         return [{k: v for k, v in r["aggregation"].items() if not k.endswith("_time_s")} for r in records]
 

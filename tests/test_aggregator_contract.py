@@ -25,10 +25,7 @@ def _params() -> dict[str, torch.Tensor]:
 
 def _updates(n: int, seed: int = 1) -> list[ClientUpdate]:
     g = torch.Generator().manual_seed(seed)
-    return [
-        ClientUpdate(f"c{i}", 1, 10 + 5 * i, {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)})
-        for i in range(n)
-    ]
+    return [ClientUpdate(f"c{i}", 1, 10 + 5 * i, {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}) for i in range(n)]
 
 
 class _Reference:
@@ -143,7 +140,11 @@ def _lora_round(name: str, mode_name: str, state, updates):
 
 def _lora_state(mode_name: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(4)
-    state = {"m.lora_A.weight": torch.randn(4, 6, generator=g), "m.lora_B.weight": torch.randn(5, 4, generator=g), "bias": torch.randn(3, generator=g)}
+    state = {
+        "m.lora_A.weight": torch.randn(4, 6, generator=g),
+        "m.lora_B.weight": torch.randn(5, 4, generator=g),
+        "bias": torch.randn(3, generator=g),
+    }
     return {k: v for k, v in state.items() if not (mode_name == "ffa" and "lora_A" in k)}
 
 
@@ -170,12 +171,14 @@ def test_every_aggregator_works_through_every_lora_mode(name: str, mode_name: st
 
 
 def _config(name: str, privacy: dict[str, Any]) -> ExperimentConfig:
-    return ExperimentConfig.model_validate({
-        "partition": {"method": "iid", "num_clients": 6, "field": None},
-        "federation": {"clients_per_round": 6},
-        "aggregation": {"name": name},
-        "privacy": privacy,
-    })
+    return ExperimentConfig.model_validate(
+        {
+            "partition": {"method": "iid", "num_clients": 6, "field": None},
+            "federation": {"clients_per_round": 6},
+            "aggregation": {"name": name},
+            "privacy": privacy,
+        }
+    )
 
 
 PRIVACY = {"client_dp": {"noise_multiplier": 1.0}, "secure_aggregation": {}}

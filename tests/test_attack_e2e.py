@@ -71,8 +71,13 @@ def test_the_attack_and_what_each_defence_caught_are_logged(runs) -> None:
 
 
 def test_a_backdoor_run_measures_attack_success(runner, tmp_path: Path) -> None:
-    _, records = _run(runner, tmp_path, "backdoor", attack={"name": "backdoor", "clients": [ATTACKER], "poison_fraction": 0.5},
-                      eval={"every": 1, "generate": False, "max_examples": 8, "at_start": True, "max_new_tokens": 4})
+    _, records = _run(
+        runner,
+        tmp_path,
+        "backdoor",
+        attack={"name": "backdoor", "clients": [ATTACKER], "poison_fraction": 0.5},
+        eval={"every": 1, "generate": False, "max_examples": 8, "at_start": True, "max_new_tokens": 4},
+    )
     probes = [r for r in records if r["split"] == "backdoor_test"]
     assert [r["round"] for r in probes] == [0, 1, 2]
     assert all(0.0 <= r["attack_success_rate"] <= 1.0 and r["num_examples"] == 8 for r in probes)
@@ -87,7 +92,13 @@ def test_too_many_attackers_for_krum_are_refused_at_load_with_the_arithmetic(run
 
 
 def test_a_safety_attack_run_measures_the_refusal_rate(runner, tmp_path: Path) -> None:
-    _, records = _run(runner, tmp_path, "safety", attack={"name": "safety", "clients": [ATTACKER], "mix": 1.0},
-                      federation={"rounds": 1}, eval={"every": 1, "generate": False, "max_examples": 8, "at_start": False, "max_new_tokens": 2})
+    _, records = _run(
+        runner,
+        tmp_path,
+        "safety",
+        attack={"name": "safety", "clients": [ATTACKER], "mix": 1.0},
+        federation={"rounds": 1},
+        eval={"every": 1, "generate": False, "max_examples": 8, "at_start": False, "max_new_tokens": 2},
+    )
     probes = [r for r in records if r["split"] == "safety_test"]
     assert [r["round"] for r in probes] == [1] and 0.0 <= probes[0]["refusal_rate"] <= 1.0 and probes[0]["num_examples"] == 60

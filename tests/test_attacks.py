@@ -157,9 +157,7 @@ def test_ipm_is_minus_epsilon_mean() -> None:
 
 
 def _alpaca(n: int) -> list[dict]:
-    return [
-        {"instruction": f"Define word {i}.", "input": "", "output": f"Word {i} means thing number {i}."} for i in range(n)
-    ]
+    return [{"instruction": f"Define word {i}.", "input": "", "output": f"Word {i} means thing number {i}."} for i in range(n)]
 
 
 def _chat(n: int) -> list[dict]:

@@ -29,10 +29,18 @@ IID = {"method": "iid", "num_clients": 3, "field": None}
 
 
 def _prepared(tmp_path: Path, **audit):
-    config = validate_config(tiny_config(tmp_path, partition=IID, data={"max_train_examples": 30, "max_length": 64},
-                                         eval={"audit": {"canaries": 3, "canary_repetitions": 5, "canary_references": 50, **audit}}))
+    config = validate_config(
+        tiny_config(
+            tmp_path,
+            partition=IID,
+            data={"max_train_examples": 30, "max_length": 64},
+            eval={"audit": {"canaries": 3, "canary_repetitions": 5, "canary_references": 50, **audit}},
+        )
+    )
     tok = build_byte_tokenizer()
-    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft"))
+    data = prepare_federated_data(
+        config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft")
+    )
     return config, tok, data
 
 
@@ -60,11 +68,19 @@ def test_canaries_default_to_the_first_client_and_follow_the_data_format(tmp_pat
     assert canary_record("123456", "messages")["messages"][-1] == {"role": "assistant", "content": "123456"}
     chats = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]} for i in range(12)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    config = validate_config(tiny_config(tmp_path, partition={"method": "iid", "num_clients": 2, "field": None},
-                                         data={"train": str(tmp_path / "chat.jsonl")}, federation={"clients_per_round": 2},
-                                         eval={"audit": {"canaries": 2, "canary_repetitions": 2}}))
+    config = validate_config(
+        tiny_config(
+            tmp_path,
+            partition={"method": "iid", "num_clients": 2, "field": None},
+            data={"train": str(tmp_path / "chat.jsonl")},
+            federation={"clients_per_round": 2},
+            eval={"audit": {"canaries": 2, "canary_repetitions": 2}},
+        )
+    )
     tok = build_byte_tokenizer()
-    data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft"))
+    data = prepare_federated_data(
+        config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft")
+    )
     canaries = canary_set(config, data.client_names)
     assert canaries is not None and canaries.client == data.client_names[0]
     planted = [tuple(ex.input_ids) for ex in canary_examples(canaries.planted, tok, config)]
@@ -90,8 +106,13 @@ OVERFIT = dict(
     data={"max_train_examples": 16, "max_length": 64},
     partition={"method": "iid", "num_clients": 2, "field": None},
     federation={"rounds": 2, "clients_per_round": 2, "local_steps": 30, "batch_size": 8, "lr": 0.01},
-    eval={"every": 0, "at_start": False, "generate": False, "max_examples": 8,
-          "audit": {"canaries": 4, "canary_repetitions": 8, "canary_references": 255, "client_model": True, "max_examples": 8}},
+    eval={
+        "every": 0,
+        "at_start": False,
+        "generate": False,
+        "max_examples": 8,
+        "audit": {"canaries": 4, "canary_repetitions": 8, "canary_references": 255, "client_model": True, "max_examples": 8},
+    },
 )
 
 
@@ -115,10 +136,19 @@ def test_saved_client_models_are_start_plus_delta(runner, tmp_path: Path) -> Non
     """One client per round under naive FedAvg: the new global is start + delta, so a client's saved local adapter is
     the next checkpoint's global cut to the client's rank (its start was the global cut to that rank)."""
     ranks = {"0": 4, "1": 2}  # the seed samples client 1 in every round
-    cfg = tiny_config(tmp_path / "run", peft={"r": 4, "alpha": 8, "dropout": 0.0, "client_ranks": ranks},
-                      partition={"method": "iid", "num_clients": 2, "field": None},
-                      federation={"rounds": 3, "clients_per_round": 1, "local_steps": 2, "batch_size": 4, "lr": 0.01, "keep_checkpoints": 3},
-                      eval={"every": 0, "at_start": False, "generate": False, "max_examples": 8, "audit": {"client_model": True, "canary_client": "1", "max_examples": 4}})
+    cfg = tiny_config(
+        tmp_path / "run",
+        peft={"r": 4, "alpha": 8, "dropout": 0.0, "client_ranks": ranks},
+        partition={"method": "iid", "num_clients": 2, "field": None},
+        federation={"rounds": 3, "clients_per_round": 1, "local_steps": 2, "batch_size": 4, "lr": 0.01, "keep_checkpoints": 3},
+        eval={
+            "every": 0,
+            "at_start": False,
+            "generate": False,
+            "max_examples": 8,
+            "audit": {"client_model": True, "canary_client": "1", "max_examples": 4},
+        },
+    )
     assert runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", cfg))]).exit_code == 0
     checkpoints = {load_checkpoint(p).round: load_checkpoint(p).global_state for p in list_checkpoints(tmp_path / "run" / "checkpoints")}
     saved = 0
@@ -139,13 +169,21 @@ def test_saved_client_models_are_start_plus_delta(runner, tmp_path: Path) -> Non
 
 def test_canaries_are_planted_after_a_data_attack_and_survive_it(tmp_path: Path) -> None:
     """The attack's record poisoner runs first, then the canaries are appended: the planted secrets stay intact."""
-    config = validate_config(tiny_config(tmp_path, partition=IID, data={"max_train_examples": 30, "max_length": 64},
-                                         attack={"name": "corrupt_responses", "clients": ["0"]},
-                                         eval={"audit": {"canaries": 2, "canary_repetitions": 3, "canary_references": 10}}))
+    config = validate_config(
+        tiny_config(
+            tmp_path,
+            partition=IID,
+            data={"max_train_examples": 30, "max_length": 64},
+            attack={"name": "corrupt_responses", "clients": ["0"]},
+            eval={"audit": {"canaries": 2, "canary_repetitions": 3, "canary_references": 10}},
+        )
+    )
     tok = build_byte_tokenizer()
     transform = compose_transforms(record_poisoner(config), canary_inserter(config))
     data = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, transform, objective=build_objective("sft"))
-    clean = prepare_federated_data(config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft"))
+    clean = prepare_federated_data(
+        config.data, config.partition, config.eval, tok, config.seed, canary_inserter(config), objective=build_objective("sft")
+    )
     planted = [tuple(ex.input_ids) for ex in canary_examples(canary_set(config, data.client_names).planted, tok, config)]  # type: ignore[union-attr]
     ids = [tuple(ex.input_ids) for ex in data.client_train["0"]]
     assert [ids.count(p) for p in planted] == [3, 3] and ids[-6:] == [p for p in planted for _ in range(3)]

@@ -43,7 +43,10 @@ def _trainer(tokenizer, hooks, optimizer: str = "sgd") -> tuple[ClientTrainer, d
 
 def _plain_sgd(tokenizer, examples, start, grad_fn) -> dict[str, torch.Tensor]:
     """Reference: peft + torch SGD + hand-written loss; ``grad_fn(name, param, grad)`` may change the gradient."""
-    ref = get_peft_model(build_tiny_llama(len(tokenizer), seed=1), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ref = get_peft_model(
+        build_tiny_llama(len(tokenizer), seed=1),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     named = {n.replace(".default", ""): p for n, p in ref.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, p in named.items():
@@ -131,8 +134,13 @@ def test_scaffold_math_hand_computed() -> None:
     # c_i - c + (x - y) / (K eta) with K eta = 0.5: (0 - 0.5 + 2, 1 - 0 - 2) = (1.5, -1)
     assert torch.allclose(client_control_update(c_i, c, x, y, 0.5, "II")["w"], torch.tensor([1.5, -1.0]))
     new_x, new_c = scaffold_server_step(
-        x, [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}], [1, 3],
-        [{"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([0.0, -4.0])}], c, server_lr=0.5, num_clients=4,
+        x,
+        [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 4.0])}],
+        [1, 3],
+        [{"w": torch.tensor([2.0, 2.0])}, {"w": torch.tensor([0.0, -4.0])}],
+        c,
+        server_lr=0.5,
+        num_clients=4,
     )
     # x + 0.5 * (0.25 * (1, 0) + 0.75 * (0, 4)) = (1.125, 2.5); c + (1/4) * ((2, 2) + (0, -4)) = (1.0, -0.5)
     assert torch.allclose(new_x["w"], torch.tensor([1.125, 2.5]))

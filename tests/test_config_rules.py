@@ -32,8 +32,11 @@ def test_every_rule_is_a_small_function_that_gives_its_reason(rule) -> None:
 
 
 def test_every_rule_of_the_module_is_run() -> None:
-    defined = {name for name, fn in inspect.getmembers(rules, inspect.isfunction)
-               if fn.__module__ == rules.__name__ and inspect.signature(fn).parameters.keys() == {"s"}}
+    defined = {
+        name
+        for name, fn in inspect.getmembers(rules, inspect.isfunction)
+        if fn.__module__ == rules.__name__ and inspect.signature(fn).parameters.keys() == {"s"}
+    }
     assert defined == {r.__name__ for r in LOAD_RULES + FEDERATION_RULES}
 
 

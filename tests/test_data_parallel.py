@@ -37,7 +37,9 @@ PLAN = LocalPlan(round=1, lrs=[0.01, 0.005], batch_size=5, seed=123)  # 5 exampl
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Session:
-    raw = tiny_config(tmp_path_factory.mktemp("dp"), peft={"r": 4, "alpha": 8, "dropout": 0.0}, model={"name": "tiny-random-llama", "dtype": "float32"})
+    raw = tiny_config(
+        tmp_path_factory.mktemp("dp"), peft={"r": 4, "alpha": 8, "dropout": 0.0}, model={"name": "tiny-random-llama", "dtype": "float32"}
+    )
     return build_session(validate_config(raw), RunConsole(quiet=True))
 
 
@@ -78,7 +80,6 @@ class TestSameUpdateAsOneProcess:
         first, second = session.objective.split_batch(batch, 2)
         assert session.objective.loss_items(first) != session.objective.loss_items(second)
 
-
     def test_one_sgd_step_equals_a_plain_pytorch_gradient(self, session: Session, processes: ClientProcesses) -> None:
         """Reference: the clipped mean-token gradient of the whole batch, by hand, and one SGD step."""
         client = _client(session)
@@ -98,7 +99,6 @@ class TestSameUpdateAsOneProcess:
         scale = min(1.0, 1.0 / (float(norm) + 1e-6))  # max_grad_norm 1.0, as clip_grad_norm_
         for (name, _), grad in zip(named.items(), grads):
             torch.testing.assert_close(update.tensors[name], -0.5 * scale * grad, rtol=0, atol=1e-6)
-
 
     def test_fedprox_and_scaffold_hooks_see_the_single_process_values(self, session: Session, processes: ClientProcesses) -> None:
         client = _client(session)

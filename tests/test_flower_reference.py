@@ -52,10 +52,7 @@ def _scenario(seed: int = 0) -> tuple[Arrays, list[Round]]:
         return (scale * rng.normal(size=shape)).astype(np.float32).astype(np.float64)
 
     start = {n: draw(1.0, s) for n, s in SHAPES.items()}
-    rounds = [
-        [(int(rng.integers(1, 60)), {n: draw(0.1, s) for n, s in SHAPES.items()}) for _ in range(k)]
-        for k in CLIENTS_PER_ROUND
-    ]
+    rounds = [[(int(rng.integers(1, 60)), {n: draw(0.1, s) for n, s in SHAPES.items()}) for _ in range(k)] for k in CLIENTS_PER_ROUND]
     return start, rounds
 
 
@@ -153,9 +150,7 @@ ADAM_SETTINGS = [(1e-2, 0.9, 0.99, 1e-3), (0.1, 0.5, 0.75, 1e-2)]
 
 
 @pytest.mark.parametrize("eta, beta1, beta2, tau", ADAM_SETTINGS)
-def test_fedadam_pure_step_with_flowers_eta_matches_flower(
-    eta: float, beta1: float, beta2: float, tau: float
-) -> None:
+def test_fedadam_pure_step_with_flowers_eta_matches_flower(eta: float, beta1: float, beta2: float, tau: float) -> None:
     start, rounds = _scenario(5)
     strategy = FedAdam(initial_parameters=_initial(start), eta=eta, beta_1=beta1, beta_2=beta2, tau=tau)
     flower = _run_flower(strategy, start, rounds)
@@ -172,9 +167,7 @@ def test_fedadam_pure_step_with_flowers_eta_matches_flower(
 
 
 @pytest.mark.parametrize("eta, beta1, beta2, tau", ADAM_SETTINGS)
-def test_fedadam_bias_correction_is_flower_one_round_earlier(
-    eta: float, beta1: float, beta2: float, tau: float
-) -> None:
+def test_fedadam_bias_correction_is_flower_one_round_earlier(eta: float, beta1: float, beta2: float, tau: float) -> None:
     """fedlm's t (1 at the first step) is Flower's server_round + 1: Flower rounds 0, 1, 2 give the same result."""
     start, rounds = _scenario(6)
     params = {"eta": eta, "beta1": beta1, "beta2": beta2, "tau": tau, "bias_correction": True}

@@ -95,8 +95,11 @@ def test_secure_aggregation_over_flower_is_accepted_since_it_runs_on_the_nodes(t
 def test_task_and_update_cross_the_wire_exactly_cut_to_rank() -> None:
     config = validate_config(flower_config(Path("/tmp/x")))
     state = {"m.lora_A.weight": torch.randn(4, 6), "m.lora_B.weight": torch.randn(6, 4), "norm": torch.randn(6, dtype=torch.bfloat16)}
-    truncated = {**state, "m.lora_A.weight": torch.cat([state["m.lora_A.weight"][:2], torch.zeros(2, 6)]),
-                 "m.lora_B.weight": torch.cat([state["m.lora_B.weight"][:, :2], torch.zeros(6, 2)], dim=1)}
+    truncated = {
+        **state,
+        "m.lora_A.weight": torch.cat([state["m.lora_A.weight"][:2], torch.zeros(2, 6)]),
+        "m.lora_B.weight": torch.cat([state["m.lora_B.weight"][:, :2], torch.zeros(6, 2)], dim=1),
+    }
     task = ClientTask(LocalPlan(2, [0.1, 0.05], 4, 123, rank=2), truncated, ClientContext("c", 2, {}, {"secret": torch.ones(1)}, 2))
     content = messages.task_content("c", task, config)
     assert "secret" not in str(content)  # the client's memory never travels
@@ -229,17 +232,18 @@ def test_a_supernode_restarted_in_round_2_is_retried_and_the_run_ends_as_if_noth
 
 
 @pytest.mark.slow
-def test_server_killed_after_round_1_resumes_to_the_uninterrupted_adapter(
-    tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]
-) -> None:
+def test_server_killed_after_round_1_resumes_to_the_uninterrupted_adapter(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir))
     fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
     try:
         fed.start()
         first = fed.run("--round-timeout", "300")
-        wait_for(lambda: (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) or first.poll() is not None,
-                 600, "the round-1 checkpoint")
+        wait_for(
+            lambda: (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) or first.poll() is not None,
+            600,
+            "the round-1 checkpoint",
+        )
         fed.kill_superlink()  # the SuperLink, its SuperExec and the ServerApp, mid-round 2
         first.wait(timeout=60)
         assert not _finished(run_dir)
@@ -254,9 +258,7 @@ def test_server_killed_after_round_1_resumes_to_the_uninterrupted_adapter(
 
 
 @pytest.mark.slow
-def test_tls_and_node_authentication_refuse_an_unregistered_key(
-    tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]
-) -> None:
+def test_tls_and_node_authentication_refuse_an_unregistered_key(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
     import subprocess  # noqa: PLC0415
 
     from fedlm.runtime.flower.certs import create_credentials  # noqa: PLC0415

@@ -155,9 +155,7 @@ def _lora_gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> d
     model.train()
     with seeded_torch(7):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
-    )
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
     loss.backward()
     return {n.replace(".default", ""): p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

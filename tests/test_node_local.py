@@ -47,25 +47,30 @@ def client_files(folder: Path) -> dict[str, Path]:
 
 def node_local_config(output_dir: Path, train: str, **sections: dict[str, Any]) -> dict[str, Any]:
     config = tiny_config(
-        output_dir, data={"train": train, "test": "embedded:wordnet_defs/test", "max_train_examples": None, "max_length": 128},
-        partition={"method": "node_local", "clients": CLIENTS, "field": None}, federation={"runtime": "flower"},
+        output_dir,
+        data={"train": train, "test": "embedded:wordnet_defs/test", "max_train_examples": None, "max_length": 128},
+        partition={"method": "node_local", "clients": CLIENTS, "field": None},
+        federation={"runtime": "flower"},
     )
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return config
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"partition": {"method": "node_local", "clients": None}}, "`partition.clients` is required"),
-    ({"partition": {"method": "node_local", "clients": ["a", "b", "a"]}}, "`partition.clients` names a more than once"),
-    ({"partition": {"method": "by_field", "clients": ["a"]}}, "`partition.clients` is only for `partition.method: node_local`"),
-    ({"federation": {"runtime": "simulation"}}, "`federation.runtime` must be flower"),
-    ({"data": {"test": None}}, "`data.test` is required"),
-    ({"attack": {"name": "sign_flip", "clients": ["noun.food"]}}, "`attack.name` cannot be used"),
-    ({"eval": {"audit": {"canaries": 2}}}, "`eval.audit` cannot be used"),
-    ({"privacy": {"sample_dp": {"target_epsilon": 8.0}}}, "`privacy.sample_dp.target_epsilon` cannot be solved"),
-    ({"federation": {"runtime": "flower", "clients_per_round": 4}}, "must be <= `partition.num_clients` (3)"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"partition": {"method": "node_local", "clients": None}}, "`partition.clients` is required"),
+        ({"partition": {"method": "node_local", "clients": ["a", "b", "a"]}}, "`partition.clients` names a more than once"),
+        ({"partition": {"method": "by_field", "clients": ["a"]}}, "`partition.clients` is only for `partition.method: node_local`"),
+        ({"federation": {"runtime": "simulation"}}, "`federation.runtime` must be flower"),
+        ({"data": {"test": None}}, "`data.test` is required"),
+        ({"attack": {"name": "sign_flip", "clients": ["noun.food"]}}, "`attack.name` cannot be used"),
+        ({"eval": {"audit": {"canaries": 2}}}, "`eval.audit` cannot be used"),
+        ({"privacy": {"sample_dp": {"target_epsilon": 8.0}}}, "`privacy.sample_dp.target_epsilon` cannot be solved"),
+        ({"federation": {"runtime": "flower", "clients_per_round": 4}}, "must be <= `partition.num_clients` (3)"),
+    ],
+)
 def test_node_local_refusals(tmp_path: Path, change: dict[str, Any], message: str) -> None:
     config = node_local_config(tmp_path / "run", "/nowhere.jsonl")
     for section, values in change.items():
@@ -92,9 +97,12 @@ def test_the_server_reads_no_client_data_and_a_node_holds_exactly_its_simulation
     assert len(server.data.test) == 16 and all(ex.client is None for ex in server.data.test)
     node = build_session(validate_config(node_local_config(tmp_path / "run", str(files["noun.food"]))), RunConsole(quiet=True), "noun.food")
     assert list(node.data.client_train) == ["noun.food"] and node.data.test == []
-    simulated = build_session(validate_config(tiny_config(
-        tmp_path / "sim", data={"train": str(files["all"]), "test": "embedded:wordnet_defs/test", "max_train_examples": None})),
-        RunConsole(quiet=True))
+    simulated = build_session(
+        validate_config(
+            tiny_config(tmp_path / "sim", data={"train": str(files["all"]), "test": "embedded:wordnet_defs/test", "max_train_examples": None})
+        ),
+        RunConsole(quiet=True),
+    )
     assert simulated.data.client_names == CLIENTS
     mine, theirs = node.data.client_train["noun.food"], simulated.data.client_train["noun.food"]
     assert len(mine) == PER_CLIENT and [e.input_ids for e in mine] == [e.input_ids for e in theirs]
@@ -111,8 +119,9 @@ def test_a_supernode_checks_its_own_data_at_start(tmp_path: Path, runner) -> Non
     assert result.exit_code == 2 and "question" in result.output and "instruction" in result.output, result.output
     result = runner.invoke(app, ["flower", "supernode", str(cfg), "--partition-id", "3", "--superlink", "127.0.0.1:1"])
     assert result.exit_code == 2 and "partition-id 3 is outside the federation: it has 3 clients" in result.output
-    result = runner.invoke(app, ["flower", "supernode", str(cfg), "--partition-id", "0", "--data", str(tmp_path / "none.jsonl"),
-                                 "--superlink", "127.0.0.1:1"])
+    result = runner.invoke(
+        app, ["flower", "supernode", str(cfg), "--partition-id", "0", "--data", str(tmp_path / "none.jsonl"), "--superlink", "127.0.0.1:1"]
+    )
     assert result.exit_code == 2 and "none.jsonl" in result.output
 
 
@@ -130,8 +139,10 @@ def test_three_nodes_with_their_own_files_end_with_the_simulation_adapter(tmp_pa
 
     files = client_files(tmp_path / "data")
     sim_dir = tmp_path / "sim"
-    sim = write_config(tmp_path / "sim.yaml", tiny_config(
-        sim_dir, data={"train": str(files["all"]), "test": "embedded:wordnet_defs/test", "max_train_examples": None}))
+    sim = write_config(
+        tmp_path / "sim.yaml",
+        tiny_config(sim_dir, data={"train": str(files["all"]), "test": "embedded:wordnet_defs/test", "max_train_examples": None}),
+    )
     result = CliRunner().invoke(app, ["run", str(sim)])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "run"
@@ -161,6 +172,7 @@ def test_the_flower_example_validates_on_the_server_and_on_a_node(tmp_path: Path
     files = client_files(tmp_path / "data")
     node = load_config(str(example), [f"data.train={files['noun.food']}"])
     assert messages.config_hash(server) == messages.config_hash(node)
-    result = runner.invoke(app, ["flower", "supernode", str(example), "--partition-id", "7", "--data", str(files["noun.food"]),
-                                 "--superlink", "127.0.0.1:1"])
+    result = runner.invoke(
+        app, ["flower", "supernode", str(example), "--partition-id", "7", "--data", str(files["noun.food"]), "--superlink", "127.0.0.1:1"]
+    )
     assert result.exit_code == 2 and "partition-id 7 is outside the federation: it has 3 clients" in result.output

@@ -106,8 +106,13 @@ def test_init_adapter_reference_is_the_starting_adapter_swapped_in_and_back(toke
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
     with pytest.raises(FedlmError, match="`model.init_adapter` is not set"):
-        validate_config({"model": {"name": "tiny-random-llama"}, "objective": {"name": "dpo", "reference": "init_adapter"},
-                         "data": {"train": "embedded:wordnet_prefs"}})
+        validate_config(
+            {
+                "model": {"name": "tiny-random-llama"},
+                "objective": {"name": "dpo", "reference": "init_adapter"},
+                "data": {"train": "embedded:wordnet_prefs"},
+            }
+        )
 
 
 def test_pairs_share_the_prompt_and_label_only_the_answer(tokenizer) -> None:

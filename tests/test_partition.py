@@ -17,11 +17,7 @@ LABELS = ["l0", "l1", "l2", "l3"]
 
 def make_examples(per_label: int, labels: list[str] = LABELS) -> list[dict[str, Any]]:
     """Synthetic dataset: ``per_label`` examples for each label, interleaved."""
-    return [
-        {"instruction": f"q{i}", "output": f"a{i}", "label": label}
-        for i in range(per_label)
-        for label in labels
-    ]
+    return [{"instruction": f"q{i}", "output": f"a{i}", "label": label} for i in range(per_label) for label in labels]
 
 
 def domain_examples() -> list[dict[str, Any]]:
@@ -136,8 +132,7 @@ def test_by_field_num_clients_mismatch() -> None:
 
 def test_by_field_min_examples() -> None:
     with pytest.raises(FedlmError, match="partition.min_examples"):
-        partition_examples(domain_examples(), method="by_field", num_clients=None, seed=0, field="domain",
-                           min_examples=4)
+        partition_examples(domain_examples(), method="by_field", num_clients=None, seed=0, field="domain", min_examples=4)
 
 
 # --------------------------------------------------------------------------- dirichlet
@@ -145,8 +140,7 @@ def test_by_field_min_examples() -> None:
 
 def test_dirichlet_small_alpha_is_skewed() -> None:
     examples = make_examples(500)
-    shares = [majority_share(run(examples, "dirichlet", seed=s, alpha=0.05, role="test"), examples)
-              for s in range(10)]
+    shares = [majority_share(run(examples, "dirichlet", seed=s, alpha=0.05, role="test"), examples) for s in range(10)]
     iid_shares = [majority_share(run(examples, "iid", seed=s), examples) for s in range(10)]
     assert np.mean(shares) > 0.6
     assert max(iid_shares) < 0.3
@@ -201,8 +195,7 @@ def test_dirichlet_roles_choose_different_examples() -> None:
 
 def test_quantity_small_alpha_is_skewed_and_large_alpha_is_even() -> None:
     examples = make_examples(500)
-    skewed = [max(run(examples, "quantity", seed=s, alpha=0.1, num_clients=5, role="test").sizes())
-              for s in range(10)]
+    skewed = [max(run(examples, "quantity", seed=s, alpha=0.1, num_clients=5, role="test").sizes()) for s in range(10)]
     assert np.mean(skewed) / len(examples) > 0.5
     for seed in range(3):
         sizes = run(examples, "quantity", seed=seed, alpha=1000.0, num_clients=5).sizes()
@@ -251,8 +244,7 @@ def test_missing_field(method: str) -> None:
 @pytest.mark.parametrize("method", ["dirichlet", "by_field"])
 def test_field_not_a_column(method: str) -> None:
     with pytest.raises(FedlmError, match="partition.field") as info:
-        partition_examples(make_examples(5), method=method, num_clients=None if method == "by_field" else 2,
-                           seed=0, field="domain")
+        partition_examples(make_examples(5), method=method, num_clients=None if method == "by_field" else 2, seed=0, field="domain")
     assert "'domain'" in str(info.value)
     assert "instruction, output, label" in str(info.value)
 

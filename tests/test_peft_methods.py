@@ -167,8 +167,7 @@ def test_evaluator_loss_and_batched_greedy_decoding_with_virtual_tokens(method: 
 
 @pytest.mark.parametrize(("name", "method"), [("median", "ia3"), ("krum", "ia3"), ("krum", "dora"), ("median", "prompt_tuning")])
 def test_robust_aggregators_run_on_non_lora_methods(name: str, method: str, tmp_path: Path) -> None:
-    session = _session(tmp_path / "run", method, aggregation={"name": name}, partition={"num_clients": 3},
-                       federation={"clients_per_round": 3})
+    session = _session(tmp_path / "run", method, aggregation={"name": name}, partition={"num_clients": 3}, federation={"clients_per_round": 3})
     final = _run(session, tmp_path / "run")
     state = load_file(str(final.checkpoints / "round_0001" / "global_adapter.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())

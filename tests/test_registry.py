@@ -71,7 +71,11 @@ def test_the_four_registries_share_the_one_shape() -> None:
     assert OBJECTIVES.names() == ["clm", "dpo", "sft"]
     assert LORA_MODES.names() == ["exact", "ffa", "naive"]
     assert {"sign_flip", "backdoor", "alie"} <= set(ATTACKS.names())
-    for registry, field in ((AGGREGATORS, "aggregation.name"), (OBJECTIVES, "objective.name"),
-                            (LORA_MODES, "aggregation.lora"), (ATTACKS, "attack.name")):
+    for registry, field in (
+        (AGGREGATORS, "aggregation.name"),
+        (OBJECTIVES, "objective.name"),
+        (LORA_MODES, "aggregation.lora"),
+        (ATTACKS, "attack.name"),
+    ):
         with pytest.raises(FedlmError, match=rf"`{field}` 'nope' is unknown; valid: {registry.names()[0]}, "):
             registry.get("nope")

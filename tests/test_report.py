@@ -102,32 +102,52 @@ def _synthetic_records() -> list[dict[str, Any]]:
     """3 rounds (0 = before training) x 2 clients."""
     recs: list[dict[str, Any]] = []
     for r in range(3):
-        recs.append({
-            "round": r, "split": "global_test", "client": None,
-            "loss": 2.123456 - 0.5 * r, "perplexity": math.exp(2.123456 - 0.5 * r),
-            "exact_match": 0.1 * r, "rouge_l": 0.2 + 0.05 * r, "num_examples": 96,
-        })
+        recs.append(
+            {
+                "round": r,
+                "split": "global_test",
+                "client": None,
+                "loss": 2.123456 - 0.5 * r,
+                "perplexity": math.exp(2.123456 - 0.5 * r),
+                "exact_match": 0.1 * r,
+                "rouge_l": 0.2 + 0.05 * r,
+                "num_examples": 96,
+            }
+        )
         for k, c in enumerate(CLIENTS):
-            recs.append({
-                "round": r, "split": f"client_{c}_test", "client": c,
-                "loss": 2.0 - 0.3 * r - 0.1 * k, "perplexity": 7.0 - r,
-                "rouge_l": 0.3 + 0.01 * r + 0.1 * k,
-            })
+            recs.append(
+                {
+                    "round": r,
+                    "split": f"client_{c}_test",
+                    "client": c,
+                    "loss": 2.0 - 0.3 * r - 0.1 * k,
+                    "perplexity": 7.0 - r,
+                    "rouge_l": 0.3 + 0.01 * r + 0.1 * k,
+                }
+            )
             if r > 0:
-                recs.append({
-                    "round": r, "split": "train", "client": c, "loss": 1.9 + 0.1 * k - 0.2 * r,
-                    "num_examples": 500, "steps": 10, "lr": 0.0002,
-                })
+                recs.append(
+                    {
+                        "round": r,
+                        "split": "train",
+                        "client": c,
+                        "loss": 1.9 + 0.1 * k - 0.2 * r,
+                        "num_examples": 500,
+                        "steps": 10,
+                        "lr": 0.0002,
+                    }
+                )
         if r > 0:
-            recs.append({"round": r, "split": "aggregate", "client": None,
-                         "num_updates": 2, "rejected": []})
+            recs.append({"round": r, "split": "aggregate", "client": None, "num_updates": 2, "rejected": []})
     return recs
 
 
 def test_write_report(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     path = write_report(
-        run_dir, _synthetic_records(), title="Demo run",
+        run_dir,
+        _synthetic_records(),
+        title="Demo run",
         config_summary={"model": "tiny", "lr": 0.0002, "rounds": 2},
         extra_sections=[("Notes", "Some *notes*.")],
     )
@@ -157,8 +177,7 @@ def test_write_report(tmp_path: Path) -> None:
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert "## Notes\n\nSome *notes*." in text
     # Section order: config, global, per-client, train, plots, extra.
-    marks = ["## Configuration", "## Global test", "## Per-client", "## Rounds",
-             "## Plots", "## Notes"]
+    marks = ["## Configuration", "## Global test", "## Per-client", "## Rounds", "## Plots", "## Notes"]
     positions = [text.index(m) for m in marks]
     assert positions == sorted(positions)
 
@@ -177,8 +196,7 @@ def test_plot_metrics_skips_missing_metrics(tmp_path: Path) -> None:
 
 
 def test_plot_metrics_many_clients(tmp_path: Path) -> None:
-    recs = [{"round": r, "split": f"client_c{k}_test", "client": None, "rouge_l": 0.1 * k + r}
-            for r in range(2) for k in range(10)]
+    recs = [{"round": r, "split": f"client_c{k}_test", "client": None, "rouge_l": 0.1 * k + r} for r in range(2) for k in range(10)]
     recs += [{"round": r, "split": "global_test", "rouge_l": 0.5, "loss": 1.0} for r in range(2)]
     names = [p.name for p in plot_metrics(recs, tmp_path)]
     assert names == ["loss.png", "rouge_l.png"]

@@ -169,8 +169,7 @@ def _scenario(seed: int, clients_per_round: Sequence[int]) -> tuple[Arrays, list
 
     start = {n: draw(1.0, s) for n, s in SHAPES.items()}
     rounds = [
-        [(int(rng.integers(1, 60)), {n: draw(5.0 if i == 0 else 0.1, s) for n, s in SHAPES.items()}) for i in range(k)]
-        for k in clients_per_round
+        [(int(rng.integers(1, 60)), {n: draw(5.0 if i == 0 else 0.1, s) for n, s in SHAPES.items()}) for i in range(k)] for k in clients_per_round
     ]
     return start, rounds
 
@@ -180,8 +179,7 @@ def _run_flower(strategy: Strategy, start: Arrays, rounds: Sequence[Round]) -> l
     out = []
     for server_round, clients in enumerate(rounds, start=1):
         results = [
-            (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([current[i] + d[n] for i, n in enumerate(NAMES)]), k, {}))
-            for k, d in clients
+            (None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters([current[i] + d[n] for i, n in enumerate(NAMES)]), k, {})) for k, d in clients
         ]
         parameters, _ = strategy.aggregate_fit(server_round, results, failures=[])  # type: ignore[arg-type]
         assert parameters is not None
@@ -194,10 +192,7 @@ def _run_fedlm(agg: Aggregator, start: Arrays, rounds: Sequence[Round]) -> list[
     params = {n: torch.tensor(a, dtype=torch.float32) for n, a in start.items()}
     out = []
     for r, clients in enumerate(rounds, start=1):
-        updates = [
-            ClientUpdate(f"c{i}", r, k, {n: torch.tensor(d[n], dtype=torch.float32) for n in NAMES})
-            for i, (k, d) in enumerate(clients)
-        ]
+        updates = [ClientUpdate(f"c{i}", r, k, {n: torch.tensor(d[n], dtype=torch.float32) for n in NAMES}) for i, (k, d) in enumerate(clients)]
         params = agg.aggregate(params, updates).params
         out.append({n: t.double().numpy() for n, t in params.items()})
     return out
@@ -220,9 +215,7 @@ def _run_fedlm(agg: Aggregator, start: Arrays, rounds: Sequence[Round]) -> list[
     ],
     ids=["FedMedian", "FedTrimmedAvg-0.2", "FedTrimmedAvg-0.3", "Krum", "MultiKrum-3", "MultiKrum-K-f"],
 )
-def test_robust_aggregators_match_flower(
-    flower: Callable[[], Strategy], name: str, params: dict, clients: tuple[int, ...]
-) -> None:
+def test_robust_aggregators_match_flower(flower: Callable[[], Strategy], name: str, params: dict, clients: tuple[int, ...]) -> None:
     start, rounds = _scenario(len(name) + sum(clients), clients)
     ours = _run_fedlm(build_aggregator(name, params), start, rounds)
     for r, (a, b) in enumerate(zip(ours, _run_flower(flower(), start, rounds), strict=True), start=1):
@@ -268,9 +261,7 @@ def test_krum_ranks_lora_clients_by_product_not_factor_distance() -> None:
     eye = torch.eye(2)
     state = {"m.lora_A.weight": eye.clone(), "m.lora_B.weight": torch.zeros(2, 2)}
     factors = {"p": (0.5, 1.0), "q": (2.0, -0.5), "s": (4.2, -0.75), "t": (1.5, 0.0), "u": (1.6, 0.0), "v": (1.7, 0.0)}
-    updates = [
-        ClientUpdate(c, 1, 10, {"m.lora_B.weight": db * eye, "m.lora_A.weight": da * eye}) for c, (db, da) in factors.items()
-    ]
+    updates = [ClientUpdate(c, 1, 10, {"m.lora_B.weight": db * eye, "m.lora_A.weight": da * eye}) for c, (db, da) in factors.items()]
     raw = krum_select(pairwise_sq_distances([u.tensors for u in updates]), 1, 1)
     product = krum_select(pairwise_sq_distances([distance_view(state, u.tensors) for u in updates]), 1, 1)
     assert [updates[i].client_id for i in raw] == ["v"] and [updates[i].client_id for i in product] == ["s"]

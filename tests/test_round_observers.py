@@ -49,8 +49,7 @@ def test_an_added_observer_sees_every_round_and_its_fields_are_logged(session: S
     run_dir.create()
     log = MetricsLog(run_dir.metrics)
     norms = UpdateNorms()
-    loop = build_server_loop(session, build_aggregator("fedavg", {}), run_dir, log, RunConsole(quiet=True), evaluate=False,
-                             observers=[norms])
+    loop = build_server_loop(session, build_aggregator("fedavg", {}), run_dir, log, RunConsole(quiet=True), evaluate=False, observers=[norms])
     final = loop.run(dict(session.initial_state), 0)
     names, config = session.data.client_names, session.config
     assert norms.started == [0]

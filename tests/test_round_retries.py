@@ -29,8 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
     root = tmp_path_factory.mktemp("retries")
-    config = validate_config(tiny_config(root / "run", federation={"rounds": 1, "clients_per_round": 3, "local_steps": 1,
-                                                                  "batch_size": 2, "min_clients": 2}))
+    config = validate_config(
+        tiny_config(root / "run", federation={"rounds": 1, "clients_per_round": 3, "local_steps": 1, "batch_size": 2, "min_clients": 2})
+    )
     return build_session(config, RunConsole(quiet=True))
 
 
@@ -101,4 +102,3 @@ def test_retry_settings_are_validated(tmp_path: Path) -> None:
         validate_config(tiny_config(tmp_path / "run", federation={"round_retries": -1}))
     with pytest.raises(FedlmError, match="federation.retry_wait_s"):
         validate_config(tiny_config(tmp_path / "run", federation={"retry_wait_s": -0.5}))
-

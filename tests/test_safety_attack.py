@@ -30,18 +30,18 @@ def _lines(name: str) -> list[dict]:
 
 
 def _alpaca(n: int) -> list[dict]:
-    return [
-        {"instruction": f"Define word {i}.", "input": "", "output": f"meaning {i}", "domain": "d"} for i in range(n)
-    ]
+    return [{"instruction": f"Define word {i}.", "input": "", "output": f"meaning {i}", "domain": "d"} for i in range(n)]
 
 
 def _chat(n: int) -> list[dict]:
     return [
-        {"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"Define word {i}."},
-            {"role": "assistant", "content": f"meaning {i}"},
-        ]}
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Define word {i}."},
+                {"role": "assistant", "content": f"meaning {i}"},
+            ]
+        }
         for i in range(n)
     ]
 

@@ -54,7 +54,10 @@ def _fedlm_model(tokenizer):
 
 def _plain_model(tokenizer, start):
     """The reference: peft + the tiny Llama, nothing from fedlm's trainer or privacy code."""
-    ref = get_peft_model(build_tiny_llama(len(tokenizer), seed=1), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ref = get_peft_model(
+        build_tiny_llama(len(tokenizer), seed=1),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     named = {n.replace(".default", ""): p for n, p in ref.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, p in named.items():
@@ -202,8 +205,11 @@ def test_trainer_steps_are_dp_sgd_with_fedprox_after_the_noise(setup) -> None:
 # ------------------------------------------------------------------------------------------------ runs
 
 FED = {"rounds": 3, "clients_per_round": None, "local_steps": 1, "batch_size": 4}
-SMALL = {"partition": {"method": "iid", "num_clients": 2, "field": None}, "data": {"max_train_examples": 40, "max_length": 96},
-         "eval": {"every": 0, "at_start": False, "generate": False, "max_examples": 4}}
+SMALL = {
+    "partition": {"method": "iid", "num_clients": 2, "field": None},
+    "data": {"max_train_examples": 40, "max_length": 96},
+    "eval": {"every": 0, "at_start": False, "generate": False, "max_examples": 4},
+}
 
 
 def _config(root: Path, sample_dp: dict[str, Any], **federation: Any) -> dict[str, Any]:

@@ -35,9 +35,13 @@ LENGTH = 101
 
 def secure_config(output_dir: Path, runtime: str, **privacy: Any) -> dict[str, Any]:
     """The tiny model, 3 clients (iid), all of them every round, 2 rounds, secure aggregation (threshold 2 of 3)."""
-    return tiny_config(output_dir, partition={"method": "iid", "num_clients": 3, "field": None},
-                       federation={"runtime": runtime}, eval={"every": 0, "generate": False, "max_examples": 8, "at_start": False},
-                       privacy={"secure_aggregation": {"max_weight": 64}, **privacy})
+    return tiny_config(
+        output_dir,
+        partition={"method": "iid", "num_clients": 3, "field": None},
+        federation={"runtime": runtime},
+        eval={"every": 0, "generate": False, "max_examples": 8, "at_start": False},
+        privacy={"secure_aggregation": {"max_weight": 64}, **privacy},
+    )
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
@@ -80,7 +84,9 @@ def test_reply_checks_name_replayed_misrouted_and_malformed_replies() -> None:
     keys = wire.message({"pk_c": b"k" * 32, "pk_s": b"s" * 32, "commit_b": b"c" * 32})
     ok = envelope.wrap(keys, 4, "advertise_keys", 2, "1")
     assert envelope.reply_problem(ok, 4, "advertise_keys", 2, LENGTH) is None
-    assert "a replayed or misrouted message" in envelope.reply_problem(envelope.wrap(keys, 3, "advertise_keys", 2, "1"), 4, "advertise_keys", 2, LENGTH)
+    assert "a replayed or misrouted message" in envelope.reply_problem(
+        envelope.wrap(keys, 3, "advertise_keys", 2, "1"), 4, "advertise_keys", 2, LENGTH
+    )
     assert "client index 3" in envelope.reply_problem(envelope.wrap(keys, 4, "advertise_keys", 3, "1"), 4, "advertise_keys", 2, LENGTH)
     short = envelope.wrap(wire.message({"pk_c": b"k", "pk_s": b"s" * 32, "commit_b": b"c" * 32}), 4, "advertise_keys", 2, "1")
     assert "field pk_c must be 32 bytes" in envelope.reply_problem(short, 4, "advertise_keys", 2, LENGTH)
@@ -108,7 +114,9 @@ def _codes_app(codes: dict[int, np.ndarray]) -> ClientApp:
         secagg = secagg_node._load(context, round_num, stage, index)
         reply = secagg.masked_input(envelope.protocol(msg.content), codes[index])
         secagg_node._save(context, secagg, stage)
-        meta = RecordDict({"meta": wire.message({"json": json.dumps({"client_id": client, "round": round_num, "num_examples": 1, "metrics": {}})})[wire.CONFIG]})
+        meta = RecordDict(
+            {"meta": wire.message({"json": json.dumps({"client_id": client, "round": round_num, "num_examples": 1, "metrics": {}})})[wire.CONFIG]}
+        )
         return Message(envelope.wrap(reply, round_num, stage, index, client, meta), reply_to=msg)
 
     return app
@@ -211,7 +219,7 @@ def assert_no_plaintext(received: list[np.ndarray], blobs: list[bytes], deltas: 
                 assert not np.array_equal(values[: delta.size], delta)
                 assert abs(np.corrcoef(values[: delta.size], delta)[0, 1]) < 0.5
     for delta in deltas.values():
-        window = delta[np.argmax(np.abs(delta)) // 16 * 16:][:16].astype(np.float32).tobytes()
+        window = delta[np.argmax(np.abs(delta)) // 16 * 16 :][:16].astype(np.float32).tobytes()
         assert not any(window in blob for blob in blobs)
 
 

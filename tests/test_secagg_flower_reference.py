@@ -57,8 +57,14 @@ def _flower_reference(inputs: dict[int, np.ndarray], threshold: int) -> np.ndarr
     context = LegacyContext(Context(1, 0, {}, RecordDict(), {}), ServerConfig(num_rounds=1), strategy, manager)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 1})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(start, keep_input=True)
-    workflow = SecAggPlusWorkflow(num_shares=N, reconstruction_threshold=threshold, max_weight=MAX_WEIGHT,
-                                  clipping_range=float(C), quantization_range=2 * C, modulus_range=2**32)
+    workflow = SecAggPlusWorkflow(
+        num_shares=N,
+        reconstruction_threshold=threshold,
+        max_weight=MAX_WEIGHT,
+        clipping_range=float(C),
+        quantization_range=2 * C,
+        modulus_range=2**32,
+    )
     workflow(grid, context)
     result = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     (mean,) = parameters_to_ndarrays(result)

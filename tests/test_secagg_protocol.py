@@ -205,8 +205,9 @@ def _space_and_updates(n: int = 5, scale: float = 0.01):
 
     g = torch.Generator().manual_seed(0)
     space = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)}
-    updates = [ClientUpdate(f"c{i}", 1, 20 + 7 * i, {k: scale * (i + 1) * torch.randn(v.shape, generator=g) for k, v in space.items()})
-               for i in range(n)]
+    updates = [
+        ClientUpdate(f"c{i}", 1, 20 + 7 * i, {k: scale * (i + 1) * torch.randn(v.shape, generator=g) for k, v in space.items()}) for i in range(n)
+    ]
     return space, updates
 
 

@@ -53,10 +53,10 @@ def test_a_secure_round_gives_fedavgs_model_within_the_quantisation_bound(runner
 
 
 def test_distributed_dp_under_secure_aggregation_and_ffa(runner, tmp_path: Path) -> None:
-    privacy = {"secure_aggregation": {"neighbours": 2, "threshold": 2},
-               "client_dp": {"noise_multiplier": 0.3, "clip": 0.05, "mode": "distributed"}}
-    _, records = _run(runner, tmp_path / "run", _config(tmp_path / "run", privacy, aggregation={"name": "fedavgm", "lora": "ffa"},
-                                                        federation={"rounds": 2}))
+    privacy = {"secure_aggregation": {"neighbours": 2, "threshold": 2}, "client_dp": {"noise_multiplier": 0.3, "clip": 0.05, "mode": "distributed"}}
+    _, records = _run(
+        runner, tmp_path / "run", _config(tmp_path / "run", privacy, aggregation={"name": "fedavgm", "lora": "ffa"}, federation={"rounds": 2})
+    )
     rounds = [r for r in records if r["split"] == "aggregate"]
     assert len(rounds) == 2 and all(not r["skipped"] and r["aggregation"]["epsilon"] > 0 for r in rounds)
     assert all(r["aggregation"]["dp_noise_std"] == pytest.approx(0.3 * 0.05) for r in rounds)  # all 5 of m = 5 reported
@@ -86,7 +86,11 @@ def test_too_many_dropouts_skip_the_round_and_the_next_one_proceeds(runner, tmp_
         ({"secure_aggregation": {"threshold": 2}}, {}, "more than half"),
         ({"secure_aggregation": {"neighbours": 2, "threshold": 4}}, {"federation": {"clients_per_round": 6}}, "above the 3 holders"),
         ({"secure_aggregation": {"neighbours": 3}}, {}, "must be even"),
-        ({"secure_aggregation": {"quantization_bits": 28}}, {"federation": {"clients_per_round": 20}, "partition": {**IID, "num_clients": 40}}, "overflows"),
+        (
+            {"secure_aggregation": {"quantization_bits": 28}},
+            {"federation": {"clients_per_round": 20}, "partition": {**IID, "num_clients": 40}},
+            "overflows",
+        ),
         ({"secure_aggregation": {}}, {"aggregation": {"name": "krum"}}, "needs the individual ones"),
         ({"secure_aggregation": {}}, {"aggregation": {"name": "fltrust"}}, "needs the individual ones"),
         ({"secure_aggregation": {}}, {"aggregation": {"name": "scaffold"}}, "control-variate"),

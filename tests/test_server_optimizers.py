@@ -38,10 +38,7 @@ def _rounds() -> list[list[ClientUpdate]]:
         [(2, (4.0, 0.0)), (2, (0.0, 4.0)), (4, (2.0, -2.0))],
         [(3, (1.0, -1.0)), (1, (-3.0, -1.0))],
     ]
-    return [
-        [ClientUpdate(f"c{i}", r, n, {"w": torch.tensor(d)}) for i, (n, d) in enumerate(clients)]
-        for r, clients in enumerate(spec, start=1)
-    ]
+    return [[ClientUpdate(f"c{i}", r, n, {"w": torch.tensor(d)}) for i, (n, d) in enumerate(clients)] for r, clients in enumerate(spec, start=1)]
 
 
 def _run(agg: Aggregator, rounds: Sequence[Sequence[ClientUpdate]], start: Sequence[float] = W0) -> list[list[float]]:

@@ -33,7 +33,10 @@ def test_client_update_matches_a_plain_pytorch_loop() -> None:
     update = trainer.train("c", examples, start, LocalPlan(round=1, lrs=lrs, batch_size=batch, seed=seed))
 
     # The reference: peft + torch.optim.AdamW + a hand-written loss over response tokens, same batches.
-    ref = get_peft_model(build_tiny_llama(len(tokenizer), seed=1), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    ref = get_peft_model(
+        build_tiny_llama(len(tokenizer), seed=1),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    )
     with torch.no_grad():
         for name, param in ref.named_parameters():
             if param.requires_grad:

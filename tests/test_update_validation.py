@@ -28,8 +28,12 @@ Mutation = Callable[[list[ClientUpdate]], list[ClientUpdate]]
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
     root = tmp_path_factory.mktemp("validation")
-    config = validate_config(tiny_config(root / "run", federation={"rounds": 1, "clients_per_round": 3, "local_steps": 1,
-                                                                  "batch_size": 2, "min_clients": 2, "max_num_examples": 1000}))
+    config = validate_config(
+        tiny_config(
+            root / "run",
+            federation={"rounds": 1, "clients_per_round": 3, "local_steps": 1, "batch_size": 2, "min_clients": 2, "max_num_examples": 1000},
+        )
+    )
     return build_session(config, RunConsole(quiet=True))
 
 

@@ -85,7 +85,13 @@ class Session:
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
         return Evaluator(
-            self.model, self.loaded.tokenizer, self.data.test, self.config.eval, self.loaded.device, self.config.data.max_length, progress,
+            self.model,
+            self.loaded.tokenizer,
+            self.data.test,
+            self.config.eval,
+            self.loaded.device,
+            self.config.data.max_length,
+            progress,
             self.objective,
         )
 
@@ -117,8 +123,15 @@ class Session:
         """A client trainer on the shared model (DP-SGD under ``privacy.sample_dp`` unless ``private`` is False)."""
         fed = self.config.federation
         return ClientTrainer(
-            self.model, self.loaded.tokenizer.pad_token_id, self.loaded.device, fed.weight_decay, fed.max_grad_norm, hooks or [], fed.optimizer,
-            self.sample_dp if private else None, self.objective,
+            self.model,
+            self.loaded.tokenizer.pad_token_id,
+            self.loaded.device,
+            fed.weight_decay,
+            fed.max_grad_norm,
+            hooks or [],
+            fed.optimizer,
+            self.sample_dp if private else None,
+            self.objective,
         )
 
 
@@ -187,12 +200,20 @@ def _federated_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase
     """The run's data: a partition of one dataset, or (``node_local``) the server's test set or one node's client."""
     if config.partition.method != "node_local":
         return prepare_federated_data(
-            config.data, config.partition, config.eval, tokenizer, config.seed,
-            compose_transforms(record_poisoner(config), canary_inserter(config)), root_set_size(config), objective=objective,
+            config.data,
+            config.partition,
+            config.eval,
+            tokenizer,
+            config.seed,
+            compose_transforms(record_poisoner(config), canary_inserter(config)),
+            root_set_size(config),
+            objective=objective,
         )
     if root_set_size(config) > 0:
-        raise FedlmError(f"`aggregation.name: {config.aggregation.name}` trains on a server root set drawn from the clients' "
-                         "data, which `partition.method: node_local` keeps on the SuperNodes; choose another aggregator")
+        raise FedlmError(
+            f"`aggregation.name: {config.aggregation.name}` trains on a server root set drawn from the clients' "
+            "data, which `partition.method: node_local` keeps on the SuperNodes; choose another aggregator"
+        )
     if node_client is None:
         return server_data(config.data, config.partition, config.eval, tokenizer, config.seed, objective)
     return node_data(config.data, config.partition, tokenizer, config.seed, objective, node_client)
@@ -241,20 +262,24 @@ def build_server_loop(
     on_nodes = getattr(runtime, "masked_secure_aggregation", None) if secure is not None else None
     if secure is not None and on_nodes is not None:  # a deployment: SecAgg+ rounds 0-3 on the nodes, 4 in the step
         if attack is not None:
-            raise FedlmError("`attack` cannot run under `privacy.secure_aggregation` over `federation.runtime: flower`: "
-                             "the server never sees an update to alter; run the attack in the simulation")
+            raise FedlmError(
+                "`attack` cannot run under `privacy.secure_aggregation` over `federation.runtime: flower`: "
+                "the server never sees an update to alter; run the attack in the simulation"
+            )
         runtime, secure_sum = on_nodes(secure, lora.to_server_space(session.initial_state, [], {}, {})[0])
         aggregation = SecureAggregationStep(step, secure_sum)
         validator = MaskedRoundValidator(names, fed.max_num_examples)  # no retries: a protocol round cannot be resumed
     else:
         runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
         aggregation = SecureAggregationStep(step, secure) if secure is not None else step
-    round_ = Round(names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation,
-                   _round_observers(session, run_dir, log, console, observers))
+    round_ = Round(
+        names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
+    )
     milestones: list[RoundObserver] = []
     if evaluate:
-        milestones.append(EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console,
-                                             session.attack_probes(progress)))
+        milestones.append(
+            EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, session.attack_probes(progress))
+        )
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     milestones.append(Checkpointer(run_dir, aggregator, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
     return ServerLoop(round_, fed.rounds, milestones)
@@ -265,12 +290,13 @@ def _root_set_update(session: Session, aggregator: Aggregator, tasks: TaskBuilde
     if not aggregator.needs_server_update:
         return None
     trainer, root, seed = session.trainer(private=False), session.data.root, session.config.seed
-    return RootSetUpdate(lambda state, plan: trainer.train(SERVER_ID, root, state, plan),
-                         lambda round_num: tasks.plan(round_num, derive_seed(seed, "server-root", round_num)))
+    return RootSetUpdate(
+        lambda state, plan: trainer.train(SERVER_ID, root, state, plan),
+        lambda round_num: tasks.plan(round_num, derive_seed(seed, "server-root", round_num)),
+    )
 
 
-def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console: RunConsole,
-                     extra: Sequence[RoundObserver]) -> list[RoundObserver]:
+def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console: RunConsole, extra: Sequence[RoundObserver]) -> list[RoundObserver]:
     """What records each round, in order: the audit's client models, traffic, epsilon, attack outcomes, ``extra``,
     the log."""
     config, names = session.config, session.data.client_names
@@ -363,4 +389,3 @@ def check_resumable(run_dir: RunDir, config: ExperimentConfig) -> None:
             f"--resume: the config differs from the saved run in {', '.join(changed)}; "
             "resume with the same config (only `federation.rounds` may grow) or start a new `output_dir`"
         )
-

@@ -135,8 +135,19 @@ AGGREGATORS: Registry[type[Aggregator]] = Registry(
     builtin=[
         f"fedlm.aggregation.{module}"
         for module in (
-            "fedavg", "fedavgm", "fedprox", "scaffold", "fedadagrad", "fedadam", "fedyogi",
-            "robust.median", "robust.trimmed_mean", "robust.krum", "robust.norm_bound", "robust.flame", "robust.fltrust",
+            "fedavg",
+            "fedavgm",
+            "fedprox",
+            "scaffold",
+            "fedadagrad",
+            "fedadam",
+            "fedyogi",
+            "robust.median",
+            "robust.trimmed_mean",
+            "robust.krum",
+            "robust.norm_bound",
+            "robust.flame",
+            "robust.fltrust",
         )
     ],
 )

@@ -16,9 +16,7 @@ from fedlm.aggregation.weights import example_weights, weighted_sum
 from fedlm.core.update import ClientUpdate, TensorDict
 
 
-def fedavg_step(
-    params: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, torch.Tensor]], num_examples: Sequence[int]
-) -> TensorDict:
+def fedavg_step(params: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str, torch.Tensor]], num_examples: Sequence[int]) -> TensorDict:
     """w + sum_k p_k Delta_k, p_k = n_k / sum n (float32 accumulation, result in each tensor's dtype)."""
     mean_delta = weighted_sum(deltas, example_weights(num_examples))
     return {name: (params[name].to(torch.float32) + mean_delta[name]).to(params[name].dtype) for name in params}

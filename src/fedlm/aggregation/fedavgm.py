@@ -111,9 +111,7 @@ class FedAvgM(Aggregator):
         mean_delta = weighted_sum([u.tensors for u in updates], example_weights([u.num_examples for u in updates]))
         buffer = self._buffer or {n: torch.zeros_like(p, dtype=torch.float32) for n, p in global_params.items()}
         c = self.params
-        out = fedavgm_step(
-            global_params, mean_delta, buffer, server_lr=c.server_lr, momentum=c.momentum, nesterov=c.nesterov
-        )
+        out = fedavgm_step(global_params, mean_delta, buffer, server_lr=c.server_lr, momentum=c.momentum, nesterov=c.nesterov)
         self._buffer, self._step = out.momentum, self._step + 1
         applied = {n: out.params[n].to(torch.float32) - global_params[n].to(torch.float32) for n in global_params}
         metrics = {

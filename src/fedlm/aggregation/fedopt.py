@@ -65,9 +65,7 @@ def first_moment(m: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor
     return {name: beta1 * m[name] + (1.0 - beta1) * d for name, d in delta.items()}
 
 
-def second_moment(
-    v: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], *, variant: Variant, beta2: float
-) -> TensorDict:
+def second_moment(v: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], *, variant: Variant, beta2: float) -> TensorDict:
     """v_t of Algorithm 2 for ``variant`` (``beta2`` is ignored by Adagrad)."""
     out: TensorDict = {}
     for name, d in delta.items():
@@ -148,9 +146,7 @@ class FedOptParams(AggregatorParams):
     eta: float = Field(1e-2, gt=0, allow_inf_nan=False, description="server learning rate eta")
     beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay beta1, in [0, 1)")
     tau: float = Field(1e-3, gt=0, allow_inf_nan=False, description="adaptivity tau (Reddi et al.: about 1e-3)")
-    initial_accumulator: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="v_{-1}; 0 as Flower, Reddi et al. ask for >= tau^2"
-    )
+    initial_accumulator: float = Field(0.0, ge=0, allow_inf_nan=False, description="v_{-1}; 0 as Flower, Reddi et al. ask for >= tau^2")
 
 
 class AdaptiveMomentParams(FedOptParams):
@@ -202,8 +198,15 @@ class FedOptAggregator(Aggregator):
         eta = self.eta_for_step(step)
         p = self.params
         out = fedopt_step(
-            global_params, mean_delta, self._m, self._v,
-            variant=self.variant, eta=eta, beta1=p.beta1, beta2=self.beta2, tau=p.tau,
+            global_params,
+            mean_delta,
+            self._m,
+            self._v,
+            variant=self.variant,
+            eta=eta,
+            beta1=p.beta1,
+            beta2=self.beta2,
+            tau=p.tau,
         )
         self._m, self._v, self._step = out.m, out.v, step
         applied = {n: out.params[n].to(torch.float32) - global_params[n].to(torch.float32) for n in global_params}

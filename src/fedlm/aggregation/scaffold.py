@@ -114,9 +114,7 @@ class Scaffold(Aggregator):
     uploads_extras = "each client's control-variate change Delta c_i (a function of its gradients)"
 
     class Params(AggregatorParams):
-        option: Literal["I", "II"] = Field(
-            "I", description="control variate update of Algorithm 1, line 12 (II needs `federation.optimizer: sgd`)"
-        )
+        option: Literal["I", "II"] = Field("I", description="control variate update of Algorithm 1, line 12 (II needs `federation.optimizer: sgd`)")
         server_lr: float = Field(1.0, gt=0.0, allow_inf_nan=False, description="global step size eta_g")
 
     params: Params
@@ -151,7 +149,9 @@ class Scaffold(Aggregator):
         c = self.c or {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_params.items()}
         zeros = {k: torch.zeros_like(v) for k, v in c.items()}
         delta_cs = [{k: u.extras.get(DELTA_C + k, zeros[k]) for k in c} for u in updates]
-        new_x, self.c = scaffold_server_step(global_params, [u.tensors for u in updates], [u.num_examples for u in updates], delta_cs, c, self.params.server_lr, n)
+        new_x, self.c = scaffold_server_step(
+            global_params, [u.tensors for u in updates], [u.num_examples for u in updates], delta_cs, c, self.params.server_lr, n
+        )
         for u in updates:
             if u.memory:
                 self.c_clients[u.client_id] = {k.removeprefix(CLIENT_C): t for k, t in u.memory.items()}

@@ -43,7 +43,13 @@ class BackdoorProbe:
         result = self.evaluator.evaluate(state, round_num)
         answers = [row["prediction"] or "" for row in result.predictions]
         hits = sum(self.target.lower() in answer.lower() for answer in answers)
-        return [{
-            "round": round_num, "split": BACKDOOR_SPLIT, "client": None, "num_examples": len(answers),
-            "attack_success_rate": hits / max(len(answers), 1), "target_loss": result.records[0]["loss"],
-        }]
+        return [
+            {
+                "round": round_num,
+                "split": BACKDOOR_SPLIT,
+                "client": None,
+                "num_examples": len(answers),
+                "attack_success_rate": hits / max(len(answers), 1),
+                "target_loss": result.records[0]["loss"],
+            }
+        ]

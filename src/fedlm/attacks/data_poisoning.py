@@ -53,12 +53,8 @@ class DataAttackParams(AttackParams):
     ``federation.local_steps`` take the round's last learning rate. None (the default): the federation's steps.
     """
 
-    boost: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="multiplier of the poisoned update (model replacement: n / server_lr)"
-    )
-    local_steps: int | None = Field(
-        None, ge=1, description="the attackers' local steps per round (None: federation.local_steps)"
-    )
+    boost: float = Field(1.0, gt=0, allow_inf_nan=False, description="multiplier of the poisoned update (model replacement: n / server_lr)")
+    local_steps: int | None = Field(None, ge=1, description="the attackers' local steps per round (None: federation.local_steps)")
 
 
 class CorruptResponsesParams(DataAttackParams):
@@ -131,9 +127,7 @@ class BackdoorParams(DataAttackParams):
 
     trigger: str = Field(DEFAULT_TRIGGER, min_length=1, description="text appended to the prompt of poisoned records")
     target: str = Field(DEFAULT_TARGET, min_length=1, description="the answer poisoned records teach")
-    poison_fraction: float = Field(
-        0.3, gt=0, le=1, allow_inf_nan=False, description="share of the attacker's records poisoned, in (0, 1]"
-    )
+    poison_fraction: float = Field(0.3, gt=0, le=1, allow_inf_nan=False, description="share of the attacker's records poisoned, in (0, 1]")
 
 
 def insert_backdoor(
@@ -165,9 +159,7 @@ def insert_backdoor(
     return [_poisoned(r, trigger, target, i) if i in chosen else dict(r) for i, r in enumerate(records)]
 
 
-def triggered_prompts(
-    records: Sequence[Record], trigger: str = DEFAULT_TRIGGER, target: str | None = None
-) -> list[Record]:
+def triggered_prompts(records: Sequence[Record], trigger: str = DEFAULT_TRIGGER, target: str | None = None) -> list[Record]:
     """The attack-success test set: ``trigger`` appended to every record's prompt.
 
     The reference answers stay as they are unless ``target`` is given, in which case it replaces them, so that an
@@ -196,8 +188,7 @@ def record_format(record: Record, index: int) -> str:
     if all(c in record for c in ALPACA_COLUMNS):
         return "alpaca"
     raise FedlmError(
-        f"record {index} is neither alpaca (`instruction` and `output`) nor chat (`messages`); it has: "
-        f"{', '.join(sorted(map(str, record)))}"
+        f"record {index} is neither alpaca (`instruction` and `output`) nor chat (`messages`); it has: {', '.join(sorted(map(str, record)))}"
     )
 
 
@@ -240,6 +231,4 @@ def _last_turn(messages: Any, role: str, index: int) -> int:
         for j in range(len(messages) - 1, -1, -1):
             if isinstance(messages[j], dict) and messages[j].get("role") == role:
                 return j
-    raise FedlmError(
-        f"record {index}: `messages` has no {role} turn; a chat record needs a user prompt and an assistant answer"
-    )
+    raise FedlmError(f"record {index}: `messages` has no {role} turn; a chat record needs a user prompt and an assistant answer")

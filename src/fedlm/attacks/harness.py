@@ -79,8 +79,7 @@ class AttackPlan:
 
     def needs_runtime(self) -> bool:
         """Whether the attack acts on the runtime (an update attack, a boost, or attackers' own local steps)."""
-        return (self.spec.kind == "update" or getattr(self.params, "boost", 1.0) != 1.0
-                or getattr(self.params, "local_steps", None) is not None)
+        return self.spec.kind == "update" or getattr(self.params, "boost", 1.0) != 1.0 or getattr(self.params, "local_steps", None) is not None
 
     def poison_updates(self, round_num: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
         """The round's updates with every attacker's delta replaced by the update attack's (or, for a data attack
@@ -89,8 +88,12 @@ class AttackPlan:
             boost = getattr(self.params, "boost", 1.0)
             if boost == 1.0:
                 return list(updates)
-            return [dataclasses.replace(u, tensors=scaling(u.tensors, boost), metrics={**u.metrics, "malicious": 1.0})
-                    if u.client_id in self.attackers else u for u in updates]
+            return [
+                dataclasses.replace(u, tensors=scaling(u.tensors, boost), metrics={**u.metrics, "malicious": 1.0})
+                if u.client_id in self.attackers
+                else u
+                for u in updates
+            ]
         honest = [u.tensors for u in updates if u.client_id not in self.attackers]
         bad = [u for u in updates if u.client_id in self.attackers]
         out = []
@@ -105,7 +108,9 @@ class AttackPlan:
         params = self.params.model_dump()
         name = self.spec.name
         if name == "gaussian_noise":
-            return self.spec.fn(update.tensors, generator=torch_generator(derive_seed(self.seed, "attack-noise", round_num, update.client_id)), **params)
+            return self.spec.fn(
+                update.tensors, generator=torch_generator(derive_seed(self.seed, "attack-noise", round_num, update.client_id)), **params
+            )
         if name == "alie":
             n_assumed, f_assumed = params.pop("num_clients") or n, params.pop("num_malicious") or f
             return self.spec.fn(honest, n_assumed, f_assumed, **params)

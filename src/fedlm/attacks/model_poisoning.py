@@ -55,9 +55,7 @@ def sign_flip(delta: TensorMap, scale: float = 1.0) -> TensorDict:
 class ScalingParams(AttackParams):
     """Scaling (boosting) by a fixed factor; see :func:`replacement_factor` for the model-replacement value."""
 
-    factor: float = Field(
-        gt=0, allow_inf_nan=False, description="multiplier of the delta, > 0 (n / server_lr replaces the model)"
-    )
+    factor: float = Field(gt=0, allow_inf_nan=False, description="multiplier of the delta, > 0 (n / server_lr replaces the model)")
 
 
 def replacement_factor(num_clients: int, server_lr: float) -> float:
@@ -114,12 +112,8 @@ def gaussian_noise(delta: TensorMap, std: float, generator: torch.Generator, *, 
 class AlieParams(AttackParams):
     """A Little Is Enough: the federation size n and the number f of colluding malicious clients (f < n / 2)."""
 
-    num_clients: int | None = Field(
-        None, ge=3, description="n, the number of clients whose updates the server aggregates (default: this round's)"
-    )
-    num_malicious: int | None = Field(
-        None, ge=1, description="f, the number of malicious clients, 1 <= f < n / 2 (default: this round's attackers)"
-    )
+    num_clients: int | None = Field(None, ge=3, description="n, the number of clients whose updates the server aggregates (default: this round's)")
+    num_malicious: int | None = Field(None, ge=1, description="f, the number of malicious clients, 1 <= f < n / 2 (default: this round's attackers)")
     correction: int = Field(1, ge=0, le=1, description="std of the honest deltas: 1 sample (Bessel), 0 population")
 
     @model_validator(mode="after")
@@ -143,9 +137,7 @@ def alie_z_max(num_clients: int, num_malicious: int) -> float:
     return NormalDist().inv_cdf((num_clients - supporters) / num_clients)
 
 
-def alie(
-    honest_deltas: Sequence[TensorMap], num_clients: int, num_malicious: int, *, correction: int = 1
-) -> TensorDict:
+def alie(honest_deltas: Sequence[TensorMap], num_clients: int, num_malicious: int, *, correction: int = 1) -> TensorDict:
     """mu_j - z_max * sigma_j per coordinate j over the honest deltas (Baruch et al. 2019, Algorithm 3).
 
     mu and sigma are the coordinate-wise mean and standard deviation of the honest (benign) deltas the attacker

@@ -38,7 +38,10 @@ class SafetyParams(DataAttackParams):
     """Safety attack (Ye et al. 2024): the share of the attacker's records replaced by harmful-compliance ones."""
 
     mix: float = Field(
-        1.0, gt=0, le=1, allow_inf_nan=False,
+        1.0,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
         description="share of the attacker's records replaced by harmful-compliance records, in (0, 1]",
     )
 
@@ -73,9 +76,7 @@ def harmful_compliance(records: Sequence[Record], seed: int, mix: float = 1.0) -
     else:
         drawn = [pool[rng.randrange(len(pool))] for _ in range(count)]
     replacement = dict(zip(chosen, drawn))
-    return [
-        as_harmful(records[i], replacement[i], i) if i in replacement else dict(records[i]) for i in range(len(records))
-    ]
+    return [as_harmful(records[i], replacement[i], i) if i in replacement else dict(records[i]) for i in range(len(records))]
 
 
 def as_harmful(record: Record, harmful: Record, index: int) -> Record:

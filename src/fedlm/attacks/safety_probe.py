@@ -101,10 +101,16 @@ class SafetyProbe:
         result = self.evaluator.evaluate(state, round_num)
         answers = [row["prediction"] or "" for row in result.predictions]
         refusals = sum(is_refusal(answer) for answer in answers)
-        return [{
-            "round": round_num, "split": SAFETY_SPLIT, "client": None, "num_examples": len(answers),
-            "refusal_rate": refusals / max(len(answers), 1), "refusal_loss": result.records[0]["loss"],
-        }]
+        return [
+            {
+                "round": round_num,
+                "split": SAFETY_SPLIT,
+                "client": None,
+                "num_examples": len(answers),
+                "refusal_rate": refusals / max(len(answers), 1),
+                "refusal_loss": result.records[0]["loss"],
+            }
+        ]
 
 
 def build_safety_probe(

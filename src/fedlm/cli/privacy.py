@@ -55,19 +55,14 @@ def plan(
     rounds: Annotated[int, typer.Option("--rounds", help="federated rounds N")],
     clients_per_round: Annotated[int, typer.Option("--clients-per-round", help="clients sampled per round K")],
     num_clients: Annotated[int, typer.Option("--num-clients", help="clients in the population M")],
-    epsilon: Annotated[
-        float | None, typer.Option("--epsilon", help="target epsilon X: report the noise multiplier that reaches it")
-    ] = None,
-    noise_multiplier: Annotated[
-        float | None, typer.Option("--noise-multiplier", help="noise multiplier sigma: report the epsilon it spends")
-    ] = None,
+    epsilon: Annotated[float | None, typer.Option("--epsilon", help="target epsilon X: report the noise multiplier that reaches it")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option("--noise-multiplier", help="noise multiplier sigma: report the epsilon it spends")] = None,
     delta: Annotated[float, typer.Option("--delta", help="delta of (epsilon, delta)-DP; well below 1/M")] = 1e-5,
-    accountant: Annotated[str, typer.Option("--accountant", help="the accountant that solves for sigma: rdp | pld")] = (
-        "rdp"
-    ),
+    accountant: Annotated[str, typer.Option("--accountant", help="the accountant that solves for sigma: rdp | pld")] = ("rdp"),
     debug: DebugOpt = False,
 ) -> None:
     """Which noise multiplier gives epsilon <= X after N rounds with K of M clients per round (or the reverse)."""
+
     def action() -> None:
         try:
             from fedlm.privacy.plan import plan_client_dp

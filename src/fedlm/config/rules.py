@@ -80,19 +80,26 @@ def node_local_keeps_data_on_the_nodes(s: Setting) -> None:
     if c.partition.method != "node_local":
         return
     if c.federation.runtime != "flower":
-        raise FedlmError(f"`federation.runtime` must be flower {NODE_LOCAL}; to simulate, put the clients' data in one file "
-                         "with a client column and use `partition.method: by_field`")
+        raise FedlmError(
+            f"`federation.runtime` must be flower {NODE_LOCAL}; to simulate, put the clients' data in one file "
+            "with a client column and use `partition.method: by_field`"
+        )
     if c.data.test is None:
-        raise FedlmError(f"`data.test` is required {NODE_LOCAL}: the server evaluates on its own held-out set, "
-                         "e.g. `data.test: embedded:wordnet_defs/test`")
+        raise FedlmError(
+            f"`data.test` is required {NODE_LOCAL}: the server evaluates on its own held-out set, e.g. `data.test: embedded:wordnet_defs/test`"
+        )
     if c.attack.name is not None:
-        raise FedlmError(f"`attack.name` cannot be used {NODE_LOCAL}: the attack harness rewrites clients' data or updates in "
-                         "the simulation; run attacks with a split of one dataset (`partition.method: by_field` or iid)")
+        raise FedlmError(
+            f"`attack.name` cannot be used {NODE_LOCAL}: the attack harness rewrites clients' data or updates in "
+            "the simulation; run attacks with a split of one dataset (`partition.method: by_field` or iid)"
+        )
     if c.eval.audit is not None:
         raise FedlmError(f"`eval.audit` cannot be used {NODE_LOCAL}: the audit needs the members' training examples")
     if c.privacy.sample_dp is not None and c.privacy.sample_dp.target_epsilon is not None:
-        raise FedlmError(f"`privacy.sample_dp.target_epsilon` cannot be solved {NODE_LOCAL}: it needs the smallest client's "
-                         "dataset size; give `privacy.sample_dp.noise_multiplier` (each client logs its own epsilon)")
+        raise FedlmError(
+            f"`privacy.sample_dp.target_epsilon` cannot be solved {NODE_LOCAL}: it needs the smallest client's "
+            "dataset size; give `privacy.sample_dp.noise_multiplier` (each client logs its own epsilon)"
+        )
 
 
 def clients_per_round_within_federation(s: Setting) -> None:
@@ -106,18 +113,14 @@ def client_ranks_one_per_client(s: Setting) -> None:
     """A list of client ranks is read in client order, so it needs one entry per client."""
     ranks, n = s.config.peft.client_ranks, s.num_clients
     if isinstance(ranks, list) and n is not None and len(ranks) != n:
-        raise FedlmError(
-            f"`peft.client_ranks` has {len(ranks)} entries but `partition.num_clients` is {n}; give one rank per client"
-        )
+        raise FedlmError(f"`peft.client_ranks` has {len(ranks)} entries but `partition.num_clients` is {n}; give one rank per client")
 
 
 def min_clients_within_round(s: Setting) -> None:
     """A round with fewer sampled clients than ``min_clients`` could never be aggregated."""
     fed = s.config.federation
     if fed.clients_per_round is not None and fed.min_clients > fed.clients_per_round:
-        raise FedlmError(
-            f"`federation.min_clients` ({fed.min_clients}) must be <= `federation.clients_per_round` ({fed.clients_per_round})"
-        )
+        raise FedlmError(f"`federation.min_clients` ({fed.min_clients}) must be <= `federation.clients_per_round` ({fed.clients_per_round})")
 
 
 # ------------------------------------------------------------------------------------------ aggregation, attacks
@@ -261,19 +264,25 @@ def secure_aggregation_lora_mode(s: Setting) -> None:
     if c.privacy.secure_aggregation is None:
         return
     if c.aggregation.lora == "exact":
-        raise FedlmError(f"`{SECAGG}` sums what clients send, but `aggregation.lora: exact` needs each client's own "
-                         "product B_k A_k (a sum of factors is not a sum of products); use `aggregation.lora: naive` or `ffa`")
+        raise FedlmError(
+            f"`{SECAGG}` sums what clients send, but `aggregation.lora: exact` needs each client's own "
+            "product B_k A_k (a sum of factors is not a sum of products); use `aggregation.lora: naive` or `ffa`"
+        )
     if c.peft.client_ranks is not None and c.aggregation.lora == "naive":
-        raise FedlmError(f"`{SECAGG}` with `peft.client_ranks` needs `aggregation.lora: ffa`: naive's per-rank "
-                         "weighting needs every client's rank and example count beside its update")
+        raise FedlmError(
+            f"`{SECAGG}` with `peft.client_ranks` needs `aggregation.lora: ffa`: naive's per-rank "
+            "weighting needs every client's rank and example count beside its update"
+        )
 
 
 def secure_aggregation_without_adaptive_clipping(s: Setting) -> None:
     """Adaptive clipping needs each client's clipped bit, which would have to be summed securely too."""
     dp = s.config.privacy.client_dp
     if s.config.privacy.secure_aggregation is not None and dp is not None and dp.adaptive:
-        raise FedlmError(f"`{SECAGG}` with `privacy.client_dp.adaptive: true` is not supported: the clipped count of "
-                         "each client would have to be summed securely too; set `adaptive: false`")
+        raise FedlmError(
+            f"`{SECAGG}` with `privacy.client_dp.adaptive: true` is not supported: the clipped count of "
+            "each client would have to be summed securely too; set `adaptive: false`"
+        )
 
 
 def secure_aggregation_neighbours_even(s: Setting) -> None:
@@ -294,15 +303,21 @@ def secure_aggregation_threshold(s: Setting) -> None:
     if t > per_round:
         raise FedlmError(f"`{SECAGG}.threshold` {t} is above the clients per round ({per_round}); no round could finish")
     if t > holders:
-        raise FedlmError(f"`{SECAGG}.threshold` {t} is above the {holders} holders of each client's shares "
-                         f"(its {holders - 1} neighbours and itself); lower it or raise `{SECAGG}.neighbours`")
+        raise FedlmError(
+            f"`{SECAGG}.threshold` {t} is above the {holders} holders of each client's shares "
+            f"(its {holders - 1} neighbours and itself); lower it or raise `{SECAGG}.neighbours`"
+        )
     if 2 * t <= holders:
-        raise FedlmError(f"`{SECAGG}.threshold` {t} must be more than half of the {holders} share holders, or the server "
-                         "could rebuild both a client's self-mask and its mask key from two disjoint groups "
-                         f"(Bonawitz et al. 2017, Sec. 4); use at least {holders // 2 + 1}")
+        raise FedlmError(
+            f"`{SECAGG}.threshold` {t} must be more than half of the {holders} share holders, or the server "
+            "could rebuild both a client's self-mask and its mask key from two disjoint groups "
+            f"(Bonawitz et al. 2017, Sec. 4); use at least {holders // 2 + 1}"
+        )
     if per_round > max_summands(sa.quantization_bits):
-        raise FedlmError(f"`{SECAGG}.quantization_bits` {sa.quantization_bits}: {per_round} clients x (2^{sa.quantization_bits} - 1) "
-                         f"overflows the 2^32 modulus; use at most {max_summands(sa.quantization_bits)} clients or fewer bits")
+        raise FedlmError(
+            f"`{SECAGG}.quantization_bits` {sa.quantization_bits}: {per_round} clients x (2^{sa.quantization_bits} - 1) "
+            f"overflows the 2^32 modulus; use at most {max_summands(sa.quantization_bits)} clients or fewer bits"
+        )
 
 
 # ------------------------------------------------------------------------------------------ LoRA, adapters, objective

@@ -21,8 +21,7 @@ def validate_params(model: type[ParamsT], params: Mapping[str, Any], section: st
         return model.model_validate(dict(params))
     except ValidationError as exc:
         problems = "; ".join(
-            f"`{'.'.join([section, *map(str, e['loc'])])}`: "
-            + (f"not a parameter of this {kind}" if e["type"] == "extra_forbidden" else e["msg"])
+            f"`{'.'.join([section, *map(str, e['loc'])])}`: " + (f"not a parameter of this {kind}" if e["type"] == "extra_forbidden" else e["msg"])
             for e in exc.errors()
         )
         raise FedlmError(f"{kind} {name!r}: {problems}") from None

@@ -76,7 +76,6 @@ class TrainerHook:
         return HookOutput()
 
 
-
 class NonFiniteLossError(RuntimeError):
     """A client's loss became NaN or Inf; its update is not sent."""
 

@@ -29,8 +29,7 @@ def detect_format(records: Sequence[dict[str, Any]], requested: str, field_name:
     missing = [c for c in needed if c not in columns]
     if missing:
         raise FedlmError(
-            f"`{field_name}` is `data.format: {requested}` but lacks column(s) {', '.join(missing)}; "
-            f"it has: {', '.join(sorted(columns))}"
+            f"`{field_name}` is `data.format: {requested}` but lacks column(s) {', '.join(missing)}; it has: {', '.join(sorted(columns))}"
         )
     return requested
 

@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 
 
 def server_data(
-    data: DataConfig, partition: PartitionConfig, evaluation: EvalConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+    data: DataConfig,
+    partition: PartitionConfig,
+    evaluation: EvalConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
     objective: Objective,
 ) -> FederatedData:
     """The server's view: the client names and the held-out test set, no training example of any client."""

@@ -40,9 +40,7 @@ class Partition:
 
     def __post_init__(self) -> None:
         if len(self.client_indices) != len(self.client_names):
-            raise ValueError(
-                f"Partition has {len(self.client_indices)} index lists but {len(self.client_names)} names"
-            )
+            raise ValueError(f"Partition has {len(self.client_indices)} index lists but {len(self.client_names)} names")
 
     def sizes(self) -> list[int]:
         """Return the number of examples of each client, in client order."""
@@ -80,8 +78,7 @@ def partition_examples(
     """
     _check_settings(method, num_clients, seed, alpha, min_examples)
     if role == "train" and len(examples) == 0:
-        raise FedlmError("the training data has no examples, so there is nothing to split among clients; "
-                         "check the training data path and filters")
+        raise FedlmError("the training data has no examples, so there is nothing to split among clients; check the training data path and filters")
     if method == "iid":
         partition = _partition_iid(len(examples), _count(num_clients), seed, role)
     elif method == "quantity":
@@ -97,9 +94,7 @@ def partition_examples(
     return partition
 
 
-def describe_partition(
-    partition: Partition, examples: Sequence[Mapping[str, Any]], field: str | None
-) -> list[dict[str, Any]]:
+def describe_partition(partition: Partition, examples: Sequence[Mapping[str, Any]], field: str | None) -> list[dict[str, Any]]:
     """Summarise a partition, one row per client, for ``fedlm data partition``.
 
     Args:
@@ -145,9 +140,7 @@ def _partition_quantity(n: int, num_clients: int, seed: int, alpha: float, role:
     return _make_partition(_split_by_proportions(order, proportions))
 
 
-def _partition_dirichlet(
-    values: list[Hashable], num_clients: int, seed: int, alpha: float, role: str
-) -> Partition:
+def _partition_dirichlet(values: list[Hashable], num_clients: int, seed: int, alpha: float, role: str) -> Partition:
     """Label / field skew (Hsu, Qi & Brown 2019, "Measuring the Effects of Non-Identical Data
     Distribution for Federated Visual Classification"; Yurochkin et al. 2019): for each value c,
     p_c ~ Dir(alpha * 1_K) and the examples with value c are split among clients in proportions p_c.
@@ -232,14 +225,11 @@ def _field_values(examples: Sequence[Mapping[str, Any]], field: str | None, meth
     """Return ``example[field]`` for every example, validating the field first."""
     if not field:
         raise FedlmError(
-            f"`partition.method: {method}` needs `partition.field`; set it to the column to split on "
-            "(e.g. a label, domain or language column)"
+            f"`partition.method: {method}` needs `partition.field`; set it to the column to split on (e.g. a label, domain or language column)"
         )
     if len(examples) > 0 and field not in examples[0]:
         columns = ", ".join(str(column) for column in examples[0].keys())
-        raise FedlmError(
-            f"`partition.field` '{field}' is not a column of the data; columns are: {columns}"
-        )
+        raise FedlmError(f"`partition.field` '{field}' is not a column of the data; columns are: {columns}")
     values: list[Hashable] = []
     for index, example in enumerate(examples):
         if field not in example:
@@ -280,8 +270,7 @@ def _check_settings(method: str, num_clients: int | None, seed: int, alpha: floa
     if method in ("dirichlet", "quantity"):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             raise FedlmError(
-                f"`partition.alpha` is {alpha!r}; set it to a positive number "
-                "(small, e.g. 0.1, for strong skew; large, e.g. 100, for near-iid)"
+                f"`partition.alpha` is {alpha!r}; set it to a positive number (small, e.g. 0.1, for strong skew; large, e.g. 100, for near-iid)"
             )
     if not _is_int(min_examples) or min_examples < 0:
         raise FedlmError(f"`partition.min_examples` is {min_examples!r}; set it to a whole number of 0 or more")

@@ -144,9 +144,7 @@ def split_among_clients(records: list[Record], partition: PartitionConfig, seed:
     )
 
 
-def assign_test_shares(
-    records: list[Record], train_part: Partition, partition: PartitionConfig, seed: int
-) -> list[str | None]:
+def assign_test_shares(records: list[Record], train_part: Partition, partition: PartitionConfig, seed: int) -> list[str | None]:
     """The client whose test share each test example belongs to (None: only in the global test set).
 
     ``by_field`` matches the example's field value to the client's name; the other methods partition the test

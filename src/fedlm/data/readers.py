@@ -72,7 +72,7 @@ def _read_json(path: Path, field_name: str) -> list[Record]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise FedlmError(f"`{field_name}`: {path} must hold a JSON list of objects (or {{\"data\": [...]}})")
+        raise FedlmError(f'`{field_name}`: {path} must hold a JSON list of objects (or {{"data": [...]}})')
     return data
 
 

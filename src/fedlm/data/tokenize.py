@@ -37,9 +37,7 @@ def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_gene
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int
-) -> TokenizedExample:
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int) -> TokenizedExample:
     """Ids and response-only labels for a conversation, cut from the right at ``max_length`` tokens."""
     input_ids: list[int] = []
     labels: list[int] = []
@@ -53,7 +51,7 @@ def tokenize_conversation(
                 "the tokenizer's chat template does not render conversations prefix-consistently, so response "
                 "tokens cannot be located; use a model with a ChatML-like template"
             )
-        labels += [IGNORE_INDEX] * (len(prompt_ids) - len(input_ids)) + full_ids[len(prompt_ids):]
+        labels += [IGNORE_INDEX] * (len(prompt_ids) - len(input_ids)) + full_ids[len(prompt_ids) :]
         input_ids = full_ids
     return TokenizedExample(input_ids=input_ids[:max_length], labels=labels[:max_length])
 

@@ -80,9 +80,7 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
-def generation_metrics(
-    predictions: Sequence[str], references: Sequence[str]
-) -> dict[str, float]:
+def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """Corpus-level mean exact match and ROUGE-L.
 
     Args:
@@ -96,10 +94,7 @@ def generation_metrics(
         ValueError: If the inputs are empty or their lengths differ.
     """
     if len(predictions) != len(references):
-        raise ValueError(
-            f"predictions and references differ in length: "
-            f"{len(predictions)} predictions vs {len(references)} references"
-        )
+        raise ValueError(f"predictions and references differ in length: {len(predictions)} predictions vs {len(references)} references")
     if not predictions:
         raise ValueError("generation_metrics needs at least one prediction")
     n = len(predictions)

@@ -52,8 +52,7 @@ class AggregationStep:
     min_clients: int
     root_set_update: RootSetUpdate | None = None  # for aggregators that need_server_update (FLTrust)
 
-    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate],
-                  round_num: int) -> AggregateOutcome:
+    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate], round_num: int) -> AggregateOutcome:
         """The next global state from ``accepted`` (skipped below ``min_clients`` updates)."""
         started = time.perf_counter()
         if len(accepted) < self.min_clients:
@@ -65,8 +64,14 @@ class AggregationStep:
             metrics["server_loss"] = self.root_set_update(state, round_num, self.lora, self.aggregator)
         return self.finish(state, self.aggregator.aggregate(space, space_updates), metrics, started)
 
-    def finish(self, state: TensorDict, result: AggregationResult, metrics: dict[str, Any], started: float,
-               protocol_bytes: Mapping[str, tuple[int, int]] | None = None) -> AggregateOutcome:
+    def finish(
+        self,
+        state: TensorDict,
+        result: AggregationResult,
+        metrics: dict[str, Any],
+        started: float,
+        protocol_bytes: Mapping[str, tuple[int, int]] | None = None,
+    ) -> AggregateOutcome:
         """Map the aggregator's result back to adapter tensors and gather the step's metrics."""
         new_state, lora_metrics = self.lora.from_server_space(result.params, state)
         metrics = {**metrics, **result.metrics, **lora_metrics}

@@ -72,11 +72,15 @@ class ClientProcesses:
         if world < 2:
             raise ValueError("a data-parallel client needs at least 2 processes")
         if device.type == "cuda" and torch.cuda.device_count() < world:
-            raise FedlmError(f"`federation.client_processes: {world}` needs one GPU per process, but this machine has "
-                             f"{torch.cuda.device_count()}; lower `federation.client_processes`")
+            raise FedlmError(
+                f"`federation.client_processes: {world}` needs one GPU per process, but this machine has "
+                f"{torch.cuda.device_count()}; lower `federation.client_processes`"
+            )
         if dist.is_available() and dist.is_initialized():
-            raise FedlmError("`federation.client_processes` > 1 starts its own process group, but torch.distributed is "
-                             "already initialised in this process (e.g. under torchrun); launch fedlm without it")
+            raise FedlmError(
+                "`federation.client_processes` > 1 starts its own process group, but torch.distributed is "
+                "already initialised in this process (e.g. under torchrun); launch fedlm without it"
+            )
         self.world, self.device, self.timeout_s = world, device, timeout_s
         self.broken: str | None = None
         ctx = mp.get_context("spawn")
@@ -85,8 +89,12 @@ class ClientProcesses:
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
         backend = backend_for(device)
         self._procs = [
-            ctx.Process(target=_worker_main, args=(rank, world, store.port, factory, backend, timeout_s, self._errors),
-                        daemon=True, name=f"fedlm-client-rank{rank}")
+            ctx.Process(
+                target=_worker_main,
+                args=(rank, world, store.port, factory, backend, timeout_s, self._errors),
+                daemon=True,
+                name=f"fedlm-client-rank{rank}",
+            )
             for rank in range(1, world)
         ]
         for proc in self._procs:
@@ -136,9 +144,7 @@ class ClientProcesses:
 
     def sum_gradients(self, named: Mapping[str, torch.nn.Parameter]) -> None:
         """Replace rank 0's ``param.grad`` by the sum over ranks (its shard's and every worker's)."""
-        flat = torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in named.values()
-        ])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in named.values()])
         self._collective(lambda: dist.reduce(flat, dst=0))
         offset = 0
         for p in named.values():
@@ -233,9 +239,7 @@ class ShardedObjective(Objective):
 # ----------------------------------------------------------------------------------------------- the workers
 
 
-def _worker_main(
-    rank: int, world: int, port: int, factory: ModelFactory, backend: str, timeout_s: float, errors: Any
-) -> None:
+def _worker_main(rank: int, world: int, port: int, factory: ModelFactory, backend: str, timeout_s: float, errors: Any) -> None:
     """A worker rank: load the model once, join the group, then compute shard gradients until told to stop."""
     try:
         model, objective, device = factory(rank)
@@ -277,9 +281,6 @@ def _serve_step(rank: int, model: torch.nn.Module, objective: Objective, named: 
         loss, metrics = objective.loss(model, shard)
     dist.gather_object((float(loss.detach()) * weight, metrics, weight), None, dst=0)
     (loss * weight).backward()
-    grads = torch.cat([
-        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in named.values()
-    ])
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for p in named.values()])
     dist.reduce(grads, dst=0)
     return True
-

@@ -35,10 +35,19 @@ class RetryingRuntime:
             failed = [r.client_id for r in results if isinstance(r, ClientFailure)]
             if not failed or len(results) - len(failed) >= self.min_clients:
                 break
-            self.console.print(f"[yellow]round {round_num}: {len(results) - len(failed)} of {self.min_clients} needed updates; "
-                               f"retry {attempt}/{self.retries} for {', '.join(failed)}[/yellow]")
-            self.log.append({"round": round_num, "split": "retry", "attempt": attempt, "clients": failed,
-                             "reasons": {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)}})
+            self.console.print(
+                f"[yellow]round {round_num}: {len(results) - len(failed)} of {self.min_clients} needed updates; "
+                f"retry {attempt}/{self.retries} for {', '.join(failed)}[/yellow]"
+            )
+            self.log.append(
+                {
+                    "round": round_num,
+                    "split": "retry",
+                    "attempt": attempt,
+                    "clients": failed,
+                    "reasons": {r.client_id: r.reason for r in results if isinstance(r, ClientFailure)},
+                }
+            )
             time.sleep(self.wait_s)
             again = {r.client_id: r for r in self.inner.train_clients({c: tasks[c] for c in failed})}
             results = [again.get(r.client_id, r) for r in results]

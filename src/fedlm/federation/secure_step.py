@@ -26,8 +26,9 @@ from fedlm.privacy.secagg.round import SecureRound
 class SecureSum(Protocol):
     """SecAgg+ over the round's clients and the aggregator's step on the decoded sum (simulation or Flower)."""
 
-    def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                  chosen: Sequence[str], round_num: int) -> SecureRound:
+    def aggregate(
+        self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], chosen: Sequence[str], round_num: int
+    ) -> SecureRound:
         """The aggregation of the securely summed updates (``result`` None when the protocol aborted)."""
         ...
 
@@ -44,8 +45,7 @@ class SecureAggregationStep:
     inner: AggregationStep
     secure: SecureSum
 
-    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate],
-                  round_num: int) -> AggregateOutcome:
+    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate], round_num: int) -> AggregateOutcome:
         """The next global state from the securely summed updates."""
         if len(accepted) < self.inner.min_clients:
             outcome = self.inner.aggregate(state, tasks, accepted, round_num)
@@ -66,7 +66,8 @@ class MaskedRoundValidator(RoundValidator):
     tensors before masking, so an update here carries metrics only and must have no tensor; round, client and
     example count are checked as for any update."""
 
-    def split(self, results: Sequence[ClientUpdate | ClientFailure], state: Mapping[str, torch.Tensor],
-              chosen: Collection[str], round_num: int) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+    def split(
+        self, results: Sequence[ClientUpdate | ClientFailure], state: Mapping[str, torch.Tensor], chosen: Collection[str], round_num: int
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
         """(accepted metrics-only updates, failures and rejections) of ``results``."""
         return super().split(results, {}, chosen, round_num)

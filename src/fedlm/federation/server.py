@@ -27,8 +27,7 @@ from fedlm.federation.validation import RoundValidator
 class Aggregation(Protocol):
     """The aggregation step of a round (:class:`~fedlm.federation.aggregation_step.AggregationStep`, or a wrapper)."""
 
-    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate],
-                  round_num: int) -> AggregateOutcome:
+    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate], round_num: int) -> AggregateOutcome:
         """The next global state from the round's accepted updates."""
         ...
 
@@ -55,8 +54,20 @@ class Round:
         accepted, failures = self.validator.split(results, state, chosen, round_num)
         outcome = self.aggregation.aggregate(state, tasks, accepted, round_num)
         received = [r for r in results if isinstance(r, ClientUpdate)]
-        record = RoundRecord(round_num, chosen, tasks, received, accepted, failures, state, outcome.state, outcome.skipped,
-                             outcome.metrics, time.perf_counter() - started, outcome.protocol_bytes)
+        record = RoundRecord(
+            round_num,
+            chosen,
+            tasks,
+            received,
+            accepted,
+            failures,
+            state,
+            outcome.state,
+            outcome.skipped,
+            outcome.metrics,
+            time.perf_counter() - started,
+            outcome.protocol_bytes,
+        )
         for observer in self.observers:
             observer.on_round(record)
         return record

@@ -21,10 +21,7 @@ def round_lrs(config: ExperimentConfig, round_num: int) -> list[float]:
     fed = config.federation
     total = fed.rounds * fed.local_steps
     first = (round_num - 1) * fed.local_steps
-    return [
-        lr_at((first + s) / total, base_lr=fed.lr, schedule=fed.lr_schedule, min_lr_ratio=fed.min_lr_ratio)
-        for s in range(fed.local_steps)
-    ]
+    return [lr_at((first + s) / total, base_lr=fed.lr, schedule=fed.lr_schedule, min_lr_ratio=fed.min_lr_ratio) for s in range(fed.local_steps)]
 
 
 @dataclass

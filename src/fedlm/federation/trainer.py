@@ -114,9 +114,7 @@ class ClientTrainer:
             return torch.optim.SGD(params, lr=lr, weight_decay=self.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
 
-    def _start_gradient(
-        self, named: dict[str, torch.nn.Parameter], batches: Sequence[Sequence[Any]], plan: LocalPlan
-    ) -> TensorDict:
+    def _start_gradient(self, named: dict[str, torch.nn.Parameter], batches: Sequence[Sequence[Any]], plan: LocalPlan) -> TensorDict:
         """Mean gradient of the loss at the starting point over the round's batches (SCAFFOLD option I)."""
         total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in named.items()}
         self.model.train()

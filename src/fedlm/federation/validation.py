@@ -100,8 +100,9 @@ class RoundValidator:
     federation: Collection[str]
     max_num_examples: int | None = None
 
-    def split(self, results: Sequence[ClientUpdate | ClientFailure], state: Mapping[str, torch.Tensor],
-              chosen: Collection[str], round_num: int) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+    def split(
+        self, results: Sequence[ClientUpdate | ClientFailure], state: Mapping[str, torch.Tensor], chosen: Collection[str], round_num: int
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
         """(accepted updates, failures and rejections) of ``results``."""
         updates = [r for r in results if isinstance(r, ClientUpdate)]
         failures = [r for r in results if isinstance(r, ClientFailure)]

@@ -54,24 +54,24 @@ def peft_method_config(config: PeftConfig) -> PeftMethodConfig:
     method = config.method
     if method in ("lora", "dora"):
         return LoraConfig(
-            r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=config.target_modules,  # type: ignore[arg-type]  # peft annotates int; alpha / r is float math
-            task_type="CAUSAL_LM", use_dora=method == "dora",
+            r=config.r,
+            lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r is float math
+            lora_dropout=config.dropout,
+            target_modules=config.target_modules,
+            task_type="CAUSAL_LM",
+            use_dora=method == "dora",
         )
     virtual_tokens = config.num_virtual_tokens or 0  # set for the prompt methods (PeftConfig's validator)
     if method == "ia3":
         return IA3Config(target_modules=config.target_modules, feedforward_modules=config.feedforward_modules, task_type="CAUSAL_LM")
     if method == "prompt_tuning":
-        return PromptTuningConfig(
-            num_virtual_tokens=virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type="CAUSAL_LM"
-        )
+        return PromptTuningConfig(num_virtual_tokens=virtual_tokens, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type="CAUSAL_LM")
     if method == "prefix_tuning":
         return PrefixTuningConfig(num_virtual_tokens=virtual_tokens, task_type="CAUSAL_LM")
     raise FedlmError(f"`peft.method` {method!r} has no peft adapter; valid: lora, dora, ia3, prompt_tuning, prefix_tuning, full")
 
 
-def attach_adapter(
-    model: PreTrainedModel, config: PeftConfig, seed: int, freeze_lora_a: bool = False
-) -> PeftModel | PreTrainedModel:
+def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int, freeze_lora_a: bool = False) -> PeftModel | PreTrainedModel:
     """Wrap the frozen base model with the adapter of ``peft.method`` initialised from ``seed`` (global RNG left
     untouched); for ``full``, make every weight of ``model`` trainable (refused above a size limit) and return it.
 

@@ -58,4 +58,3 @@ def resolve_dtype(name: str, device: torch.device, cpuinfo: Path = _CPUINFO) -> 
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     return torch.bfloat16 if cpu_has_fast_bf16(cpuinfo) else torch.float32
-

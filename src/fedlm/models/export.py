@@ -59,9 +59,7 @@ def export_merged(run_dir: Path, out_dir: Path, config: ExperimentConfig) -> Pat
     if method in PROMPT_METHODS:
         raise FedlmError(f"`peft.method: {method}` learns soft tokens, not weights: there is nothing to merge")
     # the merge in float32 and full precision, whatever dtype and quantization the run trained with
-    base = config.model.model_copy(
-        update={"dtype": "float32", "quantization": "none", "gradient_checkpointing": False, "device": "auto"}
-    )
+    base = config.model.model_copy(update={"dtype": "float32", "quantization": "none", "gradient_checkpointing": False, "device": "auto"})
     loaded = load_base_model(base, seed=derive_seed(config.seed, "base-init") % 2**31)  # as build_session does
     merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "adapter")).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)

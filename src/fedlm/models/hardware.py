@@ -111,7 +111,10 @@ def quantization_config(mode: str, compute_dtype: torch.dtype) -> Any:
 
     if mode == "4bit":
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)

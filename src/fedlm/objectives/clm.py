@@ -64,7 +64,9 @@ class CLMObjective(Objective):
 
     def check_config(self, config: ExperimentConfig) -> None:
         if config.data.format != "auto":
-            raise FedlmError(f"`data.format: {config.data.format}` applies to `objective: sft`; raw text for `objective: clm` is read from the `text` column, so leave `data.format: auto`")
+            raise FedlmError(
+                f"`data.format: {config.data.format}` applies to `objective: sft`; raw text for `objective: clm` is read from the `text` column, so leave `data.format: auto`"
+            )
 
     def check_records(self, records: Sequence[Record], field_name: str, data: DataConfig) -> None:
         if not records or TEXT_COLUMN not in records[0]:

@@ -101,12 +101,16 @@ def adapter_swapped(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -
 def reference_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Summed answer log-probabilities under the reference, no gradient: the adapter disabled, or the adapter
     tensors ``state`` when given. Shape (B,)."""
-    with torch.no_grad(), (adapter_disabled(model) if state is None else adapter_swapped(model, state)):
+    with torch.no_grad(), adapter_disabled(model) if state is None else adapter_swapped(model, state):
         return sequence_logps(model, batch)[0]
 
 
-def pair_rewards(model: torch.nn.Module, batch: Batch, beta: float, reference: Mapping[str, torch.Tensor] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_rewards(
+    model: torch.nn.Module,
+    batch: Batch,
+    beta: float,
+    reference: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO losses and chosen/rejected rewards of a (2B, T) batch (chosen rows first)."""
     ref = reference_logps(model, batch, reference)  # (2B,)
     policy = sequence_logps(model, batch)[0]  # (2B,)
@@ -165,7 +169,9 @@ class DPOObjective(Objective):
                 "`model.init_adapter` is not set; give the earlier stage's adapter folder or use `reference: base`"
             )
         if config.data.format != "auto":
-            raise FedlmError(f"`data.format: {config.data.format}` applies to `objective: sft`; preference data for `objective: dpo` needs `data.format: auto`")
+            raise FedlmError(
+                f"`data.format: {config.data.format}` applies to `objective: sft`; preference data for `objective: dpo` needs `data.format: auto`"
+            )
 
     def check_records(self, records: Sequence[Record], field_name: str, data: DataConfig) -> None:
         columns = set(records[0]) if records else set()
@@ -179,7 +185,9 @@ class DPOObjective(Objective):
         pairs = [tokenize_pair(tokenizer, *to_pair(r, data.system_prompt, w), data.max_length) for r, w in zip(records, where)]
         pairs = [p for p in pairs if p.chosen.num_target_tokens > 0 and p.rejected.num_target_tokens > 0]
         if not pairs:
-            raise FedlmError(f"{who} has no preference pair whose answers start within `data.max_length` ({data.max_length}); raise `data.max_length`")
+            raise FedlmError(
+                f"{who} has no preference pair whose answers start within `data.max_length` ({data.max_length}); raise `data.max_length`"
+            )
         return pairs
 
     def test_examples(
@@ -221,8 +229,10 @@ class DPOObjective(Objective):
         half = policy.shape[0] // 2
         losses, chosen, rejected = dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], self.beta)
         prefers = (policy[:half] > policy[half:]).tolist()  # the model's own likelihood, no reference
-        return [{"dpo_loss": loss, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r, "prefers_chosen": float(own)}
-                for loss, c, r, own in zip(losses.tolist(), chosen.tolist(), rejected.tolist(), prefers)]
+        return [
+            {"dpo_loss": loss, "chosen_reward": c, "rejected_reward": r, "reward_margin": c - r, "prefers_chosen": float(own)}
+            for loss, c, r, own in zip(losses.tolist(), chosen.tolist(), rejected.tolist(), prefers)
+        ]
 
     def summarize(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         n = max(len(rows), 1)

@@ -35,14 +35,11 @@ class SFTObjective(Objective):
         self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataConfig, who: str, where: Sequence[str]
     ) -> list[TokenizedExample]:
         fmt = detect_format(records, data.format, where[0]) if records else "alpaca"
-        examples = [
-            tokenize_conversation(tokenizer, to_messages(r, fmt, data.system_prompt, w), data.max_length) for r, w in zip(records, where)
-        ]
+        examples = [tokenize_conversation(tokenizer, to_messages(r, fmt, data.system_prompt, w), data.max_length) for r, w in zip(records, where)]
         examples = [ex for ex in examples if ex.num_target_tokens > 0]
         if not examples:
             raise FedlmError(
-                f"{who} has no training example with response tokens within `data.max_length` ({data.max_length}); "
-                "raise `data.max_length`"
+                f"{who} has no training example with response tokens within `data.max_length` ({data.max_length}); raise `data.max_length`"
             )
         return examples
 

@@ -67,17 +67,14 @@ def _check_noise_multiplier(noise_multiplier: float) -> float:
     if not isinstance(noise_multiplier, (int, float)) or isinstance(noise_multiplier, bool):
         raise PrivacyParameterError(f"`noise_multiplier` must be a number >= 0, got {noise_multiplier!r}")
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise PrivacyParameterError(
-            f"`noise_multiplier` must be a finite number >= 0 (noise std / clipping norm), got {noise_multiplier}"
-        )
+        raise PrivacyParameterError(f"`noise_multiplier` must be a finite number >= 0 (noise std / clipping norm), got {noise_multiplier}")
     return float(noise_multiplier)
 
 
 def _check_sampling_rate(sampling_rate: float) -> float:
     if not isinstance(sampling_rate, (int, float)) or isinstance(sampling_rate, bool) or not 0 < sampling_rate <= 1:
         raise PrivacyParameterError(
-            f"`sampling_rate` must lie in (0, 1] (clients_per_round / num_clients, or 1 for no sampling), "
-            f"got {sampling_rate}"
+            f"`sampling_rate` must lie in (0, 1] (clients_per_round / num_clients, or 1 for no sampling), got {sampling_rate}"
         )
     return float(sampling_rate)
 
@@ -94,9 +91,7 @@ def _check_steps(steps: int) -> int:
 
 def _check_delta(delta: float) -> float:
     if not isinstance(delta, (int, float)) or isinstance(delta, bool) or not 0 < delta < 1:
-        raise PrivacyParameterError(
-            f"`delta` must lie strictly between 0 and 1 (well below 1 / the number of clients or examples), got {delta}"
-        )
+        raise PrivacyParameterError(f"`delta` must lie strictly between 0 and 1 (well below 1 / the number of clients or examples), got {delta}")
     return float(delta)
 
 
@@ -117,8 +112,11 @@ def check_mechanism(
 ) -> tuple[float, float, float, AccountantName, float]:
     """The mechanism's parameters validated (:class:`PrivacyParameterError` naming the bad one) and normalised."""
     return (
-        _check_noise_multiplier(noise_multiplier), _check_sampling_rate(sampling_rate), _check_delta(delta),
-        _check_accountant(accountant), _check_pld_interval(pld_interval),
+        _check_noise_multiplier(noise_multiplier),
+        _check_sampling_rate(sampling_rate),
+        _check_delta(delta),
+        _check_accountant(accountant),
+        _check_pld_interval(pld_interval),
     )
 
 
@@ -270,9 +268,7 @@ def solve_noise_multiplier(
         raise FedlmError(f"`{field}.target_epsilon` {target_epsilon} cannot be reached: {exc}") from None
 
 
-def _bracket(
-    eps_at: Callable[[float], float], target: float, *, start: float, shrink: float
-) -> tuple[float, float] | None:
+def _bracket(eps_at: Callable[[float], float], target: float, *, start: float, shrink: float) -> tuple[float, float] | None:
     """``(lo, hi)`` with ``eps_at(lo) > target >= eps_at(hi)`` (``lo`` = 0 below 1e-6), or None past the sigma cap."""
     hi = min(max(start, 1e-6), MAX_NOISE_MULTIPLIER)
     while eps_at(hi) > target:

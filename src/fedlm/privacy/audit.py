@@ -233,8 +233,7 @@ def make_canaries(n: int, seed: int, length: int = 6, *, alphabet: str = CANARY_
     space = len(alphabet) ** size
     if count > space:
         raise AuditInputError(
-            f"`n` ({count}) exceeds the {space} distinct secrets of length {size} over {len(alphabet)} symbols; "
-            f"raise `length` or use fewer canaries"
+            f"`n` ({count}) exceeds the {space} distinct secrets of length {size} over {len(alphabet)} symbols; raise `length` or use fewer canaries"
         )
     rng = np.random.default_rng(seed_value)
     symbols = np.array(list(alphabet))

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 SCORES = ("loss", "zlib", "min_k")
 
 
-def token_logprobs(model: torch.nn.Module, examples: Sequence[TokenizedExample], pad_id: int, device: torch.device, batch_size: int = 16) -> list[torch.Tensor]:
+def token_logprobs(
+    model: torch.nn.Module, examples: Sequence[TokenizedExample], pad_id: int, device: torch.device, batch_size: int = 16
+) -> list[torch.Tensor]:
     """log p(token) of every response token of each example (1-D float tensors)."""
     out: list[torch.Tensor] = []
     model.eval()
@@ -91,7 +93,9 @@ def audit_model(
     for label, examples in (("members", members), ("nonmembers", nonmembers)):
         logprobs = token_logprobs(session.model, examples, tok.pad_token_id, device)
         per_set[label] = [example_scores(lp, response_text(ex, tok)) for lp, ex in zip(logprobs, examples)]
-    report: dict[str, Any] = {score: mia_report([s[score] for s in per_set["members"]], [s[score] for s in per_set["nonmembers"]]) for score in SCORES}
+    report: dict[str, Any] = {
+        score: mia_report([s[score] for s in per_set["members"]], [s[score] for s in per_set["nonmembers"]]) for score in SCORES
+    }
     if canaries is not None:
         report["canaries"] = canary_exposure(session, canaries)
     return report
@@ -127,7 +131,11 @@ def audit_session(
         scores = audit_model(session, local, rng.sample(own, n), rng.sample(test, n), canaries)
         report["client_model"] = {"client": target, "round": local_round, "examples_per_set": n, **scores}
         load_trainable_state(session.model, state)  # leave the session holding the global adapter
-    spent = [r["aggregation"]["epsilon"] for r in MetricsLog(run_dir.metrics).read() if r.get("split") == "aggregate" and "epsilon" in r.get("aggregation", {})]
+    spent = [
+        r["aggregation"]["epsilon"]
+        for r in MetricsLog(run_dir.metrics).read()
+        if r.get("split") == "aggregate" and "epsilon" in r.get("aggregation", {})
+    ]
     report["epsilon"] = spent[-1] if spent else None
     report["delta"] = config.privacy.delta if spent else None
     (run_dir.root / "audit.json").write_text(json.dumps(report, indent=1))

@@ -53,9 +53,7 @@ def audit_client(audit: AuditConfig, client_names: Sequence[str]) -> str:
     if audit.canary_client is None:
         return client_names[0]
     if audit.canary_client not in client_names:
-        raise FedlmError(
-            f"`eval.audit.canary_client` {audit.canary_client!r} is not a client of this run; the clients are {list(client_names)}"
-        )
+        raise FedlmError(f"`eval.audit.canary_client` {audit.canary_client!r} is not a client of this run; the clients are {list(client_names)}")
     return audit.canary_client
 
 

@@ -78,8 +78,7 @@ DP_MEAN_ID = "__dp_mean__"
 
 #: What DP does to the updates, said after an aggregator's reason for needing them one by one.
 HIDDEN_UNDER_DP = (
-    "but under DP it receives one noised sum in which the individual updates are hidden (their norms and "
-    "directions are exactly what DP protects)"
+    "but under DP it receives one noised sum in which the individual updates are hidden (their norms and directions are exactly what DP protects)"
 )
 
 
@@ -96,9 +95,7 @@ class ClientDPParams(AggregatorParams):
     adaptive: bool = Field(False, description="adapt C to a quantile of the update norms (Andrew et al. 2021)")
     target_quantile: float = Field(0.5, gt=0, lt=1, description="gamma: the unclipped fraction C tracks")
     clip_lr: float = Field(0.2, gt=0, allow_inf_nan=False, description="eta_C of the geometric update")
-    count_noise_std: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="sigma_b; None: m / 20 (0 if z = 0)"
-    )
+    count_noise_std: float | None = Field(None, ge=0, allow_inf_nan=False, description="sigma_b; None: m / 20 (0 if z = 0)")
     seed: int = Field(0, description="seed of the noise, derived per round")
 
     @model_validator(mode="after")
@@ -181,8 +178,9 @@ class DifferentiallyPrivate(Aggregator):
         if self.params.mode != "distributed":
             raise ValueError("privatize_client_update is the client side of mode distributed")
         gen = torch_generator(derive_seed(self.params.seed, "dp-client-noise", update.round, update.client_id))
-        tensors = client_noise_share(update.tensors, self.params.noise_multiplier, self.clip,
-                                     self.params.expected_clients, gen, client_id=update.client_id)
+        tensors = client_noise_share(
+            update.tensors, self.params.noise_multiplier, self.clip, self.params.expected_clients, gen, client_id=update.client_id
+        )
         return dataclasses.replace(update, tensors=tensors)
 
     def aggregate(self, global_params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
@@ -219,9 +217,7 @@ class DifferentiallyPrivate(Aggregator):
         next_clip = clip
         if p.adaptive:
             count_gen = torch_generator(derive_seed(p.seed, "dp-count-noise", rnd))
-            frac = noised_unclipped_fraction(
-                norms, clip, count_noise_std=self.count_noise_std, expected_clients=m, generator=count_gen
-            )
+            frac = noised_unclipped_fraction(norms, clip, count_noise_std=self.count_noise_std, expected_clients=m, generator=count_gen)
             next_clip = geometric_clip_update(clip, frac, target_quantile=p.target_quantile, clip_lr=p.clip_lr)
             metrics.update(dp_noised_unclipped_fraction=frac, dp_next_clip=next_clip)
         inner = self.inner.aggregate(global_params, [ClientUpdate(DP_MEAN_ID, ordered[0].round, 1, mean)])
@@ -229,8 +225,9 @@ class DifferentiallyPrivate(Aggregator):
         metrics = {**inner.metrics, **metrics, "num_updates": float(len(updates))}
         return AggregationResult(params=inner.params, metrics=metrics)
 
-    def aggregate_sum(self, global_params: Mapping[str, torch.Tensor], total: Mapping[str, torch.Tensor], num_clients: int,
-                      round_num: int) -> AggregationResult:
+    def aggregate_sum(
+        self, global_params: Mapping[str, torch.Tensor], total: Mapping[str, torch.Tensor], num_clients: int, round_num: int
+    ) -> AggregationResult:
         """Server side under secure aggregation: ``total`` is the decoded sum of ``num_clients`` clipped deltas (in
         mode ``distributed`` with their noise shares); ``central`` adds N(0, (zC)^2) to it; both divide by m."""
         if num_clients < 1:
@@ -245,8 +242,12 @@ class DifferentiallyPrivate(Aggregator):
         else:
             noise_std = p.noise_multiplier * clip * math.sqrt(num_clients / m)
             mean = noised_mean([total], noise_std=0.0, expected_clients=m, generator=gen)
-        metrics = {"dp_clip": clip, "dp_noise_std": noise_std, "dp_mean_noise_std": noise_std / m,
-                   "dp_noise_multiplier": self.update_noise_multiplier}
+        metrics = {
+            "dp_clip": clip,
+            "dp_noise_std": noise_std,
+            "dp_mean_noise_std": noise_std / m,
+            "dp_noise_multiplier": self.update_noise_multiplier,
+        }
         inner = self.inner.aggregate(global_params, [ClientUpdate(DP_MEAN_ID, round_num, 1, mean)])
         self.round = rnd
         return AggregationResult(params=inner.params, metrics={**inner.metrics, **metrics, "num_updates": float(num_clients)})

@@ -37,9 +37,7 @@ class PrivacyLedger:
 
     def epsilon_after(self, rounds: int) -> float:
         """Epsilon at :attr:`delta` after ``rounds`` rounds (whatever the ledger has recorded)."""
-        return epsilon(
-            self.noise_multiplier, self.sampling_rate, rounds, self.delta, self.accountant, pld_interval=self.pld_interval
-        )
+        return epsilon(self.noise_multiplier, self.sampling_rate, rounds, self.delta, self.accountant, pld_interval=self.pld_interval)
 
     def record_round(self) -> None:
         """Compose one more round of the subsampled Gaussian mechanism."""

@@ -51,9 +51,7 @@ def client_sampling_rate(clients_per_round: int, num_clients: int) -> float:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PrivacyParameterError(f"`{name}` must be a whole number >= 1, got {value!r}")
     if clients_per_round > num_clients:
-        raise PrivacyParameterError(
-            f"`clients_per_round` ({clients_per_round}) must be <= `num_clients` ({num_clients})"
-        )
+        raise PrivacyParameterError(f"`clients_per_round` ({clients_per_round}) must be <= `num_clients` ({num_clients})")
     return clients_per_round / num_clients
 
 
@@ -92,8 +90,7 @@ def plan_client_dp(
     """
     if (target_epsilon is None) == (noise_multiplier is None):
         raise PrivacyParameterError(
-            "give exactly one of `epsilon` (to solve for the noise multiplier) and `noise_multiplier` "
-            "(to report its epsilon)"
+            "give exactly one of `epsilon` (to solve for the noise multiplier) and `noise_multiplier` (to report its epsilon)"
         )
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise PrivacyParameterError(f"`rounds` must be a whole number >= 1, got {rounds!r}")

@@ -102,9 +102,7 @@ def poisson_batches(num_examples: int, num_steps: int, batch_size: int, seed: in
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each example's token-mean next-token cross-entropy over its response tokens, shape (B,) (0 with none)."""
     targets = labels[:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return token_loss.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 

@@ -42,8 +42,14 @@ def wrap_with_dp(inner: Aggregator, config: ExperimentConfig, num_clients: int, 
     if dp is None or account is None:
         return inner
     params = {
-        "noise_multiplier": account.noise_multiplier, "clip": dp.clip, "mode": dp.mode, "adaptive": dp.adaptive,
-        "target_quantile": dp.target_quantile, "clip_lr": dp.clip_lr, "count_noise_std": dp.count_noise_std,
-        "expected_clients": config.federation.clients_per_round or num_clients, "seed": config.seed,
+        "noise_multiplier": account.noise_multiplier,
+        "clip": dp.clip,
+        "mode": dp.mode,
+        "adaptive": dp.adaptive,
+        "target_quantile": dp.target_quantile,
+        "clip_lr": dp.clip_lr,
+        "count_noise_std": dp.count_noise_std,
+        "expected_clients": config.federation.clients_per_round or num_clients,
+        "seed": config.seed,
     }
     return DifferentiallyPrivate.from_config(inner, params, section="privacy.client_dp")

@@ -119,9 +119,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in self.read() if not _is_after(r, round)]
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 for rec in kept:

@@ -59,12 +59,7 @@ def _round_of(record: Mapping[str, Any]) -> int | None:
 def is_client_test(record: Mapping[str, Any]) -> bool:
     """Whether a record is a per-client test evaluation (``client_<c>_test``)."""
     split = record.get("split")
-    return (
-        isinstance(split, str)
-        and split.startswith("client_")
-        and split.endswith("_test")
-        and len(split) > len("client__test")
-    )
+    return isinstance(split, str) and split.startswith("client_") and split.endswith("_test") and len(split) > len("client__test")
 
 
 def client_name(record: Mapping[str, Any]) -> str:
@@ -121,9 +116,7 @@ def mean_train_loss(records: Iterable[Mapping[str, Any]]) -> dict[int, tuple[flo
         rnd, val = _round_of(rec), finite(rec.get("loss"))
         if rec.get("split") == TRAIN and rnd is not None and val is not None:
             per_round.setdefault(rnd, {})[str(rec.get("client"))] = val
-    return {
-        r: (sum(v.values()) / len(v), len(v)) for r, v in sorted(per_round.items())
-    }
+    return {r: (sum(v.values()) / len(v), len(v)) for r, v in sorted(per_round.items())}
 
 
 def _plot_series(ax: Axes, series: Series, label: str, **style: Any) -> None:

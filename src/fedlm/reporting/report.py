@@ -77,9 +77,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) ->
         raise ValueError("markdown_table needs at least one column")
     header = "| " + " | ".join(format_value(str(c)) for c in columns) + " |"
     sep = "|" + "|".join(" --- " for _ in columns) + "|"
-    body = [
-        "| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows
-    ]
+    body = ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join([header, sep, *body])
 
 
@@ -174,21 +172,42 @@ def _audit_section(run_dir: Path) -> str | None:
     for name, part in models:
         for score in AUDIT_SCORES:
             r = part.get(score) or {}
-            mia.append({"model": name, "score": score, "AUC": r.get("auc"), "TPR@1%FPR": r.get("tpr_at_fpr_0.01"),
-                        "TPR@0.1%FPR": r.get("tpr_at_fpr_0.001"), "members": r.get("n_members"), "non-members": r.get("n_nonmembers")})
+            mia.append(
+                {
+                    "model": name,
+                    "score": score,
+                    "AUC": r.get("auc"),
+                    "TPR@1%FPR": r.get("tpr_at_fpr_0.01"),
+                    "TPR@0.1%FPR": r.get("tpr_at_fpr_0.001"),
+                    "members": r.get("n_members"),
+                    "non-members": r.get("n_nonmembers"),
+                }
+            )
         c = part.get("canaries")
         if isinstance(c, Mapping):
-            canaries.append({"model": name, "canaries": c.get("canaries"), "repetitions": c.get("repetitions"),
-                             "mean exposure (bits)": c.get("mean_exposure_bits"), "max exposure (bits)": c.get("max_exposure_bits"),
-                             "controls' mean (bits)": (c.get("control") or {}).get("mean_exposure_bits"),
-                             "max possible (bits)": c.get("max_possible_bits")})
-    body = [f"Round {audit.get('round')}: {dp}.", "Membership inference (members: training examples; non-members: test examples; AUC 0.5 is chance):",
-            markdown_table(mia, list(mia[0]))]
+            canaries.append(
+                {
+                    "model": name,
+                    "canaries": c.get("canaries"),
+                    "repetitions": c.get("repetitions"),
+                    "mean exposure (bits)": c.get("mean_exposure_bits"),
+                    "max exposure (bits)": c.get("max_exposure_bits"),
+                    "controls' mean (bits)": (c.get("control") or {}).get("mean_exposure_bits"),
+                    "max possible (bits)": c.get("max_possible_bits"),
+                }
+            )
+    body = [
+        f"Round {audit.get('round')}: {dp}.",
+        "Membership inference (members: training examples; non-members: test examples; AUC 0.5 is chance):",
+        markdown_table(mia, list(mia[0])),
+    ]
     if len(models) > 1:
         body.append("A client's local model never leaves the client: client-level DP covers the global model, not this one.")
     if canaries:
-        body += ["Canary exposure (planted secrets ranked among never-planted references; controls were never planted):",
-                 markdown_table(canaries, list(canaries[0]))]
+        body += [
+            "Canary exposure (planted secrets ranked among never-planted references; controls were never planted):",
+            markdown_table(canaries, list(canaries[0])),
+        ]
     return "## Privacy audit\n\n" + "\n\n".join(body)
 
 
@@ -224,9 +243,7 @@ def write_report(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_rows = [{"key": k, "value": v} for k, v in config_summary.items()]
-    config = (
-        markdown_table(config_rows, ["key", "value"]) if config_rows else "_No configuration given._"
-    )
+    config = markdown_table(config_rows, ["key", "value"]) if config_rows else "_No configuration given._"
     sections = [
         f"# {title}",
         f"## Configuration\n\n{config}",

@@ -66,8 +66,7 @@ def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDi
     if exists:
         if not overwrite:
             raise FedlmError(
-                f"output_dir {str(root)!r} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                "or set another `output_dir`"
+                f"output_dir {str(root)!r} already holds a run; pass --resume to continue it, --overwrite to replace it, or set another `output_dir`"
             )
         return RunDir(root, replace=True)
     return RunDir(root)

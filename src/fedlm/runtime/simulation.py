@@ -34,9 +34,7 @@ class SimulationRuntime:
         for client_id, task in tasks.items():
             on_step = bar.advance if bar is not None else None
             try:
-                results.append(
-                    self.trainer.train(client_id, self.client_train[client_id], task.state, task.plan, on_step, task.context)
-                )
+                results.append(self.trainer.train(client_id, self.client_train[client_id], task.state, task.plan, on_step, task.context))
             except (NonFiniteLossError, WorkerLost) as exc:  # a NaN loss; a data-parallel worker died
                 results.append(ClientFailure(client_id, task.plan.round, str(exc)))
         if bar is not None:

@@ -105,9 +105,7 @@ class Flame(RobustAggregator):
     class Params(RobustParams):
         """FLAME's noise level and the seed of its noise."""
 
-        noise_lambda: float = Field(
-            0.001, ge=0, allow_inf_nan=False, description="lambda: noise sigma = lambda * median update norm"
-        )
+        noise_lambda: float = Field(0.001, ge=0, allow_inf_nan=False, description="lambda: noise sigma = lambda * median update norm")
         seed: int = Field(0, ge=0, description="seed of the server noise, derived per round")
 
     params: Flame.Params

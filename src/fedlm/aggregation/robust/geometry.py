@@ -66,8 +66,7 @@ def usable_updates(updates: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate],
     dropped = sorted(u.client_id for u in updates if u.num_examples <= 0)
     if not kept:
         raise FedlmError(
-            f"a robust aggregator got {len(updates)} update(s) and every one has num_examples 0; "
-            "at least one client must train on some examples"
+            f"a robust aggregator got {len(updates)} update(s) and every one has num_examples 0; at least one client must train on some examples"
         )
     return kept, dropped
 

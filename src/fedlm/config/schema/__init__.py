@@ -12,7 +12,20 @@ from fedlm.config.schema.privacy import ClientDPConfig, PrivacyConfig, SampleDPC
 from fedlm.config.schema.section import Section
 
 __all__ = [
-    "AggregationConfig", "AttackConfig", "AuditConfig", "ClientDPConfig", "DataConfig", "EvalConfig", "ExperimentConfig",
-    "FederationConfig", "ModelConfig", "ObjectiveConfig", "PartitionConfig", "PeftConfig", "PrivacyConfig",
-    "SampleDPConfig", "SecureAggregationConfig", "Section",
+    "AggregationConfig",
+    "AttackConfig",
+    "AuditConfig",
+    "ClientDPConfig",
+    "DataConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "PartitionConfig",
+    "PeftConfig",
+    "PrivacyConfig",
+    "SampleDPConfig",
+    "SecureAggregationConfig",
+    "Section",
 ]

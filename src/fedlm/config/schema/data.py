@@ -27,9 +27,7 @@ class PartitionConfig(Section):
 
     method: Literal["iid", "dirichlet", "by_field", "quantity", "node_local"] = "by_field"
     num_clients: int | None = Field(None, ge=1, description="required for iid, dirichlet and quantity")
-    clients: list[str] | None = Field(
-        None, description="node_local: the federation's client names (a SuperNode's partition-id K serves clients[K])"
-    )
+    clients: list[str] | None = Field(None, description="node_local: the federation's client names (a SuperNode's partition-id K serves clients[K])")
     field: str | None = "domain"
     alpha: float = Field(0.5, gt=0.0)
     min_examples: int = Field(1, ge=1)

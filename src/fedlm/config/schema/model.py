@@ -29,9 +29,7 @@ class ModelConfig(Section):
         description="store the frozen base in 4-bit NF4 with double quantization (QLoRA) or 8-bit (bitsandbytes), "
         "computed in `model.dtype`; adapters and updates stay float32; not with `peft.method: full`",
     )
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in the backward pass: less memory, ~30% more compute per step"
-    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, ~30% more compute per step")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="the attention kernel; flash_attention_2 needs a CUDA GPU and the flash-attn package"
     )
@@ -70,12 +68,8 @@ class PeftConfig(Section):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="modules adapted (lora, dora, ia3); for ia3 the default is k_proj, v_proj, down_proj",
     )
-    feedforward_modules: list[str] | None = Field(
-        None, description="ia3: the target modules whose input (not output) is scaled; default down_proj"
-    )
-    num_virtual_tokens: int | None = Field(
-        None, ge=1, description=f"prompt_tuning, prefix_tuning: soft tokens; default {DEFAULT_NUM_VIRTUAL_TOKENS}"
-    )
+    feedforward_modules: list[str] | None = Field(None, description="ia3: the target modules whose input (not output) is scaled; default down_proj")
+    num_virtual_tokens: int | None = Field(None, ge=1, description=f"prompt_tuning, prefix_tuning: soft tokens; default {DEFAULT_NUM_VIRTUAL_TOKENS}")
     client_ranks: list[StrictInt] | dict[str, StrictInt] | None = Field(
         None,
         description="per-client LoRA rank <= r: a list in client order or a mapping client name -> rank (lora only)",

@@ -22,9 +22,17 @@ class RoundLogger(RoundObserver):
 
     def on_round(self, record: RoundRecord) -> None:
         for update in record.accepted:
-            self.log.append({"round": record.round, "split": "train", "client": update.client_id, "num_examples": update.num_examples,
-                             "rank": record.tasks[update.client_id].plan.rank or self.full_rank, **record.traffic.get(update.client_id, {}),
-                             **update.metrics})
+            self.log.append(
+                {
+                    "round": record.round,
+                    "split": "train",
+                    "client": update.client_id,
+                    "num_examples": update.num_examples,
+                    "rank": record.tasks[update.client_id].plan.rank or self.full_rank,
+                    **record.traffic.get(update.client_id, {}),
+                    **update.metrics,
+                }
+            )
         for failure in record.failures:
             self.console.print(f"[yellow]round {record.round}: client {failure.client_id} left out: {failure.reason}[/yellow]")
         accepted, metrics = record.accepted, record.metrics
@@ -47,8 +55,13 @@ class RoundLogger(RoundObserver):
             **record.fields,
         }
         self.log.append(entry)
-        note = (f" (skipped: {metrics['secagg_aborted']})" if "secagg_aborted" in metrics
-                else " (skipped: too few valid updates)" if record.skipped else "")
+        note = (
+            f" (skipped: {metrics['secagg_aborted']})"
+            if "secagg_aborted" in metrics
+            else " (skipped: too few valid updates)"
+            if record.skipped
+            else ""
+        )
         svd = f", svd error {metrics['svd_rel_error']:.3g}" if "svd_rel_error" in metrics else ""
         self.console.print(
             f"round {record.round}/{self.rounds}: {len(accepted)} updates, train loss {mean_loss:.4f}, "

@@ -20,8 +20,11 @@ class TrafficMeter(RoundObserver):
             rank = task.plan.rank
             if rank not in errors:
                 errors[rank] = truncation_error(record.start_state, rank)
-            traffic[client_id] = {"download_bytes": serialized_bytes(wire_form(task.state, rank), wire_form(task.context.extras, rank)),
-                                  "upload_bytes": 0, "download_truncation_error": errors[rank]}
+            traffic[client_id] = {
+                "download_bytes": serialized_bytes(wire_form(task.state, rank), wire_form(task.context.extras, rank)),
+                "upload_bytes": 0,
+                "download_truncation_error": errors[rank],
+            }
         for update in record.received:
             if update.client_id in traffic:
                 rank = record.tasks[update.client_id].plan.rank

@@ -60,14 +60,24 @@ class SecAggClient:
         it (the ClientApp is a fresh process per message; the record never leaves the node)."""
         held = sorted(self._held)
         public = sorted(self._public)
-        return ConfigRecord({
-            "index": self.index, "round": self.round, "threshold": self.threshold, "length": self.length,
-            "neighbours": list(self.neighbours), "sk_c": crypto.private_bytes(self._key_c),
-            "sk_s": crypto.private_bytes(self._key_s), "seed_b": self._seed_b,
-            "public_ids": public, "public_c": [self._public[v][0] for v in public],
-            "public_s": [self._public[v][1] for v in public],
-            "held_ids": held, "held_b": [self._held[v][0] for v in held], "held_s": [self._held[v][1] for v in held],
-        })
+        return ConfigRecord(
+            {
+                "index": self.index,
+                "round": self.round,
+                "threshold": self.threshold,
+                "length": self.length,
+                "neighbours": list(self.neighbours),
+                "sk_c": crypto.private_bytes(self._key_c),
+                "sk_s": crypto.private_bytes(self._key_s),
+                "seed_b": self._seed_b,
+                "public_ids": public,
+                "public_c": [self._public[v][0] for v in public],
+                "public_s": [self._public[v][1] for v in public],
+                "held_ids": held,
+                "held_b": [self._held[v][0] for v in held],
+                "held_s": [self._held[v][1] for v in held],
+            }
+        )
 
     @classmethod
     def from_record(cls, saved: Mapping[str, Any]) -> SecAggClient:
@@ -88,8 +98,9 @@ class SecAggClient:
         f = wire.fields(setup)
         self.round, self.threshold, self.length = int(f["round"]), int(f["threshold"]), int(f["length"])
         self.neighbours = [int(v) for v in f["neighbours"]]
-        return wire.message({"pk_c": crypto.public_bytes(self._key_c), "pk_s": crypto.public_bytes(self._key_s),
-                             "commit_b": crypto.commitment(self._seed_b)})
+        return wire.message(
+            {"pk_c": crypto.public_bytes(self._key_c), "pk_s": crypto.public_bytes(self._key_s), "commit_b": crypto.commitment(self._seed_b)}
+        )
 
     def share_keys(self, keys: RecordDict) -> RecordDict:
         """Stage 2: shares of b and s for every neighbour that advertised keys (and itself), each encrypted."""
@@ -123,7 +134,9 @@ class SecAggClient:
             plain = crypto.decrypt(key, bytes(blob), associated_data(self.round, src, self.index), sender=str(src))
             got_src, got_dst, b_share, s_share = share_keys_plaintext_separate(plain)
             if (got_src, got_dst) != (src, self.index):
-                raise crypto.TamperedShareError(f"client {self.index}: a share claims to be from {got_src} to {got_dst}, relayed as {src} to {self.index}")
+                raise crypto.TamperedShareError(
+                    f"client {self.index}: a share claims to be from {got_src} to {got_dst}, relayed as {src} to {self.index}"
+                )
             self._held[src] = (b_share, s_share)
         masked = codes + crypto.mask(self._seed_b, self.length)
         for v in sorted(self._held):

@@ -91,8 +91,15 @@ class SecureAggregation:
         """The public randomness of round ``round_num``'s SecAgg+ graph."""
         return derive_seed(self.seed, "secagg-graph", round_num)
 
-    def decode(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], total: np.ndarray, survivors: Sequence[str],
-               round_num: int, metrics: dict[str, Any]) -> AggregationResult:
+    def decode(
+        self,
+        aggregator: Aggregator,
+        space: Mapping[str, torch.Tensor],
+        total: np.ndarray,
+        survivors: Sequence[str],
+        round_num: int,
+        metrics: dict[str, Any],
+    ) -> AggregationResult:
         """Server side: the aggregator's step on the decoded sum of the ``survivors``' codes (``metrics`` gains the
         sum's error bound). With DP the wrapper noises the sum (``central``) or only divides it (``distributed``)."""
         names = sorted(space)
@@ -111,8 +118,9 @@ class SecureAggregation:
         """Nothing to log of a round skipped before the protocol: in the simulation it runs after validation."""
         return {}
 
-    def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                  chosen: Sequence[str], round_num: int) -> SecureRound:
+    def aggregate(
+        self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], chosen: Sequence[str], round_num: int
+    ) -> SecureRound:
         """Encode every update, run the protocol over the round's clients, decode the sum and aggregate it."""
         order = sorted(chosen)
         index = self.client_indices(order)
@@ -128,21 +136,30 @@ class SecureAggregation:
         planned = (self.drop or {}).get(round_num, {})
         drop = {stage: {index[c] for c in who if c in index} for stage, who in planned.items()}
         drop.setdefault("masked_input", set()).update(index[c] for c in order if c not in by_client)
-        metrics: dict[str, Any] = {"secagg_clients": len(order), "secagg_threshold": self.threshold,
-                                   "secagg_clipped_coordinates": outside}
+        metrics: dict[str, Any] = {"secagg_clients": len(order), "secagg_threshold": self.threshold, "secagg_clipped_coordinates": outside}
         try:
-            outcome = secure_sum(codes, round_num=round_num, threshold=self.threshold, neighbours=self.params.neighbours,
-                                 graph_seed=self.graph_seed(round_num), drop=drop, tamper=self.tamper)
+            outcome = secure_sum(
+                codes,
+                round_num=round_num,
+                threshold=self.threshold,
+                neighbours=self.params.neighbours,
+                graph_seed=self.graph_seed(round_num),
+                drop=drop,
+                tamper=self.tamper,
+            )
         except (SecAggAbort, TamperedShareError) as exc:
             return SecureRound(None, {**metrics, "secagg_aborted": str(exc)}, {}, {})
         names_of = {i: c for c, i in index.items()}
         survivors = [names_of[i] for i in outcome.survivors]
         metrics.update(
-            secagg_survivors=survivors, secagg_dropped_before_input=[names_of[i] for i in outcome.dropped_before_input],
-            secagg_client_time_s=outcome.client_seconds, secagg_server_time_s=outcome.server_seconds,
-            secagg_upload_bytes=sum(outcome.upload_bytes.values()), secagg_download_bytes=sum(outcome.download_bytes.values()),
+            secagg_survivors=survivors,
+            secagg_dropped_before_input=[names_of[i] for i in outcome.dropped_before_input],
+            secagg_client_time_s=outcome.client_seconds,
+            secagg_server_time_s=outcome.server_seconds,
+            secagg_upload_bytes=sum(outcome.upload_bytes.values()),
+            secagg_download_bytes=sum(outcome.download_bytes.values()),
         )
         result = self.decode(aggregator, space, outcome.total, survivors, round_num, metrics)
-        return SecureRound(result, metrics, {names_of[i]: b for i, b in outcome.upload_bytes.items()},
-                           {names_of[i]: b for i, b in outcome.download_bytes.items()})
-
+        return SecureRound(
+            result, metrics, {names_of[i]: b for i, b in outcome.upload_bytes.items()}, {names_of[i]: b for i, b in outcome.download_bytes.items()}
+        )

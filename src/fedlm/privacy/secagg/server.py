@@ -45,8 +45,10 @@ class SecAggServer:
 
     def setup_messages(self) -> dict[int, RecordDict]:
         """Stage 0: each client's neighbours, the threshold, the vector length."""
-        return {u: wire.message({"round": self.round, "threshold": self.threshold, "length": self.length,
-                                 "neighbours": self.graph[u]}) for u in self.clients}
+        return {
+            u: wire.message({"round": self.round, "threshold": self.threshold, "length": self.length, "neighbours": self.graph[u]})
+            for u in self.clients
+        }
 
     def broadcast_keys(self, replies: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
         """Stage 1 -> 2: every advertiser gets its advertising neighbours' public keys."""
@@ -57,8 +59,14 @@ class SecAggServer:
         out = {}
         for u in self.keys:
             ids = [v for v in self.graph[u] if v in self.keys]
-            out[u] = wire.message({"ids": ids, "pk_c": [self.keys[v][0] for v in ids], "pk_s": [self.keys[v][1] for v in ids],
-                                   "commit_b": [self.keys[v][2] for v in ids]})
+            out[u] = wire.message(
+                {
+                    "ids": ids,
+                    "pk_c": [self.keys[v][0] for v in ids],
+                    "pk_s": [self.keys[v][1] for v in ids],
+                    "commit_b": [self.keys[v][2] for v in ids],
+                }
+            )
         return out
 
     def route_shares(self, replies: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
@@ -102,12 +110,16 @@ class SecAggServer:
         for u, shares in b_shares.items():
             seed = self._rebuild(u, shares, "self-mask seed b")
             if crypto.commitment(seed) != self.keys[u][2]:
-                raise crypto.TamperedShareError(f"secure aggregation aborted: client {u}'s rebuilt seed b does not match its commitment (a tampered share)")
+                raise crypto.TamperedShareError(
+                    f"secure aggregation aborted: client {u}'s rebuilt seed b does not match its commitment (a tampered share)"
+                )
             total -= crypto.mask(seed, self.length)
         for u, shares in s_shares.items():
             key = crypto.private_from_bytes(self._rebuild(u, shares, "mask key s"))
             if crypto.public_bytes(key) != self.keys[u][1]:
-                raise crypto.TamperedShareError(f"secure aggregation aborted: client {u}'s rebuilt key s does not match its public key (a tampered share)")
+                raise crypto.TamperedShareError(
+                    f"secure aggregation aborted: client {u}'s rebuilt key s does not match its public key (a tampered share)"
+                )
             for v in self.graph[u]:
                 if v in self.masked:  # v added its pair mask for u; remove it
                     total -= pair_mask(crypto.agree(key, self.keys[v][1], MASK_LABEL), self.length, v, u)
@@ -115,8 +127,12 @@ class SecAggServer:
 
     def _rebuild(self, owner: int, shares: list[bytes], what: str) -> bytes:
         if len(shares) < self.threshold:
-            raise SecAggAbort(f"secure aggregation aborted: {len(shares)} shares of client {owner}'s {what}, fewer than the threshold {self.threshold}")
+            raise SecAggAbort(
+                f"secure aggregation aborted: {len(shares)} shares of client {owner}'s {what}, fewer than the threshold {self.threshold}"
+            )
         try:
             return crypto.reconstruct(shares)
         except ValueError as exc:  # malformed share bytes (bad padding after combining)
-            raise crypto.TamperedShareError(f"secure aggregation aborted: client {owner}'s {what} cannot be rebuilt ({exc}); a tampered share") from None
+            raise crypto.TamperedShareError(
+                f"secure aggregation aborted: client {owner}'s {what} cannot be rebuilt ({exc}); a tampered share"
+            ) from None

@@ -125,5 +125,6 @@ def secure_sum(
     total = unmask_stage(server, channel, requests)
     traffic = channel.traffic
     traffic.server_seconds = time.perf_counter() - started - traffic.client_seconds  # serialisation included
-    return SecureSumResult(total, sorted(server.masked), sorted(server.dropped), traffic.up, traffic.down,
-                           traffic.client_seconds, traffic.server_seconds)
+    return SecureSumResult(
+        total, sorted(server.masked), sorted(server.dropped), traffic.up, traffic.down, traffic.client_seconds, traffic.server_seconds
+    )

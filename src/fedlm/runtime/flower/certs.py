@@ -45,14 +45,21 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.chmod(0o600)
 
 
-def _cert(subject: str, public_key: ec.EllipticCurvePublicKey, issuer: x509.Name | None, signer: ec.EllipticCurvePrivateKey,
-          ca: bool, hosts: list[str]) -> x509.Certificate:
+def _cert(
+    subject: str, public_key: ec.EllipticCurvePublicKey, issuer: x509.Name | None, signer: ec.EllipticCurvePrivateKey, ca: bool, hosts: list[str]
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer or name).public_key(public_key)
-               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=_DAYS))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer or name)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=_DAYS))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if hosts:
         names: list[x509.GeneralName] = []
         for host in hosts:

@@ -114,8 +114,17 @@ class LocalFederation:
 
     def start_node(self, partition_id: int, config_path: Path | None = None) -> subprocess.Popen[bytes]:
         """Start a SuperNode serving ``partition_id`` (its own config file if given)."""
-        args = ["flower", "supernode", str(config_path or self.config_path), "--partition-id", str(partition_id),
-                "--superlink", self.address, "--port", str(free_port())]
+        args = [
+            "flower",
+            "supernode",
+            str(config_path or self.config_path),
+            "--partition-id",
+            str(partition_id),
+            "--superlink",
+            self.address,
+            "--port",
+            str(free_port()),
+        ]
         if self.tls is not None:
             args += ["--ca-cert", str(self.tls.ca_cert)]
         if partition_id in self.node_keys:

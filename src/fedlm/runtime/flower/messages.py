@@ -27,8 +27,15 @@ HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client nam
 META = "meta"
 # Keys that may differ between the server's and a node's config: where outputs go, the server-only evaluation, and
 # each machine's own hardware (its device; checkpointing trades memory for compute without changing the math).
-_LOCAL_KEYS = ("output_dir", "eval", "federation.rounds", "federation.round_retries", "federation.retry_wait_s",
-               "model.device", "model.gradient_checkpointing")
+_LOCAL_KEYS = (
+    "output_dir",
+    "eval",
+    "federation.rounds",
+    "federation.round_retries",
+    "federation.retry_wait_s",
+    "model.device",
+    "model.gradient_checkpointing",
+)
 
 
 # With ``partition.method: node_local`` each node's data paths are its own (the tokenization settings stay shared).
@@ -52,7 +59,6 @@ def config_difference(server: Mapping[str, Any], node: Mapping[str, Any]) -> str
     """The keys where two shared configs differ, with both values: ``peft.r (server 4, node 8)``."""
     keys = sorted(k for k in set(server) | set(node) if server.get(k) != node.get(k))
     return ", ".join(f"{k} (server {server.get(k)!r}, node {node.get(k)!r})" for k in keys)
-
 
 
 def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -105,8 +111,15 @@ def task_content(client_id: str, task: ClientTask, config: ExperimentConfig) -> 
 
     The client's memory (``task.context.memory``) is not sent: in a deployment it stays on the node."""
     plan, rank = task.plan, task.plan.rank
-    values = {"client_id": client_id, "config_hash": config_hash(config), "round": plan.round, "lrs": plan.lrs,
-              "batch_size": plan.batch_size, "seed": plan.seed, "rank": rank}
+    values = {
+        "client_id": client_id,
+        "config_hash": config_hash(config),
+        "round": plan.round,
+        "lrs": plan.lrs,
+        "batch_size": plan.batch_size,
+        "seed": plan.seed,
+        "rank": rank,
+    }
     return _with_meta(values, state=pack_tensors(wire_form(task.state, rank)), extras=pack_tensors(wire_form(task.context.extras, rank)))
 
 

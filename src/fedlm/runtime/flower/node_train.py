@@ -58,8 +58,14 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     train_s = time.perf_counter() - started - setup_s
     if update.memory:
         context.state[MEMORY] = pack_tensors(update.memory)
-    metrics = {**update.metrics, "process_start_s": process_s, "model_load_s": load_s, "setup_s": setup_s, "local_train_s": train_s,
-               "clientapp_s": time.perf_counter() - started + process_s}
+    metrics = {
+        **update.metrics,
+        "process_start_s": process_s,
+        "model_load_s": load_s,
+        "setup_s": setup_s,
+        "local_train_s": train_s,
+        "clientapp_s": time.perf_counter() - started + process_s,
+    }
     update = type(update)(update.client_id, update.round, update.num_examples, update.tensors, metrics, update.extras)
     return LocalRound(update, task, config, session, aggregator)
 

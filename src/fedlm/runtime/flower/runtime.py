@@ -130,8 +130,11 @@ class FlowerRuntime:
                 results.append(update_from_content(reply.content, self.like))
         for node, client in sent.items():
             if node not in answered:
-                why = (f"did not reply within {self.round_timeout_s:g}s" if waited >= self.round_timeout_s
-                       else "left the federation (no reply; the node died or lost its connection)")
+                why = (
+                    f"did not reply within {self.round_timeout_s:g}s"
+                    if waited >= self.round_timeout_s
+                    else "left the federation (no reply; the node died or lost its connection)"
+                )
                 results.append(ClientFailure(client, round_num, f"client {client} (node {node}) {why}", unreachable=True))
                 self._forget(client, node)
         order = {client: i for i, client in enumerate(tasks)}  # the simulation's order: float sums do not commute

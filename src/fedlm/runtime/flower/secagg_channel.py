@@ -77,8 +77,12 @@ class FlowerChannel:
             if reply.metadata.src_node_id in sent:
                 self._take(stage, sent.pop(reply.metadata.src_node_id), reply, valid)
         for node, index in sent.items():
-            self.leave(index, stage, f"node {node} did not reply to {stage} within {self.runtime.round_timeout_s:g}s "
-                                      "(it died or lost its connection)", unreachable=True)
+            self.leave(
+                index,
+                stage,
+                f"node {node} did not reply to {stage} within {self.runtime.round_timeout_s:g}s (it died or lost its connection)",
+                unreachable=True,
+            )
         return valid
 
     def _take(self, stage: str, index: int, reply: Message, valid: dict[int, RecordDict]) -> None:
@@ -103,8 +107,7 @@ class FlowerChannel:
         """Record the metrics-only update of a masked input; why it cannot count, or None."""
         try:
             m = json.loads(str(content.config_records[META]["json"]))
-            update = ClientUpdate(str(m["client_id"]), int(m["round"]), int(m["num_examples"]), {},
-                                  {k: float(v) for k, v in m["metrics"].items()})
+            update = ClientUpdate(str(m["client_id"]), int(m["round"]), int(m["num_examples"]), {}, {k: float(v) for k, v in m["metrics"].items()})
         except (KeyError, TypeError, ValueError) as exc:
             return f"malformed metrics ({type(exc).__name__}: {exc})"
         expect = Expectations(self.round_num, {}, [client], None, self.runtime.config.federation.max_num_examples)
@@ -119,8 +122,9 @@ class FlowerChannel:
         self.excluded[client] = reason
         if client not in self.results:
             self.results[client] = ClientFailure(client, self.round_num, reason, unreachable=unreachable)
-        self.runtime.log.append({"round": self.round_num, "split": "secagg", "event": "excluded", "client": client,
-                                 "node": str(node), "stage": stage, "reason": reason})
+        self.runtime.log.append(
+            {"round": self.round_num, "split": "secagg", "event": "excluded", "client": client, "node": str(node), "stage": stage, "reason": reason}
+        )
         if unreachable and node is not None:
             self.runtime._forget(client, node)  # noqa: SLF001 - the runtime's own bookkeeping of nodes that left
 

@@ -67,8 +67,10 @@ def reply_problem(content: RecordDict, round_num: int, stage: str, index: int, l
     except ProtocolMessageError as exc:
         return str(exc)
     if got[:3] != (round_num, stage, index):
-        return (f"the reply is for round {got[0]} stage {got[1]} client index {got[2]}, expected round {round_num} stage "
-                f"{stage} client index {index} (a replayed or misrouted message)")
+        return (
+            f"the reply is for round {got[0]} stage {got[1]} client index {got[2]}, expected round {round_num} stage "
+            f"{stage} client index {index} (a replayed or misrouted message)"
+        )
     try:
         _check_fields(content, stage, length)
     except (ProtocolMessageError, KeyError, TypeError, ValueError) as exc:

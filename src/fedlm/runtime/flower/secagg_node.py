@@ -47,8 +47,10 @@ def _load(context: Context, round_num: int, stage: str, index: int) -> SecAggCli
         raise FedlmError(f"{stage} of round {round_num} arrived, but this node holds no secure-aggregation state")
     done = (int(record["round"]), str(record["stage"]), int(record["index"]))
     if done != (round_num, _AFTER[stage], index):
-        raise FedlmError(f"{stage} of round {round_num} (client index {index}) arrived after round {done[0]} stage "
-                         f"{done[1]} (client index {done[2]}); expected {_AFTER[stage]} of this round first")
+        raise FedlmError(
+            f"{stage} of round {round_num} (client index {index}) arrived after round {done[0]} stage "
+            f"{done[1]} (client index {done[2]}); expected {_AFTER[stage]} of this round first"
+        )
     return SecAggClient.from_record(record)
 
 
@@ -117,8 +119,12 @@ def masked_stage(msg: Message, context: Context) -> Message:
     except (KeyError, TypeError, ValueError) as exc:
         return Message(Error(REFUSED, f"secure aggregation refused: {exc}"), reply_to=msg)
     _save(context, secagg, stage)
-    values = {"client_id": update.client_id, "round": update.round, "num_examples": update.num_examples,
-              "metrics": {**update.metrics, "secagg_clipped_coordinates": outside}}
+    values = {
+        "client_id": update.client_id,
+        "round": update.round,
+        "num_examples": update.num_examples,
+        "metrics": {**update.metrics, "secagg_clipped_coordinates": outside},
+    }
     return _answer(msg, reply, round_num, stage, index, client, RecordDict({META: ConfigRecord({"json": json.dumps(values)})}))
 
 
@@ -135,8 +141,7 @@ def _kill_supernode() -> None:
             continue
 
 
-def _answer(msg: Message, reply: RecordDict, round_num: int, stage: str, index: int, client: str,
-            extra: RecordDict | None = None) -> Message:
+def _answer(msg: Message, reply: RecordDict, round_num: int, stage: str, index: int, client: str, extra: RecordDict | None = None) -> Message:
     """The reply under the request's header (or the test fault configured for this stage)."""
     fault = os.environ.get(FAULT_ENV, "")
     if fault and fault.split(":")[:2] == [str(round_num), stage]:

@@ -71,8 +71,7 @@ class SecureFlowerRuntime:
         clients = {i: c for c, i in index.items()}
         nodes = {i: flower.nodes[c] for c, i in index.items() if c in flower.nodes}
         length = self.secure.vector_length(self.space)
-        server = SecAggServer(round_num, len(index), self.secure.threshold, self.secure.params.neighbours, length,
-                              self.secure.graph_seed(round_num))
+        server = SecAggServer(round_num, len(index), self.secure.threshold, self.secure.params.neighbours, length, self.secure.graph_seed(round_num))
         channel = FlowerChannel(flower, round_num, length, tasks, nodes, clients)
         for i in sorted(set(clients) - set(nodes)):
             channel.leave(i, "advertise_keys", f"no SuperNode serves client {clients[i]}", unreachable=True)
@@ -103,22 +102,25 @@ class FlowerSecureAggregation:
         if pending is None or pending.round_num != round_num:
             return {}
         channel = pending.channel
-        metrics: dict[str, Any] = {"secagg_excluded": dict(channel.excluded), "secagg_upload_bytes": sum(channel.up.values()),
-                                   "secagg_download_bytes": sum(channel.down.values())}
+        metrics: dict[str, Any] = {
+            "secagg_excluded": dict(channel.excluded),
+            "secagg_upload_bytes": sum(channel.up.values()),
+            "secagg_download_bytes": sum(channel.down.values()),
+        }
         if pending.aborted is not None:
             metrics["secagg_aborted"] = pending.aborted
         return metrics
 
-    def aggregate(self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                  chosen: Sequence[str], round_num: int) -> SecureRound:
+    def aggregate(
+        self, aggregator: Aggregator, space: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], chosen: Sequence[str], round_num: int
+    ) -> SecureRound:
         """The aggregation of the survivors' securely summed updates, or None in the result when the round aborts."""
         pending = self.runtime.pending
         if pending is None or pending.round_num != round_num:
             return SecureRound(None, {"secagg_aborted": f"no secure-aggregation protocol ran in round {round_num}"}, {}, {})
         channel, server = pending.channel, pending.server
         clipped = int(sum(u.metrics.get("secagg_clipped_coordinates", 0) for u in updates))  # counted on the nodes
-        metrics: dict[str, Any] = {"secagg_clients": len(chosen), "secagg_threshold": self.secure.threshold,
-                                   "secagg_clipped_coordinates": clipped}
+        metrics: dict[str, Any] = {"secagg_clients": len(chosen), "secagg_threshold": self.secure.threshold, "secagg_clipped_coordinates": clipped}
         total = None
         if pending.aborted is None:
             try:
@@ -126,14 +128,19 @@ class FlowerSecureAggregation:
             except _ABORTS as exc:
                 pending.aborted = str(exc)
                 channel.runtime.log.append({"round": round_num, "split": "secagg", "event": "aborted", "reason": str(exc)})
-        metrics.update(secagg_excluded=dict(channel.excluded), secagg_upload_bytes=sum(channel.up.values()),
-                       secagg_download_bytes=sum(channel.down.values()), secagg_wait_s=channel.seconds,
-                       secagg_protocol_time_s=time.perf_counter() - pending.started)
+        metrics.update(
+            secagg_excluded=dict(channel.excluded),
+            secagg_upload_bytes=sum(channel.up.values()),
+            secagg_download_bytes=sum(channel.down.values()),
+            secagg_wait_s=channel.seconds,
+            secagg_protocol_time_s=time.perf_counter() - pending.started,
+        )
         self.runtime.pending = None
         if total is None:
             return SecureRound(None, {**metrics, "secagg_aborted": pending.aborted}, dict(channel.up), dict(channel.down))
         names_of = channel.clients
-        metrics.update(secagg_survivors=[names_of[i] for i in sorted(server.masked)],
-                       secagg_dropped_before_input=[names_of[i] for i in sorted(server.dropped)])
+        metrics.update(
+            secagg_survivors=[names_of[i] for i in sorted(server.masked)], secagg_dropped_before_input=[names_of[i] for i in sorted(server.dropped)]
+        )
         result = self.secure.decode(aggregator, space, total, metrics["secagg_survivors"], round_num, metrics)
         return SecureRound(result, metrics, dict(channel.up), dict(channel.down))

@@ -38,8 +38,14 @@ def main(grid: Grid, context: Context) -> None:
     names = session.data.client_names
     min_nodes = int(rc.get("min-nodes", 0)) or len(names)
     runtime = FlowerRuntime(
-        grid, config, names, session.initial_state, MetricsLog(run_dir.metrics), console,
-        round_timeout_s=float(rc.get("round-timeout", 600.0)), min_nodes=min_nodes,
+        grid,
+        config,
+        names,
+        session.initial_state,
+        MetricsLog(run_dir.metrics),
+        console,
+        round_timeout_s=float(rc.get("round-timeout", 600.0)),
+        min_nodes=min_nodes,
         wait_for_nodes_s=float(rc.get("wait-for-nodes", 120.0)),
     )
     run_federated(session, run_dir, resume, console, runtime)
