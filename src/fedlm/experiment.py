@@ -52,6 +52,7 @@ from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
 from fedlm.objectives.dpo import DPOObjective
+from fedlm.personalization.setup import finish_personalization, personalize
 from fedlm.privacy.audit_session import audit_session
 from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
 from fedlm.privacy.client_models import ClientModelSaver
@@ -249,6 +250,9 @@ def build_server_loop(
         trainer = session.trainer(aggregator.trainer_hooks())
         trainer = processes.trainer(trainer) if processes is not None else trainer
         runtime = SimulationRuntime(trainer, session.data.client_train, progress)
+        personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
+        if personal is not None:
+            runtime, observers = personal, [personal, *observers]
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
@@ -336,6 +340,7 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
     with Progress(console) as progress, client_processes(session) as processes:
         loop = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime, processes=processes)
         state = loop.run(state, start)
+    finish_personalization(session, run_dir, state, log, console)
     finish_run(session, run_dir, state, console)
     return state
 

@@ -8,6 +8,7 @@ from fedlm.config.schema.evaluation import AuditConfig, EvalConfig
 from fedlm.config.schema.experiment import ExperimentConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
+from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import ClientDPConfig, PrivacyConfig, SampleDPConfig, SecureAggregationConfig
 from fedlm.config.schema.section import Section
 
@@ -24,6 +25,7 @@ __all__ = [
     "ObjectiveConfig",
     "PartitionConfig",
     "PeftConfig",
+    "PersonalizationConfig",
     "PrivacyConfig",
     "SampleDPConfig",
     "SecureAggregationConfig",

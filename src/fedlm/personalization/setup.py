@@ -1,0 +1,118 @@
+"""Attaching a personalization method to a simulated run, and what a run leaves for each client after its last
+round: ``RUN_DIR/clients/<name>/adapter/`` (a peft adapter folder, loadable with
+``PeftModel.from_pretrained(base, path)``), ``personal.json`` (how inference uses it) and ``profile.safetensors``
+(the client's data centroid, :mod:`fedlm.personalization.profile`), and the personal evaluation's records."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedlm.core.runtime import Runtime
+from fedlm.core.update import TensorDict
+from fedlm.evaluation.evaluator import Evaluator
+from fedlm.models.adapters import load_trainable_state, save_adapter
+from fedlm.personalization.base import ClientSide, PersonalMethod, build_method
+from fedlm.personalization.evaluation import best_per_client, personal_records, score_rows
+from fedlm.personalization.profile import compute_profile, save_profile
+from fedlm.personalization.runtime import PersonalizedRuntime
+from fedlm.personalization.store import ClientStore
+from fedlm.personalization.two_adapters import with_local_adapter
+from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.progress import RunConsole
+from fedlm.reporting.run_dir import RunDir
+
+if TYPE_CHECKING:
+    from fedlm.experiment import Session
+
+PERSONAL_JSON = "personal.json"
+PROFILE = "profile.safetensors"
+
+
+def client_store(run_dir: RunDir) -> ClientStore:
+    """The run's ``clients/`` folder."""
+    return ClientStore(run_dir.root / "clients")
+
+
+def personal_method(session: Session, run_dir: RunDir) -> PersonalMethod:
+    """The configured method on the simulated clients of ``session`` (a trainer without DP-SGD or aggregator hooks)."""
+    side = ClientSide(session.config, session.trainer(private=False), session.data.client_train, client_store(run_dir))
+    return build_method(session.config, side)
+
+
+def personalize(session: Session, runtime: Runtime, run_dir: RunDir) -> PersonalizedRuntime | None:
+    """``runtime`` with the configured method on its clients (None without ``personalization.method``)."""
+    if session.config.personalization.method is None:
+        return None
+    return PersonalizedRuntime(runtime, personal_method(session, run_dir), run_dir.checkpoints)
+
+
+def finish_personalization(session: Session, run_dir: RunDir, state: TensorDict, log: MetricsLog, console: RunConsole) -> None:
+    """Write every client's personal adapter, ``personal.json`` and profile; log the personal evaluation."""
+    config = session.config
+    if config.personalization.method is None:
+        return
+    method = personal_method(session, run_dir)
+    store, tokenizer = method.side.store, session.loaded.tokenizer
+    personal: dict[str, TensorDict] = {}
+    for client in session.data.client_names:
+        folder = store.client_dir(client)
+        personal[client] = method.personal_state(client, state)
+        save_adapter(session.model, personal[client], folder / "adapter")
+        tokenizer.save_pretrained(str(folder / "adapter"))
+        info = {"method": method.name, "combine": method.combine, "client": client, "round": config.federation.rounds, **method.describe()}
+        (folder / PERSONAL_JSON).write_text(json.dumps(info, indent=1) + "\n")
+        examples = session.data.client_train[client]
+        save_profile(
+            folder / PROFILE,
+            compute_profile(session.model, tokenizer, examples, session.loaded.device, config.eval.batch_size, config.data.max_length),
+        )
+    load_trainable_state(session.model, state)
+    console.print(f"personal adapters ({method.name}) of {len(personal)} clients in {store.root}")
+    if not config.personalization.evaluate:
+        return
+    evaluator = personal_evaluator(session)
+    records = personal_records(evaluator, config.federation.rounds, state, personal, mixes_of(method, evaluator, state, personal))
+    for record in records:
+        log.append(record)
+    best = best_per_client(records)
+    wins = sum(1 for b in best if b["wins"])
+    console.print(f"personalization: the best personal model beats the global one on its own share for {wins}/{len(best)} clients")
+
+
+def personal_evaluator(session: Session) -> Evaluator:
+    """The run's evaluator without generation (losses only: one pass per model)."""
+    config = session.config
+    eval_config = config.eval.model_copy(update={"generate": False})
+    return Evaluator(
+        session.model,
+        session.loaded.tokenizer,
+        session.data.test,
+        eval_config,
+        session.loaded.device,
+        config.data.max_length,
+        None,
+        session.objective,
+    )
+
+
+def mixes_of(
+    method: PersonalMethod, evaluator: Evaluator, state: TensorDict, personal: dict[str, TensorDict]
+) -> dict[str, Callable[[str], list[dict[str, Any]]]]:
+    """The combined models a method evaluates besides its personal one: FedDPA's global + local adapters."""
+    if method.combine != "dual":
+        return {}
+    weight = float(method.params.weight)
+
+    def dual(client: str) -> list[dict[str, Any]]:
+        load_trainable_state(evaluator.model, state)
+        return score_rows(evaluator, None, method.side.config.federation.rounds, with_local_adapter(evaluator.model, personal[client], weight))  # type: ignore[arg-type]
+
+    return {f"dual@{weight:g}": dual}
+
+
+def personal_folder(run_dir: Path, client: str) -> Path:
+    """``RUN_DIR/clients/<name>/``."""
+    return ClientStore(Path(run_dir) / "clients").client_dir(client)
