@@ -22,6 +22,7 @@ from fedlm.evaluation.evaluator import GLOBAL_SPLIT
 from fedlm.experiment import Session, build_session, run_federated
 from fedlm.federation.schedule import lr_at
 from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.personalization import PERSONAL_SPLIT, best_per_client, personal_rows
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import markdown_table
 from fedlm.reporting.run_dir import RunDir, prepare_run_dir
@@ -79,6 +80,9 @@ def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     last = config.federation.rounds
     arms["federated"] = [r for r in MetricsLog(fed_dir.metrics).read() if r["round"] == last and r["split"].endswith("_test")]
     summary = summarize(arms, session.data.client_names)
+    personal = [r for r in MetricsLog(fed_dir.metrics).read() if r.get("split") == PERSONAL_SPLIT]  # personalization.method
+    if personal:
+        summary["personalization"] = {"per_model": personal_rows(personal), "best": best_per_client(personal)}
     (root / "comparison.json").write_text(json.dumps(summary, indent=1))
     (root / "comparison.md").write_text(comparison_markdown(summary))
     console.print(comparison_markdown(summary))
@@ -117,6 +121,20 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         + f"\n\n## Each client's test share ({per_metric})\n\n"
         + markdown_table(summary["per_client"], ["client", "base", "local-only", "centralized", "federated"])
         + "\n"
+        + _personal_markdown(summary.get("personalization"))
+    )
+
+
+def _personal_markdown(personal: dict[str, Any] | None) -> str:
+    """The federated arm's personal models on each client's own and the others' shares (``personalization``)."""
+    if not personal:
+        return ""
+    columns = ["client", "model", "own loss", "others loss", "own vs global", "others vs global"]
+    wins = sum(1 for b in personal["best"] if b["wins"])
+    return (
+        "\n## Personalization (federated arm): own share vs the other clients' shares (loss)\n\n"
+        + markdown_table(personal["per_model"], columns)
+        + f"\n\nThe best personal or mixed model beats the global one on its own share for {wins} of {len(personal['best'])} clients.\n"
     )
 
 

@@ -61,6 +61,7 @@ from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
 from fedlm.privacy.secagg.setup import build_secure_aggregation
 from fedlm.privacy.setup import dp_account, wrap_with_dp
 from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.personalization import personal_section
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
 from fedlm.reporting.run_dir import RunDir
@@ -359,7 +360,14 @@ def finish_run(session: Session, run_dir: RunDir, state: TensorDict, console: Ru
 def write_run_report(session: Session, run_dir: RunDir) -> None:
     """Write ``report.md`` from ``metrics.jsonl`` (with the audit of ``audit.json`` when there is one)."""
     records = MetricsLog(run_dir.metrics).read()
-    write_report(run_dir.root, records, title=f"fedlm run: {run_dir.root.name}", config_summary=config_summary(session))
+    personal = personal_section(records, run_dir.root)  # personalization.method: own vs others' shares
+    write_report(
+        run_dir.root,
+        records,
+        title=f"fedlm run: {run_dir.root.name}",
+        config_summary=config_summary(session),
+        extra_sections=[personal] if personal else [],
+    )
 
 
 def config_summary(session: Session) -> dict[str, Any]:

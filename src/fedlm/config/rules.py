@@ -470,6 +470,44 @@ def client_processes_split_a_plain_batch(s: Setting) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ personalization
+
+
+def personalization_runs_in_the_simulation(s: Setting) -> None:
+    """A client's personal state lives in ``RUN_DIR/clients/<name>/`` of the in-process simulation; a SuperNode's
+    ClientApp does not train or keep one yet (and ``node_local`` runs only over Flower)."""
+    c = s.config
+    method = c.personalization.method
+    if method is not None and (c.federation.runtime == "flower" or c.partition.method == "node_local"):
+        raise FedlmError(
+            f"`personalization.method: {method}` is built for the simulation only: a SuperNode does not train or keep "
+            "personal state yet; use `federation.runtime: simulation` (and a partition other than node_local) or "
+            "remove `personalization`"
+        )
+
+
+def personalization_fits_the_adapter(s: Setting) -> None:
+    """Personal models are peft adapters (loadable with ``PeftModel.from_pretrained``); FedSA-LoRA and FedDPA work
+    on LoRA factors; FedSA-LoRA averages A factor by factor (``aggregation.lora: naive``), the one thing it shares."""
+    c = s.config
+    method = c.personalization.method
+    if method is None:
+        return
+    if c.peft.method == "full":
+        raise FedlmError(f"`personalization.method: {method}` keeps a personal peft adapter per client; `peft.method: full` has none: use lora")
+    if method in ("fedsa", "dual") and c.peft.method != "lora":
+        raise FedlmError(f"`personalization.method: {method}` needs `peft.method: lora` (it works on LoRA's A and B), got {c.peft.method!r}")
+    if method == "fedsa" and c.aggregation.lora != "naive":
+        raise FedlmError(
+            f"`personalization.method: fedsa` shares and averages LoRA A alone; `aggregation.lora: {c.aggregation.lora}` "
+            "does not (exact averages B A, ffa freezes A): use `aggregation.lora: naive`"
+        )
+    if method == "prompt":
+        raise FedlmError(
+            "`personalization.method: prompt` (a shared LoRA with a personal soft prompt) is not built yet; choose finetune, fedsa, dual or ditto"
+        )
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
     model_device_exists,
@@ -503,6 +541,8 @@ LOAD_RULES: tuple[Rule, ...] = (
     data_attacks_need_sft,
     client_processes_run_in_the_simulation,
     client_processes_split_a_plain_batch,
+    personalization_runs_in_the_simulation,
+    personalization_fits_the_adapter,
 )
 
 

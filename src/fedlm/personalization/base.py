@@ -44,6 +44,8 @@ class ClientSide:
 
     def train(self, client: str, start: Mapping[str, Any], plan: LocalPlan, hooks: Sequence[TrainerHook] = ()) -> TensorDict:
         """Train from ``start`` on the client's own examples; returns the local parameters bit for bit."""
+        if not plan.lrs:  # no steps: the start, unchanged
+            return {name: tensor.clone() for name, tensor in start.items()}
         trainer = dataclasses.replace(self.trainer, hooks=list(hooks)) if hooks else self.trainer
         trainer.train(client, self.client_train[client], start, plan)
         return self.trainer_state()

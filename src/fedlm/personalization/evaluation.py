@@ -15,8 +15,7 @@ from typing import Any
 
 from fedlm.core.update import TensorDict
 from fedlm.evaluation.evaluator import Evaluator
-
-PERSONAL_SPLIT = "personal"
+from fedlm.reporting.personalization import PERSONAL_SPLIT
 
 
 def share_summary(evaluator: Evaluator, rows: Sequence[Mapping[str, Any]], client: str) -> dict[str, Any]:
@@ -58,39 +57,3 @@ def personal_records(
         for model, rows in models.items():
             records.append({"round": round_num, "split": PERSONAL_SPLIT, "client": client, "model": model, **share_summary(evaluator, rows, client)})
     return records
-
-
-def best_per_client(records: Sequence[Mapping[str, Any]], max_others_increase: float = 0.05) -> list[dict[str, Any]]:
-    """Per client: the global losses and the non-global model with the lowest own loss among those within
-    ``max_others_increase`` of the global loss on the others' shares (else the lowest own loss), and whether it
-    beats the global model on the own share while keeping the others' loss within bound."""
-    by_client: dict[str, dict[str, Mapping[str, Any]]] = {}
-    for r in records:
-        if r.get("split") == PERSONAL_SPLIT and r.get("own_loss") is not None:
-            by_client.setdefault(str(r["client"]), {})[str(r["model"])] = r
-    out: list[dict[str, Any]] = []
-    for client in sorted(by_client):
-        models = by_client[client]
-        glob = models.get("global")
-        if glob is None:
-            continue
-        bound = (glob.get("others_loss") or float("inf")) * (1.0 + max_others_increase)
-        candidates = [(m, r) for m, r in models.items() if m != "global"]
-        if not candidates:
-            continue
-        within = [(m, r) for m, r in candidates if (r.get("others_loss") or 0.0) <= bound]
-        name, best = min(within or candidates, key=lambda mr: mr[1]["own_loss"])
-        others_change = (best.get("others_loss", 0.0) / glob["others_loss"] - 1.0) if glob.get("others_loss") else None
-        out.append(
-            {
-                "client": client,
-                "global_own": glob["own_loss"],
-                "best": name,
-                "best_own": best["own_loss"],
-                "global_others": glob.get("others_loss"),
-                "best_others": best.get("others_loss"),
-                "others_change": others_change,
-                "wins": best["own_loss"] < glob["own_loss"] and (others_change is None or others_change <= max_others_increase),
-            }
-        )
-    return out

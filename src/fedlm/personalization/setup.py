@@ -15,12 +15,13 @@ from fedlm.core.update import TensorDict
 from fedlm.evaluation.evaluator import Evaluator
 from fedlm.models.adapters import load_trainable_state, save_adapter
 from fedlm.personalization.base import ClientSide, PersonalMethod, build_method
-from fedlm.personalization.evaluation import best_per_client, personal_records, score_rows
+from fedlm.personalization.evaluation import personal_records, score_rows
 from fedlm.personalization.profile import compute_profile, save_profile
 from fedlm.personalization.runtime import PersonalizedRuntime
 from fedlm.personalization.store import ClientStore
 from fedlm.personalization.two_adapters import with_local_adapter
 from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.personalization import best_per_client
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
 
