@@ -17,12 +17,15 @@ from safetensors.torch import load_file
 from fedlm.cli import app
 from fedlm.config.io import validate_config
 from fedlm.core.errors import FedlmError
+from fedlm.core.seeding import derive_seed
+from fedlm.data.collate import collate_for_loss
 from fedlm.experiment import build_session
 from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.models.loading import load_base_model
 from fedlm.personalization.profile import load_profile
 from fedlm.personalization.runtime import PersonalizedRuntime
 from fedlm.personalization.setup import personal_evaluator
+from fedlm.personalization.soft_prompt import soft_prompt
 from fedlm.personalization.store import ClientStore
 from fedlm.personalization.two_adapters import with_local_adapter
 from fedlm.reporting.progress import RunConsole
@@ -55,7 +58,7 @@ def _clients(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "clients").iterdir())
 
 
-@pytest.mark.parametrize("method", ["finetune", "fedsa", "ditto", "dual"])
+@pytest.mark.parametrize("method", ["finetune", "fedsa", "ditto", "dual", "prompt"])
 def test_every_method_runs_from_the_cli_and_leaves_each_client_its_model(runner, tmp_path: Path, method: str) -> None:
     run = _run(runner, tmp_path, {"method": method})
     clients = _clients(run)
@@ -64,7 +67,7 @@ def test_every_method_runs_from_the_cli_and_leaves_each_client_its_model(runner,
     for client in clients:
         folder = run / "clients" / client
         info = json.loads((folder / "personal.json").read_text())
-        assert info["method"] == method and info["combine"] == ("dual" if method == "dual" else "replace")
+        assert info["method"] == method and info["combine"] == {"dual": "dual", "prompt": "prompt"}.get(method, "replace")
         model = PeftModel.from_pretrained(base, str(folder / "adapter"))  # loads with peft
         loaded, saved = get_peft_model_state_dict(model), _weights(folder / "adapter")
         assert set(loaded) == set(saved) and all(torch.equal(loaded[n], saved[n]) for n in saved)
@@ -224,3 +227,25 @@ def test_config_refusals(tmp_path: Path, extra: dict[str, Any], message: str) ->
 def test_section_refusals(tmp_path: Path, personalization: dict[str, Any], message: str) -> None:
     with pytest.raises(FedlmError, match=message):
         validate_config(tiny_config(tmp_path, personalization=personalization))
+
+
+def test_prompt_personal_model_is_what_peft_loads(runner, tmp_path: Path) -> None:
+    """The soft prompt in front of the shared LoRA computes what peft computes from the saved folders: the LoRA merged
+    into the base, the prompt loaded as a peft prompt-tuning adapter (a reference implementation not written here)."""
+    run = _run(runner, tmp_path, {"method": "prompt", "num_virtual_tokens": 4}, federation={**FAST["federation"], "rounds": 1})
+    config = validate_config(_config(run, {"method": "prompt", "num_virtual_tokens": 4}, federation={**FAST["federation"], "rounds": 1}))
+    session = build_session(config, RunConsole(quiet=True))
+    client = next(c for c in _clients(run) if ClientStore(run / "clients").latest(c) is not None)
+    prompt = ClientStore(run / "clients").latest(client)["prompt"]  # type: ignore[index]
+    load_trainable_state(session.model, load_file(str(run / "adapter" / "adapter_model.safetensors")))
+    batch = collate_for_loss([ex.tokens for ex in session.data.test[:3]], session.loaded.tokenizer.pad_token_id)
+    session.model.eval()
+    with torch.no_grad(), soft_prompt(session.model, prompt):
+        ours = session.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    base = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31).model  # the run's base
+    merged = PeftModel.from_pretrained(base, str(run / "clients" / client / "adapter")).merge_and_unload()
+    reference = PeftModel.from_pretrained(merged, str(run / "clients" / client / "prompt")).eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 4:]
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

@@ -503,8 +503,21 @@ def personalization_fits_the_adapter(s: Setting) -> None:
             "does not (exact averages B A, ffa freezes A): use `aggregation.lora: naive`"
         )
     if method == "prompt":
+        _prompt_fits(c)
+
+
+def _prompt_fits(c: ExperimentConfig) -> None:
+    """A soft prompt goes in front of token inputs (sft, clm) of the one in-process model, beside a weight adapter."""
+    if c.peft.method not in ("lora", "dora", "ia3"):
         raise FedlmError(
-            "`personalization.method: prompt` (a shared LoRA with a personal soft prompt) is not built yet; choose finetune, fedsa, dual or ditto"
+            f"`personalization.method: prompt` adds a soft prompt beside a weight adapter; `peft.method: {c.peft.method}` is not one: use lora"
+        )
+    if c.objective.name not in ("sft", "clm"):
+        raise FedlmError(f"`personalization.method: prompt` needs `objective: sft` or `clm`, got {c.objective.name!r}")
+    if c.federation.client_processes > 1 or c.privacy.sample_dp is not None:
+        raise FedlmError(
+            "`personalization.method: prompt` runs its soft prompt in the one in-process model: not with "
+            "`federation.client_processes` > 1 nor `privacy.sample_dp` (per-example gradients); remove those"
         )
 
 

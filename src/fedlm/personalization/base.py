@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedlm.config.schema import ExperimentConfig
@@ -74,9 +76,20 @@ class PersonalMethod:
         """The client's answer after its round (default: as trained); may train and keep personal state."""
         return update
 
+    def around(self, client: str, task: ClientTask) -> AbstractContextManager[Any]:
+        """What surrounds the client's own training this round (default: nothing; a soft prompt in front)."""
+        return nullcontext()
+
     def personal_state(self, client: str, global_state: TensorDict) -> TensorDict:
         """The client's personal adapter after the last round (``dual``: its local adapter)."""
         return self.side.store.latest(client) or dict(global_state)
+
+    def personal_context(self, client: str) -> AbstractContextManager[Any]:
+        """What the personal adapter computes inside (default: nothing more; ``prompt``: the client's soft prompt)."""
+        return nullcontext()
+
+    def export(self, client: str, folder: Path) -> None:
+        """Write what the personal model needs besides ``adapter/`` into the client's folder (default: nothing)."""
 
     def describe(self) -> dict[str, Any]:
         """What ``clients/<name>/personal.json`` says besides the method and ``combine``."""
@@ -91,6 +104,7 @@ PERSONALIZATION: Registry[type[PersonalMethod]] = Registry(
         "fedlm.personalization.fedsa",
         "fedlm.personalization.ditto",
         "fedlm.personalization.dual",
+        "fedlm.personalization.prompt",
     ],
 )
 

@@ -45,13 +45,18 @@ def personal_records(
     global_state: TensorDict,
     personal: Mapping[str, TensorDict],
     mixes: Mapping[str, Callable[[str], list[dict[str, Any]]]] | None = None,
+    personal_context: Callable[[str], AbstractContextManager[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Records of the global model, each client's personal model and each mix (name -> per-example rows of
-    that client's mixed model) on the client's own share and the others' shares."""
+        that client's mixed model) on the client's own share and the others' shares; ``personal_context(client)``: what
+    the personal adapter computes inside (a soft prompt)."""
     global_rows = score_rows(evaluator, global_state, round_num)
     records: list[dict[str, Any]] = []
     for client, state in personal.items():
-        models: dict[str, list[dict[str, Any]]] = {"global": global_rows, "personal": score_rows(evaluator, state, round_num)}
+        models: dict[str, list[dict[str, Any]]] = {
+            "global": global_rows,
+            "personal": score_rows(evaluator, state, round_num, personal_context(client) if personal_context else None),
+        }
         for name, rows_of in (mixes or {}).items():
             models[name] = rows_of(client)
         for model, rows in models.items():

@@ -30,9 +30,13 @@ class PersonalizedRuntime(RoundObserver):
 
     def train_clients(self, tasks: Mapping[str, ClientTask]) -> Sequence[ClientUpdate | ClientFailure]:
         """Each client trains from the task the method prepares; the method then trains or keeps its personal part."""
-        sent = {client: self.method.prepare(client, task) for client, task in tasks.items()}
-        results = self.inner.train_clients(sent)
-        return [self.method.after(r.client_id, sent[r.client_id], r) if isinstance(r, ClientUpdate) else r for r in results]
+        results: list[ClientUpdate | ClientFailure] = []
+        for client, task in tasks.items():  # one client at a time: a method may surround its training (a soft prompt)
+            sent = self.method.prepare(client, task)
+            with self.method.around(client, sent):
+                trained = self.inner.train_clients({client: sent})
+            results.extend(self.method.after(r.client_id, sent, r) if isinstance(r, ClientUpdate) else r for r in trained)
+        return results
 
     def on_start(self, state: TensorDict, start_round: int) -> None:
         self.method.side.store.rollback(start_round)

@@ -64,6 +64,7 @@ def finish_personalization(session: Session, run_dir: RunDir, state: TensorDict,
         save_adapter(session.model, personal[client], folder / "adapter")
         tokenizer.save_pretrained(str(folder / "adapter"))
         info = {"method": method.name, "combine": method.combine, "client": client, "round": config.federation.rounds, **method.describe()}
+        method.export(client, folder)
         (folder / PERSONAL_JSON).write_text(json.dumps(info, indent=1) + "\n")
         examples = session.data.client_train[client]
         save_profile(
@@ -75,7 +76,9 @@ def finish_personalization(session: Session, run_dir: RunDir, state: TensorDict,
     if not config.personalization.evaluate:
         return
     evaluator = personal_evaluator(session)
-    records = personal_records(evaluator, config.federation.rounds, state, personal, mixes_of(method, evaluator, state, personal))
+    records = personal_records(
+        evaluator, config.federation.rounds, state, personal, mixes_of(method, evaluator, state, personal), method.personal_context
+    )
     for record in records:
         log.append(record)
     best = best_per_client(records)
