@@ -4,7 +4,9 @@ personal adapter to the global one, FedDPA's combination), resume bit for bit, a
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from fedlm.data.collate import collate_for_loss
 from fedlm.experiment import build_session
 from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.models.loading import load_base_model
+from fedlm.personalization.logit_mix import LogitMixture
 from fedlm.personalization.profile import load_profile
 from fedlm.personalization.runtime import PersonalizedRuntime
 from fedlm.personalization.setup import personal_evaluator
@@ -80,7 +83,8 @@ def test_every_method_runs_from_the_cli_and_leaves_each_client_its_model(runner,
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     personal = [r for r in records if r["split"] == "personal"]
     models = {r["model"] for r in personal}
-    assert models == ({"global", "personal", "dual@0.5"} if method == "dual" else {"global", "personal"})
+    expected = {"global", "personal", "logits@0.5"} | ({"adapter@0.5"} if method != "prompt" else set()) | ({"local"} if method == "dual" else set())
+    assert models == expected
     assert all({"own_loss", "others_loss", "share_loss"} <= set(r) for r in personal if r["own_examples"])
     report = (run / "report.md").read_text()
     assert "## Personalization" in report and (run / "plots" / "personalization.png").is_file()
@@ -160,6 +164,16 @@ def test_dual_combination_weights_the_two_adapters(tmp_path: Path) -> None:
     assert middle != pytest.approx(loss["global"], rel=1e-5) and middle != pytest.approx(loss["local"], rel=1e-5)
     assert set(trainable_state(model)) == set(glob)  # the local adapter is gone afterwards
     assert all(".fedlm_local." not in n for n, _ in model.named_parameters())
+
+    def mixture(weight: float) -> float:
+        mixed = LogitMixture(model, glob, local, weight, nullcontext)
+        return float(dataclasses.replace(evaluator, model=mixed).evaluate(None, 0).records[0]["loss"])
+
+    assert mixture(0.0) == pytest.approx(loss["global"], rel=1e-6)
+    assert mixture(1.0) == pytest.approx(loss["local"], rel=1e-6)
+    half = mixture(0.5)  # -log is convex: -log(p/2 + q/2) <= (-log p - log q) / 2 token by token
+    assert half <= 0.5 * (loss["global"] + loss["local"]) + 1e-6
+    assert half >= min(loss["global"], loss["local"]) - 1e-6 - 0.6932  # and >= min(-log p, -log q) - log 2
 
 
 @pytest.mark.parametrize("method", ["ditto", "fedsa"])

@@ -43,22 +43,15 @@ def personal_records(
     evaluator: Evaluator,
     round_num: int,
     global_state: TensorDict,
-    personal: Mapping[str, TensorDict],
-    mixes: Mapping[str, Callable[[str], list[dict[str, Any]]]] | None = None,
-    personal_context: Callable[[str], AbstractContextManager[Any]] | None = None,
+    clients: Sequence[str],
+    models: Mapping[str, Callable[[str], list[dict[str, Any]]]],
 ) -> list[dict[str, Any]]:
-    """Records of the global model, each client's personal model and each mix (name -> per-example rows of
-        that client's mixed model) on the client's own share and the others' shares; ``personal_context(client)``: what
-    the personal adapter computes inside (a soft prompt)."""
+    """Records of the global model and of each of ``models`` (name -> per-example rows of that client's model: its
+    personal model, each mix) on the client's own share and on the others' shares."""
     global_rows = score_rows(evaluator, global_state, round_num)
     records: list[dict[str, Any]] = []
-    for client, state in personal.items():
-        models: dict[str, list[dict[str, Any]]] = {
-            "global": global_rows,
-            "personal": score_rows(evaluator, state, round_num, personal_context(client) if personal_context else None),
-        }
-        for name, rows_of in (mixes or {}).items():
-            models[name] = rows_of(client)
-        for model, rows in models.items():
+    for client in clients:
+        scored = {"global": global_rows, **{name: rows_of(client) for name, rows_of in models.items()}}
+        for model, rows in scored.items():
             records.append({"round": round_num, "split": PERSONAL_SPLIT, "client": client, "model": model, **share_summary(evaluator, rows, client)})
     return records

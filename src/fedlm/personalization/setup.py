@@ -5,6 +5,7 @@ round: ``RUN_DIR/clients/<name>/adapter/`` (a peft adapter folder, loadable with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from fedlm.evaluation.evaluator import Evaluator
 from fedlm.models.adapters import load_trainable_state, save_adapter
 from fedlm.personalization.base import ClientSide, PersonalMethod, build_method
 from fedlm.personalization.evaluation import personal_records, score_rows
+from fedlm.personalization.logit_mix import LogitMixture
 from fedlm.personalization.profile import compute_profile, save_profile
 from fedlm.personalization.runtime import PersonalizedRuntime
 from fedlm.personalization.store import ClientStore
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from fedlm.experiment import Session
 
 PERSONAL_JSON = "personal.json"
+RowsOf = Callable[[str], list[dict[str, Any]]]
 PROFILE = "profile.safetensors"
 
 
@@ -76,9 +79,8 @@ def finish_personalization(session: Session, run_dir: RunDir, state: TensorDict,
     if not config.personalization.evaluate:
         return
     evaluator = personal_evaluator(session)
-    records = personal_records(
-        evaluator, config.federation.rounds, state, personal, mixes_of(method, evaluator, state, personal), method.personal_context
-    )
+    models = evaluated_models(method, evaluator, state, personal)
+    records = personal_records(evaluator, config.federation.rounds, state, session.data.client_names, models)
     for record in records:
         log.append(record)
     best = best_per_client(records)
@@ -102,19 +104,41 @@ def personal_evaluator(session: Session) -> Evaluator:
     )
 
 
-def mixes_of(
-    method: PersonalMethod, evaluator: Evaluator, state: TensorDict, personal: dict[str, TensorDict]
-) -> dict[str, Callable[[str], list[dict[str, Any]]]]:
-    """The combined models a method evaluates besides its personal one: FedDPA's global + local adapters."""
-    if method.combine != "dual":
-        return {}
-    weight = float(method.params.weight)
+#: the personal side's weight of the mixes evaluated after the run (inference can choose any, or per input)
+MIX_WEIGHT = 0.5
 
-    def dual(client: str) -> list[dict[str, Any]]:
-        load_trainable_state(evaluator.model, state)
-        return score_rows(evaluator, None, method.side.config.federation.rounds, with_local_adapter(evaluator.model, personal[client], weight))  # type: ignore[arg-type]
 
-    return {f"dual@{weight:g}": dual}
+def evaluated_models(method: PersonalMethod, evaluator: Evaluator, state: TensorDict, personal: dict[str, TensorDict]) -> dict[str, RowsOf]:
+    """Each client's models scored after the run besides the global one: ``personal`` (``dual``: FedDPA's
+    ``alpha * global + (1 - alpha) * local`` adapters, and ``local`` alone) and the mixes with the global model at
+    weight 0.5 on the personal side: ``adapter`` (both LoRA adapters active, ``0.5 dW_g + 0.5 dW_p``; LoRA runs) and
+    ``logits`` (``0.5 p_personal + 0.5 p_global``)."""
+    model, rounds = evaluator.model, method.side.config.federation.rounds
+    lora = method.side.config.peft.method == "lora"
+    dual = method.combine == "dual"
+    alpha = float(method.params.weight) if dual else 0.0
+
+    def adapters(global_weight: float) -> RowsOf:
+        def rows(client: str) -> list[dict[str, Any]]:
+            load_trainable_state(model, state)
+            return score_rows(evaluator, None, rounds, with_local_adapter(model, personal[client], global_weight))  # type: ignore[arg-type]
+
+        return rows
+
+    def alone(client: str) -> list[dict[str, Any]]:
+        return score_rows(evaluator, personal[client], rounds, method.personal_context(client))
+
+    def logits(client: str) -> list[dict[str, Any]]:
+        mixture = LogitMixture(model, state, personal[client], MIX_WEIGHT, lambda: method.personal_context(client))
+        return score_rows(dataclasses.replace(evaluator, model=mixture), None, rounds)  # type: ignore[arg-type]
+
+    models: dict[str, RowsOf] = {"personal": adapters(alpha) if dual else alone}
+    if dual:
+        models["local"] = alone
+    if lora and method.name != "prompt":  # prompt's personal side shares the global LoRA: nothing to mix there
+        models[f"adapter@{MIX_WEIGHT:g}"] = adapters(1.0 - MIX_WEIGHT)
+    models[f"logits@{MIX_WEIGHT:g}"] = logits
+    return models
 
 
 def personal_folder(run_dir: Path, client: str) -> Path:
