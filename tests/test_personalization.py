@@ -234,6 +234,13 @@ def test_config_refusals(tmp_path: Path, extra: dict[str, Any], message: str) ->
         validate_config(tiny_config(tmp_path, personalization={"method": "fedsa"}, **extra))
 
 
+def test_prompt_refusals(tmp_path: Path) -> None:
+    with pytest.raises(FedlmError, match="objective: sft"):
+        validate_config(tiny_config(tmp_path, personalization={"method": "prompt"}, objective={"name": "dpo"}))
+    with pytest.raises(FedlmError, match="weight adapter"):
+        validate_config(tiny_config(tmp_path, personalization={"method": "prompt"}, peft={"method": "prompt_tuning", "num_virtual_tokens": 4}))
+
+
 @pytest.mark.parametrize(
     ("personalization", "message"),
     [({"method": "nope"}, "unknown"), ({"method": "ditto", "lamda": 1.0}, "lamda"), ({"lambda": 1.0}, "method` is required")],
