@@ -270,3 +270,13 @@ def test_prompt_personal_model_is_what_peft_loads(runner, tmp_path: Path) -> Non
         theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 4:]
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_compare_reports_the_personal_table(tmp_path: Path, runner) -> None:
+    out = tmp_path / "cmp"
+    cfg = write_config(tmp_path / "c.yaml", _config(out, {"method": "finetune", "local_steps": 1}, federation={**FAST["federation"], "rounds": 1}))
+    result = runner.invoke(app, ["compare", str(cfg)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "comparison.json").read_text())
+    assert {row["model"] for row in summary["personalization"]["per_model"]} == {"global", "personal", "adapter@0.5", "logits@0.5"}
+    assert summary["personalization"]["best"] and "## Personalization" in (out / "comparison.md").read_text()
