@@ -12,7 +12,6 @@ from fedlm.config.io import validate_config
 from fedlm.core.errors import FedlmError
 from fedlm.data.tokenize import TokenizedExample
 from fedlm.experiment import build_session
-from fedlm.objectives.dpo import PreferenceExample
 from fedlm.personalization.profile import compute_profile, embed_prompts, load_profile, prompt_ids, save_profile
 from fedlm.reporting.progress import RunConsole
 
@@ -28,7 +27,6 @@ def test_prompt_part_of_a_conversation() -> None:
     assert prompt_ids(ex) == [5, 6]
     assert prompt_ids([3, 4]) == [3, 4]
     assert prompt_ids(TokenizedExample(input_ids=[1, 2], labels=[-100, -100])) == [1, 2]
-    assert prompt_ids(PreferenceExample(ex, TokenizedExample(input_ids=[5, 6, 9], labels=[-100, -100, 9]))) == [5, 6]
 
 
 def test_profile_is_the_base_models_mean_pooled_state_whatever_the_adapter(session, tmp_path: Path) -> None:

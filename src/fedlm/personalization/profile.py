@@ -27,11 +27,7 @@ CENTROID = "centroid"
 
 def prompt_ids(example: Any) -> list[int]:
     """The prompt tokens of ``example``: a plain id sequence as it is; a tokenized conversation
-    (``input_ids`` and ``labels``) up to its first supervised token (all of it when nothing is supervised); a
-    preference pair (``chosen``, ``rejected``) through its chosen conversation."""
-    chosen = getattr(example, "chosen", None)
-    if chosen is not None:  # a preference pair: its prompt (the chosen answer's prompt part)
-        example = chosen
+    (``input_ids`` and ``labels``) up to its first supervised token (all of it when nothing is supervised)."""
     ids = getattr(example, "input_ids", None)
     if ids is None:
         return [int(t) for t in example]

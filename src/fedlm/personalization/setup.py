@@ -69,7 +69,7 @@ def finish_personalization(session: Session, run_dir: RunDir, state: TensorDict,
         info = {"method": method.name, "combine": method.combine, "client": client, "round": config.federation.rounds, **method.describe()}
         method.export(client, folder)
         (folder / PERSONAL_JSON).write_text(json.dumps(info, indent=1) + "\n")
-        examples = session.data.client_train[client]
+        examples = [getattr(ex, "chosen", ex) for ex in session.data.client_train[client]]  # dpo: a pair's prompt, once
         save_profile(
             folder / PROFILE,
             compute_profile(session.model, tokenizer, examples, session.loaded.device, config.eval.batch_size, config.data.max_length),
