@@ -54,14 +54,14 @@ def apply_residuals(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -
         if module_name not in wanted:
             setattr(layer, _RESIDUAL_ATTR, None)
     for module_name, residual in wanted.items():
-        layer = layers.get(module_name)
-        if layer is None:
-            layer = model.get_submodule(module_name)
-            if not hasattr(layer, "scaling") or not hasattr(layer, "get_base_layer"):
+        if module_name not in layers:
+            found = model.get_submodule(module_name)
+            if not hasattr(found, "scaling") or not hasattr(found, "get_base_layer"):
                 raise KeyError(f"{module_name}{RESIDUAL_SUFFIX}: {module_name} is not a LoRA layer of this model")
-            layer.register_forward_hook(_add_residual)
-            layers[module_name] = layer
-        weight = layer.get_base_layer().weight
+            found.register_forward_hook(_add_residual)
+            layers[module_name] = found
+        layer = layers[module_name]
+        weight = layer.get_base_layer().weight  # type: ignore[operator]  # a peft LoRA layer
         setattr(layer, _RESIDUAL_ATTR, residual.detach().to(device=weight.device, dtype=torch.float32))
     object.__setattr__(model, _LAYERS_ATTR, layers)  # a plain attribute, not a submodule
 
@@ -71,7 +71,7 @@ def _add_residual(layer: torch.nn.Module, args: tuple[Any, ...], output: torch.T
     residual: torch.Tensor | None = getattr(layer, _RESIDUAL_ATTR, None)
     if residual is None or getattr(layer, "disable_adapters", False):  # the adapter switched off: so is its residual
         return output
-    scale = float(layer.scaling[layer.active_adapters[0]])  # type: ignore[index, union-attr]  # peft's LoRA layer
+    scale = float(layer.scaling[layer.active_adapters[0]])  # type: ignore[index]  # peft's LoRA layer
     x = args[0]
     return output + (torch.nn.functional.linear(x.to(residual.dtype), residual) * scale).to(output.dtype)
 

@@ -56,8 +56,8 @@ class FedExLora(LoraMode):
     ) -> tuple[TensorDict, list[ClientUpdate]]:
         space = {name: tensor.to(torch.float32) for name, tensor in without_residuals(state).items()}
         space.update(effective_products(state))
-        mapped = [dataclasses.replace(u, tensors=FactorsAndProducts(without_residuals(starts[u.client_id]), u.tensors)) for u in updates]
-        return space, mapped  # type: ignore[return-value]  # lazy mappings of factors and products
+        mapped = [dataclasses.replace(u, tensors=FactorsAndProducts(without_residuals(starts[u.client_id]), u.tensors)) for u in updates]  # type: ignore[arg-type]  # lazy
+        return space, mapped
 
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
         pairs, others = lora_pairs(without_residuals(state))

@@ -54,8 +54,8 @@ class FLoRA(LoraMode):
         _, others = lora_pairs(without_residuals(state))
         space = {name: state[name].to(torch.float32) for name in others}
         space.update(effective_products(state))
-        mapped = [dataclasses.replace(u, tensors=ProductDelta(without_residuals(starts[u.client_id]), u.tensors)) for u in updates]
-        return space, mapped  # type: ignore[return-value]  # lazy mappings of products
+        mapped = [dataclasses.replace(u, tensors=ProductDelta(without_residuals(starts[u.client_id]), u.tensors)) for u in updates]  # type: ignore[arg-type]  # lazy
+        return space, mapped
 
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
         pairs, others = lora_pairs(without_residuals(state))
