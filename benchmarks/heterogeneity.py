@@ -65,7 +65,8 @@ class Arm:
 def grid(quick: bool) -> list[Arm]:
     """The arms of the full grid, or of ``--quick``'s reduced one."""
     if quick:
-        methods: list[tuple[str, str, float | None]] = [("fedavg", mode, None) for mode in LORA_MODES] + [("scaffold", "naive", None)]
+        order = ["naive", "fedex", "rolora", "flora", "exact", "ffa"]  # the new modes first, for a run cut short
+        methods: list[tuple[str, str, float | None]] = [("fedavg", mode, None) for mode in order] + [("scaffold", "naive", None)]
         return [Arm("domain", 5, 3, agg, mode, eta) for agg, mode, eta in methods]
     methods = [(agg, "naive", None) for agg in ("fedavg", "fedavgm", "fedprox", "scaffold")]
     methods += [("fedavg", mode, None) for mode in LORA_MODES if mode != "naive"]
