@@ -206,7 +206,6 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         axes[1].plot(mib, losses, marker="o", label=r["run"], color=colours[i % 20])
     axes[0].set(xlabel="round", ylabel="global-test loss", title="Loss per round")
     axes[1].set(xlabel="MiB on the wire (cumulative, down + up)", ylabel="global-test loss", title="Loss per byte")
-    axes[1].set_xscale("symlog")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
