@@ -148,7 +148,7 @@ def _centralized_loss(comparison: dict[str, Any] | None) -> float | None:
 
 def results_markdown(runs: list[dict[str, Any]], comparisons: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
-        f"Model `{args.model}` ({'bfloat16 autocast' if args.model != 'tiny-random-llama' else 'float32'} per `model.dtype: auto`), "
+        f"Model `{args.model}`, `model.dtype: auto` (float32 on a CPU without bf16 matrix units, as here), "
         f"embedded WordNet definitions, 8 clients, 4 per round, batch 8, lr 0.002 cosine, seed 0; global-test loss on "
         f"{args.eval_examples} held-out examples (lower is better). Grid: {'quick' if args.quick else 'full'}. "
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads. "
