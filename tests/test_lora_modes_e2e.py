@@ -21,11 +21,13 @@ from fedlm.config.rules import check_config
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.core.seeding import derive_seed
+from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.experiment import build_session
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.models.adapters import load_trainable_state
 from fedlm.models.loading import load_base_model
 from fedlm.reporting.progress import RunConsole
+from fedlm.runtime.flower import messages
 
 EVAL = {"every": 0, "generate": False, "max_examples": 8}
 FAST = {"rounds": 2, "local_steps": 1}
@@ -169,3 +171,14 @@ def test_rules_refuse_what_the_new_modes_cannot_do(sections: dict[str, Any], mat
 )
 def test_rules_accept_what_the_new_modes_can_do(sections: dict[str, Any]) -> None:
     check_config(_config(**sections))
+
+
+def test_the_frozen_factor_and_the_residual_cross_the_flower_wire(tmp_path: Path) -> None:
+    """A Flower train message carries the plan's frozen factor (RoLoRA) and the state's residual (FedEx-LoRA, FLoRA)."""
+    config = ExperimentConfig.model_validate(tiny_config(tmp_path / "run"))
+    own = {"m.lora_A.weight": torch.randn(2, 3), "m.lora_B.weight": torch.zeros(4, 2)}  # the node's adapter: no residual
+    state = {**own, "m.lora_residual": torch.randn(4, 3)}
+    task = ClientTask(LocalPlan(2, [0.1], 4, 7, None, "B"), state, ClientContext("c", 2))
+    _, _, back = messages.task_from_content(messages.task_content("c", task, config), {}, own)
+    assert back.plan == task.plan and back.plan.frozen == "B"
+    assert set(back.state) == set(state) and all(torch.equal(back.state[k], state[k]) for k in state)
