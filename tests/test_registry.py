@@ -69,7 +69,7 @@ def test_the_four_registries_share_the_one_shape() -> None:
     assert {"fedavg", "krum", "scaffold"} <= set(AGGREGATORS.names())
     assert all(issubclass(cls, Aggregator) and cls.name == name for name, cls in AGGREGATORS.items())
     assert OBJECTIVES.names() == ["clm", "dpo", "sft"]
-    assert LORA_MODES.names() == ["exact", "ffa", "naive"]
+    assert LORA_MODES.names() == ["exact", "fedex", "ffa", "flora", "naive", "rolora"]
     assert {"sign_flip", "backdoor", "alie"} <= set(ATTACKS.names())
     for registry, field in (
         (AGGREGATORS, "aggregation.name"),

@@ -16,6 +16,9 @@ import torch
 from fedlm.core.update import TensorDict
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+#: A module's dense residual R (d_out, d_in), unscaled: the module computes W0 + (alpha / r) (B A + R). Kept in the
+#: global state by the LoRA modes that fold into the frozen weight (FedEx-LoRA, FLoRA); never trained or uploaded.
+RESIDUAL_SUFFIX = ".lora_residual"
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,16 @@ def lora_role(name: str) -> str | None:
     if name.endswith(_B):
         return "B"
     return None
+
+
+def is_residual(name: str) -> bool:
+    """Whether ``name`` is a module's frozen LoRA residual (see :data:`RESIDUAL_SUFFIX`)."""
+    return name.endswith(RESIDUAL_SUFFIX)
+
+
+def without_residuals(state: Mapping[str, torch.Tensor]) -> TensorDict:
+    """``state`` without its residual tensors: the tensors clients train and upload."""
+    return {name: tensor for name, tensor in state.items() if not is_residual(name)}
 
 
 def lora_pairs(names: list[str] | Mapping[str, object]) -> tuple[list[LoraPair], list[str]]:

@@ -19,6 +19,7 @@ from functools import cached_property
 
 from fedlm.aggregation.base import Aggregator, aggregator_class, build_aggregator, registered_aggregators
 from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
+from fedlm.aggregation.lora.mode import LORA_MODES
 from fedlm.attacks import attack_spec, build_attack_params
 from fedlm.attacks.harness import worst_round_attackers
 from fedlm.config.schema import ExperimentConfig
@@ -347,6 +348,35 @@ def exact_lora_keeps_no_factor_state(s: Setting) -> None:
         )
 
 
+def lora_mode_fits(s: Setting) -> None:
+    """What a LoRA mode declares it cannot do (:class:`~fedlm.aggregation.lora.mode.LoraMode` capabilities): run on a
+    masked sum, under an aggregator that keeps state on the factors, on data-parallel client processes, with DPO's
+    reference swap (a mode that keeps a frozen residual), or with clients of different ranks."""
+    c, mode = s.config, s.config.aggregation.lora
+    cls = LORA_MODES.get(mode)
+    if c.privacy.secure_aggregation is not None and cls.needs_each_update is not None:
+        raise FedlmError(
+            f"`{SECAGG}` shows the server only a sum, but `aggregation.lora: {mode}` {cls.needs_each_update}; use `naive`, `ffa` or `rolora`"
+        )
+    if s.aggregator.needs_stable_parameter_space and not cls.factor_space:
+        raise FedlmError(
+            f"`aggregation.name: {c.aggregation.name}` keeps per-client state on the LoRA factors A and B, but "
+            f"`aggregation.lora: {mode}` aggregates in another space ({cls.space}); use `naive`, `ffa` or `rolora` with it"
+        )
+    if c.federation.client_processes > 1 and cls.client_extra is not None:
+        raise FedlmError(
+            f"`federation.client_processes: {c.federation.client_processes}` copies only the trainable adapter tensors to "
+            f"its processes, but `aggregation.lora: {mode}` also computes with {cls.client_extra}; use `federation.client_processes: 1`"
+        )
+    if cls.keeps_residual and c.objective.name == "dpo":
+        raise FedlmError(
+            f"`objective: dpo` swaps in a reference adapter for its reference model, which would drop the frozen residual "
+            f"that `aggregation.lora: {mode}` keeps per module; use `aggregation.lora: exact` or `rolora` with DPO"
+        )
+    if c.peft.client_ranks is not None and cls.refuses_client_ranks is not None:
+        raise FedlmError(f"`peft.client_ranks` with `aggregation.lora: {mode}`: {cls.refuses_client_ranks}; remove `peft.client_ranks`")
+
+
 def init_adapter_fits(s: Setting) -> None:
     """``model.init_adapter`` must have been trained with the same base model and ``peft`` settings."""
     if s.config.model.init_adapter is not None:
@@ -548,6 +578,7 @@ LOAD_RULES: tuple[Rule, ...] = (
     lora_modes_need_lora,
     sample_dp_needs_lora,
     exact_lora_keeps_no_factor_state,
+    lora_mode_fits,
     init_adapter_fits,
     objective_accepts_config,
     audit_needs_sft,

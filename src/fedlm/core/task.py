@@ -83,13 +83,15 @@ class NonFiniteLossError(RuntimeError):
 @dataclass(frozen=True)
 class LocalPlan:
     """What the server asks of a client this round: one learning rate per optimizer step, batch size, seed,
-    and the client's LoRA rank (None: the global rank; components beyond it stay zero)."""
+    the client's LoRA rank (None: the global rank; components beyond it stay zero), and the LoRA factor ("A" or
+    "B") it keeps fixed this round (None: both train; RoLoRA's alternating rounds)."""
 
     round: int
     lrs: list[float]
     batch_size: int
     seed: int
     rank: int | None = None
+    frozen: str | None = None
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,14 @@ class TaskBuilder:
     client_ranks: Mapping[str, int | None]
 
     def plan(self, round_num: int, seed: int, rank: int | None = None) -> LocalPlan:
-        """The round's learning rates and batch size with ``seed`` and ``rank``."""
-        return LocalPlan(round_num, round_lrs(self.config, round_num), self.config.federation.batch_size, seed, rank)
+        """The round's learning rates and batch size with ``seed``, ``rank`` and the LoRA mode's frozen factor."""
+        return LocalPlan(
+            round_num, round_lrs(self.config, round_num), self.config.federation.batch_size, seed, rank, self.lora.frozen_factor(round_num)
+        )
 
     def build(self, state: TensorDict, chosen: Sequence[str], round_num: int) -> dict[str, ClientTask]:
         """Each chosen client's task, seeded from (seed, round, client)."""
+        self.lora.begin_round(round_num)
         return {client: self.task(client, state, round_num) for client in chosen}
 
     def task(self, client_id: str, state: TensorDict, round_num: int) -> ClientTask:

@@ -14,19 +14,19 @@ examples; its metrics (e.g. DPO's reward margin) are averaged over the round's s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from fedlm.aggregation.lora_structure import mask_beyond_rank
+from fedlm.aggregation.lora_structure import lora_role, mask_beyond_rank
 from fedlm.core.sampling import batch_indices
 from fedlm.core.seeding import seeded_torch
 from fedlm.core.task import ClientContext, LocalPlan, NonFiniteLossError, TrainerHook
 from fedlm.core.update import ClientUpdate, TensorDict
-from fedlm.models.adapters import load_trainable_state, named_trainable_parameters, trainable_state
+from fedlm.models.adapters import load_trainable_state, named_trainable_parameters
 from fedlm.objectives import Objective, build_objective
 from fedlm.privacy.sample_dp import Privatiser, SampleDP, poisson_batches
 
@@ -60,7 +60,22 @@ class ClientTrainer:
         the delta; raise :class:`NonFiniteLossError` on a NaN/Inf loss. ``context`` carries the algorithm's
         extras and the client's memory for the hooks."""
         load_trainable_state(self.model, global_state)
-        named = named_trainable_parameters(self.model)
+        every = named_trainable_parameters(self.model)
+        with frozen_factor(every, plan.frozen) as named:
+            return self._train(client_id, examples, global_state, plan, named, every, on_step, context)
+
+    def _train(
+        self,
+        client_id: str,
+        examples: Sequence[Any],
+        global_state: Mapping[str, torch.Tensor],
+        plan: LocalPlan,
+        named: dict[str, torch.nn.Parameter],
+        every: dict[str, torch.nn.Parameter],
+        on_step: Callable[[], None] | None,
+        context: ClientContext | None,
+    ) -> ClientUpdate:
+        """:meth:`train` on the parameters ``named`` (``every`` trainable one but the plan's frozen factor)."""
         optimizer = self._optimizer(list(named.values()), plan.lrs[0])
         dp = self.sample_dp
         draw = poisson_batches if dp is not None else batch_indices
@@ -91,7 +106,7 @@ class ClientTrainer:
                 if on_step is not None:
                     on_step()
         self.model.eval()
-        local = trainable_state(self.model)
+        local = {name: param.detach().clone() for name, param in every.items()}  # trainable_state, the frozen factor too
         extras: TensorDict = {}
         memory: TensorDict = {}
         for hook in self.hooks:
@@ -176,6 +191,21 @@ class ClientTrainer:
             mask_beyond_rank(named, rank)  # a client of rank r_k trains only its first r_k components
         optimizer.step()
         return float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
+
+
+@contextmanager
+def frozen_factor(named: dict[str, torch.nn.Parameter], factor: str | None) -> Iterator[dict[str, torch.nn.Parameter]]:
+    """The parameters that train while the LoRA factor ``factor`` ("A", "B"; None: none) stays fixed (RoLoRA, Chen
+    et al. 2025): the fixed ones get ``requires_grad`` False for the round, so backward, gradient clipping, DP-SGD's
+    per-example gradients and the optimizer (weight decay included) all leave them exactly as downloaded."""
+    fixed = [param for name, param in named.items() if factor is not None and lora_role(name) == factor and param.requires_grad]
+    for param in fixed:
+        param.requires_grad_(False)
+    try:
+        yield {name: param for name, param in named.items() if factor is None or lora_role(name) != factor}
+    finally:
+        for param in fixed:
+            param.requires_grad_(True)
 
 
 def _difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> TensorDict:

@@ -3,9 +3,9 @@ goes on with the rest.
 
 Rules, in order: the update answers the current round (not stale, not replayed); it comes from a client of the
 federation that was asked this round; its ``num_examples`` is positive and at most the configured cap; its tensor
-names are exactly the global adapter's; every tensor has the global shape, dtype float32 (the wire format of
-deltas) and finite values; its algorithm extras are finite float tensors; and it is the first update of that
-client this round.
+names are exactly the global adapter's (less its frozen LoRA residuals, which are never uploaded); every tensor has
+the global shape, dtype float32 (the wire format of deltas) and finite values; its algorithm extras are finite
+float tensors; and it is the first update of that client this round.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlm.aggregation.lora_structure import without_residuals
 from fedlm.core.errors import FedlmError
 from fedlm.core.update import ClientFailure, ClientUpdate
 
@@ -56,6 +57,7 @@ def update_problem(update: ClientUpdate, expect: Expectations) -> str | None:
 
 
 def _tensor_problem(update: ClientUpdate, expected: Mapping[str, torch.Tensor]) -> str | None:
+    expected = without_residuals(expected)  # a frozen LoRA residual is downloaded, never trained or uploaded
     names, wanted = set(update.tensors), set(expected)
     if names != wanted:
         missing, extra = sorted(wanted - names), sorted(names - wanted)

@@ -36,6 +36,7 @@ from fedlm.core.errors import FedlmError
 from fedlm.core.seeding import seeded_torch
 from fedlm.core.update import TensorDict
 from fedlm.models.full import make_fully_trainable, save_full_model
+from fedlm.models.residual import apply_residuals, has_residuals, save_with_residuals
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
 
@@ -133,7 +134,11 @@ def trainable_state(model: torch.nn.Module) -> TensorDict:
 
 
 def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable tensors in place (names as returned by :func:`trainable_state`)."""
+    """Copy ``state`` into the model's trainable tensors in place (names as returned by :func:`trainable_state`);
+    the frozen LoRA residuals of ``state`` (FedEx-LoRA, FLoRA: :mod:`fedlm.models.residual`) are applied, and a
+    residual the model had but ``state`` lacks is removed."""
+    if isinstance(model, PeftModel):
+        apply_residuals(model, state)
     by_name = named_trainable_parameters(model)
     missing = set(by_name) - set(state)
     if missing:
@@ -150,10 +155,13 @@ def save_adapter(model: torch.nn.Module, state: Mapping[str, torch.Tensor], out_
     Saved in float32 whatever ``model.dtype`` the run computed in: peft holds every method's adapter weights in
     float32 over a bfloat16 base (its ``autocast_adapter_dtype``), and reloads them so; a full model is upcast for
     the save (:func:`fedlm.models.full.save_full_model`). A reload onto a base in the run's dtype computes exactly
-    what the trained model did.
+    what the trained model did. A state with LoRA residuals (``aggregation.lora: fedex | flora``) is saved as a LoRA
+    of larger rank per module that carries the residual (:func:`fedlm.models.residual.save_with_residuals`).
     """
     load_trainable_state(model, state)
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and has_residuals(state):
+        save_with_residuals(model, state, out_dir)  # the residuals saved as extra LoRA rank, loadable by peft
+    elif isinstance(model, PeftModel):
         model.save_pretrained(str(out_dir))
     elif isinstance(model, PreTrainedModel):
         save_full_model(model, out_dir)

@@ -1,4 +1,5 @@
-"""LoRA-aware aggregation modes (``aggregation.lora``): naive, exact (FlexLoRA SVD) and ffa (frozen A)."""
+"""LoRA-aware aggregation modes (``aggregation.lora``): naive, exact (FlexLoRA SVD), ffa (frozen A), fedex (FedEx-LoRA),
+flora (FLoRA stacking) and rolora (RoLoRA alternating rounds)."""
 
 from __future__ import annotations
 

@@ -33,6 +33,8 @@ class ExactLora(LoraMode):
 
     name = "exact"
     space = "dense product B A per LoRA module (FlexLoRA SVD back to rank r)"
+    needs_each_update = "it needs each client's own product B_k A_k (a sum of factors is not a sum of products)"
+    factor_space = False
 
     def to_server_space(
         self,

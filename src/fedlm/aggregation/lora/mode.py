@@ -29,10 +29,30 @@ class LoraMode(ABC):
     name: ClassVar[str]
     #: Which parameter space the aggregator works in (written in the report).
     space: ClassVar[str]
+    #: Why the server needs each client's own update (None: the sum of what clients upload is enough); such a mode
+    #: cannot run under secure aggregation.
+    needs_each_update: ClassVar[str | None] = None
+    #: Whether the aggregator works on the adapter's own tensors, the same ones every round; an aggregator that keeps
+    #: per-tensor state on the factors (SCAFFOLD's control variates) needs it.
+    factor_space: ClassVar[bool] = True
+    #: Whether the global state carries a frozen residual per module (:mod:`fedlm.models.residual`).
+    keeps_residual: ClassVar[bool] = False
+    #: What clients compute with beyond their trainable adapter tensors (None: nothing); data-parallel client
+    #: processes copy only those tensors, so such a mode runs with one process per client.
+    client_extra: ClassVar[str | None] = None
+    #: Why clients of different ranks (``peft.client_ranks``) do not fit the mode (None: they do).
+    refuses_client_ranks: ClassVar[str | None] = None
 
     def __init__(self, initial_state: Mapping[str, torch.Tensor], full_rank: int) -> None:
         self.initial_state = dict(initial_state)
         self.full_rank = full_rank
+
+    def begin_round(self, round_num: int) -> None:
+        """Called once per round before the clients' tasks are built (default: nothing)."""
+
+    def frozen_factor(self, round_num: int) -> str | None:
+        """The LoRA factor ("A" or "B") clients keep fixed in round ``round_num`` (default: None, both train)."""
+        return None
 
     def download(self, state: Mapping[str, torch.Tensor], rank: int | None) -> TensorDict:
         """The adapter a client of ``rank`` starts from: the global one with components beyond its rank zeroed."""
@@ -61,7 +81,7 @@ class LoraMode(ABC):
 LORA_MODES: Registry[type[LoraMode]] = Registry(
     "LoRA aggregation mode",
     "aggregation.lora",
-    builtin=[f"fedlm.aggregation.lora.{name}" for name in ("naive", "exact", "ffa")],
+    builtin=[f"fedlm.aggregation.lora.{name}" for name in ("naive", "exact", "ffa", "fedex", "flora", "rolora")],
 )
 """Every LoRA mode by its ``aggregation.lora`` name; each mode's module registers its class."""
 

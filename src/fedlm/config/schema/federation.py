@@ -45,9 +45,14 @@ class AggregationConfig(BaseModel):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = "fedavg"
-    lora: Literal["naive", "exact", "ffa"] = Field(
+    lora: Literal["naive", "exact", "ffa", "fedex", "flora", "rolora"] = Field(
         "naive",
-        description="naive: average A and B; exact: average B A and SVD back (FlexLoRA); ffa: frozen A, B only",
+        description=(
+            "naive: average A and B; exact: average B A and SVD back (FlexLoRA); ffa: frozen A, B only; "
+            "fedex: average A and B, fold the missed cross terms into the frozen weight (FedEx-LoRA); "
+            "flora: stack the client modules, merge into the frozen weight, restart LoRA each round (FLoRA); "
+            "rolora: odd rounds train B, even rounds A, the other frozen (RoLoRA)"
+        ),
     )
 
     def params(self) -> dict[str, Any]:

@@ -119,6 +119,7 @@ def task_content(client_id: str, task: ClientTask, config: ExperimentConfig) -> 
         "batch_size": plan.batch_size,
         "seed": plan.seed,
         "rank": rank,
+        "frozen": plan.frozen,
     }
     return _with_meta(values, state=pack_tensors(wire_form(task.state, rank)), extras=pack_tensors(wire_form(task.context.extras, rank)))
 
@@ -127,7 +128,7 @@ def task_from_content(content: RecordDict, memory: Mapping[str, torch.Tensor], l
     """(client id, config hash, task) of a train message; ``memory`` is the node's own, kept between rounds;
     ``like`` holds the full-rank shapes (the node's own adapter state)."""
     m = meta(content)
-    plan = LocalPlan(int(m["round"]), [float(x) for x in m["lrs"]], int(m["batch_size"]), int(m["seed"]), m["rank"])
+    plan = LocalPlan(int(m["round"]), [float(x) for x in m["lrs"]], int(m["batch_size"]), int(m["seed"]), m["rank"], m.get("frozen"))
     extras = pad_like(unpack_tensors(content.array_records["extras"]), like)
     context = ClientContext(m["client_id"], plan.round, extras, dict(memory), plan.rank)
     return m["client_id"], m["config_hash"], ClientTask(plan, pad_like(unpack_tensors(content.array_records["state"]), like), context)
