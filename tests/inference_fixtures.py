@@ -1,0 +1,70 @@
+"""Test fixtures for inference: a finished tiny run, and personal client adapters made by perturbing its global one
+(a valid peft folder whatever the personalization method that would have trained it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import tiny_config, write_config
+from safetensors.torch import load_file, save_file
+
+CLIENT_TEXTS = {
+    "alice": ["The cat sat on the mat.", "A dog runs in the park."],
+    "bob": ["1 2 3 4 5 6 7 8 9", "x = y + z * 2"],
+}
+
+
+def tiny_run(root: Path, runner: Any, **sections: dict[str, Any]) -> Path:
+    """A 1-round tiny `fedlm run` (no evaluation) in ``root / 'run'``; returns the run folder."""
+    from fedlm.cli.main import app
+
+    config = tiny_config(
+        root / "run",
+        federation={"rounds": 1, "clients_per_round": 3, "local_steps": 1, "batch_size": 4, "lr": 0.003},
+        eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
+        **sections,
+    )
+    result = runner.invoke(app, ["run", str(write_config(root / "config.yaml", config))])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def perturb_adapter(src: Path, dst: Path, seed: int, scale: float = 0.3) -> None:
+    """Copy the peft folder ``src`` to ``dst`` with seeded noise added to every tensor (LoRA B no longer zero)."""
+    if src != dst:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    weights = load_file(str(dst / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    noisy = {k: (v + scale * torch.randn(v.shape, generator=gen)).contiguous() for k, v in weights.items()}
+    save_file(noisy, str(dst / "adapter_model.safetensors"))
+
+
+def add_clients(run_dir: Path, combine: str = "replace", profiles: bool = True) -> None:
+    """Give ``run_dir`` a stronger global adapter and personal adapters for ``alice`` and ``bob`` (personal.json
+    with ``combine``, and a centroid over each client's texts when ``profiles``)."""
+    perturb_adapter(run_dir / "adapter", run_dir / "adapter", seed=100, scale=0.2)
+    for i, name in enumerate(CLIENT_TEXTS):
+        folder = run_dir / "clients" / name
+        perturb_adapter(run_dir / "adapter", folder / "adapter", seed=i + 1)
+        (folder / "personal.json").write_text(json.dumps({"method": "test-perturbed", "combine": combine}))
+    if profiles:
+        write_profiles(run_dir)
+
+
+def write_profiles(run_dir: Path) -> None:
+    """Each client's centroid: the mean over its texts of :func:`mean_pooled_hidden` of the base model."""
+    from fedlm.data.collate import collate_prompts
+    from fedlm.inference.run import open_run
+    from fedlm.inference.weighting import mean_pooled_hidden
+
+    run = open_run(run_dir)
+    for name, texts in CLIENT_TEXTS.items():
+        ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        batch = collate_prompts(ids, run.tokenizer.pad_token_id)
+        pooled = mean_pooled_hidden(run.model, batch["input_ids"], batch["attention_mask"])
+        save_file({"centroid": pooled.mean(dim=0).contiguous()}, str(run_dir / "clients" / name / "profile.safetensors"))
