@@ -1,7 +1,8 @@
 """``fedlm serve``: an OpenAI-compatible HTTP API (FastAPI) over :class:`fedlm.inference.engine.Engine`.
 
 ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions`` with ``max_tokens``, ``temperature``,
-``top_p``, ``stop``, ``seed`` and ``stream`` (server-sent events, ``data: {...}`` chunks and ``data: [DONE]``).
+``top_p``, ``stop``, ``seed`` and ``stream`` (server-sent events, ``data: {...}`` chunks and ``data: [DONE]``);
+``GET /fedlm/stats`` gives the size of every batch the worker ran.
 Errors answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 401 without the API key (when
 one is set), 404 for an unknown model, 400 for a malformed request or a mix the run cannot compute; the server
 keeps serving.
@@ -96,6 +97,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def models() -> dict[str, Any]:
         created = int(engine.run.root.stat().st_mtime)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "fedlm"} for m in engine.model_ids()]}
+
+    @app.get("/fedlm/stats")
+    async def stats() -> dict[str, Any]:
+        return {"batches": list(engine.batches), "models": engine.model_ids()}
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
