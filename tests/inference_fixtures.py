@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_config, write_config
 from safetensors.torch import load_file, save_file
 
+DUAL_GLOBAL_WEIGHT = 0.7  # a dual client's personal model: 0.7 global + 0.3 local adapter
 CLIENT_TEXTS = {
     "alice": ["The cat sat on the mat.", "A dog runs in the park."],
     "bob": ["1 2 3 4 5 6 7 8 9", "x = y + z * 2"],
@@ -51,20 +52,18 @@ def add_clients(run_dir: Path, combine: str = "replace", profiles: bool = True) 
     for i, name in enumerate(CLIENT_TEXTS):
         folder = run_dir / "clients" / name
         perturb_adapter(run_dir / "adapter", folder / "adapter", seed=i + 1)
-        (folder / "personal.json").write_text(json.dumps({"method": "test-perturbed", "combine": combine}))
+        info = {"method": "test-perturbed", "combine": combine} | ({"weight": DUAL_GLOBAL_WEIGHT} if combine == "dual" else {})
+        (folder / "personal.json").write_text(json.dumps(info))
     if profiles:
         write_profiles(run_dir)
 
 
 def write_profiles(run_dir: Path) -> None:
-    """Each client's centroid: the mean over its texts of :func:`mean_pooled_hidden` of the base model."""
-    from fedlm.data.collate import collate_prompts
+    """Each client's centroid over its texts, by the personalization's own profile function."""
     from fedlm.inference.run import open_run
-    from fedlm.inference.weighting import mean_pooled_hidden
+    from fedlm.personalization.profile import compute_profile, save_profile
 
     run = open_run(run_dir)
     for name, texts in CLIENT_TEXTS.items():
         ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        batch = collate_prompts(ids, run.tokenizer.pad_token_id)
-        pooled = mean_pooled_hidden(run.model, batch["input_ids"], batch["attention_mask"])
-        save_file({"centroid": pooled.mean(dim=0).contiguous()}, str(run_dir / "clients" / name / "profile.safetensors"))
+        save_profile(run_dir / "clients" / name / "profile.safetensors", compute_profile(run.model, run.tokenizer, ids, run.device))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from inference_fixtures import add_clients, tiny_run
+from inference_fixtures import CLIENT_TEXTS, DUAL_GLOBAL_WEIGHT, add_clients, tiny_run
 from peft import PeftModel
 
 from fedlm.core.errors import FedlmError
@@ -84,12 +84,12 @@ def test_mixes_match_peft_and_closed_forms(base_run: Path, tmp_path: Path, combi
         return mixed.token_logprobs(MixSpec(mix=mix, client="alice", **kw), batch["input_ids"], batch["attention_mask"], labels)  # type: ignore[arg-type]
 
     ref_global = _reference_logprobs(run_dir, ["global"], None, batch)
+    ref_alone = _reference_logprobs(run_dir, ["client/alice"], None, batch)
     if combine == "replace":
-        ref_local = _reference_logprobs(run_dir, ["client/alice"], None, batch)
-        ref_adapter = _reference_logprobs(run_dir, ["global", "client/alice"], [1 - w, w], batch)
-    else:
-        ref_local = _reference_logprobs(run_dir, ["global", "client/alice"], [1.0, 1.0], batch)
-        ref_adapter = _reference_logprobs(run_dir, ["global", "client/alice"], [1.0, w], batch)
+        ref_local = ref_alone
+    else:  # FedDPA's personal model at the run's fixed weight on the global adapter
+        ref_local = _reference_logprobs(run_dir, ["global", "client/alice"], [DUAL_GLOBAL_WEIGHT, 1 - DUAL_GLOBAL_WEIGHT], batch)
+    ref_adapter = _reference_logprobs(run_dir, ["global", "client/alice"], [1 - w, w], batch)
     torch.testing.assert_close(score("global"), _picked(ref_global, labels), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(score("local"), _picked(ref_local, labels), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(score("adapter", weight=w), _picked(ref_adapter, labels), atol=1e-4, rtol=1e-4)
@@ -100,7 +100,7 @@ def test_mixes_match_peft_and_closed_forms(base_run: Path, tmp_path: Path, combi
     torch.testing.assert_close(score("logits", weight=w, combine="product"), _picked(product, labels), atol=1e-5, rtol=1e-5)
     # the end points of the weight are the two models
     torch.testing.assert_close(score("adapter", weight=0.0), score("global"), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(score("adapter", weight=1.0), score("local"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(score("adapter", weight=1.0), _picked(ref_alone, labels), atol=1e-5, rtol=1e-5)
     loss = mixed.loss(MixSpec(mix="local", client="alice"), batch)
     torch.testing.assert_close(loss, -score("local").sum() / (labels[:, 1:] != -100).sum())
 
@@ -122,6 +122,17 @@ def test_auto_weight_is_scaled_cosine_to_the_centroid(base_run: Path, tmp_path: 
     object.__setattr__(mixed.run.clients["alice"], "centroid", -pooled[0].clone())
     got = mixed.personal_weights(MixSpec(mix="logits", client="alice", weight="auto"), batch["input_ids"], batch["attention_mask"])
     assert got[0].item() == 0.0
+
+
+def test_request_pooling_is_the_profile_statistic(base_run: Path) -> None:
+    """A left-padded batch of requests pools as the personalization's profile does (right-padded, its own code)."""
+    from fedlm.personalization.profile import embed_prompts
+
+    run = open_run(base_run)
+    ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in CLIENT_TEXTS["alice"] + CLIENT_TEXTS["bob"]]
+    batch = collate_prompts(ids, run.tokenizer.pad_token_id)
+    mine = mean_pooled_hidden(run.model, batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(mine, embed_prompts(run.model, run.tokenizer, ids, run.device), atol=1e-5, rtol=1e-5)
 
 
 def test_mix_logprobs_closed_form() -> None:

@@ -5,13 +5,14 @@ and ΔW_l the client's adapter:
 
 - ``global``: W0 + ΔW_g.
 - ``local``: the personal model. ``combine: replace`` (personal.json): W0 + ΔW_l; ``dual`` (FedDPA's local adapter,
-  trained beside the frozen global one): W0 + ΔW_g + ΔW_l.
-- ``adapter``: both LoRA adapters active in one forward pass, their outputs weighted per input row. replace:
-  W0 + (1 - w) ΔW_g + w ΔW_l; dual: W0 + ΔW_g + w ΔW_l. Both are ΔW_g + w (ΔW_personal - ΔW_g): w = 0 is the global
-  model, w = 1 the personal one. This is FedDPA's weighted sum of the global and local adapters (Yang et al.,
-  "Dual-Personalizing Adapter for Federated Foundation Models", NeurIPS 2024), computed as peft's ``cat`` merge
-  (``add_weighted_adapter``) would, without building a merged adapter per weight: a forward hook scales each
-  adapter's ``lora_B`` output by its row's coefficient (a test holds the two equal).
+  kept beside the global one): W0 + α ΔW_g + (1 - α) ΔW_l with α the run's fixed weight on the global adapter
+  (personal.json ``weight``, default 0.5), as the personalization evaluation computes it.
+- ``adapter``: both LoRA adapters active in one forward pass, their outputs weighted per input row:
+  W0 + (1 - w) ΔW_g + w ΔW_l (w = 0: the global model; w = 1: the local adapter alone). This is FedDPA's weighted
+  sum of the global and local adapters (Yang et al., "Dual-Personalizing Adapter for Federated Foundation Models",
+  NeurIPS 2024, Sec. 4.3), computed as peft's ``cat`` merge (``add_weighted_adapter``) would, without building a
+  merged adapter per weight: a forward hook scales each adapter's ``lora_B`` output by its row's coefficient (a
+  test holds the two equal).
 - ``logits``: the two models' next-token distributions mixed. ``combine: linear``: p = w p_local + (1 - w) p_global
   (a mixture); ``product``: p ∝ p_local^w p_global^(1 - w) (a product of experts, Hinton 2002, renormalised).
   Two forward passes, one KV cache each.
@@ -100,7 +101,7 @@ class MixedModel:
                 "(clients/<name>/adapter/); train with a `personalization` method, or use `--mix global`"
             )
         client = self.run.client(spec.client)
-        if spec.mix == "adapter" and not self.run.is_lora:
+        if spec.mix == "adapter" and not self.run.is_lora:  # (a dual client on a non-LoRA run is refused at open)
             raise FedlmError(
                 f"`inference.mix: adapter` weights LoRA adapters inside one forward pass; this run's `peft.method` is "
                 f"{self.run.config.peft.method!r}: use `--mix logits` to mix the two models' distributions instead"
@@ -126,12 +127,16 @@ class MixedModel:
             return [[(GLOBAL, None)]]
         assert spec.client is not None  # check() ran
         client = self.run.client(spec.client)
-        dual = client.combine == "dual"
-        personal: Pass = [(GLOBAL, None), (client.adapter, None)] if dual else [(client.adapter, None)]
+        rows = weight.shape[0]
+        if client.combine == "dual":
+            fixed = torch.full((rows,), client.dual_weight, device=weight.device)
+            personal: Pass = [(GLOBAL, 1 - fixed), (client.adapter, fixed)]
+        else:
+            personal = [(client.adapter, None)]
         if spec.mix == "local":
             return [personal]
         if spec.mix == "adapter":
-            return [[(GLOBAL, None if dual else 1 - weight), (client.adapter, weight)]]
+            return [[(GLOBAL, 1 - weight), (client.adapter, weight)]]
         return [[(GLOBAL, None)], personal]
 
     def forward(self, one_pass: Pass, **inputs: Any) -> Any:

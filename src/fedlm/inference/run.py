@@ -2,7 +2,8 @@
 
 A run folder (``fedlm run``) holds ``config.yaml``, the global adapter ``adapter/`` (a peft folder, or for
 ``peft.method: full`` a whole model folder) and, when personalization ran, per client ``clients/<name>/adapter/``
-(the client's personal adapter), ``clients/<name>/personal.json`` (``{"method": ..., "combine": "replace" | "dual"}``)
+(the client's personal adapter), ``clients/<name>/personal.json`` (``{"method": ..., "combine": "replace" | "dual"}``,
+and for dual the global adapter's ``weight`` in the personal model)
 and ``clients/<name>/profile.safetensors`` (key ``centroid``: the client's mean pooled base hidden state, for
 ``weight: auto``). Every adapter is a named peft adapter on the one base model: ``global`` and ``client/<name>``;
 K clients cost one base model plus K small adapters (the architecture's rule).
@@ -37,9 +38,10 @@ class ClientModel:
 
     name: str
     adapter: str  # the peft adapter name, ``client/<name>``
-    combine: Combine  # replace: the adapter is the whole personal model; dual (FedDPA): global + this local adapter
+    combine: Combine  # replace: the adapter is the whole personal model; dual (FedDPA): combined with the global one
     method: str  # the personalization method that trained it (personal.json), for messages
     centroid: torch.Tensor | None  # (hidden,) float32, None without profile.safetensors
+    dual_weight: float = 0.5  # dual: the local adapter's weight in the personal model (1 - personal.json `weight`)
 
 
 @dataclass
@@ -112,9 +114,16 @@ def _load_client(run: InferenceRun, folder: Path) -> ClientModel:
     combine = info.get("combine", "replace")
     if combine not in ("replace", "dual"):
         raise FedlmError(f"{folder / 'personal.json'}: `combine` must be replace or dual, got {combine!r}")
+    if combine == "dual" and run.config.peft.method != "lora":
+        raise FedlmError(
+            f"client {name!r}: a dual (FedDPA) local adapter is combined with the global one as LoRA; this run's `peft.method` is {run.config.peft.method!r}"
+        )
+    global_weight = float(info.get("weight", 0.5))
+    if not 0.0 <= global_weight <= 1.0:
+        raise FedlmError(f"{folder / 'personal.json'}: `weight` (the global adapter's, dual) must lie in [0, 1], got {global_weight}")
     adapter = f"client/{name}"
     run.model.load_adapter(str(folder / "adapter"), adapter_name=adapter)
     centroid = None
     if (folder / "profile.safetensors").is_file():
         centroid = load_file(str(folder / "profile.safetensors"))["centroid"].float().to(run.device)
-    return ClientModel(name, adapter, combine, str(info.get("method", "unknown")), centroid)
+    return ClientModel(name, adapter, combine, str(info.get("method", "unknown")), centroid, dual_weight=1.0 - global_weight)

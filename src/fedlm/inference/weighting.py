@@ -8,7 +8,9 @@ client's data lean on the personal model and shifted inputs on the global one. f
     c_k  = mean of h over client k's training examples (``clients/<k>/profile.safetensors``, key ``centroid``)
     w(x) = max_weight * max(0, cos(h(x), c_k))
 
-Both sides use :func:`mean_pooled_hidden`, so the profile and the query are the same statistic.
+The profile is :func:`fedlm.personalization.profile.compute_profile` (the prompts of the client's training data);
+:func:`mean_pooled_hidden` computes the same statistic for a (left-padded) batch of requests (a test holds the two
+equal); this package does not import personalization, which may use the scoring API of :mod:`fedlm.inference.mix`.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ def mean_pooled_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attentio
 
     ``model`` is a ``PeftModel`` (its adapters are switched off for the call) or a plain model.
     """
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row's tokens at 0.. as unpadded
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions, "output_hidden_states": True}
     with torch.no_grad():
         if isinstance(model, PeftModel):
             with model.disable_adapter():
-                out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                out = model(**inputs)
         else:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            out = model(**inputs)
     hidden = out.hidden_states[-1].float()  # (B, T, H), after the final norm
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # (B, H)
