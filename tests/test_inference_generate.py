@@ -121,3 +121,23 @@ def test_batch_rows_equal_single_rows(mixed: MixedModel) -> None:
     together = generate(mixed, spec, prompts, [SamplingParams(max_tokens=10)] * 2)
     alone = [generate(mixed, spec, [p], [SamplingParams(max_tokens=10)])[0] for p in prompts]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_rows_of_different_clients_and_mixes_share_a_batch(mixed: MixedModel) -> None:
+    """One batch of rows for different clients and mixes answers each row as it would be answered alone."""
+    specs = [
+        MixSpec(mix="local", client="alice"),
+        MixSpec(mix="global"),
+        MixSpec(mix="adapter", client="bob", weight="auto"),
+        MixSpec(mix="local", client="bob"),
+        MixSpec(mix="adapter", client="alice", weight=0.25),
+    ]
+    prompts = [chat_prompt(mixed.run.tokenizer, [{"role": "user", "content": QUESTIONS[i % 2]}]) for i in range(len(specs))]
+    assert len({mixed.batch_key(s) for s in specs}) == 1
+    together = generate(mixed, specs, prompts, [SamplingParams(max_tokens=8)] * len(specs))
+    alone = [generate(mixed, s, [p], [SamplingParams(max_tokens=8)])[0] for s, p in zip(specs, prompts)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    logit_specs = [MixSpec(mix="logits", client="alice", weight=0.3), MixSpec(mix="logits", client="bob", weight="auto")]
+    together = generate(mixed, logit_specs, prompts[:2], [SamplingParams(max_tokens=8)] * 2)
+    alone = [generate(mixed, s, [p], [SamplingParams(max_tokens=8)])[0] for s, p in zip(logit_specs, prompts[:2])]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]

@@ -102,6 +102,16 @@ def test_streaming_equals_whole_and_stop(client: openai.OpenAI) -> None:
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    counted = client.chat.completions.create(
+        model="client/bob+adapter",
+        messages=[{"role": "user", "content": "Count with me."}],
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    last = list(counted)[-1]
+    assert last.choices == [] and last.usage is not None and 1 <= last.usage.completion_tokens <= 12
     assert len(whole) >= 4
     stop = whole[2:4]
     cut = client.chat.completions.create(

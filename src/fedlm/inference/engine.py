@@ -1,8 +1,10 @@
 """The serving engine: model ids -> mixes, and one generation worker thread fed by a queue.
 
 Requests for any client share the one base model: the worker takes the oldest waiting request, batches with it every
-waiting request for the same model id (same adapters; up to ``max_batch``; left-padded), generates, and moves on.
-Adapters are switched between batches, never copied. Callbacks run on the worker thread.
+waiting request that can share its forward passes (:meth:`fedlm.inference.mix.MixedModel.batch_key`: on a LoRA run
+every client and mix but ``logits`` in one batch, each row's adapters scaled to it; otherwise the same model id), up
+to ``max_batch``, left-padded; generates, and moves on. Adapters are switched or stacked, never copied. Callbacks run
+on the worker thread.
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ class Engine:
                     self._queue.put(None)
                     break
                 pending.append(more)
-            key = pending[0].spec.key
-            batch = [job for job in pending if job.spec.key == key][: self.max_batch]
+            key = self.mixed.batch_key(pending[0].spec)
+            batch = [job for job in pending if self.mixed.batch_key(job.spec) == key][: self.max_batch]
             pending = [job for job in pending if job not in batch]
             self._run_batch(batch)
 
@@ -110,7 +112,7 @@ class Engine:
             batch[row].on_text(text)
 
         try:
-            results = generate(self.mixed, batch[0].spec, [j.prompt for j in batch], [j.params for j in batch], on_text)
+            results = generate(self.mixed, [j.spec for j in batch], [j.prompt for j in batch], [j.params for j in batch], on_text)
         except Exception as exc:  # one failed batch answers its requests with the error; the server keeps serving
             for job in batch:
                 job.on_error(exc)

@@ -1,7 +1,7 @@
 """Batched token-by-token generation under any mix (:mod:`fedlm.inference.mix`), with per-request sampling,
 stop strings and streaming.
 
-One batch = one mix (the same adapters); each row has its own ``max_tokens``, ``temperature``, ``top_p``, ``stop``
+One batch = one set of forward passes (rows of different clients share them on LoRA runs); each row has its own ``max_tokens``, ``temperature``, ``top_p``, ``stop``
 and seed. Greedy rows (temperature 0) give exactly Hugging Face ``generate``'s greedy tokens for the same adapter
 (a test holds them equal). Text is streamed as it becomes final: a trailing partial UTF-8 character, or a tail that
 could still grow into a stop string, is held back until the next token decides it.
@@ -72,9 +72,14 @@ def eos_ids(mixed: MixedModel) -> set[int]:
 
 
 def generate(
-    mixed: MixedModel, spec: MixSpec, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], on_text: OnText | None = None
+    mixed: MixedModel,
+    spec: MixSpec | Sequence[MixSpec],
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    on_text: OnText | None = None,
 ) -> list[Completion]:
-    """Answer ``prompts`` (token ids) in one left-padded batch under ``spec``; ``params`` per row."""
+    """Answer ``prompts`` (token ids) in one left-padded batch under ``spec`` (one for all rows, or one per row with
+    equal :meth:`MixedModel.batch_key`); ``params`` per row."""
     tokenizer = mixed.run.tokenizer
     if not prompts:
         return []

@@ -24,7 +24,7 @@ stacked, never copied. :class:`MixedModel` is the scoring API (:meth:`MixedModel
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,34 +110,62 @@ class MixedModel:
             auto_weight(torch.zeros(1, 1), client.centroid, spec.max_weight, client.name)  # refuses a missing profile
 
     # -- weights and passes ----------------------------------------------------------------------------------------
-    def personal_weights(self, spec: MixSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The personal model's weight per row (B,): the fixed weight, or the auto weight of each row's tokens."""
-        rows = input_ids.shape[0]
-        if spec.weight != "auto":
-            return torch.full((rows,), float(spec.weight), device=input_ids.device)
-        assert spec.client is not None  # check() ran
-        client = self.run.client(spec.client)
-        return auto_weight(mean_pooled_hidden(self.model, input_ids, attention_mask), client.centroid, spec.max_weight, client.name)
+    def personal_weights(self, spec: MixSpec | Sequence[MixSpec], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The personal model's weight per row (B,): the fixed weight, or the auto weight of each row's tokens against
+        its client's centroid. ``spec``: one for every row, or one per row."""
+        specs = _per_row(spec, input_ids.shape[0])
+        weights = torch.zeros(len(specs), device=input_ids.device)
+        auto = [i for i, s in enumerate(specs) if s.weight == "auto" and s.mix in ("adapter", "logits")]
+        pooled = mean_pooled_hidden(self.model, input_ids[auto], attention_mask[auto]) if auto else None
+        for i, s in enumerate(specs):
+            if s.mix not in ("adapter", "logits"):
+                continue
+            if s.weight != "auto":
+                weights[i] = float(s.weight)
+                continue
+            assert pooled is not None and s.client is not None  # check() ran
+            client = self.run.client(s.client)
+            weights[i] = auto_weight(pooled[auto.index(i)].unsqueeze(0), client.centroid, s.max_weight, client.name)[0]
+        return weights
 
-    def passes(self, spec: MixSpec, weight: torch.Tensor) -> list[Pass]:
-        """The forward passes of ``spec`` (two for ``logits``: global first, personal second)."""
+    def passes(self, spec: MixSpec | Sequence[MixSpec], weight: torch.Tensor) -> list[Pass]:
+        """The forward passes of the rows' mixes (two for ``logits``: global first, personal second).
+
+        Each row adds its coefficients on the adapters it uses; an adapter whose coefficient is 1 in every row runs
+        unscaled. Rows of different clients share a pass (LoRA runs: :meth:`batch_key`), each adapter's output zeroed
+        on the other rows."""
+        specs = _per_row(spec, weight.shape[0])
         if not isinstance(self.model, PeftModel):
             return [[]]
-        if spec.mix == "global":
-            return [[(GLOBAL, None)]]
-        assert spec.client is not None  # check() ran
-        client = self.run.client(spec.client)
-        rows = weight.shape[0]
-        if client.combine == "dual":
-            fixed = torch.full((rows,), client.dual_weight, device=weight.device)
-            personal: Pass = [(GLOBAL, 1 - fixed), (client.adapter, fixed)]
-        else:
-            personal = [(client.adapter, None)]
-        if spec.mix == "local":
-            return [personal]
-        if spec.mix == "adapter":
-            return [[(GLOBAL, 1 - weight), (client.adapter, weight)]]
-        return [[(GLOBAL, None)], personal]
+        coeffs: dict[str, torch.Tensor] = {}
+
+        def add(name: str, row: int, value: torch.Tensor | float) -> None:
+            coeffs.setdefault(name, torch.zeros_like(weight))[row] += value
+
+        logits = specs[0].mix == "logits"
+        for row, s in enumerate(specs):
+            if s.mix == "global":
+                add(GLOBAL, row, 1.0)
+                continue
+            assert s.client is not None  # check() ran
+            client = self.run.client(s.client)
+            if s.mix == "adapter":
+                add(GLOBAL, row, 1 - weight[row])
+                add(client.adapter, row, weight[row])
+            elif client.combine == "dual":  # local or the personal side of logits: FedDPA at the run's weight
+                add(GLOBAL, row, 1 - client.dual_weight)
+                add(client.adapter, row, client.dual_weight)
+            else:
+                add(client.adapter, row, 1.0)
+        personal: Pass = [(name, None if bool((c == 1).all()) else c) for name, c in coeffs.items()]
+        return [[(GLOBAL, None)], personal] if logits else [personal]
+
+    def batch_key(self, spec: MixSpec) -> tuple[Any, ...]:
+        """Requests with equal keys can share a batch. LoRA runs: one pass for every client and every mix but
+        ``logits`` (two passes, one combine); other methods: the same adapters (same client and mix)."""
+        if not self.run.is_lora:
+            return spec.key
+        return ("logits", spec.combine) if spec.mix == "logits" else ("one-pass",)
 
     def forward(self, one_pass: Pass, **inputs: Any) -> Any:
         """The model's forward with the adapters of ``one_pass`` active and their outputs scaled per row."""
@@ -177,7 +205,7 @@ class MixedModel:
         self.check(spec)
         prompt = attention_mask * (labels == IGNORE_INDEX)
         prompt = torch.where(prompt.sum(dim=1, keepdim=True) > 0, prompt, attention_mask)
-        weight = self.personal_weights(spec, input_ids, prompt) if spec.mix in ("adapter", "logits") else torch.ones(input_ids.shape[0])
+        weight = self.personal_weights(spec, input_ids, prompt)
         positions = _positions(attention_mask)
         with torch.no_grad():
             lps = [
@@ -198,11 +226,16 @@ class MixedModel:
         return -logp.sum() / count
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def start(self, spec: MixSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Decoder:
-        """A decoder primed with the left-padded prompts (B, T): its ``logprobs`` are the next token's (B, V)."""
-        self.check(spec)
-        weight = self.personal_weights(spec, input_ids, attention_mask) if spec.mix in ("adapter", "logits") else torch.ones(input_ids.shape[0])
-        return Decoder(self, self.passes(spec, weight), weight.to(input_ids.device), spec.combine, input_ids, attention_mask)
+    def start(self, spec: MixSpec | Sequence[MixSpec], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Decoder:
+        """A decoder primed with the left-padded prompts (B, T): its ``logprobs`` are the next token's (B, V).
+        ``spec``: one for all rows, or one per row (equal :meth:`batch_key`)."""
+        specs = _per_row(spec, input_ids.shape[0])
+        for s in dict.fromkeys(specs):
+            self.check(s)
+        if len({self.batch_key(s) for s in specs}) > 1:
+            raise ValueError("rows of one batch must share MixedModel.batch_key")
+        weight = self.personal_weights(specs, input_ids, attention_mask)
+        return Decoder(self, self.passes(specs, weight), weight.to(input_ids.device), specs[0].combine, input_ids, attention_mask)
 
 
 class Decoder:
@@ -234,6 +267,14 @@ class Decoder:
                 self.caches[i] = out.past_key_values
                 outs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (B, V)
         return outs[0] if len(outs) == 1 else mix_logprobs(outs[1], outs[0], self.weight, self.combine)
+
+
+def _per_row(spec: MixSpec | Sequence[MixSpec], rows: int) -> list[MixSpec]:
+    if isinstance(spec, MixSpec):
+        return [spec] * rows
+    if len(spec) != rows:
+        raise ValueError(f"{len(spec)} mix specs for {rows} rows")
+    return list(spec)
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

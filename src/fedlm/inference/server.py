@@ -40,6 +40,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
+    stream_options: dict[str, Any] | None = None  # {"include_usage": true}: a last chunk with the token counts
     n: int = Field(1, ge=1, le=1, description="one choice per request")
 
 
@@ -147,7 +148,8 @@ async def _answer(engine: Engine, body: _Request, prompt: list[int], max_tokens:
     engine.submit(Job(spec, prompt, params, lambda t: put("text", t), lambda c: put("done", c), lambda e: put("error", e)))
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return StreamingResponse(_stream(events, ident, body.model, chat), media_type="text/event-stream")
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(_stream(events, ident, body.model, chat, usage), media_type="text/event-stream")
     while True:
         kind, value = await events.get()
         if kind == "error":
@@ -156,12 +158,13 @@ async def _answer(engine: Engine, body: _Request, prompt: list[int], max_tokens:
             return _whole(value, ident, body.model, chat)
 
 
+def _usage(result: Completion) -> dict[str, int]:
+    new = len(result.token_ids)
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": new, "total_tokens": result.prompt_tokens + new}
+
+
 def _whole(result: Completion, ident: str, model: str, chat: bool) -> dict[str, Any]:
-    usage = {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": len(result.token_ids),
-        "total_tokens": result.prompt_tokens + len(result.token_ids),
-    }
+    usage = _usage(result)
     if chat:
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}
     else:
@@ -170,7 +173,7 @@ def _whole(result: Completion, ident: str, model: str, chat: bool) -> dict[str, 
     return {"id": ident, "object": kind, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
 
 
-async def _stream(events: asyncio.Queue[tuple[str, Any]], ident: str, model: str, chat: bool) -> AsyncIterator[str]:
+async def _stream(events: asyncio.Queue[tuple[str, Any]], ident: str, model: str, chat: bool, usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -190,6 +193,9 @@ async def _stream(events: asyncio.Queue[tuple[str, Any]], ident: str, model: str
             yield chunk(value, None)
         elif event == "done":
             yield chunk(None, value.finish_reason)
+            if usage:
+                head = {"id": ident, "object": kind, "created": created, "model": model, "choices": []}
+                yield "data: " + json.dumps({**head, "usage": _usage(value)}) + "\n\n"
             break
         else:
             yield "data: " + json.dumps({"error": {"message": f"generation failed: {value}", "type": "server_error"}}) + "\n\n"
