@@ -45,13 +45,13 @@ def perturb_adapter(src: Path, dst: Path, seed: int, scale: float = 0.3) -> None
     save_file(noisy, str(dst / "adapter_model.safetensors"))
 
 
-def add_clients(run_dir: Path, combine: str = "replace", profiles: bool = True) -> None:
-    """Give ``run_dir`` a stronger global adapter and personal adapters for ``alice`` and ``bob`` (personal.json
-    with ``combine``, and a centroid over each client's texts when ``profiles``)."""
-    perturb_adapter(run_dir / "adapter", run_dir / "adapter", seed=100, scale=0.2)
+def add_clients(run_dir: Path, combine: str = "replace", profiles: bool = True, scale: float = 0.3) -> None:
+    """Give ``run_dir`` a stronger global adapter and personal adapters for ``alice`` and ``bob`` (seeded noise of
+    std ``scale``; personal.json with ``combine``; a centroid over each client's texts when ``profiles``)."""
+    perturb_adapter(run_dir / "adapter", run_dir / "adapter", seed=100, scale=scale * 2 / 3)
     for i, name in enumerate(CLIENT_TEXTS):
         folder = run_dir / "clients" / name
-        perturb_adapter(run_dir / "adapter", folder / "adapter", seed=i + 1)
+        perturb_adapter(run_dir / "adapter", folder / "adapter", seed=i + 1, scale=scale)
         info = {"method": "test-perturbed", "combine": combine} | ({"weight": DUAL_GLOBAL_WEIGHT} if combine == "dual" else {})
         (folder / "personal.json").write_text(json.dumps(info))
     if profiles:

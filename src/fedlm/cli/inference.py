@@ -106,7 +106,8 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="FEDLM_API_KEY", help="require `Authorization: Bearer KEY`")] = None,
     engine: Annotated[str, typer.Option("--engine", help="native (fedlm's, every mix) | vllm (CUDA, LoRA adapters)")] = "native",
-    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="concurrent requests for one model batched together")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="concurrent requests batched together at most")] = 8,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0.0, help="an idle server waits this long for a burst to batch")] = 20.0,
     weight: WeightOpt = None,
     max_weight: MaxWeightOpt = None,
     combine: CombineOpt = None,
@@ -128,7 +129,7 @@ def serve(
 
         run = open_run(run_dir)
         settings = inference_settings(run.config.inference, weight=weight, max_weight=max_weight, combine=combine)
-        worker = Engine(run, settings, max_batch=max_batch)
+        worker = Engine(run, settings, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000)
         typer.echo(f"fedlm serve: http://{host}:{port}/v1 models: {', '.join(worker.model_ids())}")
         uvicorn.run(create_app(worker, api_key), host=host, port=port, log_level="warning")
         worker.close()

@@ -1,7 +1,7 @@
 """The serving engine: model ids -> mixes, and one generation worker thread fed by a queue.
 
 Requests for any client share the one base model: the worker takes the oldest waiting request, batches with it every
-waiting request that can share its forward passes (:meth:`fedlm.inference.mix.MixedModel.batch_key`: on a LoRA run
+waiting request (after a short wait, ``batch_wait_s``, when it arrives at an idle worker) that can share its forward passes (:meth:`fedlm.inference.mix.MixedModel.batch_key`: on a LoRA run
 every client and mix but ``logits`` in one batch, each row's adapters scaled to it; otherwise the same model id), up
 to ``max_batch``, left-padded; generates, and moves on. Adapters are switched or stacked, never copied. Callbacks run
 on the worker thread.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,11 +44,12 @@ class Job:
 class Engine:
     """Model ids, validation and the worker thread over one :class:`MixedModel`."""
 
-    def __init__(self, run: InferenceRun, settings: InferenceConfig, max_batch: int = 8) -> None:
+    def __init__(self, run: InferenceRun, settings: InferenceConfig, max_batch: int = 8, batch_wait_s: float = 0.02) -> None:
         self.run = run
         self.mixed = MixedModel(run)
         self.settings = settings
         self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s  # after an idle spell, how long the first request waits for others to join it
         self.batches: list[int] = []  # the size of every batch run (for tests and the benchmark)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="fedlm-generate", daemon=True)
@@ -91,6 +93,7 @@ class Engine:
                 if first is None:
                     return
                 pending.append(first)
+                time.sleep(self.batch_wait_s)  # a burst of concurrent requests starts as one batch
             while True:  # everything that arrived meanwhile
                 try:
                     more = self._queue.get_nowait()
