@@ -23,12 +23,14 @@ def tiny_run(root: Path, runner: Any, **sections: dict[str, Any]) -> Path:
     """A 1-round tiny `fedlm run` (no evaluation) in ``root / 'run'``; returns the run folder."""
     from fedlm.cli.main import app
 
-    config = tiny_config(
-        root / "run",
-        federation={"rounds": 1, "clients_per_round": 3, "local_steps": 1, "batch_size": 4, "lr": 0.003},
-        eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
-        **sections,
-    )
+    defaults: dict[str, dict[str, Any]] = {
+        "federation": {"rounds": 1, "clients_per_round": 3, "local_steps": 1, "batch_size": 4, "lr": 0.003},
+        "eval": {"every": 0, "at_start": False, "generate": False, "max_examples": 4},
+    }
+    for name, values in sections.items():
+        defaults[name] = {**defaults.get(name, {}), **values}
+    root.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(root / "run", **defaults)
     result = runner.invoke(app, ["run", str(write_config(root / "config.yaml", config))])
     assert result.exit_code == 0, result.output
     return root / "run"

@@ -138,3 +138,22 @@ def test_chat_session_keeps_history(runs: dict[str, Path]) -> None:
         {"role": "assistant", "content": session.history[-1]["content"]},
     ]
     assert session.command("/reset") == "history cleared" and session.history == [{"role": "system", "content": "Be brief."}]
+
+
+def test_other_peft_methods(runner: CliRunner, runs: dict[str, Path], tmp_path: Path) -> None:
+    """IA3: local and logits mixes, the adapter mix refused; full: the global model; soft prompts: refused."""
+    ia3 = tiny_run(tmp_path / "ia3", runner, peft={"method": "ia3"})
+    add_clients(ia3)
+    base = ["generate", str(ia3), "--prompts", str(runs["prompts"]), "--max-tokens", "3", "--client", "alice"]
+    for mix in ("local", "logits"):
+        result = runner.invoke(app, [*base, "--mix", mix, "--out", str(tmp_path / f"{mix}.jsonl")])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [*base, "--mix", "adapter"])
+    assert result.exit_code == 2 and "`inference.mix: adapter` weights LoRA adapters" in result.output and "--mix logits" in result.output
+    full = tiny_run(tmp_path / "full", runner, peft={"method": "full"}, federation={"lr": 1e-4})
+    result = runner.invoke(app, ["generate", str(full), "--prompts", str(runs["prompts"]), "--max-tokens", "3", "--out", str(tmp_path / "f.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 3
+    prompt = tiny_run(tmp_path / "prompt", runner, peft={"method": "prompt_tuning", "num_virtual_tokens": 4})
+    result = runner.invoke(app, ["generate", str(prompt), "--prompts", str(runs["prompts"])])
+    assert result.exit_code == 2 and "prompt_tuning" in result.output and "cannot be served" in result.output
