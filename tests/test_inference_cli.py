@@ -86,6 +86,10 @@ def test_refusals(runner: CliRunner, runs: dict[str, Path], tmp_path: Path) -> N
     bad.write_text('{"prompt": "ok"}\n{"nothing": 1}\n')
     result = runner.invoke(app, ["generate", str(runs["personal"]), "--prompts", str(bad)])
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"text": "x" * 1100}) + "\n")
+    result = runner.invoke(app, ["generate", str(runs["personal"]), "--prompts", str(long)])
+    assert result.exit_code == 2 and "exceeds the model's context of 1024 tokens" in result.output
     result = runner.invoke(app, ["generate", str(tmp_path), "--prompts", str(runs["prompts"])])
     assert result.exit_code == 2 and "no finished fedlm run" in result.output
     result = runner.invoke(app, ["serve", str(runs["personal"]), "--engine", "vllm"])

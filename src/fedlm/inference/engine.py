@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fedlm.config.schema.inference import InferenceConfig
 from fedlm.core.errors import FedlmError
@@ -122,9 +121,3 @@ class Engine:
             return
         for job, result in zip(batch, results):
             job.on_done(result)
-
-
-def context_limit(run: InferenceRun) -> int | None:
-    """The model's longest sequence (prompt + answer), when its config says."""
-    value: Any = getattr(run.model.config, "max_position_embeddings", None)
-    return int(value) if value else None

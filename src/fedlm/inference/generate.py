@@ -62,6 +62,12 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> 
     return render(tokenizer, messages, add_generation_prompt=True)
 
 
+def context_limit(mixed: MixedModel) -> int | None:
+    """The model's longest sequence (prompt + answer), when its config says."""
+    value = getattr(mixed.model.config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def eos_ids(mixed: MixedModel) -> set[int]:
     """The tokens that end an answer: the tokenizer's end-of-sequence and the model's generation config's."""
     ids = {int(mixed.run.tokenizer.eos_token_id)}
@@ -83,6 +89,12 @@ def generate(
     tokenizer = mixed.run.tokenizer
     if not prompts:
         return []
+    limit = context_limit(mixed)
+    for prompt, p in zip(prompts, params):
+        if not prompt:
+            raise FedlmError("a prompt with no tokens; give every request some text")
+        if limit is not None and len(prompt) + p.max_tokens > limit:
+            raise FedlmError(f"a prompt of {len(prompt)} tokens plus `max_tokens` {p.max_tokens} exceeds the model's context of {limit} tokens")
     batch = {k: v.to(mixed.run.device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
     decoder = mixed.start(spec, batch["input_ids"], batch["attention_mask"])
     rows = [Completion(prompt_tokens=len(p)) for p in prompts]

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedlm.core.errors import FedlmError
 from fedlm.data.formats import Message
-from fedlm.inference.engine import Engine, Job, UnknownModel, context_limit
-from fedlm.inference.generate import Completion, SamplingParams, chat_prompt
+from fedlm.inference.engine import Engine, Job, UnknownModel
+from fedlm.inference.generate import Completion, SamplingParams, chat_prompt, context_limit
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -132,7 +132,7 @@ async def _answer(engine: Engine, body: _Request, prompt: list[int], max_tokens:
         raise ApiError(400, str(exc)) from None
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     params = SamplingParams(max_tokens or DEFAULT_MAX_TOKENS, body.temperature, body.top_p, stop, body.seed)
-    limit = context_limit(engine.run)
+    limit = context_limit(engine.mixed)
     if not prompt:
         raise ApiError(400, "the prompt is empty")
     if limit is not None and len(prompt) + params.max_tokens > limit:
