@@ -69,3 +69,29 @@ def write_profiles(run_dir: Path) -> None:
     for name, texts in CLIENT_TEXTS.items():
         ids = [run.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         save_profile(run_dir / "clients" / name / "profile.safetensors", compute_profile(run.model, run.tokenizer, ids, run.device))
+
+
+def add_prompt_client(run_dir: Path, name: str = "carol", tokens: int = 4, seed: int = 7) -> None:
+    """A ``combine: prompt`` client (the personalization's pFedPT-style method): the global adapter and a seeded
+    soft prompt saved as a peft prompt-tuning folder in ``clients/<name>/prompt/``."""
+    from peft import PromptTuningConfig
+
+    from fedlm.inference.run import open_run
+
+    config = open_run(run_dir).model.config
+    folder = run_dir / "clients" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(run_dir / "adapter", folder / "adapter")
+    prompt_config = PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=tokens,
+        token_dim=config.hidden_size,
+        num_transformer_submodules=1,
+        num_attention_heads=config.num_attention_heads,
+        num_layers=config.num_hidden_layers,
+    )
+    (folder / "prompt").mkdir(parents=True)
+    prompt_config.save_pretrained(str(folder / "prompt"))
+    embeddings = torch.randn(tokens, config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    save_file({"prompt_embeddings": embeddings.contiguous()}, str(folder / "prompt" / "adapter_model.safetensors"))
+    (folder / "personal.json").write_text(json.dumps({"method": "prompt", "combine": "prompt"}))

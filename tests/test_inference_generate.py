@@ -10,6 +10,7 @@ import torch
 from inference_fixtures import add_clients, tiny_run
 from peft import PeftModel
 
+from fedlm.core.errors import FedlmError
 from fedlm.core.seeding import derive_seed
 from fedlm.inference.generate import SamplingParams, chat_prompt, generate
 from fedlm.inference.mix import MixedModel, MixSpec
@@ -141,3 +142,43 @@ def test_rows_of_different_clients_and_mixes_share_a_batch(mixed: MixedModel) ->
     together = generate(mixed, logit_specs, prompts[:2], [SamplingParams(max_tokens=8)] * 2)
     alone = [generate(mixed, s, [p], [SamplingParams(max_tokens=8)])[0] for s, p in zip(logit_specs, prompts[:2])]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_soft_prompt_client_equals_peft_prompt_tuning(mixed: MixedModel, tmp_path: Path) -> None:
+    """A ``combine: prompt`` client answers as peft's prompt tuning over the merged adapter (the personalization's
+    own loading recipe), alone and in a batch with other clients' rows; its logits mix equals the closed form."""
+    import shutil
+
+    from inference_fixtures import add_prompt_client
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(mixed.run.root, run_dir)
+    add_prompt_client(run_dir)
+    with_prompt = MixedModel(open_run(run_dir))
+    prompts = [chat_prompt(with_prompt.run.tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    run = with_prompt.run
+    loaded = load_base_model(run.config.model, seed=derive_seed(run.config.seed, "base-init") % 2**31)
+    merged = PeftModel.from_pretrained(loaded.model, str(run_dir / "clients" / "carol" / "adapter")).merge_and_unload()
+    reference = PeftModel.from_pretrained(merged, str(run_dir / "clients" / "carol" / "prompt")).eval()
+    expected = _hf_greedy(reference, with_prompt, prompts, 10)
+    got = generate(with_prompt, MixSpec(mix="local", client="carol"), prompts, [SamplingParams(max_tokens=10)] * 2)
+    assert [r.token_ids for r in got] == expected
+    plain = generate(with_prompt, MixSpec(mix="global"), prompts, [SamplingParams(max_tokens=10)] * 2)
+    assert [r.token_ids for r in plain] != expected  # the soft prompt changes the answers
+    specs = [MixSpec(mix="local", client="carol"), MixSpec(mix="local", client="alice"), MixSpec(mix="global")]
+    rows = [prompts[0], prompts[1], prompts[1]]
+    together = generate(with_prompt, specs, rows, [SamplingParams(max_tokens=10)] * 3)
+    alone = [generate(with_prompt, s, [p], [SamplingParams(max_tokens=10)])[0] for s, p in zip(specs, rows)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    ids = torch.tensor([prompts[0]])
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    logp = with_prompt.token_logprobs(MixSpec(mix="logits", client="carol", weight=0.4), ids, mask, labels)
+    with torch.no_grad():
+        lp_local = torch.log_softmax(reference(input_ids=ids, attention_mask=mask).logits[:, 4:].float(), -1)  # after the 4 virtual tokens
+        lp_global = torch.log_softmax(_peft(run_dir, {"global": run_dir / "adapter"})(input_ids=ids).logits.float(), -1)
+    mix = torch.log(0.4 * lp_local.exp() + 0.6 * lp_global.exp())
+    want = mix[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logp[:, 1:], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FedlmError, match="soft prompt.*--mix local"):
+        with_prompt.check(MixSpec(mix="adapter", client="carol"))

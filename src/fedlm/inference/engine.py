@@ -58,8 +58,8 @@ class Engine:
     def model_ids(self) -> list[str]:
         """``global``; per client ``client/<name>`` (its personal model) and ``client/<name>+<mix>`` for each mix."""
         ids = [GLOBAL]
-        mixes = ["adapter", "logits"] if self.run.is_lora else ["logits"]
-        for name in sorted(self.run.clients):
+        for name, client in sorted(self.run.clients.items()):
+            mixes = ["adapter", "logits"] if self.run.is_lora and client.combine != "prompt" else ["logits"]
             ids += [f"{CLIENT_PREFIX}{name}"] + [f"{CLIENT_PREFIX}{name}+{mix}" for mix in mixes]
         return ids
 

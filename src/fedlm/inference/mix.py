@@ -13,6 +13,9 @@ and ΔW_l the client's adapter:
   NeurIPS 2024, Sec. 4.3), computed as peft's ``cat`` merge (``add_weighted_adapter``) would, without building a
   merged adapter per weight: a forward hook scales each adapter's ``lora_B`` output by its row's coefficient (a
   test holds the two equal).
+- ``combine: prompt`` clients (a personal soft prompt before the global adapter's inputs, pFedPT-style): ``local``
+  puts the client's prompt embeddings in front of every row's input (peft prompt tuning's placement: before the
+  left padding, positions counted over real tokens); ``logits`` mixes that model with the global one.
 - ``logits``: the two models' next-token distributions mixed. ``combine: linear``: p = w p_local + (1 - w) p_global
   (a mixture); ``product``: p ∝ p_local^w p_global^(1 - w) (a product of experts, Hinton 2002, renormalised).
   Two forward passes, one KV cache each.
@@ -39,8 +42,17 @@ from fedlm.inference.run import GLOBAL, InferenceRun
 from fedlm.inference.weighting import auto_weight, mean_pooled_hidden
 
 IGNORE_INDEX = -100
-#: One forward pass: the adapters active in it, each with its per-row output coefficient (None: 1 for every row).
-Pass = list[tuple[str, torch.Tensor | None]]
+
+
+@dataclass
+class Pass:
+    """One forward pass: the adapters active in it, each with its per-row output coefficient (None: 1 for every
+    row), and the rows' soft prompts placed before their inputs (``combine: prompt`` clients; zero-masked on rows
+    without one)."""
+
+    adapters: list[tuple[str, torch.Tensor | None]]
+    prefix: torch.Tensor | None = None  # (B, n, H)
+    prefix_mask: torch.Tensor | None = None  # (B, n), 1 on rows with a soft prompt
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,11 @@ class MixedModel:
                 f"`inference.mix: adapter` weights LoRA adapters inside one forward pass; this run's `peft.method` is "
                 f"{self.run.config.peft.method!r}: use `--mix logits` to mix the two models' distributions instead"
             )
+        if spec.mix == "adapter" and client.combine == "prompt":
+            raise FedlmError(
+                f"client {client.name!r}'s personal model is the global adapter with its own soft prompt "
+                "(`personalization.method: prompt`): there is no second LoRA adapter to weight; use `--mix local` or `--mix logits`"
+            )
         if spec.weight == "auto" and spec.mix in ("adapter", "logits"):
             auto_weight(torch.zeros(1, 1), client.centroid, spec.max_weight, client.name)  # refuses a missing profile
 
@@ -136,8 +153,9 @@ class MixedModel:
         on the other rows."""
         specs = _per_row(spec, weight.shape[0])
         if not isinstance(self.model, PeftModel):
-            return [[]]
+            return [Pass([])]
         coeffs: dict[str, torch.Tensor] = {}
+        prompts: dict[int, torch.Tensor] = {}
 
         def add(name: str, row: int, value: torch.Tensor | float) -> None:
             coeffs.setdefault(name, torch.zeros_like(weight))[row] += value
@@ -157,8 +175,17 @@ class MixedModel:
                 add(client.adapter, row, client.dual_weight)
             else:
                 add(client.adapter, row, 1.0)
-        personal: Pass = [(name, None if bool((c == 1).all()) else c) for name, c in coeffs.items()]
-        return [[(GLOBAL, None)], personal] if logits else [personal]
+                if client.soft_prompt is not None:
+                    prompts[row] = client.soft_prompt
+        personal = Pass([(name, None if bool((c == 1).all()) else c) for name, c in coeffs.items()])
+        if prompts:
+            first = next(iter(prompts.values()))
+            personal.prefix = torch.zeros(len(specs), *first.shape, device=weight.device)  # (B, n, H)
+            personal.prefix_mask = torch.zeros(len(specs), first.shape[0], dtype=torch.long, device=weight.device)  # (B, n)
+            for row, prompt in prompts.items():
+                personal.prefix[row] = prompt
+                personal.prefix_mask[row] = 1
+        return [Pass([(GLOBAL, None)]), personal] if logits else [personal]
 
     def batch_key(self, spec: MixSpec) -> tuple[Any, ...]:
         """Requests with equal keys can share a batch. LoRA runs: one pass for every client and every mix but
@@ -173,17 +200,30 @@ class MixedModel:
         with self._adapters(one_pass):
             return module(**inputs)
 
+    def prefill(self, one_pass: Pass, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> tuple[Any, torch.Tensor]:
+        """The forward over whole sequences (B, T), the pass's soft prompts in front; returns the output (its logits
+        cut to the T input positions) and the attention mask used (B, n + T) for the steps that follow."""
+        if one_pass.prefix is None or one_pass.prefix_mask is None:
+            out = self.forward(one_pass, input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask), **inputs)
+            return out, attention_mask
+        embeds = self.model.get_input_embeddings()(input_ids)  # (B, T, H)
+        embeds = torch.cat([one_pass.prefix.to(embeds.dtype), embeds], dim=1)  # (B, n + T, H)
+        mask = torch.cat([one_pass.prefix_mask, attention_mask], dim=1)  # (B, n + T)
+        out = self.forward(one_pass, inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask), **inputs)
+        out.logits = out.logits[:, one_pass.prefix.shape[1] :]  # (B, T, V)
+        return out, mask
+
     @contextmanager
     def _adapters(self, one_pass: Pass) -> Iterator[None]:
         if not isinstance(self.model, PeftModel):
             yield
             return
-        names = tuple(name for name, _ in one_pass)
+        names = tuple(name for name, _ in one_pass.adapters)
         if names != self._active:
             self.model.base_model.set_adapter(list(names) if len(names) > 1 else names[0])  # type: ignore[operator]  # a LoraModel, typed by torch as a Tensor attribute
             self._active = names
         handles = []
-        for name, coeff in one_pass:
+        for name, coeff in one_pass.adapters:
             if coeff is None:
                 continue
             for layer in self._lora_layers:
@@ -206,12 +246,10 @@ class MixedModel:
         prompt = attention_mask * (labels == IGNORE_INDEX)
         prompt = torch.where(prompt.sum(dim=1, keepdim=True) > 0, prompt, attention_mask)
         weight = self.personal_weights(spec, input_ids, prompt)
-        positions = _positions(attention_mask)
         with torch.no_grad():
             lps = [
-                torch.log_softmax(self.forward(p, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits.float(), -1)
-                for p in self.passes(spec, weight)
-            ]  # each (B, T, V)
+                torch.log_softmax(self.prefill(p, input_ids, attention_mask)[0].logits.float(), -1) for p in self.passes(spec, weight)
+            ]  # (B, T, V)
         logp = lps[0] if len(lps) == 1 else mix_logprobs(lps[1], lps[0], weight.to(lps[0].device), spec.combine)
         target = labels[:, 1:].clamp(min=0)  # (B, T-1)
         picked = logp[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
@@ -244,28 +282,38 @@ class Decoder:
 
     def __init__(self, mixed: MixedModel, passes: list[Pass], weight: torch.Tensor, combine: str, input_ids: torch.Tensor, mask: torch.Tensor):
         self.mixed, self.passes, self.weight, self.combine = mixed, passes, weight, combine
-        self.caches: list[Any] = [None] * len(passes)
-        self.mask = mask
-        positions = _positions(mask)
-        self.last_position = positions[:, -1]  # (B,)
-        self.logprobs = self._run(input_ids, positions)
+        self.caches: list[Any] = []
+        self.masks: list[torch.Tensor] = []  # per pass: its soft prompts' columns, then the inputs'
+        outs = []
+        with torch.no_grad():
+            for one_pass in passes:
+                out, pass_mask = mixed.prefill(one_pass, input_ids, mask, use_cache=True)
+                self.caches.append(out.past_key_values)
+                self.masks.append(pass_mask)
+                outs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (B, V)
+        self.logprobs = self._combine(outs)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the chosen tokens (B,); returns the next token's log-probabilities (B, V)."""
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.last_position = self.last_position + 1
-        self.logprobs = self._run(tokens.unsqueeze(1), self.last_position.unsqueeze(1))
-        return self.logprobs
-
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         outs = []
         with torch.no_grad():
             for i, one_pass in enumerate(self.passes):
+                self.masks[i] = torch.cat([self.masks[i], torch.ones_like(self.masks[i][:, :1])], dim=1)
+                position = self.masks[i].sum(dim=1, keepdim=True) - 1  # (B, 1)
                 out = self.mixed.forward(
-                    one_pass, input_ids=ids, attention_mask=self.mask, position_ids=positions, past_key_values=self.caches[i], use_cache=True
+                    one_pass,
+                    input_ids=tokens.unsqueeze(1),
+                    attention_mask=self.masks[i],
+                    position_ids=position,
+                    past_key_values=self.caches[i],
+                    use_cache=True,
                 )
                 self.caches[i] = out.past_key_values
                 outs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (B, V)
+        self.logprobs = self._combine(outs)
+        return self.logprobs
+
+    def _combine(self, outs: list[torch.Tensor]) -> torch.Tensor:
         return outs[0] if len(outs) == 1 else mix_logprobs(outs[1], outs[0], self.weight, self.combine)
 
 

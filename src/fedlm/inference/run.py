@@ -3,7 +3,8 @@
 A run folder (``fedlm run``) holds ``config.yaml``, the global adapter ``adapter/`` (a peft folder, or for
 ``peft.method: full`` a whole model folder) and, when personalization ran, per client ``clients/<name>/adapter/``
 (the client's personal adapter), ``clients/<name>/personal.json`` (``{"method": ..., "combine": "replace" | "dual"}``,
-and for dual the global adapter's ``weight`` in the personal model)
+and for dual the global adapter's ``weight`` in the personal model; for prompt, ``clients/<name>/prompt/`` holds the
+client's soft prompt, a peft prompt-tuning folder, put before the inputs of its adapter)
 and ``clients/<name>/profile.safetensors`` (key ``centroid``: the client's mean pooled base hidden state, for
 ``weight: auto``). Every adapter is a named peft adapter on the one base model: ``global`` and ``client/<name>``;
 K clients cost one base model plus K small adapters (the architecture's rule).
@@ -29,7 +30,7 @@ from fedlm.models.adapters import PROMPT_METHODS
 from fedlm.models.loading import load_base_model
 
 GLOBAL = "global"
-Combine = Literal["replace", "dual"]
+Combine = Literal["replace", "dual", "prompt"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ClientModel:
     method: str  # the personalization method that trained it (personal.json), for messages
     centroid: torch.Tensor | None  # (hidden,) float32, None without profile.safetensors
     dual_weight: float = 0.5  # dual: the local adapter's weight in the personal model (1 - personal.json `weight`)
+    soft_prompt: torch.Tensor | None = None  # prompt: (n, H) embeddings before every input (clients/<name>/prompt/)
 
 
 @dataclass
@@ -112,8 +114,14 @@ def _load_client(run: InferenceRun, folder: Path) -> ClientModel:
         raise FedlmError(f"client {name!r} has a personal adapter but the run's `peft.method: full` model takes no adapters")
     info = json.loads((folder / "personal.json").read_text()) if (folder / "personal.json").is_file() else {}
     combine = info.get("combine", "replace")
-    if combine not in ("replace", "dual"):
-        raise FedlmError(f"{folder / 'personal.json'}: `combine` must be replace or dual, got {combine!r}")
+    if combine not in ("replace", "dual", "prompt"):
+        raise FedlmError(f"{folder / 'personal.json'}: `combine` must be replace, dual or prompt, got {combine!r}")
+    soft_prompt = None
+    if combine == "prompt":
+        path = folder / "prompt" / "adapter_model.safetensors"
+        if not path.is_file():
+            raise FedlmError(f"client {name!r}: personal.json says `combine: prompt` but {path} is missing")
+        soft_prompt = load_file(str(path))["prompt_embeddings"].float().to(run.device)  # (n, H)
     if combine == "dual" and run.config.peft.method != "lora":
         raise FedlmError(
             f"client {name!r}: a dual (FedDPA) local adapter is combined with the global one as LoRA; this run's `peft.method` is {run.config.peft.method!r}"
@@ -126,4 +134,4 @@ def _load_client(run: InferenceRun, folder: Path) -> ClientModel:
     centroid = None
     if (folder / "profile.safetensors").is_file():
         centroid = load_file(str(folder / "profile.safetensors"))["centroid"].float().to(run.device)
-    return ClientModel(name, adapter, combine, str(info.get("method", "unknown")), centroid, dual_weight=1.0 - global_weight)
+    return ClientModel(name, adapter, combine, str(info.get("method", "unknown")), centroid, 1.0 - global_weight, soft_prompt)
