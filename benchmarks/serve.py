@@ -43,6 +43,16 @@ PROMPTS = [
 ]
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the platform's machine type."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def add_clients(run_dir: Path, n: int) -> None:
     """``n`` personal adapters ``c0..c{n-1}``: the global adapter plus seeded noise, ``combine: replace``."""
     import torch
@@ -182,7 +192,7 @@ def main() -> None:
     import torch
 
     lines = [
-        f"Machine: {platform.machine()} {platform.processor() or 'CPU'}, {args.threads} threads (OMP_NUM_THREADS), torch {torch.__version__}. "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads (OMP_NUM_THREADS), torch {torch.__version__}. "
         f"Model `{args.model}`, float32 (`model.dtype: auto` on this CPU), LoRA r=8 on q/k/v/o; greedy chat answers of up to "
         f"{args.max_tokens} new tokens, streamed, through the `openai` client against `fedlm serve` on 127.0.0.1 (median of {args.repeats} rounds). "
         "Regenerate: `flock /tmp/fedlm-heavy.lock python benchmarks/serve.py --write-results`.",
