@@ -161,3 +161,16 @@ def test_other_peft_methods(runner: CliRunner, runs: dict[str, Path], tmp_path: 
     prompt = tiny_run(tmp_path / "prompt", runner, peft={"method": "prompt_tuning", "num_virtual_tokens": 4})
     result = runner.invoke(app, ["generate", str(prompt), "--prompts", str(runs["prompts"])])
     assert result.exit_code == 2 and "prompt_tuning" in result.output and "cannot be served" in result.output
+
+
+def test_client_names_with_dots(runner: CliRunner, runs: dict[str, Path], tmp_path: Path) -> None:
+    """Real client names look like ``noun.animal``; peft's adapter names may not hold dots."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["personal"], run_dir)
+    (run_dir / "clients" / "alice").rename(run_dir / "clients" / "noun.animal")
+    out = tmp_path / "a.jsonl"
+    args = ["generate", str(run_dir), "--prompts", str(runs["prompts"]), "--out", str(out), "--max-tokens", "3", "--client", "noun.animal"]
+    for mix in ("local", "adapter", "logits"):
+        result = runner.invoke(app, [*args, "--mix", mix, "--weight", "auto"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text().splitlines()[0])["client"] == "noun.animal"

@@ -6,7 +6,7 @@ A run folder (``fedlm run``) holds ``config.yaml``, the global adapter ``adapter
 and for dual the global adapter's ``weight`` in the personal model; for prompt, ``clients/<name>/prompt/`` holds the
 client's soft prompt, a peft prompt-tuning folder, put before the inputs of its adapter)
 and ``clients/<name>/profile.safetensors`` (key ``centroid``: the client's mean pooled base hidden state, for
-``weight: auto``). Every adapter is a named peft adapter on the one base model: ``global`` and ``client/<name>``;
+``weight: auto``). Every adapter is a named peft adapter on the one base model: ``global`` and one per client (served as ``client/<name>``);
 K clients cost one base model plus K small adapters (the architecture's rule).
 """
 
@@ -38,7 +38,7 @@ class ClientModel:
     """One client's personal side: its peft adapter name, how it combines with the global adapter, its centroid."""
 
     name: str
-    adapter: str  # the peft adapter name, ``client/<name>``
+    adapter: str  # the peft adapter name (``client-<i>``: client names may hold dots, which module names may not)
     combine: Combine  # replace: the adapter is the whole personal model; dual (FedDPA): combined with the global one
     method: str  # the personalization method that trained it (personal.json), for messages
     centroid: torch.Tensor | None  # (hidden,) float32, None without profile.safetensors
@@ -77,7 +77,7 @@ class InferenceRun:
 
 def open_run(run_dir: str | Path, device: torch.device | None = None) -> InferenceRun:
     """Load ``run_dir``'s base model (as the run did: same config and seed), its global adapter as ``global`` and every
-    client's personal adapter as ``client/<name>``, in eval mode."""
+    client's personal adapter, in eval mode."""
     root = Path(run_dir)
     if not (root / "config.yaml").is_file() or not (root / "adapter").is_dir():
         raise FedlmError(f"{root} holds no finished fedlm run (config.yaml and adapter/ are needed); pass the folder `fedlm run` wrote")
@@ -108,7 +108,7 @@ def open_run(run_dir: str | Path, device: torch.device | None = None) -> Inferen
 
 
 def _load_client(run: InferenceRun, folder: Path) -> ClientModel:
-    """Load ``folder/adapter`` onto the run's model as ``client/<name>``, with its ``personal.json`` and centroid."""
+    """Load ``folder/adapter`` onto the run's model, with its ``personal.json``, centroid and soft prompt."""
     name = folder.name
     if not isinstance(run.model, PeftModel):
         raise FedlmError(f"client {name!r} has a personal adapter but the run's `peft.method: full` model takes no adapters")
@@ -129,7 +129,7 @@ def _load_client(run: InferenceRun, folder: Path) -> ClientModel:
     global_weight = float(info.get("weight", 0.5))
     if not 0.0 <= global_weight <= 1.0:
         raise FedlmError(f"{folder / 'personal.json'}: `weight` (the global adapter's, dual) must lie in [0, 1], got {global_weight}")
-    adapter = f"client/{name}"
+    adapter = f"client-{len(run.clients)}"  # peft's adapter name: a module key, which may not hold the "." of names like noun.animal
     run.model.load_adapter(str(folder / "adapter"), adapter_name=adapter)
     centroid = None
     if (folder / "profile.safetensors").is_file():
