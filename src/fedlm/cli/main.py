@@ -11,6 +11,7 @@ import typer
 
 from fedlm.cli.flower import flower_app
 from fedlm.cli.guard import guarded
+from fedlm.cli.inference import register as register_inference
 from fedlm.cli.privacy import privacy_app
 from fedlm.core.errors import FedlmError
 
@@ -19,6 +20,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect data and partitions."
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(flower_app, name="flower")
+register_inference(app)  # generate, chat, serve
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="experiment YAML (default: the embedded quickstart defaults)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]

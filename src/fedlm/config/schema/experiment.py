@@ -15,6 +15,7 @@ from fedlm.config.schema.attack import AttackConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
+from fedlm.config.schema.inference import InferenceConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import PrivacyConfig
@@ -38,6 +39,7 @@ class ExperimentConfig(Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     @field_validator("objective", mode="before")
     @classmethod
