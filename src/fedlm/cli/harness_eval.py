@@ -38,6 +38,7 @@ class EvalRequest:
     model_name: str | None = None
     batch_size: int = 8
     num_fewshot: int | None = None
+    allow_code_execution: bool = False
 
 
 def split_tasks(text: str) -> list[str]:
@@ -61,7 +62,16 @@ def evaluate_request(request: EvalRequest, console: RunConsole) -> list[TaskOutc
     tasks = check_task_names(request.tasks, manager)
     model, tokenizer, about = _load(config, adapter, request.model_name, console)
     console.print(f"harness on {label}: {', '.join(tasks)}" + (f" (first {request.limit} documents each)" if request.limit else ""))
-    outcomes = run_tasks(model, tokenizer, tasks, manager, limit=request.limit, batch_size=request.batch_size, num_fewshot=request.num_fewshot)
+    outcomes = run_tasks(
+        model,
+        tokenizer,
+        tasks,
+        manager,
+        limit=request.limit,
+        batch_size=request.batch_size,
+        num_fewshot=request.num_fewshot,
+        allow_code_execution=request.allow_code_execution,
+    )
     about.update(limit=request.limit, num_fewshot=request.num_fewshot, lm_eval=lm_eval_version())
     save_outcomes(folder.root / "eval", label, outcomes, about)
     for outcome in outcomes:

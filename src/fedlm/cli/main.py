@@ -116,6 +116,9 @@ def eval_(
     model_name: Annotated[str | None, typer.Option("--model-name", help="evaluate this base model without an adapter (the 'base' row)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="documents per forward pass")] = 8,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="few-shot examples (default: each task's own)")] = None,
+    allow_code_execution: Annotated[
+        bool, typer.Option("--allow-code-execution", help="let code tasks (humaneval, mbpp) run the model's generated code here")
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Standard benchmarks (EleutherAI lm-evaluation-harness) on a run's global model, a client's personal model or a
@@ -126,7 +129,16 @@ def eval_(
         from fedlm.reporting.progress import RunConsole
 
         request = EvalRequest(
-            run_dir, split_tasks(tasks), client, mix, limit, tuple(str(p) for p in include_path or []), model_name, batch_size, num_fewshot
+            run_dir,
+            split_tasks(tasks),
+            client,
+            mix,
+            limit,
+            tuple(str(p) for p in include_path or []),
+            model_name,
+            batch_size,
+            num_fewshot,
+            allow_code_execution,
         )
         console = RunConsole()
         outcomes = evaluate_request(request, console)

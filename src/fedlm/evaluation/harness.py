@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -111,9 +112,15 @@ def run_tasks(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     keep_samples: bool = True,
+    allow_code_execution: bool = False,
 ) -> list[TaskOutcome]:
     """Run each of ``tasks`` through the harness's ``HFLM`` wrapped around ``model`` (a ``PeftModel`` with the adapter
-    to evaluate, or a bare base model) in eval mode; a task that raises is returned with its error."""
+    to evaluate, or a bare base model) in eval mode; a task that raises is returned with its error.
+
+    ``allow_code_execution``: tasks that run the model's generated code (humaneval, mbpp) are refused by the harness
+    without it; with it, that code runs on this machine (the harness's ``confirm_run_unsafe_code``)."""
+    if allow_code_execution:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the `evaluate` code_eval metric's own opt-in
     import lm_eval  # noqa: PLC0415 - ~6 s import; only when a harness task runs
     from lm_eval.models.huggingface import HFLM  # noqa: PLC0415 - as above
 
@@ -136,7 +143,8 @@ def run_tasks(
                         random_seed=None,  # fedlm's randomness is explicit: no global reseeding
                         numpy_random_seed=None,
                         torch_random_seed=None,
-                        bootstrap_iters=1000,  # mean metrics (acc, acc_norm): closed-form stderr; the rest: 1000 draws
+                        bootstrap_iters=1000,
+                        confirm_run_unsafe_code=allow_code_execution,  # mean metrics (acc, acc_norm): closed-form stderr; the rest: 1000 draws
                     )
                 outcomes.append(_outcome(task, result, time.perf_counter() - started))
             except Exception as exc:  # noqa: BLE001 - one task's failure (data, network, code) must not stop the others

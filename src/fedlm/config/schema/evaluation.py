@@ -30,6 +30,7 @@ class HarnessConfig(Section):
     include_path: list[str] = Field(default_factory=list, description="folders of your own lm-eval task YAMLs + local data")
     batch_size: int = Field(8, ge=1)
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: each task's own)")
+    allow_code_execution: bool = Field(False, description="let code tasks (humaneval, mbpp) run the model's generated code on this machine")
 
 
 class EvalConfig(Section):

@@ -59,7 +59,15 @@ class HarnessObserver(RoundObserver):
         s = self.settings
         self.console.print(f"round {round_num}: harness {', '.join(s.tasks)} on the federated model")
         outcomes = run_tasks(
-            self.model, self.tokenizer, s.tasks, self.manager, limit=s.limit, batch_size=s.batch_size, num_fewshot=s.num_fewshot, keep_samples=False
+            self.model,
+            self.tokenizer,
+            s.tasks,
+            self.manager,
+            limit=s.limit,
+            batch_size=s.batch_size,
+            num_fewshot=s.num_fewshot,
+            keep_samples=False,
+            allow_code_execution=s.allow_code_execution,
         )
         for outcome in outcomes:
             self.log.append(harness_record(outcome, round_num))
