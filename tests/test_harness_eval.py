@@ -174,3 +174,27 @@ def test_eval_harness_unknown_task_fails_before_training(tmp_path: Path, runner)
     result = runner.invoke(app, ["run", str(cfg)])
     assert result.exit_code == 2 and "`eval.harness.tasks`" in result.output and "wordnet_mc" in result.output
     assert not (tmp_path / "run" / "metrics.jsonl").is_file() or "train" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_smollm2_run_then_eval_global_and_base(tmp_path: Path, runner) -> None:
+    """The whole path on the real default model, offline: a short federated run, then the shipped task on its global
+    adapter and on the base model, both rows in the report."""
+    out = tmp_path / "run"
+    config = tiny_config(
+        out,
+        model={"name": "smollm2-135m-instruct", "dtype": "float32"},
+        federation={"rounds": 1, "clients_per_round": 2, "local_steps": 2, "batch_size": 4, "lr": 0.0002},
+        eval={"generate": False, "max_examples": 8, "at_start": False},
+    )
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.exit_code == 0, result.output
+    for extra in ([], ["--model-name", "smollm2-135m-instruct"]):
+        result = runner.invoke(app, ["eval", str(out), "--tasks", "wordnet_mc", "--limit", "40", *extra])
+        assert result.exit_code == 0, result.output
+    models = _models(out)
+    assert set(models) == {"global", "base smollm2-135m-instruct"}
+    for entry in models.values():
+        assert entry["num_samples"] == 40 and 0.0 <= entry["metrics"]["acc_norm"] <= 1.0
+    # two steps of two clients at lr 2e-4 barely move the adapter: the global model scores near the base model
+    assert abs(models["global"]["metrics"]["acc_norm"] - models["base smollm2-135m-instruct"]["metrics"]["acc_norm"]) <= 0.1
