@@ -179,3 +179,36 @@ def test_unknown_config_key_suggests_the_close_name(raw: dict[str, Any], hint: s
     with pytest.raises(FedlmError) as err:
         validate_config(raw)
     assert hint in str(err.value)
+
+
+def test_side_by_side_shows_the_federated_gains_first_with_a_fixed_seed() -> None:
+    from fedlm.reporting.side_by_side import pick_examples, side_by_side_markdown
+
+    def rows(correct: list[int]) -> list[dict[str, Any]]:
+        return [
+            {"prompt": f"q{i}", "reference": "right", "client": "a", "choices": ["right", "wrong"], "mc_choice": 1 - c, "mc_correct": float(c)}
+            for i, c in enumerate(correct)
+        ]
+
+    arms = {"base": rows([0, 0, 1, 0, 1, 0]), "federated": rows([1, 0, 1, 1, 0, 0])}
+    picked = pick_examples(arms, 4, seed=7, text_score=lambda p, r: 0.0)
+    assert sorted(picked[:2]) == [0, 3] and len(set(picked)) == 4  # the two gains first
+    assert picked == pick_examples(arms, 4, seed=7, text_score=lambda p, r: 0.0)
+    table = side_by_side_markdown(arms, {"a": rows([1] * 6)}, 2, 7, lambda p, r: 0.0)
+    assert table is not None and table.count("\n") == 3 and "right (right)" in table and "wrong (wrong)" in table
+
+
+def test_compare_on_the_mc_test_set_reports_mc_accuracy_and_shows_questions(tmp_path: Path, runner) -> None:
+    from conftest import tiny_config, write_config
+
+    from fedlm.cli import app
+
+    out = tmp_path / "cmp"
+    data = {"test": "embedded:wordnet_mc/test"}
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(out, data=data, federation={"rounds": 1}, eval={"max_examples": 16, "max_new_tokens": 4}))
+    result = runner.invoke(app, ["compare", str(cfg)])
+    assert result.exit_code == 0, result.output
+    markdown = (out / "comparison.md").read_text()
+    assert "| method | loss | perplexity | rouge_l | exact_match | mc_accuracy |" in markdown
+    section = markdown[markdown.index("5 held-out questions") :]
+    assert section.count("\n| ") == 7  # header, separator, 5 questions

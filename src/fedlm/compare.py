@@ -21,6 +21,7 @@ from fedlm.core.seeding import derive_seed
 from fedlm.core.task import LocalPlan
 from fedlm.core.update import TensorDict
 from fedlm.evaluation.evaluator import GLOBAL_SPLIT
+from fedlm.evaluation.text_metrics import rouge_l
 from fedlm.experiment import Session, build_session, run_federated
 from fedlm.federation.schedule import lr_at
 from fedlm.reporting.comparison_plot import plot_comparison
@@ -28,8 +29,10 @@ from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import markdown_table
 from fedlm.reporting.run_dir import RunDir, prepare_run_dir
+from fedlm.reporting.side_by_side import side_by_side_markdown
 
 METRICS = ("loss", "perplexity", "rouge_l", "exact_match", "mc_accuracy")
+SHOWN_EXAMPLES = 5  # held-out questions printed with the base, local-only and federated answers side by side
 
 
 def local_step_counts(config: ExperimentConfig, client_names: list[str]) -> dict[str, int]:
@@ -61,16 +64,19 @@ def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     root = target.root
     console.attach(root / "compare.log")
     arms: dict[str, list[dict[str, Any]]] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}  # each arm's prediction rows, for the side-by-side examples
     with Progress(console) as progress:
         evaluator = session.evaluator(progress)
-        arms["base"] = evaluator.evaluate(session.initial_state, 0, "base").records
+        result = evaluator.evaluate(session.initial_state, 0, "base")
+        arms["base"], answers["base"] = result.records, result.predictions
         console.print(f"base: {_global(arms['base'])}")
         counts = local_step_counts(config, session.data.client_names)
         for client, steps in counts.items():
             if steps == 0:
                 continue
             state = train_alone(session, f"local-{client}", session.data.client_train[client], steps, progress)
-            arms[f"local:{client}"] = evaluator.evaluate(state, 0, f"local-only {client}").records
+            result = evaluator.evaluate(state, 0, f"local-only {client}")
+            arms[f"local:{client}"], answers[client] = result.records, result.predictions
             console.print(f"local-only {client} ({steps} steps): {_global(arms[f'local:{client}'])}")
         total = sum(counts.values())
         state = train_alone(session, "centralized", session.data.union_train(), total, progress)
@@ -83,6 +89,12 @@ def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     arms["federated"] = [r for r in MetricsLog(fed_dir.metrics).read() if r["round"] == last and r["split"].endswith("_test")]
     summary = summarize(arms, session.data.client_names)
     summary["setting"] = setting(session)
+    fed_rows = [json.loads(line) for line in (fed_dir.predictions / f"round_{last:04d}.jsonl").read_text().splitlines()]
+    examples = side_by_side_markdown(
+        {"base": answers.pop("base"), "federated": fed_rows}, answers, SHOWN_EXAMPLES, derive_seed(config.seed, "shown-examples"), rouge_l
+    )
+    if examples is not None:
+        summary["examples_markdown"] = examples
     (root / "comparison.json").write_text(json.dumps(summary, indent=1))
     (root / "comparison.md").write_text(comparison_markdown(summary))
     plot = plot_comparison(summary["global_test"], summary["local_only_global_test"], METRICS, root / "plots" / "comparison.png")
@@ -151,6 +163,11 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
         + f"\n\n## Each client's test share ({per_metric})\n\n"
         + markdown_table(summary["per_client"], ["client", "base", "local-only", "centralized", "federated"])
         + "\n"
+        + (
+            f"\n## {SHOWN_EXAMPLES} held-out questions (seeded; the federated model's gains first)\n\n{summary['examples_markdown']}\n"
+            if summary.get("examples_markdown")
+            else ""
+        )
     )
 
 
