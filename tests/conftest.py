@@ -13,6 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fedlm never downloads in its tests: the hub and `datasets` stay offline (lm-eval tasks read local files only).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 # `model.dtype: auto` would otherwise follow this machine's CPU (bfloat16 with AVX512-BF16/AMX, else float32): pin it,
 # so that no test depends on the CPU it meets. Tests whose result depends on the compute dtype set `model.dtype`
 # explicitly and run under both (the DTYPES parametrization below).

@@ -63,7 +63,7 @@ def test_existing_output_dir_is_refused_without_flags(tmp_path: Path, runner) ->
     cfg = write_config(tmp_path / "c.yaml", tiny_config(out))
     result = runner.invoke(app, ["run", str(cfg)])
     assert result.exit_code == 2
-    assert "already holds a run" in result.output and "--overwrite" in result.output
+    assert "is not empty: it holds keep.txt but no run" in result.output and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "precious"
 
 
@@ -77,7 +77,11 @@ def test_compare_writes_a_table_of_all_four_arms(tmp_path: Path, runner) -> None
     assert methods == ["base", "local-only (mean)", "centralized", "federated"]
     assert all(row["loss"] is not None for row in summary["global_test"])
     assert (out / "federated" / "adapter" / "adapter_config.json").is_file()
-    assert "| federated |" in (out / "comparison.md").read_text()
+    markdown = (out / "comparison.md").read_text()
+    assert "| federated |" in markdown and "Model tiny-random-llama (float32 on cpu)" in markdown
+    assert "test set embedded:wordnet_defs/test (16 examples, a seeded sample of 16; 6 client shares)" in markdown
+    assert (out / "plots" / "comparison.png").is_file() and "plots/comparison.png" in (out / "report.md").read_text()
+    assert f"{out}/comparison.md" in " ".join(result.output.split()).replace(" /", "/")
     # Each client trained alone for exactly the steps it trained in the federation (2 rounds x 3 of 8 clients).
     assert len(summary["local_only_global_test"]) == len({c for r in range(1, 3) for c in _sampled(r)})
 

@@ -38,6 +38,7 @@ from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.data_parallel import ClientProcesses
 from fedlm.federation.observers.checkpointing import Checkpointer
 from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
+from fedlm.federation.observers.harness import HarnessObserver
 from fedlm.federation.observers.metrics import RoundLogger
 from fedlm.federation.observers.traffic import TrafficMeter
 from fedlm.federation.retries import RetryingRuntime
@@ -152,7 +153,13 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
     if config.partition.method == "node_local" and node_client is None:
         sizes = ", ".join(data.client_names) + ": data on their SuperNodes"
     unit = {"clm": "blocks", "dpo": "pairs"}.get(objective.name, "examples")
-    console.print(f"{n} clients ({sizes}); {len(data.test)} test {unit}; objective {objective.name}")
+    in_global = sum(1 for ex in data.test if ex.in_global)
+    console.print(f"{n} clients ({sizes}); {in_global} test {unit}; objective {objective.name}")
+    unshared = [c for c in data.client_names if not any(ex.client == c for ex in data.test)]
+    if unshared and data.test:
+        console.print(
+            f"no test share for {', '.join(unshared)} (no held-out records of theirs, or under `objective: clm` too little text for one block); the global test set covers all"
+        )
     if attack is not None:
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
     sample_dp = sample_dp_settings(config, {c: len(data.client_train.get(c, [])) for c in data.client_names})  # solves a target epsilon
@@ -285,6 +292,10 @@ def build_server_loop(
         milestones.append(
             EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, session.attack_probes(progress))
         )
+        if config.eval.harness is not None:  # lm-evaluation-harness tasks on the global model (eval.harness)
+            milestones.append(
+                HarnessObserver(session.model, session.loaded.tokenizer, config.eval.harness, config.eval.at_start, fed.rounds, log, console)
+            )
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     milestones.append(Checkpointer(run_dir, aggregator, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
     return ServerLoop(round_, fed.rounds, milestones)

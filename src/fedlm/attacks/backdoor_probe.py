@@ -40,7 +40,7 @@ class BackdoorProbe:
 
     def evaluate(self, state: Mapping[str, torch.Tensor] | None, round_num: int) -> list[dict[str, Any]]:
         """One ``backdoor_test`` record: attack success rate, and the loss of the target answer."""
-        result = self.evaluator.evaluate(state, round_num)
+        result = self.evaluator.evaluate(state, round_num, f"backdoor probe round {round_num}")
         answers = [row["prediction"] or "" for row in result.predictions]
         hits = sum(self.target.lower() in answer.lower() for answer in answers)
         return [

@@ -105,6 +105,53 @@ def compare(
     guarded(debug, action)
 
 
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder (with --model-name: any folder for the results)")],
+    tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval tasks, e.g. wordnet_mc,arc_easy,mmlu")],
+    client: Annotated[str | None, typer.Option("--client", help="evaluate this client's personal model (RUN_DIR/clients/NAME/adapter)")] = None,
+    mix: Annotated[str | None, typer.Option("--mix", help="a mix of personal and global adapters (needs the inference phase)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="only the first N documents of each task (quick checks)")] = None,
+    include_path: Annotated[
+        list[Path] | None, typer.Option("--include-path", help="a folder of your own lm-eval task YAMLs + local data (repeatable)")
+    ] = None,
+    model_name: Annotated[str | None, typer.Option("--model-name", help="evaluate this base model without an adapter (the 'base' row)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="documents per forward pass")] = 8,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", min=0, help="few-shot examples (default: each task's own)")] = None,
+    allow_code_execution: Annotated[
+        bool, typer.Option("--allow-code-execution", help="let code tasks (humaneval, mbpp) run the model's generated code here")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Standard benchmarks (EleutherAI lm-evaluation-harness) on a run's global model, a client's personal model or a
+    base model; writes RUN_DIR/eval/<task>.json and a table in RUN_DIR/report.md."""
+
+    def action() -> None:
+        from fedlm.cli.harness_eval import EvalRequest, evaluate_request, split_tasks
+        from fedlm.reporting.progress import RunConsole
+
+        request = EvalRequest(
+            run_dir,
+            split_tasks(tasks),
+            client,
+            mix,
+            limit,
+            tuple(str(p) for p in include_path or []),
+            model_name,
+            batch_size,
+            num_fewshot,
+            allow_code_execution,
+        )
+        console = RunConsole()
+        outcomes = evaluate_request(request, console)
+        failed = [o.task for o in outcomes if o.error is not None]
+        console.print(f"[green]done[/green]: {run_dir}/eval/ ({len(outcomes) - len(failed)} tasks) and {run_dir}/report.md")
+        if failed:
+            raise FedlmError(f"{len(failed)} task(s) failed: {', '.join(failed)} (the others are saved; see the errors above)")
+
+    guarded(debug, action)
+
+
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],

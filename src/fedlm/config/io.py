@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+import typing
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
@@ -55,12 +57,34 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(part) for part in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"`{loc}` is not a known config key; remove it or check its spelling")
+            lines.append(f"`{loc}` is not a known config key; {_spelling_hint(err['loc'])}")
         elif loc:
             lines.append(f"`{loc}`: {err['msg']} (got {err.get('input')!r})")
         else:
             lines.append(err["msg"].removeprefix("Value error, "))
     return "invalid config: " + "; ".join(lines)
+
+
+def _spelling_hint(loc: Sequence[int | str]) -> str:
+    """``did you mean `federation.rounds`?`` for the known key closest to an unknown one, else the generic advice."""
+    section: type[BaseModel] | None = ExperimentConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(str(part)) if section is not None else None
+        section = _section_type(field.annotation) if field is not None else None
+    if section is not None:
+        close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+        if close:
+            prefix = ".".join(str(p) for p in loc[:-1])
+            return f"did you mean `{prefix + '.' if prefix else ''}{close[0]}`?"
+    return "remove it or check its spelling"
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config section class an annotation holds (``X``, ``X | None``), or None for a plain value."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from fedlm.config.schema import DataConfig, EvalConfig, PartitionConfig
 from fedlm.core.errors import FedlmError
 from fedlm.core.seeding import derive_seed
+from fedlm.data.choices import check_choices
 from fedlm.data.formats import Message, prompt_and_reference, to_messages
 from fedlm.data.partition import Partition, partition_examples
 from fedlm.data.readers import EMBEDDED_PREFIX, Record, read_records
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 @dataclass
 class TestExample:
     """One held-out example: its record (all fields), prompt, reference answer and tokenized conversation
-    (``objective: clm``: a packed block, no prompt; ``objective: dpo``: the chosen answer, and ``rejected``)."""
+    (``objective: clm``: a packed block, no prompt; ``objective: dpo``: the chosen answer, and ``rejected``). It counts
+    in the global test set when ``in_global``, and in the test share of ``client`` when that is set."""
 
     record: Record
     prompt: list[Message]
@@ -32,6 +34,7 @@ class TestExample:
     tokens: TokenizedExample
     client: str | None
     rejected: TokenizedExample | None = None
+    in_global: bool = True  # part of the global test set (clm: a client's own blocks are only in its share)
 
 
 @dataclass
@@ -124,6 +127,7 @@ def build_test_examples(
     out = []
     for i, record in enumerate(records):
         messages = to_messages(record, fmt, data.system_prompt, f"{where} example {i}")
+        check_choices(record, f"`{where}` example {i}")
         prompt, reference = prompt_and_reference(messages)
         tokens = tokenize_conversation(tokenizer, messages, data.max_length)
         out.append(TestExample(record=record, prompt=prompt, reference=reference, tokens=tokens, client=owners[i] if owners else None))

@@ -1,6 +1,8 @@
 """Reading example records from JSON, JSONL, CSV and Parquet files, ``datasets.save_to_disk`` folders,
 plain-text documents (a ``.txt`` file, or a folder of them: one record ``{text, file, folder}`` per file, for
-``objective: clm``) and the datasets embedded in fedlm (``embedded:<name>``)."""
+``objective: clm``), the datasets embedded in fedlm (``embedded:<name>``) and Hugging Face hub datasets
+(``owner/name`` or ``owner/name:split``, default split ``train``, through ``datasets.load_dataset``: a network or the
+hub cache is needed, which is the user's business; fedlm's tests never download)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,11 @@ def read_records(source: str, field_name: str = "data.train") -> list[Record]:
         FedlmError: the path does not exist, its format is unknown, or it holds no records.
     """
     path = embedded_path(source) if source.startswith(EMBEDDED_PREFIX) else Path(source).expanduser()
+    if not path.exists() and is_hub_id(source):
+        records = load_hub_dataset(*hub_id_and_split(source), field_name)
+        if not records:
+            raise FedlmError(f"`{field_name}`: hub dataset {source!r} holds no examples")
+        return records
     if not path.exists():
         raise FedlmError(f"`{field_name}`: {source!r} does not exist; give a .json/.jsonl/.csv/.parquet/.txt file or a dataset folder")
     if path.is_dir():
@@ -46,6 +53,41 @@ def read_records(source: str, field_name: str = "data.train") -> list[Record]:
     if not records:
         raise FedlmError(f"`{field_name}`: {source!r} holds no examples")
     return records
+
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` or ``owner/name:split``: one slash, not a path (no leading ``.``, ``/``, ``~``), no file suffix."""
+    name = source.split(":", 1)[0]
+    return (
+        name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and all(name.split("/"))
+        and not name.lower().endswith(_FILE_SUFFIXES)
+        and not source.startswith(EMBEDDED_PREFIX)
+    )
+
+
+def hub_id_and_split(source: str) -> tuple[str, str]:
+    """``owner/name:split`` -> (``owner/name``, ``split``); the split defaults to ``train``."""
+    name, _, split = source.partition(":")
+    return name, split or "train"
+
+
+def load_hub_dataset(repo_id: str, split: str, field_name: str) -> list[Record]:
+    """The hub boundary: one split of a hub dataset as records (``datasets.load_dataset``, its cache, its network)."""
+    from datasets import load_dataset  # noqa: PLC0415 - heavy; only for hub datasets
+
+    try:
+        data = load_dataset(repo_id, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated, missing split: one line with the reason
+        raise FedlmError(
+            f"`{field_name}`: {repo_id!r} is no local path, and as a hub dataset (split {split!r}) it could not be loaded: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; check the path, or the id and your network / HF cache"
+        ) from None
+    return data.to_list()
 
 
 def _read_jsonl(path: Path, field_name: str) -> list[Record]:

@@ -20,6 +20,7 @@ from fedlm.config.schema import EvalConfig
 from fedlm.data.collate import collate_prompts
 from fedlm.data.prepare import TestExample
 from fedlm.data.tokenize import tokenize_prompt
+from fedlm.evaluation.multiple_choice import Question, build_question, choice_logliks, predicted_choice
 from fedlm.evaluation.text_metrics import exact_match, rouge_l
 from fedlm.models.adapters import load_trainable_state
 from fedlm.objectives import Objective, build_objective
@@ -48,16 +49,21 @@ class Evaluator:
     max_prompt_length: int
     progress: Progress | None = None
     objective: Objective = field(default_factory=lambda: build_objective("sft"))
+    label: str = "model"  # which model is evaluated, on the progress bars (e.g. "federated round 3", "base")
+    _questions: list[Question | None] | None = field(default=None, init=False, repr=False)
 
-    def evaluate(self, state: Mapping[str, torch.Tensor] | None, round_num: int) -> EvalResult:
-        """Evaluate ``state`` (None: the model as it is, e.g. adapter disabled by the caller) at ``round_num``."""
+    def evaluate(self, state: Mapping[str, torch.Tensor] | None, round_num: int, label: str | None = None) -> EvalResult:
+        """Evaluate ``state`` (None: the model as it is, e.g. adapter disabled by the caller) at ``round_num``;
+        ``label`` names the model on the progress bars (default :attr:`label`)."""
         if state is not None:
             load_trainable_state(self.model, state)
         self.model.eval()
-        scores = self._scores()
-        generations = self._generate() if self._generates else [None] * len(self.test)
+        name = label or self.label
+        scores = self._scores(name)
+        generations = self._generate(name) if self._generates else [None] * len(self.test)
         rows = [self._prediction_row(ex, gen, score) for ex, gen, score in zip(self.test, generations, scores)]
-        groups: dict[str | None, list[int]] = {None: list(range(len(self.test)))}
+        self._choose(rows, name)
+        groups: dict[str | None, list[int]] = {None: [i for i, ex in enumerate(self.test) if ex.in_global]}
         for i, ex in enumerate(self.test):
             if ex.client is not None:
                 groups.setdefault(ex.client, []).append(i)
@@ -68,20 +74,45 @@ class Evaluator:
     def _generates(self) -> bool:
         return self.config.generate and self.objective.generates
 
-    def _scores(self) -> list[dict[str, float]]:
+    def _scores(self, name: str) -> list[dict[str, float]]:
         """The objective's per-example scores (sft, clm: summed NLL ``nll`` over ``num_tokens`` target tokens)."""
-        task = self.progress.task("loss", len(self.test)) if self.progress else None
-        return self.objective.score(
+        task = self.progress.task(f"{name}: loss", len(self.test)) if self.progress else None
+        scores = self.objective.score(
             self.model, self.test, self.tokenizer.pad_token_id, self.device, self.config.batch_size, task.advance if task else None
         )
+        if task is not None:
+            task.done()
+        return scores
 
-    def _generate(self) -> list[str]:
+    def _choose(self, rows: list[dict[str, Any]], name: str) -> None:
+        """Multiple-choice questions (test records with ``choices`` and ``label``): each row's length-normalised pick
+        (``mc_choice``) and whether it is right (``mc_correct``)."""
+        if not self.objective.generates:  # questions are answers to prompts: sft only
+            return
+        if self._questions is None:
+            self._questions = [build_question(self.tokenizer, ex.prompt, ex.record, self.max_prompt_length) for ex in self.test]
+        asked = [(i, q) for i, q in enumerate(self._questions) if q is not None]
+        if not asked:
+            return
+        total = sum(len(q.answers) for _, q in asked)
+        task = self.progress.task(f"{name}: choices", total) if self.progress else None
+        logliks = choice_logliks(
+            self.model, [q for _, q in asked], self.tokenizer.pad_token_id, self.device, self.config.batch_size, task.advance if task else None
+        )
+        if task is not None:
+            task.done()
+        for (i, question), scores in zip(asked, logliks):
+            choice = predicted_choice(question, scores)
+            rows[i]["mc_choice"] = choice
+            rows[i]["mc_correct"] = float(choice == question.label)
+
+    def _generate(self, name: str) -> list[str]:
         """Greedy answers for every test prompt, batched, longest prompts first (less padding)."""
         prompts = [tokenize_prompt(self.tokenizer, ex.prompt, self.max_prompt_length) for ex in self.test]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
         size = self.config.batch_size
-        task = self.progress.task("generate", len(prompts)) if self.progress else None
+        task = self.progress.task(f"{name}: generate", len(prompts)) if self.progress else None
         with torch.no_grad():
             for start in range(0, len(order), size):
                 idx = order[start : start + size]
@@ -98,6 +129,8 @@ class Evaluator:
                     answers[i] = text.strip()
                 if task is not None:
                     task.advance(len(idx))
+        if task is not None:
+            task.done()
         return answers
 
     def _prediction_row(self, ex: TestExample, generated: str | None, score: Mapping[str, float]) -> dict[str, Any]:
@@ -123,4 +156,7 @@ class Evaluator:
         if self._generates:
             record["exact_match"] = sum(exact_match(rows[i]["prediction"], rows[i]["reference"]) for i in idx) / len(idx)
             record["rouge_l"] = sum(rouge_l(rows[i]["prediction"], rows[i]["reference"]) for i in idx) / len(idx)
+        asked = [rows[i]["mc_correct"] for i in idx if "mc_correct" in rows[i]]
+        if asked:
+            record["mc_accuracy"] = sum(asked) / len(asked)
         return record

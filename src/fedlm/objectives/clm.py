@@ -10,8 +10,9 @@ block**, which is dropped (at most ``block_size - 1`` tokens per client). Labels
 them internally, so every token of a block after the first is predicted from those before it. A client packs only
 its own documents, so blocks never mix clients' text.
 
-Held-out evaluation: token-mean loss and perplexity over the test blocks (packed per client test share); no
-generation.
+Held-out evaluation: token-mean loss and perplexity, no generation. The global test set packs all held-out documents
+together (only its one final partial block is dropped); each client's test share is its own documents packed apart,
+reported only for clients whose test text fills at least one block.
 """
 
 from __future__ import annotations
@@ -107,21 +108,25 @@ class CLMObjective(Objective):
         owners: Sequence[str | None],
         where: str,
     ) -> list[TestExample]:
-        groups: dict[str | None, list[Record]] = {}
-        for record, owner in zip(records, owners):
-            groups.setdefault(owner, []).append(record)
-        size = self.block_size(data)
+        size, eos = self.block_size(data), _eos_id(tokenizer)
+        documents = self.documents(records, tokenizer)
         out: list[TestExample] = []
-        for owner, group in groups.items():
-            for block in pack_blocks(self.documents(group, tokenizer), _eos_id(tokenizer), size):
-                record = {"block": len(out), "documents": len(group)}
-                out.append(TestExample(record, [], "", TokenizedExample(block, list(block)), owner))
+        for block in pack_blocks(documents, eos, size):  # the global test set: every document, packed together
+            out.append(TestExample({"block": len(out), "documents": len(records)}, [], "", TokenizedExample(block, list(block)), None))
         if not out:
-            total = sum(len(d) + 1 for d in self.documents(records, tokenizer))
+            total = sum(len(d) + 1 for d in documents)
             raise FedlmError(
-                f"`{where}`: the held-out text gives {total} tokens, fewer than one block of {size}; give more test "
-                "text, or lower `objective.block_size` (default `data.max_length`)"
+                f"`{where}`: all {len(records)} held-out document(s) together give {total} tokens (with EOS), fewer than one "
+                f"block of {size}; give more test text, or lower `objective.block_size` (default `data.max_length`)"
             )
+        groups: dict[str, list[list[int]]] = {}
+        for doc, owner in zip(documents, owners):
+            if owner is not None:
+                groups.setdefault(owner, []).append(doc)
+        for owner, docs in groups.items():  # each client's share, packed apart; none for a client short of a block
+            for block in pack_blocks(docs, eos, size):
+                record = {"block": len(out), "documents": len(docs)}
+                out.append(TestExample(record, [], "", TokenizedExample(block, list(block)), owner, in_global=False))
         return out
 
 

@@ -117,7 +117,7 @@ def audit_session(
         return [ex for ex in examples if tuple(ex.input_ids) not in planted]
 
     rng = random.Random(derive_seed(config.seed, "audit"))
-    test = [ex.tokens for ex in session.data.test if ex.tokens.num_target_tokens > 0]  # a cut-off answer has nothing to score
+    test = [ex.tokens for ex in session.data.test if ex.in_global and ex.tokens.num_target_tokens > 0]  # a cut-off answer has nothing to score
     members = pool(client)
     count = min(max_examples, len(members), len(test))
     report: dict[str, Any] = {"round": round_num, "client": client, "examples_per_set": count}

@@ -33,7 +33,10 @@ __all__ = [
 GLOBAL_TEST = "global_test"
 TRAIN = "train"
 # Metrics that get their own figure when present on global_test.
-GENERATION_METRICS: tuple[str, ...] = ("perplexity", "exact_match", "rouge_l", "preference_accuracy", "reward_margin")
+GENERATION_METRICS: tuple[str, ...] = ("perplexity", "exact_match", "rouge_l", "mc_accuracy", "preference_accuracy", "reward_margin")
+# Metrics that live in [0, 1]: their y-axis is drawn from 0 to 1 at most, never below 0.
+BOUNDED_METRICS = frozenset({"exact_match", "rouge_l", "mc_accuracy", "preference_accuracy"})
+HARNESS = "harness"
 # Above this many curves the legend goes outside the axes.
 _LEGEND_INSIDE_MAX = 6
 
@@ -152,18 +155,41 @@ def _finish(fig: plt.Figure, ax: Axes, ylabel: str, title: str, path: Path) -> P
     return path
 
 
+def client_train_series(records: Iterable[Mapping[str, Any]]) -> dict[str, Series]:
+    """Each client's train loss per round it trained in (``train`` records), clients sorted by name."""
+    out: dict[str, Series] = {}
+    for rec in records:
+        rnd, val = _round_of(rec), finite(rec.get("loss"))
+        if rec.get("split") == TRAIN and rnd is not None and val is not None:
+            out.setdefault(str(rec.get("client")), {})[rnd] = val
+    return {c: dict(sorted(s.items())) for c, s in sorted(out.items())}
+
+
 def _plot_loss(records: list[dict], out_dir: Path) -> Path | None:
-    """``loss.png``: global_test loss (bold) and mean client train loss (dashed)."""
+    """``loss.png``: the global test loss (bold), each client's test loss (thin, solid) and train loss (thin, dotted,
+    same colour), and the mean client train loss (dashed)."""
     test = split_series(records, GLOBAL_TEST, "loss")
     train = {r: m for r, (m, _) in mean_train_loss(records).items()}
     if not test and not train:
         return None
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    colours = _client_colours([*client_test_series(records, "loss"), *client_train_series(records)])
+    for client, series in client_test_series(records, "loss").items():
+        _plot_series(ax, series, f"{client} test", linewidth=1.0, alpha=0.85, marker=".", color=colours[client], zorder=3)
+    for client, series in client_train_series(records).items():
+        _plot_series(ax, series, f"{client} train", linewidth=0.8, alpha=0.6, linestyle=":", color=colours[client], zorder=3)
     if test:
-        _plot_series(ax, test, "global_test loss", linewidth=2.5, marker="o", color="black")
+        _plot_series(ax, test, "global_test loss", linewidth=4, marker="o", color="black", alpha=0.35, zorder=2)
     if train:
-        _plot_series(ax, train, "mean client train loss", linestyle="--", marker="s")
+        _plot_series(ax, train, "mean client train loss", linewidth=2, linestyle="--", marker="s", color="grey", zorder=2)
     return _finish(fig, ax, "loss", "Loss per round", out_dir / "loss.png")
+
+
+def _client_colours(clients: Iterable[str]) -> dict[str, Any]:
+    """One colour per client, the same in every curve of a figure."""
+    names = sorted(set(clients))
+    cmap = _pyplot().get_cmap("tab20" if len(names) > 10 else "tab10")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
 def _plot_metric(records: list[dict], metric: str, out_dir: Path) -> Path | None:
@@ -172,10 +198,42 @@ def _plot_metric(records: list[dict], metric: str, out_dir: Path) -> Path | None
     if not glob:
         return None
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    # The global curve is wide, pale and underneath, so the client curves (often equal to it) stay visible on top.
+    _plot_series(ax, glob, GLOBAL_TEST, linewidth=5, marker="o", color="black", alpha=0.3, zorder=2)
     for client, series in client_test_series(records, metric).items():
-        _plot_series(ax, series, client, linewidth=0.9, alpha=0.8, marker=".")
-    _plot_series(ax, glob, GLOBAL_TEST, linewidth=2.8, marker="o", color="black", zorder=3)
+        _plot_series(ax, series, client, linewidth=1.1, alpha=0.9, marker=".", zorder=3)
+    if metric in BOUNDED_METRICS:
+        _bounded_axis(ax, [v for line in ax.get_lines() for v in line.get_ydata()])
     return _finish(fig, ax, metric, f"{metric} per round", out_dir / f"{metric}.png")
+
+
+def _bounded_axis(ax: Axes, values: Iterable[Any]) -> None:
+    """A y-axis for a metric in [0, 1]: from 0, to 1 or a little above the largest value, never below 0."""
+    top = max((float(v) for v in values), default=1.0)
+    ax.set_ylim(0.0, min(1.0, max(0.05, top * 1.15)) if top < 0.87 else 1.02)
+
+
+def harness_series(records: Iterable[Mapping[str, Any]]) -> dict[str, Series]:
+    """Each ``eval.harness`` task's headline metric per round (``split: harness`` records)."""
+    out: dict[str, Series] = {}
+    for rec in records:
+        metric, rnd = rec.get("metric"), _round_of(rec)
+        val = finite(rec.get(metric)) if isinstance(metric, str) else None
+        if rec.get("split") == HARNESS and rnd is not None and val is not None:
+            out.setdefault(f"{rec.get('task')} ({metric})", {})[rnd] = val
+    return out
+
+
+def _plot_harness(records: list[dict], out_dir: Path) -> Path | None:
+    """``harness.png``: each benchmark task's accuracy per round (``eval.harness``)."""
+    series = harness_series(records)
+    if not series:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(7, 4.5))
+    for label, values in series.items():
+        _plot_series(ax, values, label, linewidth=1.8, marker="o")
+    _bounded_axis(ax, [v for values in series.values() for v in values.values()])
+    return _finish(fig, ax, "score", "Benchmarks per round (lm-evaluation-harness)", out_dir / "harness.png")
 
 
 def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
@@ -204,4 +262,7 @@ def plot_metrics(records: list[dict], out_dir: Path) -> list[Path]:
         path = _plot_metric(records, metric, out_dir)
         if path is not None:
             written.append(path)
+    harness = _plot_harness(records, out_dir)
+    if harness is not None:
+        written.append(harness)
     return written

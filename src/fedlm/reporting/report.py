@@ -8,12 +8,12 @@ train loss per round, the plots, and optional extra sections.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlm.reporting.harness_report import harness_section
 from fedlm.reporting.plots import (
     GLOBAL_TEST,
     client_name,
@@ -22,63 +22,21 @@ from fedlm.reporting.plots import (
     mean_train_loss,
     plot_metrics,
 )
+from fedlm.reporting.tables import format_value, markdown_table
 
 __all__ = ["EVAL_METRICS", "format_value", "markdown_table", "write_report"]
 
 # Evaluation metric columns, in table order (only those with data are shown).
-EVAL_METRICS: tuple[str, ...] = ("loss", "perplexity", "exact_match", "rouge_l", "preference_accuracy", "reward_margin", "likelihood_accuracy")
-MISSING = "–"
-
-
-def format_value(value: Any) -> str:
-    """Format one table cell.
-
-    None → ``"–"``; bools and integers as-is; other reals with 4 significant
-    digits (``"{:.4g}"``); mappings/sequences as compact JSON; anything else
-    via ``str``. ``|`` and newlines are escaped so the cell cannot break the
-    table.
-
-    Args:
-        value: Cell value.
-
-    Returns:
-        The cell text.
-    """
-    if value is None:
-        text = MISSING
-    elif isinstance(value, bool):
-        text = str(value)
-    elif isinstance(value, numbers.Integral):
-        text = str(int(value))
-    elif isinstance(value, numbers.Real):
-        f = float(value)
-        text = f"{f:.4g}" if math.isfinite(f) else str(f)
-    elif isinstance(value, (Mapping, list, tuple)):
-        text = json.dumps(value, default=str, separators=(", ", ": "))
-    else:
-        text = str(value)
-    return text.replace("|", "\\|").replace("\r\n", " ").replace("\n", " ")
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Render rows as a GitHub-flavoured markdown table.
-
-    Args:
-        rows: One mapping per row; a missing key renders like None (``"–"``).
-        columns: Column keys, also used as the header.
-
-    Returns:
-        The table (header, separator, one line per row), no trailing newline.
-
-    Raises:
-        ValueError: If ``columns`` is empty.
-    """
-    if not columns:
-        raise ValueError("markdown_table needs at least one column")
-    header = "| " + " | ".join(format_value(str(c)) for c in columns) + " |"
-    sep = "|" + "|".join(" --- " for _ in columns) + "|"
-    body = ["| " + " | ".join(format_value(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join([header, sep, *body])
+EVAL_METRICS: tuple[str, ...] = (
+    "loss",
+    "perplexity",
+    "exact_match",
+    "rouge_l",
+    "mc_accuracy",
+    "preference_accuracy",
+    "reward_margin",
+    "likelihood_accuracy",
+)
 
 
 def _round(record: Mapping[str, Any]) -> int | None:
@@ -250,7 +208,7 @@ def write_report(
         _global_section(records),
         _client_section(records),
         _train_section(records),
-        *filter(None, [_audit_section(run_dir)]),
+        *filter(None, [_audit_section(run_dir), harness_section(run_dir, records)]),
         _plots_section(run_dir, records),
         *(f"## {heading}\n\n{body.strip()}" for heading, body in extra_sections),
     ]

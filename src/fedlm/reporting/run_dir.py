@@ -47,6 +47,22 @@ class RunDir:
         return self.root / "run.log"
 
 
+#: What a folder holds once a run (or a comparison) has really started: its resolved config, metrics or results.
+_RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "comparison.json", "federated/config.yaml")
+
+
+def _occupied(root: Path) -> str:
+    """Why a non-empty folder is refused: a run is there, or only leftovers (e.g. the log of a killed compare)."""
+    if any((root / marker).exists() for marker in _RUN_MARKERS):
+        return f"output_dir {str(root)!r} already holds a run; pass --resume to continue it, --overwrite to replace it, or set another `output_dir`"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"output_dir {str(root)!r} is not empty: it holds {shown} but no run (no config.yaml or metrics; e.g. the log of "
+        "an interrupted start); pass --overwrite to replace it, or set another `output_dir`"
+    )
+
+
 def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDir:
     """Check the run folder can be used; nothing is created or deleted until :meth:`RunDir.create`.
 
@@ -65,8 +81,6 @@ def prepare_run_dir(path: str | Path, *, resume: bool, overwrite: bool) -> RunDi
         return RunDir(root)
     if exists:
         if not overwrite:
-            raise FedlmError(
-                f"output_dir {str(root)!r} already holds a run; pass --resume to continue it, --overwrite to replace it, or set another `output_dir`"
-            )
+            raise FedlmError(_occupied(root))
         return RunDir(root, replace=True)
     return RunDir(root)

@@ -30,7 +30,9 @@ class SimulationRuntime:
         :class:`ClientFailure`."""
         results: list[ClientUpdate | ClientFailure] = []
         total = sum(len(task.plan.lrs) for task in tasks.values())
-        bar = self.progress.task("train", total) if self.progress else None
+        round_num = next(iter(tasks.values())).plan.round if tasks else 0
+        who = ", ".join(tasks) if len(tasks) <= 4 else f"{len(tasks)} clients"
+        bar = self.progress.task(f"federated round {round_num}: train {who}", total) if self.progress else None
         for client_id, task in tasks.items():
             on_step = bar.advance if bar is not None else None
             try:

@@ -4,7 +4,7 @@ No rule here looks at two sections; those are :mod:`fedlm.config.rules`."""
 
 from fedlm.config.schema.attack import AttackConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
-from fedlm.config.schema.evaluation import AuditConfig, EvalConfig
+from fedlm.config.schema.evaluation import AuditConfig, EvalConfig, HarnessConfig
 from fedlm.config.schema.experiment import ExperimentConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
@@ -21,6 +21,7 @@ __all__ = [
     "EvalConfig",
     "ExperimentConfig",
     "FederationConfig",
+    "HarnessConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "PartitionConfig",

@@ -20,6 +20,19 @@ class AuditConfig(Section):
     max_examples: int = Field(200, ge=2, description="members and non-members each in the membership inference")
 
 
+class HarnessConfig(Section):
+    """Standard benchmarks (EleutherAI lm-evaluation-harness) on the global model during training: benchmark accuracy
+    per round in ``metrics.jsonl`` (``split: harness``), the report and its plots (as ``fedlm eval`` after it)."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names, e.g. [wordnet_mc, arc_easy]")
+    every: int = Field(1, ge=0, description="every N rounds (0: only after the last round); round 0 with `eval.at_start`")
+    limit: int | None = Field(None, ge=1, description="only the first N documents of each task")
+    include_path: list[str] = Field(default_factory=list, description="folders of your own lm-eval task YAMLs + local data")
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: each task's own)")
+    allow_code_execution: bool = Field(False, description="let code tasks (humaneval, mbpp) run the model's generated code on this machine")
+
+
 class EvalConfig(Section):
     """When and how the global model is evaluated."""
 
@@ -30,3 +43,4 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1, description="seeded subsample of the test set")
     audit: AuditConfig | None = Field(None, description="privacy audit at the end of the run (`fedlm audit`)")
+    harness: HarnessConfig | None = Field(None, description="lm-evaluation-harness tasks on the global model during training")

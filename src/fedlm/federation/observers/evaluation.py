@@ -16,7 +16,7 @@ from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
 from fedlm.reporting.run_dir import RunDir
 
-_SHOWN = ("loss", "perplexity", "rouge_l", "exact_match", "preference_accuracy", "reward_margin")
+_SHOWN = ("loss", "perplexity", "rouge_l", "exact_match", "mc_accuracy", "preference_accuracy", "reward_margin")
 
 
 class Probe(Protocol):
@@ -50,7 +50,7 @@ class EvaluationObserver(RoundObserver):
 
     def evaluate(self, state: TensorDict, round_num: int) -> None:
         """Evaluate ``state``, log its records and save the predictions of this round."""
-        result = self.evaluator.evaluate(state, round_num)
+        result = self.evaluator.evaluate(state, round_num, f"federated round {round_num}")
         for entry in result.records:
             self.log.append(entry)
         self.run_dir.predictions.mkdir(parents=True, exist_ok=True)
