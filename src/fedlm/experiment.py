@@ -21,6 +21,7 @@ from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
+from fedlm.compression.setup import compressed_uplink, with_compression_state
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
@@ -36,6 +37,7 @@ from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.aggregation_step import SERVER_ID, AggregationStep, RootSetUpdate
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.data_parallel import ClientProcesses
+from fedlm.federation.observers.budget import BudgetReached, CommunicationBudget
 from fedlm.federation.observers.checkpointing import Checkpointer
 from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
 from fedlm.federation.observers.metrics import RoundLogger
@@ -96,9 +98,10 @@ class Session:
         )
 
     def aggregator(self) -> Aggregator:
-        """The configured aggregator, wrapped in client-level DP when ``privacy.client_dp`` is set."""
+        """The configured aggregator, wrapped in client-level DP when ``privacy.client_dp`` is set (and holding the
+        clients' error-feedback residuals under ``compression.uplink``)."""
         inner = build_aggregator(self.config.aggregation.name, self.config.aggregation.params())
-        return wrap_with_dp(inner, self.config, len(self.data.client_names))
+        return with_compression_state(wrap_with_dp(inner, self.config, len(self.data.client_names)), self.config)
 
     def attack_probes(self, progress: Progress | None) -> list[Probe]:
         """The extra evaluations an attack needs: backdoor success, or the refusal rate on harmful prompts."""
@@ -245,10 +248,14 @@ def build_server_loop(
     config, fed = session.config, session.config.federation
     names = session.data.client_names
     aggregator.start(names)
+    clients_here = runtime is None
     if runtime is None:
         trainer = session.trainer(aggregator.trainer_hooks())
         trainer = processes.trainer(trainer) if processes is not None else trainer
         runtime = SimulationRuntime(trainer, session.data.client_train, progress)
+    uplink = compressed_uplink(runtime, config, aggregator, clients_here)  # encoded on the clients, decoded here
+    if uplink is not None:
+        runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
@@ -282,6 +289,8 @@ def build_server_loop(
         )
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
     milestones.append(Checkpointer(run_dir, aggregator, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
+    if fed.max_mib is not None:
+        milestones.append(CommunicationBudget(fed.max_mib, fed.rounds, log))
     return ServerLoop(round_, fed.rounds, milestones)
 
 
@@ -335,7 +344,12 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
     run_dir.config.write_text(config_yaml)
     with Progress(console) as progress, client_processes(session) as processes:
         loop = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime, processes=processes)
-        state = loop.run(state, start)
+        try:
+            state = loop.run(state, start)
+        except BudgetReached as stop:  # federation.max_mib: end cleanly with the state reached
+            state = stop.state
+            log.append({"round": stop.round, "split": "budget", "event": "stopped", "spent_bytes": stop.spent_bytes, "reason": str(stop)})
+            console.print(f"[yellow]{stop}[/yellow]")
     finish_run(session, run_dir, state, console)
     return state
 

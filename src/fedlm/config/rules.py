@@ -470,6 +470,38 @@ def client_processes_split_a_plain_batch(s: Setting) -> None:
         )
 
 
+# ------------------------------------------------------------------------------------------ update compression
+
+
+def compression_downlink_not_built(s: Setting) -> None:
+    """Downlink compression needs every client to hold the same decoded replica of the global model, also the
+    clients that missed rounds; that replica protocol is not built, so the option is refused rather than faked."""
+    if s.config.compression.downlink is not None:
+        raise FedlmError(
+            "`compression.downlink` is not built yet: the clients would need a shared decoded replica of the global "
+            "model (also those that missed rounds), which fedlm does not keep; remove `compression.downlink` "
+            "(`compression.uplink` compresses the clients' updates)"
+        )
+
+
+def uplink_compression_not_under_secure_aggregation(s: Setting) -> None:
+    """SecAgg+ sums every client's whole update on one integer grid in its field; neither codec fits that."""
+    uplink = s.config.compression.uplink
+    if uplink is None or s.config.privacy.secure_aggregation is None:
+        return
+    if uplink.method == "topk":
+        why = (
+            "each client keeps different coordinates, and the masked sum needs every client's full vector on the same "
+            "coordinates (the indices would also tell the server where each client's update is large)"
+        )
+    else:
+        why = (
+            "each client's per-block scales differ, so its codes do not add up to the sum in the field; secure "
+            f"aggregation already quantizes every coordinate into its field: set `{SECAGG}.quantization_bits` instead"
+        )
+    raise FedlmError(f"`compression.uplink.method: {uplink.method}` cannot run under `{SECAGG}`: {why}; remove `compression.uplink`")
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
     model_device_exists,
@@ -503,6 +535,8 @@ LOAD_RULES: tuple[Rule, ...] = (
     data_attacks_need_sft,
     client_processes_run_in_the_simulation,
     client_processes_split_a_plain_batch,
+    compression_downlink_not_built,
+    uplink_compression_not_under_secure_aggregation,
 )
 
 

@@ -35,6 +35,11 @@ class FederationConfig(Section):
     client_processes: int = Field(
         1, ge=1, description="data-parallel processes per client (gloo on CPU, nccl with one GPU each); a step's batch is split among them"
     )
+    max_mib: float | None = Field(
+        None,
+        gt=0.0,
+        description="communication budget in MiB (uploads + downloads of every client): the run stops before a round that would exceed it",
+    )
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
 
