@@ -18,6 +18,7 @@ from safetensors.torch import load, load_file, save
 
 from fedlm.cli import app as cli
 from fedlm.compression.codec import Codec
+from fedlm.compression.downlink import advance_replica
 from fedlm.compression.feedback import compress
 from fedlm.compression.quantize import levels, pack_bits, packed_length, quantize_decode, quantize_encode, unpack_bits
 from fedlm.compression.topk import index_dtype, kept_count, topk_decode, topk_encode
@@ -112,6 +113,37 @@ def test_quantize_message_size_is_the_packed_codes_and_one_scale_per_block() -> 
     assert message["w|q"].dtype == torch.uint8 and message["w|scale"].dtype == torch.float32
 
 
+# ---------------------------------------------------------------------------------------------- downlink
+
+
+def test_downlink_topk_replica_reaches_a_fixed_model_after_ceil_one_over_ratio_rounds() -> None:
+    """Server-side error feedback: each round sends the largest 10% of what the replica still lacks, so a fixed
+    global model (distinct magnitudes) is held exactly after 10 rounds and not before."""
+    w = {"a": torch.randperm(200, generator=torch_generator(3)).float().reshape(20, 10) + 1}
+    replica = {"a": torch.zeros(20, 10)}
+    codec = Codec("topk", ratio=0.1)
+    for t in range(10):
+        assert not torch.equal(replica["a"], w["a"])
+        replica, size = advance_replica(codec, w, replica, torch_generator(t))
+        assert int((replica["a"] != w["a"]).sum()) == 200 - 20 * (t + 1)
+    assert torch.equal(replica["a"], w["a"])
+
+
+def test_a_client_replaying_the_serialised_messages_holds_the_servers_replica_bit_for_bit() -> None:
+    codec = Codec("quantize", bits=3, block_size=16)
+    server = {"a": torch.zeros(33, 7), "b": torch.zeros(5)}
+    client = {n: t.clone() for n, t in server.items()}
+    for t in range(4):
+        w = {n: torch.randn(x.shape, generator=torch_generator(10 + t)) for n, x in server.items()}
+        difference = {n: w[n] - server[n] for n in w}
+        blob = save(codec.encode(difference, torch_generator(t)))  # what travels
+        server, size = advance_replica(codec, w, server, torch_generator(t))
+        assert size == len(blob)
+        decoded = codec.decode(load(blob), {n: tuple(x.shape) for n, x in client.items()})
+        client = {n: client[n] + decoded[n] for n in client}
+    assert all(torch.equal(client[n], server[n]) for n in server)
+
+
 # ---------------------------------------------------------------------------------------------- the wrapper
 
 
@@ -170,7 +202,11 @@ def _config(**sections: Any) -> dict[str, Any]:
             "each client keeps different coordinates",
         ),
         ({"compression": {"uplink": {"method": "quantize", "bits": 4}}, "privacy": {"secure_aggregation": {}}}, "quantization_bits"),
-        ({"compression": {"downlink": {"method": "quantize", "bits": 4}}}, "`compression.downlink` is not built"),
+        (
+            {"compression": {"downlink": {"method": "quantize", "bits": 4}}, "federation": {"runtime": "flower"}},
+            "not built for `federation.runtime: flower`",
+        ),
+        ({"compression": {"downlink": {"method": "topk", "ratio": 0.1, "error_feedback": False}}}, "what one round drops is sent in a later one"),
         ({"compression": {"uplink": {"method": "topk"}}}, "`ratio` is required"),
         ({"compression": {"uplink": {"method": "quantize", "bits": 9}}}, "bits"),
         ({"compression": {"uplink": {"method": "quantize", "bits": 4, "ratio": 0.1}}}, "topk setting"),
@@ -231,13 +267,27 @@ def test_each_compressor_runs_from_the_cli_and_logs_the_encoded_size(tmp_path: P
     assert aggregate[0]["upload_bytes"] == 3 * expected
 
 
-def test_residuals_survive_a_resume_and_the_run_ends_as_if_uninterrupted(tmp_path: Path, runner, one_torch_thread) -> None:
-    topk = {"compression": {"uplink": {"method": "topk", "ratio": 0.05}}}
+def test_residuals_and_the_replica_survive_a_resume_and_the_run_ends_as_if_uninterrupted(tmp_path: Path, runner, one_torch_thread) -> None:
+    topk = {"compression": {"uplink": {"method": "topk", "ratio": 0.05}, "downlink": {"method": "quantize", "bits": 4}}}
     straight = _run(runner, tmp_path / "straight", federation={"rounds": 3}, **topk)
     _run(runner, tmp_path / "split", federation={"rounds": 2}, **topk)
     resumed = _run(runner, tmp_path / "split", resume=True, federation={"rounds": 3}, **topk)
     a, b = _adapter(straight), _adapter(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r for r in _records(straight) if r["split"] == "train"] == [r for r in _records(resumed) if r["split"] == "train"]
+
+
+def test_downlink_download_is_the_missed_messages_or_the_dense_model(tmp_path: Path, runner, one_torch_thread) -> None:
+    run = _run(runner, tmp_path / "down", federation={"rounds": 3}, compression={"downlink": {"method": "topk", "ratio": 0.1}})
+    rows = [r for r in _records(run) if r["split"] == "train"]
+    message = rows[0]["download_bytes"]  # round 1: every client had the initial adapter, one message
+    assert all(r["download_bytes"] == message for r in rows if r["round"] == 1)
+    last: dict[str, int] = {}
+    for r in rows:
+        missed = r["round"] - last.get(r["client"], 0)
+        assert r["download_bytes"] == min(missed * message, r["dense_download_bytes"])
+        last[r["client"]] = r["round"]
+    assert any(r["download_bytes"] == 2 * message for r in rows) and message < rows[0]["dense_download_bytes"] / 2
 
 
 def test_max_mib_stops_cleanly_with_the_final_adapter_and_report(tmp_path: Path, runner, one_torch_thread) -> None:

@@ -21,7 +21,7 @@ from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
-from fedlm.compression.setup import compressed_uplink, with_compression_state
+from fedlm.compression.setup import compressed_uplink, round_aggregator, task_builder, with_compression_state
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
@@ -247,13 +247,14 @@ def build_server_loop(
     (``federation.client_processes``)."""
     config, fed = session.config, session.config.federation
     names = session.data.client_names
+    saved, aggregator = aggregator, round_aggregator(aggregator)  # the checkpoints save the compression's state too
     aggregator.start(names)
     clients_here = runtime is None
     if runtime is None:
         trainer = session.trainer(aggregator.trainer_hooks())
         trainer = processes.trainer(trainer) if processes is not None else trainer
         runtime = SimulationRuntime(trainer, session.data.client_train, progress)
-    uplink = compressed_uplink(runtime, config, aggregator, clients_here)  # encoded on the clients, decoded here
+    uplink = compressed_uplink(runtime, config, saved, clients_here)  # encoded on the clients, decoded here
     if uplink is not None:
         runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
     attack = session.attack
@@ -261,7 +262,9 @@ def build_server_loop(
         runtime = AttackedRuntime(runtime, attack)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
-    tasks = TaskBuilder(config, aggregator, lora, ranks)
+    tasks = task_builder(config, saved, lora, ranks, session.initial_state)  # compression.downlink: from the clients' replica
+    if isinstance(tasks, RoundObserver):  # it also logs the real download sizes
+        observers = [tasks, *observers]
     step = AggregationStep(aggregator, lora, ranks, fed.min_clients, _root_set_update(session, aggregator, tasks))
     secure = build_secure_aggregation(config, aggregator, len(names))
     aggregation: Aggregation = step
@@ -288,7 +291,7 @@ def build_server_loop(
             EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, session.attack_probes(progress))
         )
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    milestones.append(Checkpointer(run_dir, aggregator, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
+    milestones.append(Checkpointer(run_dir, saved, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
     if fed.max_mib is not None:
         milestones.append(CommunicationBudget(fed.max_mib, fed.rounds, log))
     return ServerLoop(round_, fed.rounds, milestones)

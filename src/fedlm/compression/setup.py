@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fedlm.aggregation.base import Aggregator
+from fedlm.aggregation.lora.mode import LoraMode
 from fedlm.compression.codec import Codec
+from fedlm.compression.downlink import CompressedDownlink, DownlinkState
 from fedlm.compression.state import WithCompressionState
 from fedlm.compression.uplink import CompressedUplink
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.runtime import Runtime
+from fedlm.core.update import TensorDict
+from fedlm.federation.tasks import TaskBuilder
 
 
 def uplink_codec(config: ExperimentConfig) -> Codec | None:
@@ -17,10 +23,30 @@ def uplink_codec(config: ExperimentConfig) -> Codec | None:
 
 
 def with_compression_state(aggregator: Aggregator, config: ExperimentConfig) -> Aggregator:
-    """``aggregator`` with room for the clients' residuals in its checkpointed state when the uplink uses error
-    feedback; else ``aggregator`` itself."""
+    """``aggregator`` with room for the clients' residuals (uplink error feedback) and the downlink replica in its
+    checkpointed state; else ``aggregator`` itself."""
     codec = uplink_codec(config)
-    return WithCompressionState(aggregator) if codec is not None and codec.error_feedback else aggregator
+    needed = (codec is not None and codec.error_feedback) or config.compression.downlink is not None
+    return WithCompressionState(aggregator) if needed else aggregator
+
+
+def round_aggregator(aggregator: Aggregator) -> Aggregator:
+    """The aggregator the round runs on: the one inside :class:`WithCompressionState` (which only checkpoints see)."""
+    return aggregator.inner if isinstance(aggregator, WithCompressionState) else aggregator
+
+
+def task_builder(
+    config: ExperimentConfig, aggregator: Aggregator, lora: LoraMode, ranks: Mapping[str, int | None], initial_state: TensorDict
+) -> TaskBuilder:
+    """The round's task builder: with ``compression.downlink``, the one that broadcasts the compressed change and
+    builds the tasks from the clients' replica (its state kept in ``aggregator``, a :class:`WithCompressionState`)."""
+    section = config.compression.downlink
+    inner = round_aggregator(aggregator)
+    if section is None or not isinstance(aggregator, WithCompressionState):
+        return TaskBuilder(config, inner, lora, ranks)
+    if aggregator.downlink is None:
+        aggregator.downlink = DownlinkState(dict(initial_state))
+    return CompressedDownlink(config, inner, lora, ranks, Codec.from_config(section), config.seed, aggregator.downlink)
 
 
 def compressed_uplink(runtime: Runtime, config: ExperimentConfig, aggregator: Aggregator, clients_here: bool) -> CompressedUplink | None:

@@ -1,5 +1,7 @@
-"""The run's aggregator with the clients' error-feedback residuals in its state, so that checkpoints hold them and a
-resumed simulation continues with the residuals the clients had (over Flower they stay on the nodes)."""
+"""The run's aggregator with the compression's state beside its own: the clients' error-feedback residuals (in the
+simulation; over Flower they stay on the nodes) and the downlink replica, so that checkpoints hold them and a resumed
+run continues exactly. The round itself runs on the inner aggregator (:func:`fedlm.experiment.build_server_loop`
+unwraps it); only the checkpoints see this wrapper."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ from typing import Any
 import torch
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, ByzantineBound
+from fedlm.compression.downlink import DownlinkState
 from fedlm.core.task import ClientContext, TrainerHook
 from fedlm.core.update import ClientUpdate, TensorDict
 
 
 class WithCompressionState(Aggregator):
-    """Delegates everything to ``inner``; adds ``residuals`` (client -> its residual) to the saved state."""
+    """Delegates everything to ``inner``; adds ``residuals`` (client -> its residual) and ``downlink`` (the replica
+    and what each client was sent) to the saved state."""
 
     name = "compression_state"
 
@@ -22,6 +26,7 @@ class WithCompressionState(Aggregator):
         super().__init__(inner.params)
         self.inner = inner
         self.residuals: dict[str, TensorDict] = {}
+        self.downlink: DownlinkState | None = None  # set when the run is built (its replica starts at the initial adapter)
 
     # The inner aggregator's capabilities, read through.
     @property
@@ -67,12 +72,18 @@ class WithCompressionState(Aggregator):
         return self.inner.client_context(client_id, round_num)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"inner": inner state, "residuals": {client: {name: tensor}}}``."""
-        return {"inner": self.inner.state_dict(), "residuals": {c: dict(r) for c, r in self.residuals.items()}}
+        """``{"inner": inner state, "residuals": {client: {name: tensor}}, "downlink": its state (when used)}``."""
+        state = {"inner": self.inner.state_dict(), "residuals": {c: dict(r) for c, r in self.residuals.items()}}
+        if self.downlink is not None:
+            state["downlink"] = self.downlink.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        unknown = set(state) - {"inner", "residuals"}
+        unknown = set(state) - {"inner", "residuals", "downlink"}
         if unknown:
             raise ValueError(f"compression state got unknown keys {sorted(unknown)}")
         self.inner.load_state_dict(state.get("inner", {}))
         self.residuals = {c: dict(r) for c, r in state.get("residuals", {}).items()}
+        if "downlink" in state:
+            self.downlink = DownlinkState({})
+            self.downlink.load_state_dict(state["downlink"])

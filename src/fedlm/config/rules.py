@@ -473,14 +473,22 @@ def client_processes_split_a_plain_batch(s: Setting) -> None:
 # ------------------------------------------------------------------------------------------ update compression
 
 
-def compression_downlink_not_built(s: Setting) -> None:
-    """Downlink compression needs every client to hold the same decoded replica of the global model, also the
-    clients that missed rounds; that replica protocol is not built, so the option is refused rather than faked."""
-    if s.config.compression.downlink is not None:
+def compression_downlink_in_the_simulation(s: Setting) -> None:
+    """Downlink compression keeps the clients' replica of the global model on the server; over Flower each node
+    would have to keep and advance its own replica, which is not built, so the option is refused there."""
+    down = s.config.compression.downlink
+    if down is None:
+        return
+    if s.config.federation.runtime == "flower":
         raise FedlmError(
-            "`compression.downlink` is not built yet: the clients would need a shared decoded replica of the global "
-            "model (also those that missed rounds), which fedlm does not keep; remove `compression.downlink` "
-            "(`compression.uplink` compresses the clients' updates)"
+            "`compression.downlink` is not built for `federation.runtime: flower` yet: each SuperNode would have to "
+            "keep and advance its own replica of the global model; use it in the simulation, or remove it "
+            "(`compression.uplink` runs over Flower)"
+        )
+    if down.error_feedback is False:
+        raise FedlmError(
+            "`compression.downlink.error_feedback: false` is not an option: the server encodes the difference between "
+            "the global model and the clients' replica, so what one round drops is sent in a later one; remove the key"
         )
 
 
@@ -535,7 +543,7 @@ LOAD_RULES: tuple[Rule, ...] = (
     data_attacks_need_sft,
     client_processes_run_in_the_simulation,
     client_processes_split_a_plain_batch,
-    compression_downlink_not_built,
+    compression_downlink_in_the_simulation,
     uplink_compression_not_under_secure_aggregation,
 )
 
