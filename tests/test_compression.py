@@ -325,3 +325,16 @@ def test_topk_with_error_feedback_over_flower_messages_ends_with_the_simulation_
     logged = [r["upload_bytes"] for r in _records(tmp_path / "flower") if r["split"] == "train"]
     blobs = [len(c.array_records["tensors"]["safetensors"].numpy().tobytes()) for c in replies]
     assert sorted(logged) == sorted(blobs)
+
+
+def test_compression_composes_with_client_dp_and_robust_aggregators(tmp_path: Path, runner, one_torch_thread) -> None:
+    """Client DP clips and noises the decoded update on the server: the same epsilon as without compression (the
+    encoding is a function of the client's own update only); a robust aggregator measures the decoded updates."""
+    dp = {"privacy": {"client_dp": {"noise_multiplier": 0.8, "clip": 0.05}}}
+    plain = _run(runner, tmp_path / "dp", **dp)
+    packed = _run(runner, tmp_path / "dp_topk", compression={"uplink": {"method": "topk", "ratio": 0.1}}, **dp)
+    eps = [[r["aggregation"]["epsilon"] for r in _records(run) if r["split"] == "aggregate"] for run in (plain, packed)]
+    assert eps[0] == eps[1] and all(e > 0 for e in eps[0])
+    robust = _run(runner, tmp_path / "krum", aggregation={"name": "krum", "num_malicious": 0}, compression={"uplink": {"method": "quantize", "bits": 2}})
+    rows = [r for r in _records(robust) if r["split"] == "aggregate"]
+    assert len(rows) == 2 and all(r["num_updates"] == 3 for r in rows)
