@@ -335,6 +335,8 @@ def test_compression_composes_with_client_dp_and_robust_aggregators(tmp_path: Pa
     packed = _run(runner, tmp_path / "dp_topk", compression={"uplink": {"method": "topk", "ratio": 0.1}}, **dp)
     eps = [[r["aggregation"]["epsilon"] for r in _records(run) if r["split"] == "aggregate"] for run in (plain, packed)]
     assert eps[0] == eps[1] and all(e > 0 for e in eps[0])
-    robust = _run(runner, tmp_path / "krum", aggregation={"name": "krum", "num_malicious": 0}, compression={"uplink": {"method": "quantize", "bits": 2}})
+    robust = _run(
+        runner, tmp_path / "krum", aggregation={"name": "krum", "num_malicious": 0}, compression={"uplink": {"method": "quantize", "bits": 2}}
+    )
     rows = [r for r in _records(robust) if r["split"] == "aggregate"]
     assert len(rows) == 2 and all(r["num_updates"] == 3 for r in rows)

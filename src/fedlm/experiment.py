@@ -21,7 +21,7 @@ from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
-from fedlm.compression.setup import compressed_uplink, round_aggregator, task_builder, with_compression_state
+from fedlm.compression.setup import compressed_uplink, round_aggregator, seed_replay, seed_trainer, task_builder, with_compression_state
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
@@ -253,10 +253,13 @@ def build_server_loop(
     if runtime is None:
         trainer = session.trainer(aggregator.trainer_hooks())
         trainer = processes.trainer(trainer) if processes is not None else trainer
-        runtime = SimulationRuntime(trainer, session.data.client_train, progress)
+        runtime = SimulationRuntime(seed_trainer(trainer, config), session.data.client_train, progress)  # fedkseed: zeroth order
     uplink = compressed_uplink(runtime, config, saved, clients_here)  # encoded on the clients, decoded here
     if uplink is not None:
         runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
+    replay = seed_replay(runtime, config)  # federation.algorithm: fedkseed, the clients' pairs replayed here
+    if replay is not None:
+        runtime, observers = replay, [replay, *observers]
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)

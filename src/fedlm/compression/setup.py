@@ -8,12 +8,15 @@ from fedlm.aggregation.base import Aggregator
 from fedlm.aggregation.lora.mode import LoraMode
 from fedlm.compression.codec import Codec
 from fedlm.compression.downlink import CompressedDownlink, DownlinkState
+from fedlm.compression.fedkseed import candidate_seeds
+from fedlm.compression.seed_training import SeedReplay, ZerothOrderTrainer
 from fedlm.compression.state import WithCompressionState
 from fedlm.compression.uplink import CompressedUplink
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.runtime import Runtime
 from fedlm.core.update import TensorDict
 from fedlm.federation.tasks import TaskBuilder
+from fedlm.federation.trainer import ClientTrainer
 
 
 def uplink_codec(config: ExperimentConfig) -> Codec | None:
@@ -59,3 +62,19 @@ def compressed_uplink(runtime: Runtime, config: ExperimentConfig, aggregator: Ag
         return CompressedUplink(runtime, codec, config.seed)
     residuals = aggregator.residuals if isinstance(aggregator, WithCompressionState) else {}
     return CompressedUplink(runtime, codec, config.seed, residuals)
+
+
+def seed_trainer(trainer: ClientTrainer, config: ExperimentConfig) -> ClientTrainer:
+    """``federation.algorithm: fedkseed``: the zeroth-order trainer on ``trainer``'s model; else ``trainer``."""
+    fed = config.federation
+    if fed.algorithm != "fedkseed":
+        return trainer
+    seeds = candidate_seeds(config.seed, fed.fedkseed.seeds)
+    return ZerothOrderTrainer(trainer.model, trainer.pad_id, trainer.device, objective=trainer.objective, seeds=seeds, eps=fed.fedkseed.eps)
+
+
+def seed_replay(runtime: Runtime, config: ExperimentConfig) -> SeedReplay | None:
+    """``federation.algorithm: fedkseed``: ``runtime`` with the server's replay of the clients' pairs; else None."""
+    if config.federation.algorithm != "fedkseed":
+        return None
+    return SeedReplay(runtime, candidate_seeds(config.seed, config.federation.fedkseed.seeds))

@@ -510,6 +510,37 @@ def uplink_compression_not_under_secure_aggregation(s: Setting) -> None:
     raise FedlmError(f"`compression.uplink.method: {uplink.method}` cannot run under `{SECAGG}`: {why}; remove `compression.uplink`")
 
 
+def fedkseed_fits_the_run(s: Setting) -> None:
+    """FedKSeed's clients take zeroth-order steps and upload (seed, scalar) pairs that the server replays: anything that
+    needs a gradient, per-client hooks, each client's dense vector under masks, or a SuperNode trainer is refused."""
+    config = s.config
+    if config.federation.algorithm != "fedkseed":
+        return
+    prefix = "`federation.algorithm: fedkseed`"
+    if config.privacy.sample_dp is not None:
+        raise FedlmError(
+            f"{prefix} cannot run with `privacy.sample_dp`: DP-SGD clips and noises per-example gradients, and a zeroth-order "
+            "step has none (its one scalar per batch would need its own clipping and accounting, which fedlm does not do); "
+            "use `privacy.client_dp` (the server clips and noises each replayed update) or the gradient algorithm"
+        )
+    if config.privacy.secure_aggregation is not None:
+        raise FedlmError(f"{prefix} cannot run under `{SECAGG}`: the server must replay each client's own (seed, gradient) pairs")
+    if config.compression.uplink is not None:
+        raise FedlmError(f"{prefix} uploads a few bytes per step already; remove `compression.uplink`")
+    if config.federation.runtime == "flower":
+        raise FedlmError(f"{prefix} is not built for `federation.runtime: flower` yet (the SuperNode trains with gradients); use the simulation")
+    if config.federation.client_processes > 1:
+        raise FedlmError(f"{prefix} runs each client on one process; set `federation.client_processes: 1`")
+    if config.peft.client_ranks:
+        raise FedlmError(f"{prefix} perturbs every trainable component, so per-client LoRA ranks do not apply; remove `peft.client_ranks`")
+    agg = s.aggregator
+    if agg.trainer_hooks() or agg.uploads_extras is not None:
+        raise FedlmError(
+            f"{prefix} runs no client-side hooks and uploads nothing but the pairs, but `aggregation.name: {config.aggregation.name}` "
+            "needs them; use an aggregator that takes plain deltas (e.g. fedavg, fedadam, median)"
+        )
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
     model_device_exists,
@@ -545,6 +576,7 @@ LOAD_RULES: tuple[Rule, ...] = (
     client_processes_split_a_plain_batch,
     compression_downlink_in_the_simulation,
     uplink_compression_not_under_secure_aggregation,
+    fedkseed_fits_the_run,
 )
 
 
