@@ -4,8 +4,8 @@ quantization (``compression.uplink`` and ``compression.downlink`` with the same 
 the embedded WordNet domains (8 clients, 4 per round), the aggregation benchmark's settings.
 
 The bytes are what ``metrics.jsonl`` logs: the encoded messages' lengths. The goal checked: a compressed setting
-whose final loss is within 1% of dense FedAvg-LoRA's with at least 10x fewer bytes. FedKSeed is not built
-(``federation.algorithm`` does not exist), so it has no row. ``--only NAME ...`` runs a subset (a reduced grid);
+whose final loss is within 1% of dense FedAvg-LoRA's with at least 10x fewer bytes, and FedKSeed's upload per
+client per round (its download is the dense model: the seed-wise downlink is not built). ``--only NAME ...`` runs a subset (a reduced grid);
 ``--write-results`` puts the table into ``benchmarks/RESULTS.md``. Smoke: ``--model tiny-random-llama --rounds 1``.
 Run under ``flock /tmp/fedlm-heavy.lock`` on a shared machine.
 """
@@ -39,6 +39,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "quantize8": _both({"method": "quantize", "bits": 8}),
     "quantize4": _both({"method": "quantize", "bits": 4}),
     "quantize2": _both({"method": "quantize", "bits": 2}),
+    "fedkseed": {"federation.algorithm": "fedkseed", "federation.lr": 1e-4},
 }
 
 
@@ -72,7 +73,14 @@ def summarise(folder: Path, name: str) -> dict[str, Any]:
         mib.append(total)
     train = [r for r in records if r.get("split") == "train"]
     per_client_round = sum(r["upload_bytes"] + r["download_bytes"] for r in train) / max(len(train), 1)
-    return {"run": name, "loss": [test[k] for k in sorted(test)], "mib": mib, "kb_per_client_round": per_client_round / 1000}
+    upload = sum(r["upload_bytes"] for r in train) / max(len(train), 1)
+    return {
+        "run": name,
+        "loss": [test[k] for k in sorted(test)],
+        "mib": mib,
+        "kb_per_client_round": per_client_round / 1000,
+        "upload_kb_per_client_round": upload / 1000,
+    }
 
 
 def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -85,18 +93,18 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "codec (the downlink always with the server's error feedback). Regenerate: `flock /tmp/fedlm-heavy.lock python benchmarks/communication.py "
         "--write-results`.",
         "",
-        "| run | test loss per round (0..R) | MiB total | KB per client per round | bytes vs dense | final loss vs dense |",
+        "| run | test loss per round (0..R) | MiB total | KB per client per round (upload) | bytes vs dense | final loss vs dense |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{base['mib'][-1] / r['mib'][-1]:.1f}x fewer" if base else "-"
         loss = f"{100 * (r['loss'][-1] / base['loss'][-1] - 1):+.2f}%" if base else "-"
         lines.append(
-            f"| {r['run']} | {' / '.join(f'{x:.3f}' for x in r['loss'])} | {r['mib'][-1]:.2f} | {r['kb_per_client_round']:.1f} | {ratio} | {loss} |"
+            f"| {r['run']} | {' / '.join(f'{x:.3f}' for x in r['loss'])} | {r['mib'][-1]:.2f} | {r['kb_per_client_round']:.1f} ({r['upload_kb_per_client_round']:.2f}) | {ratio} | {loss} |"
         )
     missing = [name for name in SETTINGS if name not in {r["run"] for r in rows}]
     if missing:
-        lines += ["", f"Not measured in this run (reduced grid): {', '.join(missing)}; FedKSeed is not built."]
+        lines += ["", f"Not measured in this run (reduced grid): {', '.join(missing)}."]
     if base:
         good = [r["run"] for r in rows if r is not base and r["loss"][-1] <= 1.01 * base["loss"][-1] and base["mib"][-1] >= 10 * r["mib"][-1]]
         lines += ["", f"Within 1% of dense FedAvg-LoRA's final loss with >= 10x fewer bytes: {', '.join(good) or 'none of the settings run'}."]
