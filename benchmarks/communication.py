@@ -4,8 +4,8 @@ quantization (``compression.uplink`` and ``compression.downlink`` with the same 
 the embedded WordNet domains (8 clients, 4 per round), the aggregation benchmark's settings.
 
 The bytes are what ``metrics.jsonl`` logs: the encoded messages' lengths. The goal checked: a compressed setting
-whose final loss is within 1% of dense FedAvg-LoRA's with at least 10x fewer bytes, and FedKSeed's upload per
-client per round (its download is the dense model: the seed-wise downlink is not built). ``--only NAME ...`` runs a subset (a reduced grid);
+whose final loss is within 1% of dense FedAvg-LoRA's with at least 10x fewer bytes, and FedKSeed under 10 KB per
+client per round (up + down, with its seed-wise downlink). ``--only NAME ...`` runs a subset (a reduced grid);
 ``--write-results`` puts the table into ``benchmarks/RESULTS.md``. Smoke: ``--model tiny-random-llama --rounds 1``.
 Run under ``flock /tmp/fedlm-heavy.lock`` on a shared machine.
 """

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import tiny_config, write_config
-from safetensors.torch import save
+from safetensors.torch import load, load_file, save
 
 from fedlm.cli import app as cli
-from fedlm.compression.fedkseed import GRADIENT, SEED_INDEX, candidate_seeds, perturbation, replay
-from fedlm.compression.seed_training import SeedReplay, ZerothOrderTrainer
+from fedlm.compression.downlink import DownlinkState
+from fedlm.compression.fedkseed import COEFFICIENT, GRADIENT, SEED_INDEX, candidate_seeds, perturbation, replay, seedwise_step
+from fedlm.compression.seed_training import SeedReplay, SeedwiseFedAvg, ZerothOrderTrainer
 from fedlm.config.io import validate_config
 from fedlm.core.errors import FedlmError
 from fedlm.core.task import ClientContext, ClientTask, LocalPlan
@@ -91,6 +92,8 @@ def test_malformed_pairs_are_rejected_with_the_reason() -> None:
         ({"aggregation": {"name": "scaffold"}}, "runs no client-side hooks"),
         ({"federation": {"runtime": "flower"}}, "not built for `federation.runtime: flower`"),
         ({"compression": {"uplink": {"method": "topk", "ratio": 0.1}}}, "remove `compression.uplink`"),
+        ({"aggregation": {"name": "fedadam"}}, "`federation.fedkseed.downlink: seeds` cannot run here"),
+        ({"privacy": {"client_dp": {"noise_multiplier": 0.5, "clip": 0.1}}}, "client DP's noise"),
     ],
 )
 def test_what_fedkseed_cannot_run_with_is_refused_at_load(sections: dict[str, Any], needle: str) -> None:
@@ -110,3 +113,46 @@ def test_a_fedkseed_run_uploads_under_10_kb_and_lowers_the_test_loss(tmp_path: P
     assert all(r["upload_bytes"] == len(save(message)) for r in train)  # what is counted is the pairs' message
     test = [r["loss"] for r in rows if r["split"] == "global_test"]
     assert test[-1] < test[0]
+
+
+def test_clients_rebuild_the_seedwise_fedavg_step_from_the_broadcast_list_bit_for_bit() -> None:
+    seeds = candidate_seeds(0, 16)
+    state = {"w": torch.randn(6, 4, generator=torch.Generator().manual_seed(1)), "b": torch.zeros(3)}
+    lrs = [0.1, 0.05, 0.1]
+    pairs = {"a": ([3, 7, 3], [0.5, -1.25, 2.0]), "b": ([1, 3, 15], [-0.75, 0.25, 1.5])}
+    replay_runtime = SeedReplay(None, seeds)  # type: ignore[arg-type]  # only its pairs are read
+    replay_runtime.pairs = {(1, c): (i, g, lrs) for c, (i, g) in pairs.items()}
+    updates = [ClientUpdate("a", 1, 30, {}), ClientUpdate("b", 1, 10, {})]
+    step = SeedwiseFedAvg(replay_runtime, 1, DownlinkState({}))
+    outcome = step.aggregate(state, {}, updates, 1)
+    message = load(save(step.last_message))  # what travels
+    assert step.downlink.message_bytes[1] == len(save(step.last_message)) and message[SEED_INDEX].tolist() == [1, 3, 7, 15]
+    rebuilt = seedwise_step(state, seeds, message[SEED_INDEX].tolist(), [float(c) for c in message[COEFFICIENT]])
+    assert all(torch.equal(rebuilt[n], outcome.state[n]) for n in state)
+    fedavg = {
+        n: state[n] + sum(p * (replay(state, seeds, i, g, lrs)[n] - state[n]) for p, (i, g) in zip((0.75, 0.25), pairs.values())) for n in state
+    }
+    assert all(torch.allclose(outcome.state[n], fedavg[n], atol=1e-5) for n in state)  # FedAvg of the replayed deltas
+
+
+def test_a_fedkseed_run_moves_under_10_kb_per_client_per_round_and_resumes_exactly(tmp_path: Path, runner, one_torch_thread) -> None:
+    straight = _cli_run(runner, tmp_path, "straight", 3)
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all(r["upload_bytes"] + r["download_bytes"] < 10_000 < r["dense_download_bytes"] for r in train)
+    sizes = {r["round"]: r["aggregation"]["seed_message_bytes"] for r in rows if r["split"] == "aggregate"}
+    held: dict[str, int] = {}
+    for r in train:  # the lists of the rounds it missed
+        assert r["download_bytes"] == sum(sizes[k] for k in range(held.get(r["client"], 0) + 1, r["round"]))
+        held[r["client"]] = r["round"] - 1
+    _cli_run(runner, tmp_path, "split", 2)
+    resumed = _cli_run(runner, tmp_path, "split", 3, resume=True)
+    a, b = (load_file(str(run / "adapter" / "adapter_model.safetensors")) for run in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli_run(runner, tmp: Path, name: str, rounds: int, resume: bool = False) -> Path:
+    cfg = write_config(tmp / f"{name}.yaml", _config(tmp / name, federation={"rounds": rounds}))
+    result = runner.invoke(cli, ["run", str(cfg), *(["--resume"] if resume else [])])
+    assert result.exit_code == 0, result.output
+    return tmp / name

@@ -21,7 +21,15 @@ from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
-from fedlm.compression.setup import compressed_uplink, round_aggregator, seed_replay, seed_trainer, task_builder, with_compression_state
+from fedlm.compression.setup import (
+    compressed_uplink,
+    round_aggregator,
+    seed_replay,
+    seed_trainer,
+    seedwise_aggregation,
+    task_builder,
+    with_compression_state,
+)
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
@@ -285,6 +293,7 @@ def build_server_loop(
     else:
         runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
         aggregation = SecureAggregationStep(step, secure) if secure is not None else step
+        aggregation = seedwise_aggregation(config, replay, saved) or aggregation  # fedkseed: the step as seed lists
     round_ = Round(
         names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
     )

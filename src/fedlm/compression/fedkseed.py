@@ -25,7 +25,7 @@ import torch
 from fedlm.core.seeding import derive_seed, torch_generator
 from fedlm.core.update import TensorDict
 
-SEED_INDEX, GRADIENT = "fedkseed|seed", "fedkseed|grad"
+SEED_INDEX, GRADIENT, COEFFICIENT = "fedkseed|seed", "fedkseed|grad", "fedkseed|coefficient"
 
 
 def candidate_seeds(run_seed: int, k: int) -> list[int]:
@@ -62,3 +62,12 @@ def replay(
     for index, g, lr in zip(indices, grads, lrs):
         theta = step(theta, perturbation(seeds[index], theta), lr * g)
     return theta
+
+
+def seedwise_step(state: Mapping[str, torch.Tensor], seeds: Sequence[int], indices: Sequence[int], coefficients: Sequence[float]) -> TensorDict:
+    """w - sum_s c_s z_s applied seed by seed in the given order (float32), cast back to ``state``'s dtypes: the
+    server's step and every client's replay of the broadcast (index, c_s) list."""
+    theta = {name: t.detach().to(torch.float32).cpu().clone() for name, t in state.items()}
+    for index, c in zip(indices, coefficients):
+        theta = step(theta, perturbation(seeds[index], theta), c)
+    return {name: theta[name].to(state[name].dtype) for name in state}

@@ -9,7 +9,7 @@ from fedlm.aggregation.lora.mode import LoraMode
 from fedlm.compression.codec import Codec
 from fedlm.compression.downlink import CompressedDownlink, DownlinkState
 from fedlm.compression.fedkseed import candidate_seeds
-from fedlm.compression.seed_training import SeedReplay, ZerothOrderTrainer
+from fedlm.compression.seed_training import SeedDownlink, SeedReplay, SeedwiseFedAvg, ZerothOrderTrainer
 from fedlm.compression.state import WithCompressionState
 from fedlm.compression.uplink import CompressedUplink
 from fedlm.config.schema import ExperimentConfig
@@ -29,7 +29,7 @@ def with_compression_state(aggregator: Aggregator, config: ExperimentConfig) -> 
     """``aggregator`` with room for the clients' residuals (uplink error feedback) and the downlink replica in its
     checkpointed state; else ``aggregator`` itself."""
     codec = uplink_codec(config)
-    needed = (codec is not None and codec.error_feedback) or config.compression.downlink is not None
+    needed = (codec is not None and codec.error_feedback) or config.compression.downlink is not None or _seed_downlink(config)
     return WithCompressionState(aggregator) if needed else aggregator
 
 
@@ -45,6 +45,10 @@ def task_builder(
     builds the tasks from the clients' replica (its state kept in ``aggregator``, a :class:`WithCompressionState`)."""
     section = config.compression.downlink
     inner = round_aggregator(aggregator)
+    if _seed_downlink(config) and isinstance(aggregator, WithCompressionState):
+        if aggregator.downlink is None:
+            aggregator.downlink = DownlinkState({})
+        return SeedDownlink(config, inner, lora, ranks, aggregator.downlink)
     if section is None or not isinstance(aggregator, WithCompressionState):
         return TaskBuilder(config, inner, lora, ranks)
     if aggregator.downlink is None:
@@ -78,3 +82,15 @@ def seed_replay(runtime: Runtime, config: ExperimentConfig) -> SeedReplay | None
     if config.federation.algorithm != "fedkseed":
         return None
     return SeedReplay(runtime, candidate_seeds(config.seed, config.federation.fedkseed.seeds))
+
+
+def _seed_downlink(config: ExperimentConfig) -> bool:
+    fed = config.federation
+    return fed.algorithm == "fedkseed" and fed.fedkseed.downlink == "seeds"
+
+
+def seedwise_aggregation(config: ExperimentConfig, replay: SeedReplay | None, aggregator: Aggregator) -> SeedwiseFedAvg | None:
+    """FedKSeed's seed-wise FedAvg step when the downlink is seeds (its sizes kept in ``aggregator``'s state); else None."""
+    if replay is None or not _seed_downlink(config) or not isinstance(aggregator, WithCompressionState) or aggregator.downlink is None:
+        return None
+    return SeedwiseFedAvg(replay, config.federation.min_clients, aggregator.downlink)

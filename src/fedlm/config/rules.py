@@ -539,6 +539,24 @@ def fedkseed_fits_the_run(s: Setting) -> None:
             f"{prefix} runs no client-side hooks and uploads nothing but the pairs, but `aggregation.name: {config.aggregation.name}` "
             "needs them; use an aggregator that takes plain deltas (e.g. fedavg, fedadam, median)"
         )
+    if config.federation.fedkseed.downlink == "seeds":
+        _seed_downlink_fits(config)
+
+
+def _seed_downlink_fits(config: ExperimentConfig) -> None:
+    """The broadcast (seed, coefficient) lists are FedAvg's step on the clients' pairs: any other server step, noise,
+    an altered update or a compressed replica would not be what the lists rebuild."""
+    why = None
+    if config.aggregation.name != "fedavg" or config.aggregation.lora != "naive":
+        why = f"it is FedAvg's step on plain factors, not `aggregation.name: {config.aggregation.name}` with `aggregation.lora: {config.aggregation.lora}`"
+    elif config.privacy.client_dp is not None:
+        why = "client DP's noise is not a combination of the seeds' perturbations"
+    elif config.attack.name is not None:
+        why = "an attack alters the replayed update, which the lists (built from the pairs) would not carry"
+    elif config.compression.downlink is not None:
+        why = "the lists rebuild the global model exactly; `compression.downlink` would compress it again"
+    if why is not None:
+        raise FedlmError(f"`federation.fedkseed.downlink: seeds` cannot run here: {why}; set `federation.fedkseed.downlink: dense`")
 
 
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).

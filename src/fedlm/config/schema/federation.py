@@ -15,6 +15,9 @@ class FedKSeedConfig(Section):
 
     seeds: int = Field(4096, ge=1, le=2**15, description="K: the candidate seeds shared by the server and every client")
     eps: float = Field(1e-3, gt=0.0, allow_inf_nan=False, description="the perturbation scale of the two-point gradient estimate")
+    downlink: Literal["seeds", "dense"] = Field(
+        "seeds", description="seeds: the server's FedAvg step as (seed, coefficient) lists that clients replay (fedavg only); dense: the global model"
+    )
 
 
 class FederationConfig(Section):
