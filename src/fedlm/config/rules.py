@@ -540,15 +540,18 @@ def fedkseed_fits_the_run(s: Setting) -> None:
             "needs them; use an aggregator that takes plain deltas (e.g. fedavg, fedadam, median)"
         )
     if config.federation.fedkseed.downlink == "seeds":
-        _seed_downlink_fits(config)
+        _seed_downlink_fits(config, agg)
 
 
-def _seed_downlink_fits(config: ExperimentConfig) -> None:
+def _seed_downlink_fits(config: ExperimentConfig, agg: Aggregator) -> None:
     """The broadcast (seed, coefficient) lists are FedAvg's step on the clients' pairs: any other server step, noise,
     an altered update or a compressed replica would not be what the lists rebuild."""
     why = None
-    if config.aggregation.name != "fedavg" or config.aggregation.lora != "naive":
-        why = f"it is FedAvg's step on plain factors, not `aggregation.name: {config.aggregation.name}` with `aggregation.lora: {config.aggregation.lora}`"
+    if not agg.example_weighted_mean or config.aggregation.lora != "naive":
+        why = (
+            f"it is FedAvg's step (an example-weighted mean of the deltas) on plain factors, not `aggregation.name: "
+            f"{config.aggregation.name}` with `aggregation.lora: {config.aggregation.lora}`"
+        )
     elif config.privacy.client_dp is not None:
         why = "client DP's noise is not a combination of the seeds' perturbations"
     elif config.attack.name is not None:
