@@ -21,6 +21,15 @@ from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
 from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
 from fedlm.attacks.outcome import AttackOutcomeObserver
 from fedlm.attacks.safety_probe import build_safety_probe
+from fedlm.compression.setup import (
+    compressed_uplink,
+    round_aggregator,
+    seed_replay,
+    seed_trainer,
+    seedwise_aggregation,
+    task_builder,
+    with_compression_state,
+)
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
@@ -36,6 +45,7 @@ from fedlm.evaluation.evaluator import Evaluator
 from fedlm.federation.aggregation_step import SERVER_ID, AggregationStep, RootSetUpdate
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.data_parallel import ClientProcesses
+from fedlm.federation.observers.budget import BudgetReached, CommunicationBudget
 from fedlm.federation.observers.checkpointing import Checkpointer
 from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
 from fedlm.federation.observers.harness import HarnessObserver
@@ -99,9 +109,10 @@ class Session:
         )
 
     def aggregator(self) -> Aggregator:
-        """The configured aggregator, wrapped in client-level DP when ``privacy.client_dp`` is set."""
+        """The configured aggregator, wrapped in client-level DP when ``privacy.client_dp`` is set (and holding the
+        clients' error-feedback residuals under ``compression.uplink``)."""
         inner = build_aggregator(self.config.aggregation.name, self.config.aggregation.params())
-        return wrap_with_dp(inner, self.config, len(self.data.client_names))
+        return with_compression_state(wrap_with_dp(inner, self.config, len(self.data.client_names)), self.config)
 
     def attack_probes(self, progress: Progress | None) -> list[Probe]:
         """The extra evaluations an attack needs: backdoor success, or the refusal rate on harmful prompts."""
@@ -253,20 +264,30 @@ def build_server_loop(
     (``federation.client_processes``)."""
     config, fed = session.config, session.config.federation
     names = session.data.client_names
+    saved, aggregator = aggregator, round_aggregator(aggregator)  # the checkpoints save the compression's state too
     aggregator.start(names)
+    clients_here = runtime is None
     if runtime is None:
         trainer = session.trainer(aggregator.trainer_hooks())
         trainer = processes.trainer(trainer) if processes is not None else trainer
-        runtime = SimulationRuntime(trainer, session.data.client_train, progress)
+        runtime = SimulationRuntime(seed_trainer(trainer, config), session.data.client_train, progress)  # fedkseed: zeroth order
         personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
         if personal is not None:
             runtime, observers = personal, [personal, *observers]
+    uplink = compressed_uplink(runtime, config, saved, clients_here)  # encoded on the clients, decoded here
+    if uplink is not None:
+        runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
+    replay = seed_replay(runtime, config)  # federation.algorithm: fedkseed, the clients' pairs replayed here
+    if replay is not None:
+        runtime, observers = replay, [replay, *observers]
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
-    tasks = TaskBuilder(config, aggregator, lora, ranks)
+    tasks = task_builder(config, saved, lora, ranks, session.initial_state)  # compression.downlink: from the clients' replica
+    if isinstance(tasks, RoundObserver):  # it also logs the real download sizes
+        observers = [tasks, *observers]
     step = AggregationStep(aggregator, lora, ranks, fed.min_clients, _root_set_update(session, aggregator, tasks))
     secure = build_secure_aggregation(config, aggregator, len(names))
     aggregation: Aggregation = step
@@ -284,6 +305,7 @@ def build_server_loop(
     else:
         runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
         aggregation = SecureAggregationStep(step, secure) if secure is not None else step
+        aggregation = seedwise_aggregation(config, replay, saved) or aggregation  # fedkseed: the step as seed lists
     round_ = Round(
         names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
     )
@@ -297,7 +319,9 @@ def build_server_loop(
                 HarnessObserver(session.model, session.loaded.tokenizer, config.eval.harness, config.eval.at_start, fed.rounds, log, console)
             )
     config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    milestones.append(Checkpointer(run_dir, aggregator, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
+    milestones.append(Checkpointer(run_dir, saved, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
+    if fed.max_mib is not None:
+        milestones.append(CommunicationBudget(fed.max_mib, fed.rounds, log))
     return ServerLoop(round_, fed.rounds, milestones)
 
 
@@ -351,7 +375,12 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
     run_dir.config.write_text(config_yaml)
     with Progress(console) as progress, client_processes(session) as processes:
         loop = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime, processes=processes)
-        state = loop.run(state, start)
+        try:
+            state = loop.run(state, start)
+        except BudgetReached as stop:  # federation.max_mib: end cleanly with the state reached
+            state = stop.state
+            log.append({"round": stop.round, "split": "budget", "event": "stopped", "spent_bytes": stop.spent_bytes, "reason": str(stop)})
+            console.print(f"[yellow]{stop}[/yellow]")
     finish_personalization(session, run_dir, state, log, console)
     finish_run(session, run_dir, state, console)
     return state

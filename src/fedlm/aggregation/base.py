@@ -88,6 +88,9 @@ class Aggregator(ABC):
     #: What clients upload beside their delta (SCAFFOLD's control-variate changes), or None. Neither client DP nor
     #: secure aggregation protects it, so both refuse an algorithm that sets it.
     uploads_extras: ClassVar[str | None] = None
+    #: True when the step is exactly params + sum_k p_k Delta_k with p_k = n_k / n and no state (FedAvg): a step that
+    #: is linear in the updates, so FedKSeed can write it per seed (``federation.fedkseed.downlink: seeds``).
+    example_weighted_mean: ClassVar[bool] = False
     #: The attacker share a robust aggregator bounds, or None for an algorithm that makes no Byzantine claim.
     byzantine_bound: ClassVar[ByzantineBound | None] = None
 

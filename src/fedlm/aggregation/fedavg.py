@@ -26,6 +26,8 @@ def fedavg_step(params: Mapping[str, torch.Tensor], deltas: Sequence[Mapping[str
 class FedAvg(Aggregator):
     """Example-weighted averaging; stateless."""
 
+    example_weighted_mean = True
+
     def aggregate(self, global_params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> AggregationResult:
         new = fedavg_step(global_params, [u.tensors for u in updates], [u.num_examples for u in updates])
         return AggregationResult(params=new, metrics={"num_updates": float(len(updates))})

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from fedlm.config.schema.attack import AttackConfig
+from fedlm.config.schema.compression import CompressionConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
@@ -40,6 +41,7 @@ class ExperimentConfig(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     @field_validator("objective", mode="before")
     @classmethod

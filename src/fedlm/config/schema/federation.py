@@ -10,6 +10,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedlm.config.schema.section import Section
 
 
+class FedKSeedConfig(Section):
+    """FedKSeed's settings (``federation.algorithm: fedkseed``; Qin et al. 2024)."""
+
+    seeds: int = Field(4096, ge=1, le=2**15, description="K: the candidate seeds shared by the server and every client")
+    eps: float = Field(1e-3, gt=0.0, allow_inf_nan=False, description="the perturbation scale of the two-point gradient estimate")
+    downlink: Literal["seeds", "dense"] = Field(
+        "seeds", description="seeds: the server's FedAvg step as (seed, coefficient) lists that clients replay (fedavg only); dense: the global model"
+    )
+
+
 class FederationConfig(Section):
     """What a round is and who runs it."""
 
@@ -25,6 +35,10 @@ class FederationConfig(Section):
         None, ge=1, description="updates claiming more training examples than this are rejected (caps a client's weight)"
     )
     local_steps: int = Field(10, ge=1, description="optimizer steps per client per round")
+    algorithm: Literal["gradient", "fedkseed"] = Field(
+        "gradient", description="gradient: backprop local steps; fedkseed: zeroth-order steps on K shared seeds, uploading (seed, scalar) pairs"
+    )
+    fedkseed: FedKSeedConfig = Field(default_factory=FedKSeedConfig)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-4, gt=0.0)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer, fresh every round")
@@ -34,6 +48,11 @@ class FederationConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     client_processes: int = Field(
         1, ge=1, description="data-parallel processes per client (gloo on CPU, nccl with one GPU each); a step's batch is split among them"
+    )
+    max_mib: float | None = Field(
+        None,
+        gt=0.0,
+        description="communication budget in MiB (uploads + downloads of every client): the run stops before a round that would exceed it",
     )
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

@@ -14,6 +14,8 @@ from typing import Any
 import psutil
 from flwr.app import Context, RecordDict
 
+from fedlm.compression.setup import uplink_codec
+from fedlm.compression.uplink import encode_on_client
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.core.task import ClientTask
@@ -56,6 +58,9 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     setup_s = time.perf_counter() - started
     update = trainer.train(client, session.data.client_train[client], task.state, task.plan, None, task.context)
     train_s = time.perf_counter() - started - setup_s
+    codec = uplink_codec(config)
+    if codec is not None:  # compression.uplink: the message leaves the node encoded; the residual stays here
+        update = encode_on_client(update, codec, config.seed, task.plan.rank, task.context.memory)
     if update.memory:
         context.state[MEMORY] = pack_tensors(update.memory)
     metrics = {
