@@ -152,8 +152,46 @@ def test_missing_adapter_personal_model_or_run_is_refused_with_what_to_do(finish
     assert result.exit_code == 2 and "has no adapter/" in result.output and "--resume" in result.output
     result = runner.invoke(app, ["eval", str(tmp_path / "nothing"), "--tasks", "wordnet_mc"])
     assert result.exit_code == 2 and "holds no fedlm run" in result.output and "--model-name" in result.output
-    result = runner.invoke(app, ["eval", str(finished_run), "--tasks", "wordnet_mc", "--mix", "0.5"])
-    assert result.exit_code == 2 and "needs the inference phase" in result.output
+    result = runner.invoke(app, ["eval", str(finished_run), "--tasks", "wordnet_mc", "--mix", "adapter"])
+    assert result.exit_code == 2 and "--client NAME" in result.output
+    result = runner.invoke(app, ["eval", str(finished_run), "--tasks", "wordnet_mc", "--mix", "logits", "--client", "noun.plant"])
+    assert result.exit_code == 2 and "no personal adapters" in result.output  # this run trained no personal models
+
+
+def test_mixes_under_the_harness(tmp_path: Path, runner, one_torch_thread: None) -> None:
+    """`--mix`: the harness scores the inference phase's mixed model. References: `--mix local` of a `replace` client is
+    the harness's plain path on that client's adapter (`--client`), `--mix global` the plain global row; the logits
+    mix is w p_local + (1 - w) p_global at every position; generation under a mix equals transformers' greedy `generate`."""
+    import torch
+    from inference_fixtures import add_clients, tiny_run
+
+    from fedlm.inference.harness_lm import MixedHFLM
+    from fedlm.inference.mix import MixedModel, MixSpec
+    from fedlm.inference.run import open_run
+
+    run = tiny_run(tmp_path, runner)
+    add_clients(run)
+    base = ["eval", str(run), "--tasks", "wordnet_mc", "--limit", str(LIMIT)]
+    assert runner.invoke(app, base).exit_code == 0
+    plain_global = _models(run)["global"]
+    for extra in (["--client", "alice"], ["--mix", "local", "--client", "alice"], ["--mix", "global"], ["--mix", "logits", "--client", "alice"]):
+        result = runner.invoke(app, base + extra)
+        assert result.exit_code == 0, result.output
+    models = _models(run)
+    assert models["client alice local"]["metrics"] == models["client alice"]["metrics"]
+    assert models["global"]["metrics"] == plain_global["metrics"] and models["global"]["mix"]["mix"] == "global"
+    assert models["client alice logits"]["mix"] == {"mix": "logits", "client": "alice", "weight": 0.5, "max_weight": 1.0, "combine": "linear"}
+    assert [r["doc_id"] for r in models["client alice logits"]["samples"]] == [r["doc_id"] for r in models["global"]["samples"]]
+    mixed = MixedModel(open_run(run))
+    lm = MixedHFLM(mixed, MixSpec(mix="logits", client="alice"), batch_size=2)
+    ids = torch.tensor([[5, 9, 23, 44, 3, 17]])
+    personal = mixed.logprobs(MixSpec(mix="local", client="alice"), ids, torch.ones_like(ids))
+    glob = mixed.logprobs(MixSpec(), ids, torch.ones_like(ids))
+    expected = torch.log(0.5 * personal.exp() + 0.5 * glob.exp())
+    torch.testing.assert_close(lm._model_call(ids), expected, rtol=1e-5, atol=1e-5)
+    greedy = MixedHFLM(mixed, MixSpec(), batch_size=2)._model_generate(ids, max_length=ids.shape[1] + 5, stop=[])
+    reference = mixed.run.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert greedy[0, : reference.shape[1]].tolist() == reference[0].tolist()
 
 
 def test_eval_harness_every_round_gives_benchmark_curves(tmp_path: Path, runner, one_torch_thread: None) -> None:

@@ -48,19 +48,19 @@ def split_tasks(text: str) -> list[str]:
 
 def evaluate_request(request: EvalRequest, console: RunConsole) -> list[TaskOutcome]:
     """Check the request, load the model it names, run the tasks, save and report them."""
-    if request.mix is not None:
-        raise FedlmError(
-            "`--mix` needs the inference phase (mixing a client's personal adapter with the global one), which this "
-            "fedlm does not have yet; evaluate the global model (no option) or one client's personal model (--client NAME)"
-        )
-    if request.model_name is not None and request.client is not None:
-        raise FedlmError("`--model-name` evaluates a base model without any adapter, so `--client` does not apply; drop one of them")
+    if request.model_name is not None and (request.client is not None or request.mix is not None):
+        raise FedlmError("`--model-name` evaluates a base model without any adapter, so `--client` and `--mix` do not apply; drop one of them")
     folder = RunDir(request.run_dir)
     config = _run_config(folder, request.model_name is not None)
-    adapter, label = _which_model(folder, request.client, request.model_name)
+    if request.mix is None:
+        adapter, label = _which_model(folder, request.client, request.model_name)
     manager = task_manager(include_paths(request.include))  # every folder and task checked before the model loads
     tasks = check_task_names(request.tasks, manager)
-    model, tokenizer, about = _load(config, adapter, request.model_name, console)
+    lm = None
+    if request.mix is not None:  # the inference phase's mix of the client's personal model and the global one
+        model, tokenizer, about, lm, label = _load_mixed(folder, request.client, request.mix, request.batch_size, console)
+    else:
+        model, tokenizer, about = _load(config, adapter, request.model_name, console)
     console.print(f"harness on {label}: {', '.join(tasks)}" + (f" (first {request.limit} documents each)" if request.limit else ""))
     outcomes = run_tasks(
         model,
@@ -71,6 +71,7 @@ def evaluate_request(request: EvalRequest, console: RunConsole) -> list[TaskOutc
         batch_size=request.batch_size,
         num_fewshot=request.num_fewshot,
         allow_code_execution=request.allow_code_execution,
+        lm=lm,
     )
     about.update(limit=request.limit, num_fewshot=request.num_fewshot, lm_eval=lm_eval_version())
     save_outcomes(folder.root / "eval", label, outcomes, about)
@@ -132,6 +133,29 @@ def _load(config: ExperimentConfig | None, adapter: Path | None, model_name: str
     loaded, model, _ = build_model(chained, console)
     about = {"model": config.model.name, "adapter": str(adapter), "dtype": _dtype(loaded.dtype), "device": str(loaded.device)}
     return model, loaded.tokenizer, about
+
+
+def _load_mixed(folder: RunDir, client: str | None, mix: str, batch_size: int, console: RunConsole) -> tuple[Any, Any, dict[str, Any], Any, str]:
+    """The run opened for inference (one base model, every adapter) under ``--mix`` for ``client``: the model, its
+    tokenizer, what the results say about it, the harness model (:class:`~fedlm.inference.harness_lm.MixedHFLM`)
+    and its label (``client NAME MIX``; the weight and combine from the run's ``inference`` section)."""
+    from fedlm.inference.harness_lm import MixedHFLM  # noqa: PLC0415 - lm-eval's import is slow
+    from fedlm.inference.session import open_mixed  # noqa: PLC0415
+
+    if mix != "global" and client is None:
+        raise FedlmError(f"`--mix {mix}` combines a client's personal model with the global one: give the client with --client NAME")
+    mixed, spec, _ = open_mixed(folder.root, client, mix=mix)
+    run = mixed.run
+    console.print(f"model {run.config.model.name} with {folder.root}'s adapters, mix {spec.mix} (weight {spec.weight}, {spec.combine})")
+    about = {
+        "model": run.config.model.name,
+        "adapter": str(folder.adapter),
+        "mix": {"mix": spec.mix, "client": spec.client, "weight": spec.weight, "max_weight": spec.max_weight, "combine": spec.combine},
+        "dtype": _dtype(next(run.model.parameters()).dtype),
+        "device": str(run.device),
+    }
+    label = "global" if spec.mix == "global" and client is None else f"client {client} {spec.mix}"
+    return run.model, run.tokenizer, about, MixedHFLM(mixed, spec, batch_size), label
 
 
 def _dtype(dtype: torch.dtype) -> str:

@@ -110,7 +110,13 @@ def eval_(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder (with --model-name: any folder for the results)")],
     tasks: Annotated[str, typer.Option("--tasks", help="comma-separated lm-eval tasks, e.g. wordnet_mc,arc_easy,mmlu")],
     client: Annotated[str | None, typer.Option("--client", help="evaluate this client's personal model (RUN_DIR/clients/NAME/adapter)")] = None,
-    mix: Annotated[str | None, typer.Option("--mix", help="a mix of personal and global adapters (needs the inference phase)")] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            "--mix",
+            help="global | local | adapter | logits: the inference phase's mix of the client's personal model and the global one (weight from the run's `inference` section)",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="only the first N documents of each task (quick checks)")] = None,
     include_path: Annotated[
         list[Path] | None, typer.Option("--include-path", help="a folder of your own lm-eval task YAMLs + local data (repeatable)")

@@ -113,12 +113,15 @@ def run_tasks(
     num_fewshot: int | None = None,
     keep_samples: bool = True,
     allow_code_execution: bool = False,
+    lm: Any = None,
 ) -> list[TaskOutcome]:
     """Run each of ``tasks`` through the harness's ``HFLM`` wrapped around ``model`` (a ``PeftModel`` with the adapter
     to evaluate, or a bare base model) in eval mode; a task that raises is returned with its error.
 
     ``allow_code_execution``: tasks that run the model's generated code (humaneval, mbpp) are refused by the harness
-    without it; with it, that code runs on this machine (the harness's ``confirm_run_unsafe_code``)."""
+    without it; with it, that code runs on this machine (the harness's ``confirm_run_unsafe_code``). ``lm``: a harness
+    model already built around ``model`` (e.g. :class:`fedlm.inference.harness_lm.MixedHFLM` for a mix) in place of
+    the plain ``HFLM``."""
     if allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # the `evaluate` code_eval metric's own opt-in
     import lm_eval  # noqa: PLC0415 - ~6 s import; only when a harness task runs
@@ -126,7 +129,7 @@ def run_tasks(
 
     was_training = model.training
     model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size) if lm is None else lm
     outcomes = []
     try:
         for task in tasks:

@@ -242,19 +242,24 @@ class MixedModel:
         Labels are aligned with ``input_ids`` (as Hugging Face's causal-LM ``labels``: the shift happens here).
         ``weight: auto`` weighs each row by its prompt tokens (mask 1 and label -100; all its tokens when none is).
         """
-        self.check(spec)
         prompt = attention_mask * (labels == IGNORE_INDEX)
         prompt = torch.where(prompt.sum(dim=1, keepdim=True) > 0, prompt, attention_mask)
-        weight = self.personal_weights(spec, input_ids, prompt)
-        with torch.no_grad():
-            lps = [
-                torch.log_softmax(self.prefill(p, input_ids, attention_mask)[0].logits.float(), -1) for p in self.passes(spec, weight)
-            ]  # (B, T, V)
-        logp = lps[0] if len(lps) == 1 else mix_logprobs(lps[1], lps[0], weight.to(lps[0].device), spec.combine)
+        logp = self.logprobs(spec, input_ids, attention_mask, prompt)  # (B, T, V)
         target = labels[:, 1:].clamp(min=0)  # (B, T-1)
         picked = logp[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         picked = torch.where(labels[:, 1:] == IGNORE_INDEX, torch.zeros_like(picked), picked)
         return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)  # (B, T)
+
+    def logprobs(self, spec: MixSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor, weight_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(next token | tokens up to t) under ``spec`` at every position, shape (B, T, V) float32.
+        ``weight_mask``: the tokens ``weight: auto`` pools over (default: ``attention_mask``)."""
+        self.check(spec)
+        weight = self.personal_weights(spec, input_ids, attention_mask if weight_mask is None else weight_mask)
+        with torch.no_grad():
+            lps = [
+                torch.log_softmax(self.prefill(p, input_ids, attention_mask)[0].logits.float(), -1) for p in self.passes(spec, weight)
+            ]  # (B, T, V)
+        return lps[0] if len(lps) == 1 else mix_logprobs(lps[1], lps[0], weight.to(lps[0].device), spec.combine)
 
     def loss(self, spec: MixSpec, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean negative log-likelihood over the labelled tokens of ``batch`` (input_ids, attention_mask, labels)."""
