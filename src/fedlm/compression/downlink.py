@@ -27,6 +27,7 @@ import torch
 
 from fedlm.aggregation.lora_structure import wire_form
 from fedlm.compression.codec import Codec, shapes_of
+from fedlm.compression.traffic import record_sizes
 from fedlm.core.round import RoundObserver, RoundRecord
 from fedlm.core.seeding import derive_seed, torch_generator
 from fedlm.core.task import ClientTask
@@ -96,9 +97,4 @@ class CompressedDownlink(TaskBuilder, RoundObserver):
         return tasks
 
     def on_round(self, record: RoundRecord) -> None:
-        for client, row in record.traffic.items():
-            size = self.sent.pop((record.round, client), None)
-            if size is not None:
-                row["dense_download_bytes"] = row["download_bytes"]
-                row["download_bytes"] = size
-        self.sent = {key: size for key, size in self.sent.items() if key[0] > record.round}
+        self.sent = record_sizes(record, self.sent, "download")

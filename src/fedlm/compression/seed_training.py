@@ -14,6 +14,7 @@ from fedlm.aggregation.lora_structure import wire_form
 from fedlm.aggregation.weights import example_weights
 from fedlm.compression.downlink import DownlinkState
 from fedlm.compression.fedkseed import COEFFICIENT, GRADIENT, SEED_INDEX, as_float32, perturbation, replay, seedwise_step, shifted, step
+from fedlm.compression.traffic import record_sizes
 from fedlm.core.round import RoundObserver, RoundRecord
 from fedlm.core.runtime import Runtime
 from fedlm.core.sampling import batch_indices
@@ -129,12 +130,7 @@ class SeedReplay(RoundObserver):
         return results
 
     def on_round(self, record: RoundRecord) -> None:
-        for client, row in record.traffic.items():
-            size = self.sizes.pop((record.round, client), None)
-            if size is not None:
-                row["dense_upload_bytes"] = row["upload_bytes"]
-                row["upload_bytes"] = size
-        self.sizes = {key: size for key, size in self.sizes.items() if key[0] > record.round}
+        self.sizes = record_sizes(record, self.sizes, "upload")
         self.pairs = {key: pair for key, pair in self.pairs.items() if key[0] > record.round}
 
 
@@ -201,9 +197,4 @@ class SeedDownlink(TaskBuilder, RoundObserver):
         return tasks
 
     def on_round(self, record: RoundRecord) -> None:
-        for client, row in record.traffic.items():
-            size = self.sent.pop((record.round, client), None)
-            if size is not None:
-                row["dense_download_bytes"] = row["download_bytes"]
-                row["download_bytes"] = size
-        self.sent = {key: size for key, size in self.sent.items() if key[0] > record.round}
+        self.sent = record_sizes(record, self.sent, "download")

@@ -21,6 +21,7 @@ import torch
 from fedlm.aggregation.lora_structure import wire_form
 from fedlm.compression.codec import Codec, MalformedMessage, pad_to, shapes_of
 from fedlm.compression.feedback import RESIDUAL, as_memory, compress, residual_of
+from fedlm.compression.traffic import record_sizes
 from fedlm.core.round import RoundObserver, RoundRecord
 from fedlm.core.runtime import Runtime
 from fedlm.core.seeding import derive_seed, torch_generator
@@ -81,9 +82,4 @@ class CompressedUplink(RoundObserver):
         return results
 
     def on_round(self, record: RoundRecord) -> None:
-        for client, row in record.traffic.items():
-            size = self.sizes.pop((record.round, client), None)
-            if size is not None:
-                row["dense_upload_bytes"] = row["upload_bytes"]
-                row["upload_bytes"] = size
-        self.sizes = {key: size for key, size in self.sizes.items() if key[0] > record.round}
+        self.sizes = record_sizes(record, self.sizes, "upload")
