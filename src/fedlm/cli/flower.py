@@ -83,10 +83,18 @@ def supernode(
     ca_cert: CaOpt = None,
     private_key: Annotated[Path | None, typer.Option("--private-key", help="this node's private key (node authentication)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="partition.method node_local: this node's own training data (sets data.train)")] = None,
+    process_per_message: Annotated[
+        bool,
+        typer.Option(
+            "--process-per-message",
+            help="Flower's default: a fresh ClientApp process (imports, model load) for every message, instead of one long-lived process",
+        ),
+    ] = False,
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Start a Flower SuperNode serving one client; a partition id outside the federation is refused here."""
+    """Start a Flower SuperNode serving one client, with fedlm's long-lived ClientApp process beside it (the model,
+    tokenizer and data load once, not once per message); a partition id outside the federation is refused here."""
     if data is not None:
         set_ = [*(set_ or []), f"data.train={data.resolve()}"]
 
@@ -109,7 +117,11 @@ def supernode(
 
             save_config(cfg, local)
         typer.echo(f"supernode: partition-id {partition_id} serves client {client}", err=True)
-        _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key))
+        if not process_per_message:  # beside the SuperNode, which takes this PID below; it exits with it
+            from fedlm.runtime.flower.launch import worker_command
+
+            subprocess.Popen(worker_command(port, os.getpid(), local, partition_id))  # noqa: S603 - our own interpreter and module
+        _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key, long_lived=not process_per_message))
 
     guarded(debug, action)
 

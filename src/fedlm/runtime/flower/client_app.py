@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 from fedlm.config.io import load_config, validate_config
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
-from fedlm.runtime.flower import secagg_node
+from fedlm.runtime.flower import node_cache, secagg_node
 from fedlm.runtime.flower.secagg_envelope import SECAGG_ACTION
 
 # torch and the model code are imported where a message needs them, so that the ClientApp process of a secure
@@ -43,13 +43,17 @@ def node_config_of(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
 
 
 def client_names(config: ExperimentConfig) -> list[str]:
-    """The federation's client names in partition order, without loading a model (``node_local``: the config's list)."""
+    """The federation's client names in partition order, without loading a model (``node_local``: the config's list);
+    a long-lived ClientApp process reads and splits the data once per config."""
     if config.partition.method == "node_local":
         return list(config.partition.clients or [])
     from fedlm.data.prepare import load_split_records, split_among_clients  # noqa: PLC0415 - keep the import light
 
-    train, _ = load_split_records(config.data, config.seed)
-    return split_among_clients(train, config.partition, config.seed).client_names
+    def compute() -> list[str]:
+        train, _ = load_split_records(config.data, config.seed)
+        return split_among_clients(train, config.partition, config.seed).client_names
+
+    return node_cache.client_names(config, compute)
 
 
 def check_local_data(config: ExperimentConfig) -> int:
