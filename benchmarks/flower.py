@@ -106,6 +106,7 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         "setup_s_per_message": statistics.mean(r["setup_s"] for r in trains),
         "process_start_s_per_message": statistics.mean(r.get("process_start_s", float("nan")) for r in trains),
         "local_train_s_per_message": statistics.mean(r.get("local_train_s", float("nan")) for r in trains),
+        "task_pull_s_per_message": statistics.mean(r.get("task_pull_s", float("nan")) for r in trains),
         # the server's wait beyond its slowest ClientApp: messaging through the SuperLink and Flower's polling
         "transport_s_per_round": statistics.mean(
             t - max(r.get("clientapp_s", float("nan")) for r in trains if r["round"] == i + 1) for i, t in enumerate(rounds(flower))

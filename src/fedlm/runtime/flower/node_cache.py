@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,8 @@ from fedlm.config.schema import ExperimentConfig
 
 _sessions: dict[str, Any] = {}  # key -> fedlm.experiment.Session; at most one (a node serves one client)
 _names: dict[str, list[str]] = {}  # config key -> client names in partition order
+# one build at a time: a message that needs the session while the worker's warm-up builds it waits for that build
+_session_lock, _names_lock = threading.Lock(), threading.Lock()
 
 
 def config_key(config: ExperimentConfig, client: str = "") -> str:
@@ -33,24 +36,27 @@ def config_key(config: ExperimentConfig, client: str = "") -> str:
 def session(config: ExperimentConfig, client: str, build: Callable[[], Any]) -> tuple[Any, bool]:
     """(session, reused): the kept session of ``config`` and ``client``, else ``build()`` (dropping any other)."""
     key = config_key(config, client)
-    if key in _sessions:
-        return _sessions[key], True
-    _sessions.clear()  # free the old model before loading the new one
-    built = build()
-    _sessions[key] = built
-    return built, False
+    with _session_lock:
+        if key in _sessions:
+            return _sessions[key], True
+        _sessions.clear()  # free the old model before loading the new one
+        built = build()
+        _sessions[key] = built
+        return built, False
 
 
 def client_names(config: ExperimentConfig, compute: Callable[[], list[str]]) -> list[str]:
     """The federation's client names for ``config`` (computed once per config)."""
     key = config_key(config)
-    if key not in _names:
-        _names.clear()
-        _names[key] = compute()
-    return list(_names[key])
+    with _names_lock:
+        if key not in _names:
+            _names.clear()
+            _names[key] = compute()
+        return list(_names[key])
 
 
 def clear() -> None:
     """Forget everything kept (tests)."""
-    _sessions.clear()
-    _names.clear()
+    with _session_lock, _names_lock:
+        _sessions.clear()
+        _names.clear()

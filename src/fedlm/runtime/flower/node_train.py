@@ -19,7 +19,7 @@ from fedlm.core.task import ClientTask
 from fedlm.core.update import ClientUpdate
 from fedlm.runtime.flower import node_cache
 from fedlm.runtime.flower.messages import config_hash, pack_tensors, task_from_content, unpack_tensors
-from fedlm.runtime.flower.task_clock import task_started_at
+from fedlm.runtime.flower.task_clock import task_pull_s, task_started_at
 
 MEMORY = "fedlm_memory"
 
@@ -68,6 +68,9 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
         "local_train_s": train_s,
         "clientapp_s": time.perf_counter() - started + process_s,
     }
+    pulled = task_pull_s()
+    if pulled is not None:
+        metrics["task_pull_s"] = pulled
     update = type(update)(update.client_id, update.round, update.num_examples, update.tensors, metrics, update.extras)
     return LocalRound(update, task, config, session, aggregator)
 

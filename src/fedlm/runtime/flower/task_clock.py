@@ -13,12 +13,25 @@ import time
 import psutil
 
 _acquired_at: float | None = None
+_pulled_at: float | None = None
 
 
 def mark_task_acquired() -> None:
     """The long-lived process took a new task now."""
-    global _acquired_at
-    _acquired_at = time.time()
+    global _acquired_at, _pulled_at
+    _acquired_at, _pulled_at = time.time(), None
+
+
+def mark_task_pulled() -> None:
+    """The long-lived process holds the task's message now (its objects came from the SuperNode)."""
+    global _pulled_at
+    _pulled_at = time.time()
+
+
+def task_pull_s() -> float | None:
+    """Seconds from acquiring the task to holding its message (long-lived process only): mostly the wait for the
+    SuperNode to receive the message's objects from the SuperLink."""
+    return None if _acquired_at is None or _pulled_at is None else _pulled_at - _acquired_at
 
 
 def task_started_at() -> float:

@@ -23,7 +23,8 @@ crashed ``flwr-clientapp`` and the next one is served by a fresh process. Runtim
 supported (fedlm's bundles have none; every node has fedlm installed).
 
 Run ``python -m fedlm.runtime.flower.worker --runtime-api-address 127.0.0.1:PORT --parent-pid PID`` (``fedlm flower
-supernode`` starts it); ``--config``/``--partition-id`` build the node's session before the first message arrives.
+supernode`` starts it); ``--config``/``--partition-id`` build the node's session in a thread from the start, while
+the handshake is already answered.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 from logging import ERROR, INFO
 from pathlib import Path
@@ -60,7 +62,7 @@ from flwr.supercore.runtime.tracing import RuntimeTracingInterceptor
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from fedlm.runtime.flower.task_clock import mark_task_acquired
+from fedlm.runtime.flower.task_clock import mark_task_acquired, mark_task_pulled
 
 WORKER_MODULE = "fedlm.runtime.flower.worker"
 _installed: set[str] = set()  # FAB hashes installed by this process
@@ -120,6 +122,7 @@ def run_task(address: str, token: str) -> bool:
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
         message, context, run, fab = _pull_task_input(client)
+        mark_task_pulled()
         if fab.hash_str not in _installed:
             install_from_fab(fab.content, skip_prompt=True)
             _installed.add(fab.hash_str)
@@ -146,10 +149,10 @@ def run_task(address: str, token: str) -> bool:
 
 
 def warm_up(config_path: Path, partition_id: int) -> None:
-    """Build the node's session (model, tokenizer, data) before the first message, into the ClientApp's cache; a
-    config the node cannot serve is left to the first message to refuse."""
+    """Build the node's session (model, tokenizer, data) before the first train message, into the ClientApp's cache
+    (a train message that arrives meanwhile waits for this build); a config the node cannot serve is left to the
+    first message to refuse."""
     from fedlm.config.io import load_config  # noqa: PLC0415 - heavy imports after the parent monitor is up
-    from fedlm.core.errors import FedlmError  # noqa: PLC0415
     from fedlm.runtime.flower import node_cache  # noqa: PLC0415
     from fedlm.runtime.flower.client_app import client_names, client_of  # noqa: PLC0415
     from fedlm.runtime.flower.node_train import build_node_session  # noqa: PLC0415
@@ -159,7 +162,7 @@ def warm_up(config_path: Path, partition_id: int) -> None:
         config = load_config(str(config_path))
         client = client_of(partition_id, client_names(config))
         node_cache.session(config, client, lambda: build_node_session(config, client))
-    except FedlmError as exc:
+    except Exception as exc:  # noqa: BLE001 - the first message builds it again and answers with the error
         log(INFO, "fedlm worker: no warm-up (%s)", exc)
         return
     log(INFO, "fedlm worker: client %s ready in %.1fs", client, time.perf_counter() - started)
@@ -169,8 +172,8 @@ def serve(address: str, poll_s: float = 0.25, parent_pid: int | None = None, con
     """Serve the SuperNode at ``address`` until the parent process exits (then SIGINT ends this one)."""
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
-    if config is not None and partition_id is not None:
-        warm_up(config, partition_id)
+    if config is not None and partition_id is not None:  # beside serving: the handshake needs no model
+        threading.Thread(target=warm_up, args=(config, partition_id), name="fedlm-warm-up", daemon=True).start()
     acquirer = _client(address, "SuperExec")
     log(INFO, "fedlm worker: serving the SuperNode at %s", address)
     while True:
