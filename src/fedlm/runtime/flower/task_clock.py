@@ -8,32 +8,32 @@ In a fresh ``flwr-clientapp`` process per message (Flower's ``subprocess`` isola
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psutil
 
-_acquired_at: float | None = None
-_pulled_at: float | None = None
+_task = threading.local()  # per thread: the long-lived process runs each task in its own thread
 
 
 def mark_task_acquired() -> None:
-    """The long-lived process took a new task now."""
-    global _acquired_at, _pulled_at
-    _acquired_at, _pulled_at = time.time(), None
+    """The long-lived process took a new task now (in this thread)."""
+    _task.acquired_at, _task.pulled_at = time.time(), None
 
 
 def mark_task_pulled() -> None:
     """The long-lived process holds the task's message now (its objects came from the SuperNode)."""
-    global _pulled_at
-    _pulled_at = time.time()
+    _task.pulled_at = time.time()
 
 
 def task_pull_s() -> float | None:
     """Seconds from acquiring the task to holding its message (long-lived process only): mostly the wait for the
     SuperNode to receive the message's objects from the SuperLink."""
-    return None if _acquired_at is None or _pulled_at is None else _pulled_at - _acquired_at
+    acquired, pulled = getattr(_task, "acquired_at", None), getattr(_task, "pulled_at", None)
+    return None if acquired is None or pulled is None else pulled - acquired
 
 
 def task_started_at() -> float:
     """Epoch seconds at which this message's handling began (see the module docstring)."""
-    return _acquired_at if _acquired_at is not None else psutil.Process().create_time()
+    acquired = getattr(_task, "acquired_at", None)
+    return acquired if acquired is not None else psutil.Process().create_time()

@@ -15,6 +15,10 @@ and ``flwr-clientapp`` do, with Flower's own functions, but in a loop:
 3. and go back to 1 without exiting, so the loaded modules and what fedlm's ClientApp keeps between messages
    (:mod:`fedlm.runtime.flower.node_cache`: model, tokenizer, client data) stay.
 
+Each task runs in its own thread, as the SuperExec gives each its own process, so a task whose message never arrives
+(Flower 1.41 leaves such a task pending when a run stops while its message is in transfer, e.g. a SuperLink
+restarted mid-round) does not hold up the next ones; the ClientApp itself runs one task at a time.
+
 A ClientApp that raises answers with Flower's own error reply (``CLIENT_APP_RAISED_EXCEPTION``) and the process
 serves the next task. The context (Flower's per-node ``context.state``: the client's memory, SecAgg+ state) is pulled
 with each task and pushed back after it, as with a fresh process. The process exits when its parent (the SuperNode)
@@ -66,6 +70,7 @@ from fedlm.runtime.flower.task_clock import mark_task_acquired, mark_task_pulled
 
 WORKER_MODULE = "fedlm.runtime.flower.worker"
 _installed: set[str] = set()  # FAB hashes installed by this process
+_app_lock = threading.Lock()  # one ClientApp call at a time: one model, one Flower task identity
 _load_client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
 
 
@@ -85,14 +90,13 @@ def acquire(client: RuntimeHttpClient) -> str | None:
     return str(res.token) if res.HasField("task") and res.token else None
 
 
-def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab, int]:
     """The task's message, context, run and app bundle: Flower's ``pull_task_input`` with a short first back-off.
 
     This process asks for the task as soon as the SuperNode creates it, often before the SuperNode holds the message's
     objects; Flower's pull then waits 1 s, 2 s, 4 s ... between tries, a wait a fresh ``flwr-clientapp`` (seconds of
-    imports before it pulls) never meets. Here the tries start 0.05 s apart (at most 1 s)."""
+    imports before it pulls) never meets. Here the tries start 0.05 s apart (at most 1 s). Also the task id."""
     res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
     pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
@@ -107,11 +111,14 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, 
         backoff_cap=1.0,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower: the deflated message lacks its own id
-    return message, context, run, fab
+    return message, context, run, fab, int(res.task_id)
 
 
 def run_task(address: str, token: str) -> bool:
-    """Run one acquired ClientApp task in this process, as ``flwr-clientapp`` does; True if the app answered."""
+    """Run one acquired ClientApp task in this process, as ``flwr-clientapp`` does; True if the app answered.
+
+    Tasks run in threads (:func:`serve`): the pulls and pushes of two tasks may overlap, the ClientApp runs one task at
+    a time (:data:`_app_lock`), with Flower's task identity (run, node, task) set for it."""
     mark_task_acquired()
     client = _client(address, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -121,13 +128,15 @@ def run_task(address: str, token: str) -> bool:
     context = None
     status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
-        message, context, run, fab = _pull_task_input(client)
+        message, context, run, fab, task_id = _pull_task_input(client)
         mark_task_pulled()
-        if fab.hash_str not in _installed:
-            install_from_fab(fab.content, skip_prompt=True)
-            _installed.add(fab.hash_str)
-        app: ClientApp = _load_client_app(run.fab_id, run.fab_version, fab.hash_str)
-        reply = app(message=message, context=context)
+        with _app_lock:
+            TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run.run_id, context.node_id
+            if fab.hash_str not in _installed:
+                install_from_fab(fab.content, skip_prompt=True)
+                _installed.add(fab.hash_str)
+            app: ClientApp = _load_client_app(run.fab_id, run.fab_version, fab.hash_str)
+            reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: any failure of the app becomes an error reply
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -181,7 +190,9 @@ def serve(address: str, poll_s: float = 0.25, parent_pid: int | None = None, con
         if token is None:
             time.sleep(poll_s)
             continue
-        run_task(address, token)
+        # a thread per task, as Flower's SuperExec starts a process per task: a task whose message never arrives
+        # (Flower 1.41 leaves one pending when its run stopped mid-transfer) must not hold up the next ones
+        threading.Thread(target=run_task, args=(address, token), name="fedlm-task", daemon=True).start()
 
 
 def _parent_alive(pid: int) -> bool:
