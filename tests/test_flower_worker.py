@@ -29,7 +29,7 @@ from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.runtime.flower import client_app, messages, node_cache
 from fedlm.runtime.flower.local import descendants, free_port, wait_for
 from fedlm.runtime.flower.node_train import train_on_node
-from fedlm.runtime.flower.polling_grid import PollingGrid
+from fedlm.runtime.flower.polling_grid import PollingGrid, polling
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -147,6 +147,7 @@ def test_polling_grid_collects_every_reply_and_stops_at_the_timeout() -> None:
     assert list(PollingGrid(late, poll_s=0.01).send_and_receive([Message(RecordDict(), dst_node_id=1, message_type="query")], timeout=0.2)) == []
     assert 0.2 <= time.monotonic() - started < 2.0
     assert list(grid.get_node_ids()) == [1, 2]
+    assert polling(inner) is inner  # only Flower's deployment (HTTP) grid is wrapped
 
 
 def _children(pid: int) -> list[int]:

@@ -3,7 +3,8 @@
 Flower 1.41's deployment grid (``flwr.superlink.grid.http_grid``) pushes the messages and then pulls the replies
 every 3 s, so every exchange (a round's train messages, each SecAgg+ stage, the handshake) ends up to 3 s after the
 last reply arrived. :class:`PollingGrid` wraps that grid and does the same with Flower's own ``push_messages`` and
-``pull_messages`` every ``poll_s`` (0.2 s); everything else is the wrapped grid's.
+``pull_messages`` every ``poll_s`` (0.2 s); everything else is the wrapped grid's. :func:`polling` wraps only that
+grid (other grids, e.g. Flower's in-memory simulation grid or the tests', keep their own ``send_and_receive``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from flwr.superlink.grid import HttpGrid
 
 
 class PollingGrid(Grid):
@@ -56,3 +58,8 @@ class PollingGrid(Grid):
                 break
             time.sleep(self.poll_s)
         return replies
+
+
+def polling(grid: Grid, poll_s: float = 0.2) -> Grid:
+    """``grid`` in a :class:`PollingGrid` if it is Flower's deployment (HTTP) grid, else ``grid`` itself."""
+    return PollingGrid(grid, poll_s) if isinstance(grid, HttpGrid) else grid
