@@ -1,4 +1,5 @@
-"""fedlm's long-lived ClientApp process (``fedlm.runtime.flower.worker``) and what it keeps between messages.
+"""fedlm's long-lived ClientApp process (``fedlm.runtime.flower.worker``, supervised by ``worker_process``) and what it
+keeps between messages.
 
 In process: a session kept from earlier messages trains a task exactly as a freshly built one (nothing leaks from
 one message to the next: adapter weights, optimizer, RNG), a changed config builds a new session, and the ServerApp's
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +29,7 @@ from test_flower_runtime import flower_config
 from fedlm.config.io import load_config
 from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.runtime.flower import client_app, messages, node_cache
-from fedlm.runtime.flower.local import descendants, free_port, wait_for
+from fedlm.runtime.flower.local import descendants, wait_for
 from fedlm.runtime.flower.node_train import train_on_node
 from fedlm.runtime.flower.polling_grid import PollingGrid, polling
 
@@ -155,13 +157,20 @@ def _children(pid: int) -> list[int]:
 
 
 def test_the_worker_restarts_its_serving_process_and_exits_with_the_supernode(tmp_path: Path) -> None:
-    """A stand-in SuperNode (``sleep``) as parent; no Runtime API listens, so the serving process keeps retrying.
-    Killing the serving process starts another; killing the parent ends both."""
+    """A stand-in SuperNode (``sleep``) as parent and a bare TCP listener as its Runtime API (the serving process
+    keeps retrying its requests). No serving process before the API listens; killing the serving process starts
+    another; killing the parent ends both."""
     node = subprocess.Popen(["sleep", "600"])
-    cmd = [sys.executable, "-m", "fedlm.runtime.flower.worker", "--runtime-api-address", f"127.0.0.1:{free_port()}", "--parent-pid", str(node.pid)]
+    api = socket.socket()
+    api.bind(("127.0.0.1", 0))
+    port = api.getsockname()[1]
+    cmd = [sys.executable, "-m", "fedlm.runtime.flower.worker_process", "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(node.pid)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     worker = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        time.sleep(3)
+        assert worker.poll() is None and _children(worker.pid) == []  # waits for the SuperNode's API
+        api.listen()
         wait_for(lambda: len(_children(worker.pid)) == 1, 60, "the serving process")
         first = _children(worker.pid)[0]
         os.kill(first, signal.SIGKILL)
@@ -180,3 +189,4 @@ def test_the_worker_restarts_its_serving_process_and_exits_with_the_supernode(tm
                 pass
         worker.wait()
         node.wait()
+        api.close()

@@ -7,7 +7,7 @@
 
 ``superlink`` and ``supernode`` replace themselves with Flower's own ``flower-superlink`` / ``flower-supernode``
 (same PID) after checking their input; ``supernode`` first starts fedlm's long-lived ClientApp process beside it
-(:mod:`fedlm.runtime.flower.worker`, ``--isolation process``; ``--process-per-message``: Flower's default); ``run`` writes the app bundle and calls ``flwr run``. Registered in
+(:mod:`fedlm.runtime.flower.worker_process`, ``--isolation process``; ``--process-per-message``: Flower's default); ``run`` writes the app bundle and calls ``flwr run``. Registered in
 :mod:`fedlm.cli`.
 """
 

@@ -150,9 +150,9 @@ def supernode_command(
 
 def worker_command(port: int, parent_pid: int, config_path: Path | None = None, partition_id: int | None = None) -> list[str]:
     """fedlm's long-lived ClientApp process for the SuperNode whose ClientApp API is on 127.0.0.1:``port`` (see
-    :mod:`fedlm.runtime.flower.worker`); it exits with ``parent_pid``, and builds the node's session at start when
+    :mod:`fedlm.runtime.flower.worker_process`); it exits with ``parent_pid``, and builds the node's session at start when
     given its config and partition id."""
-    cmd = [sys.executable, "-m", "fedlm.runtime.flower.worker", "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(parent_pid)]
+    cmd = [sys.executable, "-m", "fedlm.runtime.flower.worker_process", "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(parent_pid)]
     if config_path is not None and partition_id is not None:
         cmd += ["--config", str(config_path.resolve()), "--partition-id", str(int(partition_id))]
     return cmd

@@ -22,21 +22,17 @@ restarted mid-round) does not hold up the next ones; the ClientApp itself runs o
 A ClientApp that raises answers with Flower's own error reply (``CLIENT_APP_RAISED_EXCEPTION``) and the process
 serves the next task. The context (Flower's per-node ``context.state``: the client's memory, SecAgg+ state) is pulled
 with each task and pushed back after it, as with a fresh process. The process exits when its parent (the SuperNode)
-exits; :func:`supervise` restarts it when it dies on its own (e.g. killed for memory): the task it held fails like a
+exits; :mod:`~fedlm.runtime.flower.worker_process` restarts it when it dies on its own (e.g. killed for memory): the task it held fails like a
 crashed ``flwr-clientapp`` and the next one is served by a fresh process. Runtime dependency installation is not
 supported (fedlm's bundles have none; every node has fedlm installed).
 
-Run ``python -m fedlm.runtime.flower.worker --runtime-api-address 127.0.0.1:PORT --parent-pid PID`` (``fedlm flower
-supernode`` starts it); ``--config``/``--partition-id`` build the node's session in a thread from the start, while
-the handshake is already answered.
+Started by :mod:`fedlm.runtime.flower.worker_process` (``fedlm flower supernode`` starts that beside the SuperNode);
+with the node's config and partition id it builds the node's session in a thread from the start, while the
+handshake is already answered.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
 import threading
 import time
 from logging import ERROR, INFO
@@ -68,7 +64,6 @@ from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedlm.runtime.flower.task_clock import mark_task_acquired, mark_task_pulled
 
-WORKER_MODULE = "fedlm.runtime.flower.worker"
 _installed: set[str] = set()  # FAB hashes installed by this process
 _app_lock = threading.Lock()  # one ClientApp call at a time: one model, one Flower task identity
 _load_client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
@@ -193,62 +188,3 @@ def serve(address: str, poll_s: float = 0.25, parent_pid: int | None = None, con
         # a thread per task, as Flower's SuperExec starts a process per task: a task whose message never arrives
         # (Flower 1.41 leaves one pending when its run stopped mid-transfer) must not hold up the next ones
         threading.Thread(target=run_task, args=(address, token), name="fedlm-task", daemon=True).start()
-
-
-def _parent_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def supervise(argv: list[str], parent_pid: int, restart_s: float = 1.0) -> int:
-    """Run the serving process (``argv`` with ``--serve``) and start it again whenever it dies while ``parent_pid``
-    lives; the exit code of the last one."""
-    code = 0
-    while _parent_alive(parent_pid):
-        proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, *argv, "--serve", "--parent-pid", str(os.getpid())])
-        try:
-            while proc.poll() is None:
-                if not _parent_alive(parent_pid):
-                    proc.terminate()
-                    proc.wait(timeout=30)
-                    return 0
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(timeout=30)
-            return 0
-        code = proc.returncode
-        if _parent_alive(parent_pid):
-            log(ERROR, "fedlm worker: the ClientApp process exited with code %s; starting a new one", code)
-            time.sleep(restart_s)
-    return code
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="fedlm's long-lived ClientApp process beside a SuperNode (--isolation process)")
-    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT (its --port)")
-    p.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
-    p.add_argument("--poll", type=float, default=0.25, help="seconds between asking the SuperNode for a task")
-    p.add_argument("--config", type=Path, help="the node's fedlm config: build its session before the first message")
-    p.add_argument("--partition-id", type=int, help="the client the node serves (with --config)")
-    p.add_argument("--serve", action="store_true", help="serve in this process (default: supervise a serving child)")
-    args = p.parse_args(argv)
-    if args.serve:
-        try:
-            serve(args.runtime_api_address, args.poll, args.parent_pid, args.config, args.partition_id)
-        except KeyboardInterrupt:  # the parent exited (Flower's monitor sends SIGINT) or Ctrl-C
-            sys.exit(0)
-        return
-    forwarded = ["--runtime-api-address", args.runtime_api_address, "--poll", str(args.poll)]
-    if args.config is not None and args.partition_id is not None:
-        forwarded += ["--config", str(args.config), "--partition-id", str(args.partition_id)]
-    sys.exit(supervise(forwarded, args.parent_pid if args.parent_pid is not None else os.getppid()))
-
-
-if __name__ == "__main__":
-    main()
