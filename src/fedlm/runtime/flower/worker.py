@@ -147,7 +147,8 @@ def run_task(address: str, token: str) -> bool:
             log(ERROR, "Failed to push reply message", exc_info=ex)
             status = SubStatus.FAILED
         push_task_output(client=client, context=context, sub_status=status, details=details)
-        heartbeat.stop()
+        if heartbeat.is_running:  # as flwr-clientapp's exit handler
+            heartbeat.stop()
         client.close()
     return status == SubStatus.COMPLETED
 
