@@ -2,11 +2,14 @@
 a local Flower deployment (one SuperLink and one SuperNode per client on 127.0.0.1, as subprocesses).
 
 Reported per round: the server's ``train_time_s`` (sending the tasks to collecting the updates) in each runtime,
-the overhead (Flower - simulation), and, per ClientApp message, the base-model load time (``model_load_s``) and
-the whole set-up before training (``setup_s``: config, model, adapter, data). Flower starts a fresh ClientApp
-process per message, so each message pays the imports and the set-up; the final adapters are compared too.
+the overhead (Flower - simulation), and, per ClientApp message, the time before the handler runs
+(``process_start_s``), the base-model load time (``model_load_s``) and the whole set-up before training
+(``setup_s``: config, model, adapter, data); the final adapters are compared too. ``--clientapp long-lived`` (the
+default, what ``fedlm flower supernode`` runs) serves every message of a node in one process that keeps the model;
+``--clientapp per-message`` is Flower's default, a fresh ClientApp process per message (imports and set-up each time).
 Run ``python benchmarks/flower.py [--model tiny-random-llama|smollm2-135m-instruct] [--clients 3] [--rounds 2]
-[--write-results]``; each model's numbers are kept in ``--out`` and the table shows every model measured.
+[--clientapp long-lived|per-message] [--write-results]``; each model's and arm's numbers are kept in ``--out`` and the
+table shows every one measured.
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ def run_flower(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
     out = work / "flower"
     cfg = work / "flower.yaml"
     cfg.write_text(yaml.safe_dump(build_config(args, out, "flower")))
-    fed = LocalFederation(work / "fed", cfg, list(range(args.clients)), node_threads=args.node_threads)
+    per_message = args.clientapp == "per-message"
+    fed = LocalFederation(work / "fed", cfg, list(range(args.clients)), node_threads=args.node_threads, process_per_message=per_message)
     try:
         fed.start()
         started = time.perf_counter()
@@ -93,6 +97,8 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         "rounds": args.rounds,
         "local_steps": args.steps,
         "node_threads": args.node_threads,
+        "clientapp": args.clientapp,
+        "load_average": os.getloadavg()[0],
         "simulation_round_s": rounds(sim),
         "flower_round_s": rounds(flower),
         "overhead_per_round_s": statistics.mean(rounds(flower)) - statistics.mean(rounds(sim)),
@@ -100,6 +106,7 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         "setup_s_per_message": statistics.mean(r["setup_s"] for r in trains),
         "process_start_s_per_message": statistics.mean(r.get("process_start_s", float("nan")) for r in trains),
         "local_train_s_per_message": statistics.mean(r.get("local_train_s", float("nan")) for r in trains),
+        "task_pull_s_per_message": statistics.mean(r.get("task_pull_s", float("nan")) for r in trains),
         # the server's wait beyond its slowest ClientApp: messaging through the SuperLink and Flower's polling
         "transport_s_per_round": statistics.mean(
             t - max(r.get("clientapp_s", float("nan")) for r in trains if r["round"] == i + 1) for i, t in enumerate(rounds(flower))
@@ -119,13 +126,15 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
     lines = [
         "One SuperLink and one SuperNode per client, all on this 2-core machine (127.0.0.1), against the in-process "
         "simulation of the same config and seed; evaluation only after the last round. Train time per round is the "
-        "server's, from sending the tasks to holding every update; a ClientApp message is a fresh process (Flower). The "
+        "server's, from sending the tasks to holding every update. ClientApp `long-lived`: fedlm's one process per "
+        "SuperNode, which keeps the model between messages; `per-message`: Flower's fresh process per message. The "
         "simulation trains the clients one after the other on all cores; the SuperNodes train at once, sharing the cores "
-        "(`--node-threads` each), as separate machines would not.",
+        "(`--node-threads` each), as separate machines would not. Load: the machine's 1-minute load average at the end.",
         "",
-        "| model | clients x rounds x local steps | simulation s/round | Flower s/round | overhead s/round | per message: process "
-        "start + imports / model load / set-up / local training (s) | transport + polling s/round | whole run sim / Flower (s) | adapter max diff |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| model | ClientApp | clients x rounds x local steps | simulation s/round | Flower s/round | overhead s/round | per message: process "
+        "start + imports (per-message) or task pull (long-lived) / model load / set-up / local training (s) | transport + polling s/round | "
+        "whole run sim / Flower (s) | adapter max diff | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summaries:
         per_message = " / ".join(
@@ -133,9 +142,10 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
             for k in ("process_start_s_per_message", "model_load_s_per_message", "setup_s_per_message", "local_train_s_per_message")
         )
         lines.append(
-            f"| {s['model']} ({s.get('node_threads', '?')} thread/node) | {s['clients']} x {s['rounds']} x {s['local_steps']} | {fmt(s['simulation_round_s'])} | "
-            f"{fmt(s['flower_round_s'])} | {s['overhead_per_round_s']:.1f} | {per_message} | {s.get('transport_s_per_round', float('nan')):.1f} | "
-            f"{s['simulation_total_s']:.0f} / {s['flower_total_s']:.0f} | {s['adapter_max_abs_diff']:.2g} |"
+            f"| {s['model']} ({s.get('node_threads', '?')} thread/node) | {s.get('clientapp', 'per-message')} | {s['clients']} x {s['rounds']} x {s['local_steps']} | "
+            f"{fmt(s['simulation_round_s'])} | {fmt(s['flower_round_s'])} | {s['overhead_per_round_s']:.1f} | {per_message} | "
+            f"{s.get('transport_s_per_round', float('nan')):.1f} | {s['simulation_total_s']:.0f} / {s['flower_total_s']:.0f} | "
+            f"{s['adapter_max_abs_diff']:.2g} | {s.get('load_average', float('nan')):.1f} |"
         )
     return "\n".join(lines)
 
@@ -152,6 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         default=max(1, (os.cpu_count() or 1) // 3),
         help="CPU threads per SuperNode's ClientApp (the nodes share this machine's cores)",
     )
+    p.add_argument(
+        "--clientapp",
+        choices=["long-lived", "per-message"],
+        default="long-lived",
+        help="fedlm's long-lived ClientApp process per SuperNode, or Flower's fresh process per message",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results" / "flower")
     p.add_argument("--write-results", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = p.parse_args(argv)
@@ -160,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     flower, flower_s = run_flower(args, work)
     summary = summarize(sim, flower, sim_s, flower_s, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.model}-{args.node_threads}.json").write_text(json.dumps(summary, indent=1))
+    (args.out / f"{args.model}-{args.node_threads}-{args.clientapp}.json").write_text(json.dumps(summary, indent=1))
     summaries = [json.loads(f.read_text()) for f in sorted(args.out.glob("*.json")) if f.name != "summary.json"]
-    summaries.sort(key=lambda x: x["model"] != "tiny-random-llama")
+    summaries.sort(key=lambda x: (x["model"] != "tiny-random-llama", x["model"], x.get("clientapp", "per-message") != "per-message"))
     publish(args.out, summaries, markdown(summaries), args.write_results, START, END, "Flower runtime overhead")
     print(json.dumps(summary, indent=1))
 

@@ -3,7 +3,7 @@
 Fast tests check the refusals in process (a partition id outside the federation at node start, a node whose config
 differs from the server's, `fedlm run` of a flower config) and the wire format. One end-to-end run (3 SuperNodes,
 2 rounds, the simulation's adapter) is in the default suite too, so CI runs a real deployment; the ``slow`` ones start
-a SuperLink and SuperNodes as subprocesses (minutes on 2 cores: Flower starts a fresh ClientApp process per message) and check
+a SuperLink and SuperNodes as subprocesses (minutes on 2 cores; each SuperNode with fedlm's long-lived ClientApp process) and check
 that a Flower run ends with the simulation's adapter, survives a killed SuperNode and a killed server.
 Every process a test starts is stopped by PID in a ``finally`` (``LocalFederation.stop``).
 """
@@ -154,6 +154,8 @@ def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simula
     trains = [r for r in records(run_dir) if r["split"] == "train"]
     assert sorted((r["round"], r["client"]) for r in trains) == [(1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "1"), (2, "2")]
     assert all(r["model_load_s"] >= 0 for r in trains)
+    # the long-lived ClientApp process kept each node's model, tokenizer and data from round 1
+    assert all(r["session_reused"] == 1.0 and r["model_load_s"] == 0.0 for r in trains if r["round"] == 2), trains
 
 
 def _round_done(run_dir: Path, round_num: int) -> bool:

@@ -1,7 +1,7 @@
-"""Secure aggregation over Flower with real processes on 127.0.0.1: a SuperLink and 3 SuperNodes (each ClientApp a
-fresh process per message, the node's SecAgg+ state in its context), against the simulation's secure run.
+"""Secure aggregation over Flower with real processes on 127.0.0.1: a SuperLink and 3 SuperNodes (each with fedlm's
+long-lived ClientApp process, the node's SecAgg+ state in its context), against the simulation's secure run.
 
-All are ``slow`` (3-5 minutes each on 2 cores: four ClientApp processes per node and round); the default suite runs
+All are ``slow`` (minutes each on 2 cores: five messages per node and round); the default suite runs
 the same checks over an in-memory Grid (``test_secagg_flower.py``). One secure deployment: bit for bit the
 simulation's adapter, and the server's received replies hold no client's update (none equals or correlates with a
 client's true delta, computed in the simulation). The others kill nodes (``FEDLM_SECAGG_FAULT``: the ClientApp kills its SuperNode at a stage) and make nodes send

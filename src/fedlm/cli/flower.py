@@ -6,7 +6,8 @@
     fedlm flower run CONFIG.yaml --superlink HOST:9093 [--resume]             # from anywhere: starts the run
 
 ``superlink`` and ``supernode`` replace themselves with Flower's own ``flower-superlink`` / ``flower-supernode``
-(same PID) after checking their input; ``run`` writes the app bundle and calls ``flwr run``. Registered in
+(same PID) after checking their input; ``supernode`` first starts fedlm's long-lived ClientApp process beside it
+(:mod:`fedlm.runtime.flower.worker_process`, ``--isolation process``; ``--process-per-message``: Flower's default); ``run`` writes the app bundle and calls ``flwr run``. Registered in
 :mod:`fedlm.cli`.
 """
 
@@ -83,10 +84,18 @@ def supernode(
     ca_cert: CaOpt = None,
     private_key: Annotated[Path | None, typer.Option("--private-key", help="this node's private key (node authentication)")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="partition.method node_local: this node's own training data (sets data.train)")] = None,
+    process_per_message: Annotated[
+        bool,
+        typer.Option(
+            "--process-per-message",
+            help="Flower's default: a fresh ClientApp process (imports, model load) for every message, instead of one long-lived process",
+        ),
+    ] = False,
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Start a Flower SuperNode serving one client; a partition id outside the federation is refused here."""
+    """Start a Flower SuperNode serving one client, with fedlm's long-lived ClientApp process beside it (the model,
+    tokenizer and data load once, not once per message); a partition id outside the federation is refused here."""
     if data is not None:
         set_ = [*(set_ or []), f"data.train={data.resolve()}"]
 
@@ -109,7 +118,11 @@ def supernode(
 
             save_config(cfg, local)
         typer.echo(f"supernode: partition-id {partition_id} serves client {client}", err=True)
-        _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key))
+        if not process_per_message:  # beside the SuperNode, which takes this PID below; it exits with it
+            from fedlm.runtime.flower.launch import worker_command
+
+            subprocess.Popen(worker_command(port, os.getpid(), local, partition_id))  # noqa: S603 - our own interpreter and module
+        _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key, long_lived=not process_per_message))
 
     guarded(debug, action)
 

@@ -57,7 +57,7 @@ class SecAggClient:
 
     def to_record(self) -> ConfigRecord:
         """The whole state between two stages, private keys included, as Flower's per-node ``context.state`` holds
-        it (the ClientApp is a fresh process per message; the record never leaves the node)."""
+        it (Flower hands the ClientApp the node's context per message; the record never leaves the node)."""
         held = sorted(self._held)
         public = sorted(self._public)
         return ConfigRecord(

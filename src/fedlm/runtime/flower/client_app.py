@@ -3,12 +3,17 @@
 The node's ``--node-config`` names its client: ``partition-id=K`` is the K-th client of the config's partition
 (the simulation's client order; ``partition.method: node_local``: ``partition.clients[K]``), and optionally
 ``fedlm-config="/path/local.yaml"`` gives the node's own copy of the config (its model and data paths; default: the
-config embedded in the app bundle). With ``node_local`` the node trains on its own ``data.train`` only. Flower starts a fresh
-ClientApp process for every message, so each train message loads the base model (from the local safetensors cache
-for GGUF models, see :mod:`fedlm.models.gguf_cache`) and the node's partition. The update's metrics (in
-``metrics.jsonl``) time each message: ``process_start_s`` (process spawn and imports before the handler runs),
-``model_load_s``, ``setup_s`` (config, model, adapter, data), ``local_train_s`` and ``clientapp_s`` (all of it). A client's memory (e.g.
-SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``.
+config embedded in the app bundle). With ``node_local`` the node trains on its own ``data.train`` only.
+
+``fedlm flower supernode`` runs this app in one long-lived process beside the SuperNode
+(:mod:`fedlm.runtime.flower.worker`), which keeps the node's session (base model with adapter, tokenizer, its data)
+and the federation's client names between messages (:mod:`fedlm.runtime.flower.node_cache`, keyed by the node's
+config); under Flower's own ``flwr-clientapp`` (a fresh process per message) each train message builds them anew
+(the base model from the local safetensors cache for GGUF models, see :mod:`fedlm.models.gguf_cache`). The update's
+metrics (in ``metrics.jsonl``) time each message: ``process_start_s`` (a fresh process: spawn, imports and pulling the
+task; the long-lived one: pulling the task), ``model_load_s`` (0 when the session was kept, ``session_reused`` 1),
+``setup_s`` (config, model, adapter, data), ``local_train_s`` and ``clientapp_s`` (all of it). A client's memory
+(e.g. SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``, never in the kept session.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ from flwr.clientapp import ClientApp
 from fedlm.config.io import load_config, validate_config
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
-from fedlm.runtime.flower import secagg_node
+from fedlm.runtime.flower import node_cache, secagg_node
 from fedlm.runtime.flower.secagg_envelope import SECAGG_ACTION
 
-# torch and the model code are imported where a message needs them, so that the ClientApp process of a secure
-# aggregation key stage (a fresh process per message) starts without them.
+# torch and the model code are imported where a message needs them, so that a fresh ClientApp process for a secure
+# aggregation key stage (Flower's process per message) starts without them.
 
 app = ClientApp()
 REFUSED = 4001  # error code of a refused node (config mismatch, bad partition id)
@@ -43,13 +48,17 @@ def node_config_of(node_config: Mapping[str, Any], run_config: Mapping[str, Any]
 
 
 def client_names(config: ExperimentConfig) -> list[str]:
-    """The federation's client names in partition order, without loading a model (``node_local``: the config's list)."""
+    """The federation's client names in partition order, without loading a model (``node_local``: the config's list);
+    a long-lived ClientApp process reads and splits the data once per config."""
     if config.partition.method == "node_local":
         return list(config.partition.clients or [])
     from fedlm.data.prepare import load_split_records, split_among_clients  # noqa: PLC0415 - keep the import light
 
-    train, _ = load_split_records(config.data, config.seed)
-    return split_among_clients(train, config.partition, config.seed).client_names
+    def compute() -> list[str]:
+        train, _ = load_split_records(config.data, config.seed)
+        return split_among_clients(train, config.partition, config.seed).client_names
+
+    return node_cache.client_names(config, compute)
 
 
 def check_local_data(config: ExperimentConfig) -> int:

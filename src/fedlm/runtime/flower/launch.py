@@ -125,16 +125,36 @@ def superlink_command(
 
 
 def supernode_command(
-    superlink: str, partition_id: int, port: int, config_path: Path | None = None, tls: Tls | None = None, private_key: Path | None = None
+    superlink: str,
+    partition_id: int,
+    port: int,
+    config_path: Path | None = None,
+    tls: Tls | None = None,
+    private_key: Path | None = None,
+    long_lived: bool = True,
 ) -> list[str]:
-    """``flower-supernode`` serving client ``partition_id`` (its ClientApp API on 127.0.0.1:``port``)."""
+    """``flower-supernode`` serving client ``partition_id`` (its ClientApp API on 127.0.0.1:``port``); ``long_lived``:
+    with ``--isolation process``, its ClientApp is fedlm's long-lived process (:func:`worker_command`), else Flower
+    starts a fresh ClientApp process per message."""
     node_config = f"partition-id={int(partition_id)}"
     if config_path is not None:
         node_config += f' fedlm-config="{config_path.resolve()}"'
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    if long_lived:
+        cmd += ["--isolation", "process"]
     cmd += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]
     if private_key is not None:
         cmd += ["--auth-supernode-private-key", str(private_key)]
+    return cmd
+
+
+def worker_command(port: int, parent_pid: int, config_path: Path | None = None, partition_id: int | None = None) -> list[str]:
+    """fedlm's long-lived ClientApp process for the SuperNode whose ClientApp API is on 127.0.0.1:``port`` (see
+    :mod:`fedlm.runtime.flower.worker_process`); it exits with ``parent_pid``, and builds the node's session at start when
+    given its config and partition id."""
+    cmd = [sys.executable, "-m", "fedlm.runtime.flower.worker_process", "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(parent_pid)]
+    if config_path is not None and partition_id is not None:
+        cmd += ["--config", str(config_path.resolve()), "--partition-id", str(int(partition_id))]
     return cmd
 
 

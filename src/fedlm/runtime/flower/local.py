@@ -2,7 +2,8 @@
 
 Used by the tests and ``benchmarks/flower.py``; also a template for a real set-up (the same command lines, with
 real addresses). Every process it starts is stopped by PID in :meth:`LocalFederation.stop` (a context manager
-exit), together with the processes Flower started under it (SuperExec, ServerApp, ClientApp), found in ``/proc``.
+exit), together with the processes started under it (SuperExec, ServerApp, fedlm's long-lived ClientApp process or
+Flower's per-message ones), found in ``/proc``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class LocalFederation:
     node_keys: dict[int, Path] = field(default_factory=dict)  # partition id -> private key (node authentication)
     node_threads: int | None = None  # CPU threads of each SuperNode's ClientApps (nodes sharing one machine's cores)
     node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # partition id -> extra environment (tests' faults)
+    process_per_message: bool = False  # Flower's default ClientApp process per message instead of fedlm's long-lived one
     port: int = field(default_factory=free_port)
     superlink: subprocess.Popen[bytes] | None = None
     nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -129,8 +131,10 @@ class LocalFederation:
             args += ["--ca-cert", str(self.tls.ca_cert)]
         if partition_id in self.node_keys:
             args += ["--private-key", str(self.node_keys[partition_id])]
+        if self.process_per_message:
+            args.append("--process-per-message")
         env = self.env
-        if self.node_threads is not None:  # inherited by the ClientApp processes the SuperNode starts
+        if self.node_threads is not None:  # inherited by the node's ClientApp process(es)
             env = {**env, "OMP_NUM_THREADS": str(self.node_threads), "MKL_NUM_THREADS": str(self.node_threads)}
         env = {**env, **self.node_env.get(partition_id, {})}
         proc = self._start(f"supernode{partition_id}-{len(self.nodes)}", self.fedlm(*args), env)

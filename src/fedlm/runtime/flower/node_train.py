@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 from flwr.app import Context, RecordDict
 
 from fedlm.compression.setup import uplink_codec
@@ -20,7 +19,9 @@ from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.core.task import ClientTask
 from fedlm.core.update import ClientUpdate
+from fedlm.runtime.flower import node_cache
 from fedlm.runtime.flower.messages import config_hash, pack_tensors, task_from_content, unpack_tensors
+from fedlm.runtime.flower.task_clock import task_pull_s, task_started_at
 
 MEMORY = "fedlm_memory"
 
@@ -42,10 +43,10 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     from fedlm.runtime.flower.client_app import client_names, client_of, node_config_of  # noqa: PLC0415 - no cycle at import
 
     started = time.perf_counter()
-    process_s = time.time() - psutil.Process().create_time()  # Flower's fresh process: spawn and imports so far
+    process_s = time.time() - task_started_at()  # a fresh process: spawn and imports; the long-lived one: pulling the task
     config = node_config_of(context.node_config, context.run_config)
     client = client_of(context.node_config.get("partition-id"), client_names(config))
-    session, load_s = _session(config, client)
+    session, load_s, reused = _session(config, client)
     memory = unpack_tensors(context.state.array_records[MEMORY]) if MEMORY in context.state.array_records else {}
     wanted, server_hash, task = task_from_content(content, memory, session.initial_state)
     if server_hash != config_hash(config):
@@ -67,18 +68,28 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
         **update.metrics,
         "process_start_s": process_s,
         "model_load_s": load_s,
+        "session_reused": float(reused),
         "setup_s": setup_s,
         "local_train_s": train_s,
         "clientapp_s": time.perf_counter() - started + process_s,
     }
+    pulled = task_pull_s()
+    if pulled is not None:
+        metrics["task_pull_s"] = pulled
     update = type(update)(update.client_id, update.round, update.num_examples, update.tensors, metrics, update.extras)
     return LocalRound(update, task, config, session, aggregator)
 
 
-def _session(config: ExperimentConfig, client: str) -> tuple[Any, float]:
-    """The node's session (base model with adapter, its data) and the seconds the base model took to load."""
+def build_node_session(config: ExperimentConfig, client: str) -> Any:
+    """The node's session (base model with adapter, its data) built from scratch."""
     from fedlm.experiment import build_session  # noqa: PLC0415 - heavy imports only where training happens
     from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
 
-    session = build_session(config, RunConsole(quiet=True), node_client=client if config.partition.method == "node_local" else None)
-    return session, session.loaded.load_s
+    return build_session(config, RunConsole(quiet=True), node_client=client if config.partition.method == "node_local" else None)
+
+
+def _session(config: ExperimentConfig, client: str) -> tuple[Any, float, bool]:
+    """(session, seconds the base model took to load in this message, whether the session was kept from an earlier
+    message of this process)."""
+    session, reused = node_cache.session(config, client, lambda: build_node_session(config, client))
+    return session, 0.0 if reused else session.loaded.load_s, reused

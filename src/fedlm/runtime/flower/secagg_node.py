@@ -1,7 +1,8 @@
 """The SuperNode's side of SecAgg+ (Bell et al. 2020, Algorithm 1; Bonawitz et al. 2017, Fig. 4), as Flower's own
 ``secaggplus_mod`` does it: the same :class:`~fedlm.privacy.secagg.client.SecAggClient` as the simulation, its state
-kept between the round's messages in Flower's per-node ``context.state`` (the ClientApp is a fresh process per
-message; the private keys and held shares never leave the node).
+kept between the round's messages in Flower's per-node ``context.state`` (pulled and pushed back with every message,
+whether the ClientApp is fedlm's long-lived process or a fresh one per message; the private keys and held shares never
+leave the node).
 
 * ``query.fedlm_secagg`` (:func:`key_stage`): rounds 0-2 (setup and key advertisement, encrypted shares) and 4
   (the shares that unmask the sum);

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlm.config.io import validate_config
 from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.runtime.flower.polling_grid import polling
 from fedlm.runtime.flower.runtime import FlowerRuntime
 
 app = ServerApp()
@@ -38,7 +39,7 @@ def main(grid: Grid, context: Context) -> None:
     names = session.data.client_names
     min_nodes = int(rc.get("min-nodes", 0)) or len(names)
     runtime = FlowerRuntime(
-        grid,
+        polling(grid),
         config,
         names,
         session.initial_state,
