@@ -166,7 +166,6 @@ def test_run_with_two_processes_per_client_completes(tmp_path: Path, runner, one
     ("federation", "privacy", "needle"),
     [
         ({"client_processes": 0}, {}, "client_processes"),
-        ({"client_processes": 2, "runtime": "flower"}, {}, "federation.runtime: flower"),
         ({"client_processes": 2}, {"sample_dp": {"noise_multiplier": 1.0}}, "privacy.sample_dp"),
         ({"client_processes": 5, "batch_size": 4}, {}, "must be <= `federation.batch_size` (4)"),
     ],
@@ -176,3 +175,39 @@ def test_config_refuses_what_cannot_run_data_parallel(tmp_path: Path, federation
     with pytest.raises((FedlmError, ValueError), match=None) as info:
         validate_config(raw)
     assert needle in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_supernode_trains_its_client_on_two_processes_as_the_simulation_does(tmp_path: Path, runner, one_torch_thread: None) -> None:
+    """Over Flower (the node's ClientApp called with real Flower messages, in this process) a data-parallel client's
+    rank 0 trains with its worker, started once and kept between the messages; the run ends with the simulation's
+    adapter bit for bit (same code path: the single-process equality is tested above)."""
+    import yaml
+    from flower_grid import InMemoryGrid
+    from flwr.app import Context, RecordDict
+    from safetensors.torch import load_file
+
+    from fedlm.runtime.flower import client_app, node_cache, server_app
+
+    def config(out: Path, runtime: str) -> dict:
+        return tiny_config(
+            out,
+            partition={"method": "iid", "num_clients": 1, "field": None},
+            federation={"runtime": runtime, "client_processes": 2, "rounds": 2, "clients_per_round": 1, "local_steps": 2, "batch_size": 4},
+            eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
+        )
+
+    sim = tmp_path / "sim"
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "sim.yaml", config(sim, "simulation")))])
+    assert result.exit_code == 0, result.output
+    text = yaml.safe_dump(config(tmp_path / "flower", "flower"))
+    grid = InMemoryGrid(client_app.app, {1: {"partition-id": 0}}, {"fedlm-config": text})
+    try:
+        server_app.main(grid, Context(1, 0, {}, RecordDict(), {"fedlm-config": text, "round-timeout": 120.0, "wait-for-nodes": 1.0}))
+        kept = list(node_cache._processes.values())
+        assert len(kept) == 1 and kept[0].broken is None  # one worker group for both rounds' messages
+    finally:
+        node_cache.clear()
+    a = load_file(str(sim / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "flower" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -206,10 +206,11 @@ def client_process_model(config: ExperimentConfig, rank: int) -> tuple[torch.nn.
 
 
 @contextmanager
-def client_processes(session: Session) -> Iterator[ClientProcesses | None]:
-    """The worker processes of a data-parallel client, for the whole run (None with one process per client)."""
+def client_processes(session: Session, here: bool = True) -> Iterator[ClientProcesses | None]:
+    """The worker processes of a data-parallel client, for the whole run (None with one process per client, or when
+    the clients do not train ``here``: over Flower each SuperNode starts its own)."""
     n = session.config.federation.client_processes
-    if n == 1:
+    if n == 1 or not here:
         yield None
         return
     with ClientProcesses(n, partial(client_process_model, session.config), session.loaded.device) as processes:
@@ -373,7 +374,7 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
         log.truncate_after_round(start if checkpoints else -1)
         console.print(f"resuming {run_dir.root} after round {start}")
     run_dir.config.write_text(config_yaml)
-    with Progress(console) as progress, client_processes(session) as processes:
+    with Progress(console) as progress, client_processes(session, here=runtime is None) as processes:
         loop = build_server_loop(session, aggregator, run_dir, log, console, progress, runtime=runtime, processes=processes)
         try:
             state = loop.run(state, start)

@@ -471,18 +471,6 @@ def checkpointing_fits_the_method(s: Setting) -> None:
 # ------------------------------------------------------------------------------------------ data-parallel clients
 
 
-def client_processes_run_in_the_simulation(s: Setting) -> None:
-    """A data-parallel client's worker processes are started by the simulation (a SuperNode's ClientApp does not
-    start them yet)."""
-    fed = s.config.federation
-    if fed.client_processes > 1 and fed.runtime == "flower":
-        raise FedlmError(
-            f"`federation.client_processes: {fed.client_processes}` is not built for `federation.runtime: flower` yet: "
-            "the worker processes are started by the in-process simulation, not by a SuperNode's ClientApp; use "
-            "`federation.runtime: simulation` or `federation.client_processes: 1`"
-        )
-
-
 def client_processes_split_a_plain_batch(s: Setting) -> None:
     """Every process needs at least one example of each step's batch, and DP-SGD's Poisson lots with per-example
     clipping would need Opacus's own distributed path, which fedlm does not run."""
@@ -685,7 +673,6 @@ LOAD_RULES: tuple[Rule, ...] = (
     objective_accepts_config,
     audit_needs_sft,
     data_attacks_need_sft,
-    client_processes_run_in_the_simulation,
     client_processes_split_a_plain_batch,
     personalization_runs_in_the_simulation,
     personalization_fits_the_adapter,

@@ -1,6 +1,7 @@
 """What a long-lived ClientApp process keeps between the messages of its SuperNode (see
 :mod:`fedlm.runtime.flower.worker`): the session (base model with adapter, tokenizer, the client's data) and the
-federation's client names, each keyed by a hash of the node's whole config (and the client it serves), so that a
+federation's client names and, for a data-parallel client (``federation.client_processes`` > 1), its worker
+processes, each keyed by a hash of the node's whole config (and the client it serves), so that a
 changed config (the node's file edited, another run's bundle) builds them anew.
 
 Only what a message cannot change is kept: every train message overwrites the adapter with the task's state, and
@@ -23,6 +24,8 @@ from fedlm.config.schema import ExperimentConfig
 
 _sessions: dict[str, Any] = {}  # key -> fedlm.experiment.Session; at most one (a node serves one client)
 _names: dict[str, list[str]] = {}  # config key -> client names in partition order
+_processes: dict[str, Any] = {}  # key -> the data-parallel workers of a client (federation.client_processes > 1)
+_processes_lock = threading.Lock()
 # one build at a time: a message that needs the session while the worker's warm-up builds it waits for that build
 _session_lock, _names_lock = threading.Lock(), threading.Lock()
 
@@ -45,6 +48,22 @@ def session(config: ExperimentConfig, client: str, build: Callable[[], Any]) -> 
         return built, False
 
 
+def processes(config: ExperimentConfig, client: str, start: Callable[[], Any]) -> Any:
+    """The data-parallel worker processes of ``config`` and ``client`` (``federation.client_processes`` > 1, a
+    :class:`~fedlm.federation.data_parallel.ClientProcesses`): kept from an earlier message of this process, else
+    ``start()`` after closing any other (one process group per process). A broken group (a worker died) is replaced."""
+    key = config_key(config, client)
+    with _processes_lock:
+        kept = _processes.get(key)
+        if kept is not None and kept.broken is None:
+            return kept
+        for old in _processes.values():
+            old.close()
+        _processes.clear()
+        _processes[key] = start()
+        return _processes[key]
+
+
 def client_names(config: ExperimentConfig, compute: Callable[[], list[str]]) -> list[str]:
     """The federation's client names for ``config`` (computed once per config)."""
     key = config_key(config)
@@ -57,6 +76,9 @@ def client_names(config: ExperimentConfig, compute: Callable[[], list[str]]) -> 
 
 def clear() -> None:
     """Forget everything kept (tests)."""
-    with _session_lock, _names_lock:
+    with _session_lock, _names_lock, _processes_lock:
         _sessions.clear()
         _names.clear()
+        for kept in _processes.values():
+            kept.close()
+        _processes.clear()

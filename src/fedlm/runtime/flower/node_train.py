@@ -56,6 +56,8 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     aggregator = session.aggregator()
     aggregator.start(session.data.client_names)
     trainer = session.trainer(aggregator.trainer_hooks())
+    if config.federation.client_processes > 1:  # one client on several processes: rank 0 here talks to the server
+        trainer = _processes(config, client, session).trainer(trainer)
     setup_s = time.perf_counter() - started
     update = trainer.train(client, session.data.client_train[client], task.state, task.plan, None, task.context)
     train_s = time.perf_counter() - started - setup_s
@@ -86,6 +88,18 @@ def build_node_session(config: ExperimentConfig, client: str) -> Any:
     from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
 
     return build_session(config, RunConsole(quiet=True), node_client=client if config.partition.method == "node_local" else None)
+
+
+def _processes(config: ExperimentConfig, client: str, session: Any) -> Any:
+    """The client's data-parallel worker processes (ranks 1..N-1, :mod:`fedlm.federation.data_parallel`), started
+    once per ClientApp process: once per run with the long-lived worker, once per message with a fresh process."""
+    from functools import partial  # noqa: PLC0415
+
+    from fedlm.experiment import client_process_model  # noqa: PLC0415 - heavy imports only where training happens
+    from fedlm.federation.data_parallel import ClientProcesses  # noqa: PLC0415
+
+    n = config.federation.client_processes
+    return node_cache.processes(config, client, lambda: ClientProcesses(n, partial(client_process_model, config), session.loaded.device))
 
 
 def _session(config: ExperimentConfig, client: str) -> tuple[Any, float, bool]:
