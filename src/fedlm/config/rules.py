@@ -23,7 +23,7 @@ from fedlm.attacks import attack_spec, build_attack_params
 from fedlm.attacks.harness import worst_round_attackers
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
-from fedlm.models.hardware import attn_refusal, device_refusal, quantization_refusal, resolve_device
+from fedlm.models.hardware import attn_refusal, device_refusal, engine_refusal, quantization_refusal, resolve_device
 from fedlm.objectives import objective_of
 from fedlm.privacy.canary_audit import audit_client
 from fedlm.privacy.client_dp import dp_compatible_aggregators, wrap_refusal
@@ -443,11 +443,11 @@ def checkpointing_fits_the_method(s: Setting) -> None:
 
 def client_processes_run_in_the_simulation(s: Setting) -> None:
     """A data-parallel client's worker processes are started by the simulation (a SuperNode's ClientApp does not
-    start them yet)."""
+    start them yet, on a SuperNode or in a Ray worker of Flower's simulation engine)."""
     fed = s.config.federation
-    if fed.client_processes > 1 and fed.runtime == "flower":
+    if fed.client_processes > 1 and fed.runtime in ("flower", "flower-simulation"):
         raise FedlmError(
-            f"`federation.client_processes: {fed.client_processes}` is not built for `federation.runtime: flower` yet: "
+            f"`federation.client_processes: {fed.client_processes}` is not built for `federation.runtime: {fed.runtime}` yet: "
             "the worker processes are started by the in-process simulation, not by a SuperNode's ClientApp; use "
             "`federation.runtime: simulation` or `federation.client_processes: 1`"
         )
@@ -468,6 +468,21 @@ def client_processes_split_a_plain_batch(s: Setting) -> None:
             f"`federation.client_processes` ({n}) must be <= `federation.batch_size` ({fed.batch_size}): each process "
             "takes a share of every step's batch; raise `federation.batch_size` or lower `federation.client_processes`"
         )
+
+
+# ------------------------------------------------------------------------------------------ Flower's simulation engine
+
+
+def simulation_engine_fits_this_machine(s: Setting) -> None:
+    """``flower-simulation`` reserves ``num_cpus``/``num_gpus`` per client in Ray: refuse at load what Ray could not
+    give (more than the machine has, a GPU that is not there, a client device its worker cannot see), never a CUDA
+    traceback in the middle of a round (:func:`fedlm.models.hardware.engine_refusal`)."""
+    if s.config.federation.runtime != "flower-simulation":
+        return
+    engine = s.config.federation.simulation_engine
+    reason = engine_refusal(engine.num_cpus, engine.num_gpus, engine.ray_cpus, engine.address, s.config.model.device)
+    if reason is not None:
+        raise FedlmError(reason)
 
 
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
@@ -503,6 +518,7 @@ LOAD_RULES: tuple[Rule, ...] = (
     data_attacks_need_sft,
     client_processes_run_in_the_simulation,
     client_processes_split_a_plain_batch,
+    simulation_engine_fits_this_machine,
 )
 
 

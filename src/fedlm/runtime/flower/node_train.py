@@ -7,6 +7,7 @@ the message go into the update's metrics (see :mod:`fedlm.runtime.flower.client_
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import psutil
 from flwr.app import Context, RecordDict
 
+from fedlm.config.io import config_to_dict
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.core.task import ClientTask
@@ -21,6 +23,8 @@ from fedlm.core.update import ClientUpdate
 from fedlm.runtime.flower.messages import config_hash, pack_tensors, task_from_content, unpack_tensors
 
 MEMORY = "fedlm_memory"
+_SESSIONS: dict[tuple[str, str | None], Any] = {}  # this process's session, by config and node client
+_STARTED = False  # whether this process has handled a message
 
 
 @dataclass
@@ -40,7 +44,7 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     from fedlm.runtime.flower.client_app import client_names, client_of, node_config_of  # noqa: PLC0415 - no cycle at import
 
     started = time.perf_counter()
-    process_s = time.time() - psutil.Process().create_time()  # Flower's fresh process: spawn and imports so far
+    process_s = _process_start_s()
     config = node_config_of(context.node_config, context.run_config)
     client = client_of(context.node_config.get("partition-id"), client_names(config))
     session, load_s = _session(config, client)
@@ -70,10 +74,28 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     return LocalRound(update, task, config, session, aggregator)
 
 
+def _process_start_s() -> float:
+    """Seconds from this process's start to its first message (Flower's fresh ClientApp process: spawn and
+    imports); 0 for every later message of a long-lived process (a Ray worker of the simulation engine)."""
+    global _STARTED  # noqa: PLW0603 - once per process
+    if _STARTED:
+        return 0.0
+    _STARTED = True
+    return time.time() - psutil.Process().create_time()
+
+
 def _session(config: ExperimentConfig, client: str) -> tuple[Any, float]:
-    """The node's session (base model with adapter, its data) and the seconds the base model took to load."""
+    """The node's session (base model with adapter, its data) and the seconds the base model took to load (0 when
+    this process built it for an earlier message: a Ray worker of the simulation engine serves many messages and
+    many clients, with one base model, as the in-process simulation does)."""
     from fedlm.experiment import build_session  # noqa: PLC0415 - heavy imports only where training happens
     from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
 
-    session = build_session(config, RunConsole(quiet=True), node_client=client if config.partition.method == "node_local" else None)
+    node_client = client if config.partition.method == "node_local" else None
+    key = (json.dumps(config_to_dict(config), sort_keys=True, default=str), node_client)
+    if key in _SESSIONS:
+        return _SESSIONS[key], 0.0
+    _SESSIONS.clear()  # one session per process: a new config replaces the old one
+    session = build_session(config, RunConsole(quiet=True), node_client=node_client)
+    _SESSIONS[key] = session
     return session, session.loaded.load_s
