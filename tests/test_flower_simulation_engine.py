@@ -162,3 +162,26 @@ def test_a_worker_dying_mid_round_is_a_failed_client_retried_on_the_restarted_wo
     assert all("ray.exceptions.ActorUnavailableError" in r["reasons"]["1"] for r in retries), retries
     round2 = next(r for r in records(run_dir) if r["split"] == "aggregate" and r["round"] == 2)
     assert round2["num_updates"] == 3 and not round2["skipped"]
+
+
+@pytest.mark.slow
+def test_smollm2_on_the_simulation_engine_ends_with_the_simulation_adapter(tmp_path: Path, runner, one_torch_thread, ray_tmp: Path) -> None:
+    """The real default model: 2 clients on 2 one-core Ray workers, one round, against the in-process simulation."""
+
+    def config(out: Path, runtime: str) -> dict[str, Any]:
+        return tiny_config(
+            out,
+            model={"name": "smollm2-135m-instruct", "dtype": "float32"},
+            peft={"r": 8, "alpha": 16, "dropout": 0.0},
+            data={"max_length": 96, "max_train_examples": 160},
+            partition={"method": "iid", "num_clients": 2, "field": None},
+            federation={"runtime": runtime, "simulation_engine": ENGINE, "rounds": 1, "clients_per_round": 2, "local_steps": 3, "lr": 0.002},
+            eval={"max_examples": 8, "generate": False, "at_start": False},
+        )
+
+    sim_dir, run_dir = tmp_path / "sim", tmp_path / "run"
+    for out, runtime in ((sim_dir, "simulation"), (run_dir, "flower-simulation")):
+        result = runner.invoke(app, ["run", str(write_config(tmp_path / f"{runtime}.yaml", config(out, runtime)))])
+        assert result.exit_code == 0, result.output
+    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
+    assert sorted(r["client"] for r in records(run_dir) if r["split"] == "train") == ["0", "1"]
