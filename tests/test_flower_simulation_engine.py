@@ -185,3 +185,18 @@ def test_smollm2_on_the_simulation_engine_ends_with_the_simulation_adapter(tmp_p
         assert result.exit_code == 0, result.output
     assert_same_adapter(adapter(run_dir), adapter(sim_dir))
     assert sorted(r["client"] for r in records(run_dir) if r["split"] == "train") == ["0", "1"]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_on_the_simulation_engine_ends_with_the_simulation_adapter(
+    tmp_path: Path, runner, one_torch_thread, ray_tmp: Path
+) -> None:
+    """SecAgg+ between the ServerApp and the ClientApps in Ray workers (key stages and masked inputs as messages,
+    each node's secrets in its Flower context): the simulation's secure adapter, bit for bit."""
+    secure = {"privacy": {"secure_aggregation": {"max_weight": 64}}, "eval": {"every": 0, "generate": False, "max_examples": 8, "at_start": False}}
+    sim_dir, run_dir = tmp_path / "sim", tmp_path / "run"
+    for out, runtime in ((sim_dir, "simulation"), (run_dir, "flower-simulation")):
+        config = {**engine_config(out, runtime), **secure}
+        result = runner.invoke(app, ["run", str(write_config(tmp_path / f"{runtime}.yaml", config))])
+        assert result.exit_code == 0, result.output
+    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
