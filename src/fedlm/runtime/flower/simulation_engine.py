@@ -134,7 +134,8 @@ def run_on_simulation_engine(config: ExperimentConfig, resume: bool = False, ove
     prepare_run_dir(config.output_dir, resume=resume, overwrite=overwrite)  # refuse a used output_dir before Ray starts
     engine = config.federation.simulation_engine
     num_clients = len(client_names(config))
-    deployment = Deployment(resume=resume, overwrite=overwrite, round_timeout_s=engine.round_timeout_s, min_nodes=0, wait_for_nodes_s=60.0)
+    # every virtual node exists from the start: wait for all of them to answer the handshake (their workers' imports)
+    deployment = Deployment(resume, overwrite, round_timeout_s=engine.round_timeout_s, min_nodes=0, wait_for_nodes_s=engine.round_timeout_s)
     with tempfile.TemporaryDirectory(prefix="fedlm-sim-") as work, ray_session(engine) as workers, _flower_log_kept_apart():
         bundle = write_bundle(config, Path(work) / "app", deployment)
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=get_fused_config_from_dir(bundle, {}))
