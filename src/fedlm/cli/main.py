@@ -50,6 +50,11 @@ def run(
                 "one `fedlm flower supernode CONFIG --partition-id K` per client, then `fedlm flower run CONFIG` "
                 "(or --set federation.runtime=simulation to run in-process)"
             )
+        if cfg.federation.runtime == "flower-simulation":  # the Flower apps on Flower's simulation engine (Ray)
+            from fedlm.runtime.flower.simulation_engine import run_on_simulation_engine
+
+            run_on_simulation_engine(cfg, resume=resume, overwrite=overwrite)
+            return
         run_dir = prepare_run_dir(cfg.output_dir, resume=resume, overwrite=overwrite)
         console = RunConsole()
         session = build_session(cfg, console)

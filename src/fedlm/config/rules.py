@@ -24,7 +24,7 @@ from fedlm.attacks import attack_spec, build_attack_params
 from fedlm.attacks.harness import worst_round_attackers
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
-from fedlm.models.hardware import attn_refusal, device_refusal, quantization_refusal, resolve_device
+from fedlm.models.hardware import attn_refusal, device_refusal, engine_refusal, quantization_refusal, resolve_device
 from fedlm.objectives import objective_of
 from fedlm.privacy.canary_audit import audit_client
 from fedlm.privacy.client_dp import dp_compatible_aggregators, wrap_refusal
@@ -471,6 +471,18 @@ def checkpointing_fits_the_method(s: Setting) -> None:
 # ------------------------------------------------------------------------------------------ data-parallel clients
 
 
+def client_processes_not_in_ray_workers(s: Setting) -> None:
+    """A data-parallel client's worker processes are started by the simulation or by a SuperNode's ClientApp; a Ray
+    worker of Flower's simulation engine serves many clients and does not start them."""
+    fed = s.config.federation
+    if fed.client_processes > 1 and fed.runtime == "flower-simulation":
+        raise FedlmError(
+            f"`federation.client_processes: {fed.client_processes}` is not built for `federation.runtime: flower-simulation`: "
+            "a Ray worker serves many clients and does not start data-parallel processes; give each client GPUs or CPUs "
+            "through `federation.simulation_engine` instead, or use `federation.runtime: simulation` or `flower`"
+        )
+
+
 def client_processes_split_a_plain_batch(s: Setting) -> None:
     """Every process needs at least one example of each step's batch, and DP-SGD's Poisson lots with per-example
     clipping would need Opacus's own distributed path, which fedlm does not run."""
@@ -496,9 +508,10 @@ def personalization_runs_in_the_simulation(s: Setting) -> None:
     ClientApp does not train or keep one yet (and ``node_local`` runs only over Flower)."""
     c = s.config
     method = c.personalization.method
-    if method is not None and (c.federation.runtime == "flower" or c.partition.method == "node_local"):
+    if method is not None and (c.federation.runtime != "simulation" or c.partition.method == "node_local"):
         raise FedlmError(
-            f"`personalization.method: {method}` is built for the simulation only: a SuperNode does not train or keep "
+            f"`personalization.method: {method}` is built for the in-process simulation only: a SuperNode (or a Ray worker of "
+            f"`{c.federation.runtime}`) does not train or keep "
             "personal state yet; use `federation.runtime: simulation` (and a partition other than node_local) or "
             "remove `personalization`"
         )
@@ -553,9 +566,9 @@ def compression_downlink_in_the_simulation(s: Setting) -> None:
     down = s.config.compression.downlink
     if down is None:
         return
-    if s.config.federation.runtime == "flower":
+    if s.config.federation.runtime != "simulation":
         raise FedlmError(
-            "`compression.downlink` is not built for `federation.runtime: flower` yet: each SuperNode would have to "
+            f"`compression.downlink` is not built for `federation.runtime: {s.config.federation.runtime}` yet: each node would have to "
             "keep and advance its own replica of the global model; use it in the simulation, or remove it "
             "(`compression.uplink` runs over Flower)"
         )
@@ -601,8 +614,10 @@ def fedkseed_fits_the_run(s: Setting) -> None:
         raise FedlmError(f"{prefix} cannot run under `{SECAGG}`: the server must replay each client's own (seed, gradient) pairs")
     if config.compression.uplink is not None:
         raise FedlmError(f"{prefix} uploads a few bytes per step already; remove `compression.uplink`")
-    if config.federation.runtime == "flower":
-        raise FedlmError(f"{prefix} is not built for `federation.runtime: flower` yet (the SuperNode trains with gradients); use the simulation")
+    if config.federation.runtime != "simulation":
+        raise FedlmError(
+            f"{prefix} is not built for `federation.runtime: {config.federation.runtime}` yet (the node trains with gradients); use the simulation"
+        )
     if config.federation.client_processes > 1:
         raise FedlmError(f"{prefix} runs each client on one process; set `federation.client_processes: 1`")
     if config.peft.client_ranks:
@@ -641,6 +656,21 @@ def _seed_downlink_fits(config: ExperimentConfig, agg: Aggregator) -> None:
         raise FedlmError(f"`federation.fedkseed.downlink: seeds` cannot run here: {why}; set `federation.fedkseed.downlink: dense`")
 
 
+# ------------------------------------------------------------------------------------------ Flower's simulation engine
+
+
+def simulation_engine_fits_this_machine(s: Setting) -> None:
+    """``flower-simulation`` reserves ``num_cpus``/``num_gpus`` per client in Ray: refuse at load what Ray could not
+    give (more than the machine has, a GPU that is not there, a client device its worker cannot see), never a CUDA
+    traceback in the middle of a round (:func:`fedlm.models.hardware.engine_refusal`)."""
+    if s.config.federation.runtime != "flower-simulation":
+        return
+    engine = s.config.federation.simulation_engine
+    reason = engine_refusal(engine.num_cpus, engine.num_gpus, engine.ray_cpus, engine.address, s.config.model.device)
+    if reason is not None:
+        raise FedlmError(reason)
+
+
 #: The rules judged at config load, in the order they are checked (the first refusal is reported).
 LOAD_RULES: tuple[Rule, ...] = (
     model_device_exists,
@@ -673,12 +703,14 @@ LOAD_RULES: tuple[Rule, ...] = (
     objective_accepts_config,
     audit_needs_sft,
     data_attacks_need_sft,
+    client_processes_not_in_ray_workers,
     client_processes_split_a_plain_batch,
     personalization_runs_in_the_simulation,
     personalization_fits_the_adapter,
     compression_downlink_in_the_simulation,
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
+    simulation_engine_fits_this_machine,
 )
 
 

@@ -15,6 +15,7 @@ float32; the embeddings, norms and LM head are not quantized (``prepare_model_fo
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from typing import Any
 
@@ -56,6 +57,48 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
+
+
+def engine_refusal(num_cpus: float, num_gpus: float, ray_cpus: int | None, address: str | None, device: str) -> str | None:
+    """Why ``federation.simulation_engine`` (Flower's simulation engine on Ray, ``num_cpus``/``num_gpus`` per
+    client worker) cannot run with ``model.device: device`` (with the fix), or None. Ray hides the GPUs from a
+    worker that reserves none and shows a worker its own GPU as ``cuda:0``. With ``address`` (a Ray cluster) the
+    machine's own cores and GPUs do not count; the cluster's are checked when the run connects."""
+    field = "`federation.simulation_engine"
+    if num_gpus > 1 and num_gpus != int(num_gpus):
+        return f"{field}.num_gpus` above 1 must be a whole number of GPUs (Ray's rule), got {num_gpus:g}; use e.g. 1, 2 or 0.5"
+    if num_gpus == 0 and device.startswith("cuda"):
+        return (
+            f"`model.device: {device}` but {field}.num_gpus` is 0, so Ray hides the GPUs from the clients' workers; "
+            f"give each client a GPU share ({field}.num_gpus: 0.5`) or use `model.device: auto`"
+        )
+    if num_gpus > 0 and device.startswith("cuda:"):
+        return f"`model.device: {device}` cannot be pinned on the simulation engine: Ray shows each worker its own GPU as cuda:0; use `model.device: cuda` or auto"
+    if num_gpus > 0 and device == "cpu":
+        return f"{field}.num_gpus: {num_gpus:g}` reserves GPUs that `model.device: cpu` never uses; set it to 0"
+    if address is not None:
+        if ray_cpus is not None:
+            return f"{field}.ray_cpus` sizes a Ray started on this machine; with `address` ({address}) the cluster's nodes have their cores: drop one of them"
+        return None
+    cores = os.cpu_count() or 1
+    if ray_cpus is not None and ray_cpus > cores:
+        return f"{field}.ray_cpus: {ray_cpus}` but this machine has {cores} CPU cores; use at most {cores} (or join a Ray cluster with `address`)"
+    usable = ray_cpus or cores
+    if num_cpus > usable:
+        return (
+            f"{field}.num_cpus: {num_cpus:g}` per client but Ray has {usable} CPU cores here, so no client could run; "
+            f"use at most {usable}, or join a bigger Ray cluster with {field}.address`"
+        )
+    if num_gpus > 0:
+        count = torch.cuda.device_count()
+        if count == 0:
+            return (
+                f"{field}.num_gpus: {num_gpus:g}` but no CUDA GPU is visible to torch ({torch.__version__}); set it to 0 to train "
+                f"on the CPU, or join a Ray cluster with GPUs ({field}.address`)"
+            )
+        if num_gpus > count:
+            return f"{field}.num_gpus: {num_gpus:g}` per client but this machine has {count} GPU(s); use at most {count} (0.5: two clients per GPU)"
+    return None
 
 
 def bitsandbytes_version() -> str | None:

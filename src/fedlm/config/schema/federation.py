@@ -9,6 +9,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fedlm.config.schema.section import Section
 
+_RAY_ADDRESS = r"^(auto|[A-Za-z0-9.\-]+:[0-9]{1,5})$"
+
+
+class SimulationEngineConfig(Section):
+    """Flower's Simulation Engine with its Ray backend (``federation.runtime: flower-simulation``): each client's
+    ClientApp runs in a Ray worker that reserves ``num_cpus`` cores and ``num_gpus`` GPUs (Flower's
+    ``client_resources``), so as many clients train at once as workers fit on the machine or the Ray cluster."""
+
+    num_cpus: float = Field(1.0, gt=0.0, description="CPU cores each client's Ray worker reserves (and its torch threads)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs each client's Ray worker reserves; 0.5: two clients share a GPU")
+    ray_cpus: int | None = Field(None, ge=1, description="CPU cores Ray may use on this machine (default: all); not with `address`")
+    address: str | None = Field(
+        None, pattern=_RAY_ADDRESS, description="join a running Ray cluster (`ray start --head`): auto or HOST:PORT; default: start Ray here"
+    )
+    round_timeout_s: float = Field(3600.0, gt=0.0, description="seconds a round's train messages may take (queued clients included)")
+
 
 class FedKSeedConfig(Section):
     """FedKSeed's settings (``federation.algorithm: fedkseed``; Qin et al. 2024)."""
@@ -23,9 +39,12 @@ class FedKSeedConfig(Section):
 class FederationConfig(Section):
     """What a round is and who runs it."""
 
-    runtime: Literal["simulation", "flower"] = Field(
-        "simulation", description="simulation: in-process; flower: a Flower SuperLink and SuperNodes (`fedlm flower run`)"
+    runtime: Literal["simulation", "flower", "flower-simulation"] = Field(
+        "simulation",
+        description="simulation: in-process; flower: a Flower SuperLink and SuperNodes (`fedlm flower run`); "
+        "flower-simulation: the Flower apps on Flower's Simulation Engine (Ray), clients in parallel (`fedlm run`)",
     )
+    simulation_engine: SimulationEngineConfig = Field(default_factory=SimulationEngineConfig, description="settings of `runtime: flower-simulation`")
     rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
     min_clients: int = Field(1, ge=1, description="fewest valid updates for a round to be aggregated")

@@ -105,5 +105,6 @@ def _processes(config: ExperimentConfig, client: str, session: Any) -> Any:
 def _session(config: ExperimentConfig, client: str) -> tuple[Any, float, bool]:
     """(session, seconds the base model took to load in this message, whether the session was kept from an earlier
     message of this process)."""
-    session, reused = node_cache.session(config, client, lambda: build_node_session(config, client))
+    kept_for = client if config.partition.method == "node_local" else ""  # else one session serves every client (a Ray worker)
+    session, reused = node_cache.session(config, kept_for, lambda: build_node_session(config, client))
     return session, 0.0 if reused else session.loaded.load_s, reused

@@ -33,6 +33,14 @@ from fedlm.runtime.flower.messages import HELLO, TRAIN, hello_content, meta, tas
 # unavailable or the message or its reply expired; and a ClientApp process that crashed (e.g. out of memory).
 _NODE_GONE = {ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE}
 _UNREACHABLE = _NODE_GONE | {ErrorCode.CLIENT_APP_CRASHED}
+# On the simulation engine a ClientApp runs in a Ray worker; a worker that died (killed, out of memory) comes back as
+# an error reply naming Ray's actor error, the engine's counterpart of a crashed ClientApp process.
+_RAY_WORKER_DIED = ("ray.exceptions.ActorDiedError", "ray.exceptions.ActorUnavailableError", "ray.exceptions.RayActorError")
+
+
+def worker_died(reason: str | None) -> bool:
+    """Whether an error reply's ``reason`` says the Ray worker running the ClientApp died (simulation engine)."""
+    return reason is not None and any(name in reason for name in _RAY_WORKER_DIED)
 
 
 @dataclass
@@ -123,7 +131,8 @@ class FlowerRuntime:
             answered.add(node)
             if reply.has_error():
                 code = reply.error.code
-                results.append(ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}", unreachable=code in _UNREACHABLE))
+                unreachable = code in _UNREACHABLE or worker_died(reply.error.reason)
+                results.append(ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}", unreachable=unreachable))
                 if code in _NODE_GONE:
                     self._forget(client, node)
             else:

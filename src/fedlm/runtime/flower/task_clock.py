@@ -13,6 +13,7 @@ import time
 
 import psutil
 
+_handled = False  # whether this process handled a message before (without the long-lived worker's marks)
 _task = threading.local()  # per thread: the long-lived process runs each task in its own thread
 
 
@@ -34,6 +35,14 @@ def task_pull_s() -> float | None:
 
 
 def task_started_at() -> float:
-    """Epoch seconds at which this message's handling began (see the module docstring)."""
+    """Epoch seconds at which this message's handling began (see the module docstring); a process that Flower keeps
+    for many messages without fedlm's worker (a Ray worker of the simulation engine) pays its start once, at its
+    first message, and nothing at the later ones."""
+    global _handled  # noqa: PLW0603 - once per process
     acquired = getattr(_task, "acquired_at", None)
-    return acquired if acquired is not None else psutil.Process().create_time()
+    if acquired is not None:
+        return acquired
+    if _handled:
+        return time.time()
+    _handled = True
+    return psutil.Process().create_time()
