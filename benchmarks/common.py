@@ -51,3 +51,27 @@ def publish(out: Path, summary: Any, markdown: str, write: bool, start: str, end
     print(markdown)
     if write:
         write_results_block(start, end, heading, markdown)
+
+
+def runtime_comparison_config(model: str, clients: int, rounds: int, steps: int, output_dir: Path, runtime: str, **federation: Any) -> dict[str, Any]:
+    """The config the runtime benchmarks (``flower.py``, ``simulation_engine.py``) run in each runtime: embedded
+    WordNet data split iid among ``clients`` clients, every client every round, evaluation only at the end;
+    ``federation`` adds runtime settings (e.g. ``simulation_engine``)."""
+    return {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"name": model},
+        "peft": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"max_train_examples": 80 * clients, "max_length": 128},
+        "partition": {"method": "iid", "num_clients": clients, "field": None},
+        "federation": {
+            "runtime": runtime,
+            "rounds": rounds,
+            "clients_per_round": clients,
+            "local_steps": steps,
+            "batch_size": 4,
+            "lr": 1e-3,
+            **federation,
+        },
+        "eval": {"max_examples": 16, "max_new_tokens": 4, "batch_size": 8, "at_start": False, "every": 0},
+    }

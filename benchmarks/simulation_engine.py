@@ -28,31 +28,16 @@ from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import publish, read_metrics  # noqa: E402
+from common import publish, read_metrics, runtime_comparison_config  # noqa: E402
 
 START, END = "<!-- simulation-engine:start -->", "<!-- simulation-engine:end -->"
 
 
 def build_config(args: argparse.Namespace, output_dir: Path, runtime: str) -> dict[str, Any]:
-    """Embedded WordNet data split iid among ``--clients`` clients, every client every round, evaluation only at the end."""
-    return {
-        "seed": 0,
-        "output_dir": str(output_dir),
-        "model": {"name": args.model},
-        "peft": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"max_train_examples": 80 * args.clients, "max_length": 128},
-        "partition": {"method": "iid", "num_clients": args.clients, "field": None},
-        "federation": {
-            "runtime": runtime,
-            "rounds": args.rounds,
-            "clients_per_round": args.clients,
-            "local_steps": args.steps,
-            "batch_size": 4,
-            "lr": 1e-3,
-            "simulation_engine": {"num_cpus": 1, "ray_cpus": args.workers},
-        },
-        "eval": {"max_examples": 16, "max_new_tokens": 4, "batch_size": 8, "at_start": False, "every": 0},
-    }
+    """The benchmark's config in ``runtime`` (:func:`common.runtime_comparison_config`)."""
+    return runtime_comparison_config(
+        args.model, args.clients, args.rounds, args.steps, output_dir, runtime, simulation_engine={"num_cpus": 1, "ray_cpus": args.workers}
+    )
 
 
 def run(args: argparse.Namespace, work: Path, runtime: str, threads: int) -> tuple[Path, float]:
