@@ -21,13 +21,18 @@ from teacher_fixtures import DEFAULT_ANSWER, TABLE, Stub, answer_body, free_port
 from fedlm.cli.main import app
 from fedlm.config.io import load_config, validate_config
 from fedlm.core.errors import FedlmError
+from fedlm.core.task import ClientContext, ClientTask, LocalPlan
+from fedlm.core.update import ClientFailure, ClientUpdate
 from fedlm.data.tokenize import IGNORE_INDEX, TokenizedExample
+from fedlm.privacy.accounting import epsilon
+from fedlm.privacy.sample_dp import sampling_rate
 from fedlm.teacher.audit import TeacherAudit, prompt_hash
 from fedlm.teacher.cache import ResponseCache, request_key
 from fedlm.teacher.client import Answer, Rejected, TeacherClient, TeacherEndpoint, TeacherUnavailable, parse_answer
 from fedlm.teacher.kd import collate_taught, distillation_loss
-from fedlm.teacher.labeling import TaughtExample, client_records
-from fedlm.teacher.synthetic import VerbatimFilter
+from fedlm.teacher.labeling import TaughtExample, Teaching, client_records
+from fedlm.teacher.runtime import SYNTHETIC_FILE, PairedData, TeacherRuntime
+from fedlm.teacher.synthetic import VerbatimFilter, prompt_messages
 
 PROMPT = [{"role": "user", "content": "What is a cat?"}]
 
@@ -205,8 +210,9 @@ def test_config_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.fixture(scope="module")
-def fedlm_teacher(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[str]:
-    """fedlm's own OpenAI server over a finished tiny run, in a thread: ``base_url`` of the teacher."""
+def fedlm_teacher(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[tuple[str, Any]]:
+    """fedlm's own OpenAI server over a finished tiny run, in a thread: ``base_url`` of the teacher, and its tokenizer
+    (the tiny model's, the students' too)."""
     from typer.testing import CliRunner
 
     from fedlm.inference.engine import Engine
@@ -218,7 +224,7 @@ def fedlm_teacher(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: No
     run = open_run(run_dir)
     engine = Engine(run, inference_settings(run.config.inference))
     with serve(create_app(engine)) as base:
-        yield f"{base}/v1"
+        yield f"{base}/v1", run.tokenizer
     engine.close()
 
 
@@ -226,8 +232,8 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_cli_label_mode_with_fedlm_serve_as_teacher(tmp_path: Path, runner: Any, fedlm_teacher: str) -> None:
-    teacher = {"mode": "label", "base_url": fedlm_teacher, "model": "global", "max_tokens": 8, "mix": 0.5, "concurrency": 4}
+def test_cli_label_mode_with_fedlm_serve_as_teacher(tmp_path: Path, runner: Any, fedlm_teacher: tuple[str, Any]) -> None:
+    teacher = {"mode": "label", "base_url": fedlm_teacher[0], "model": "global", "max_tokens": 8, "mix": 0.5, "concurrency": 4}
     config = tiny_config(
         tmp_path / "run",
         teacher=teacher,
@@ -252,3 +258,82 @@ def test_cli_label_mode_with_fedlm_serve_as_teacher(tmp_path: Path, runner: Any,
         assert sorted(a["prompt_sha256"] for a in audit) == sorted(prompt_hash(p) for p in records.prompts)  # each once
         assert {a["status"] for a in audit} == {"sent"} and all(p[-1]["role"] == "user" for p in records.prompts)
     assert len(list((tmp_path / "run" / "teacher" / "cache").rglob("*.json"))) == sum(len(r.prompts) for r in prompts.values())
+
+
+def test_teacher_tokens_aligned_to_the_student_for_topk(fedlm_teacher: tuple[str, Any]) -> None:
+    tokenizer = fedlm_teacher[1]
+    teaching = Teaching(tokenizer, max_length=128)
+    answer = parse_answer(json.dumps(answer_body("A small animal.", logprobs=True)))
+    assert isinstance(answer, Answer)
+    taught = teaching.example(PROMPT, answer)
+    assert taught is not None
+    positions = [t for t, label in enumerate(taught.tokens.labels) if label != IGNORE_INDEX]
+    assert sorted(taught.top) == positions[: len("A small animal.")]  # every answer token; the end-of-turn tokens: CE
+    first = taught.top[positions[0]]
+    assert first[0] == (taught.tokens.labels[positions[0]], -0.1) and len(first) == 3
+    merged = Answer("A small animal.", ["A small", " animal."], [[("A small", -0.1)], [(" animal.", -0.1)]])
+    other = teaching.example(PROMPT, merged)
+    assert other is not None and other.top == {}  # another tokenizer's tokens: sequence-level KD
+    assert other.tokens == taught.tokens
+
+
+class _FakeSource:
+    def taught(self, client: str, round_num: int) -> tuple[list[TaughtExample], dict[str, float]]:
+        if client == "b":
+            raise TeacherUnavailable("teacher http://127.0.0.1:9/v1 (model 't') failed after 4 attempt(s): HTTP 500: down")
+        return [TaughtExample(TokenizedExample([1, 2], [IGNORE_INDEX, 2]), {})], {"teacher_sent": 1.0}
+
+
+class _Inner:
+    def __init__(self, view: PairedData) -> None:
+        self.view, self.seen = view, {}
+
+    def train_clients(self, tasks: dict[str, ClientTask]) -> list[ClientUpdate]:
+        self.seen = {c: list(self.view[c]) for c in tasks}
+        return [ClientUpdate(c, t.plan.round, len(self.view[c]), {}, {"loss": 1.0}) for c, t in tasks.items()]
+
+
+def test_a_client_whose_teacher_fails_is_left_out_and_the_round_goes_on() -> None:
+    view = PairedData()
+    inner = _Inner(view)
+    own = {"a": ["a0", "a1", "a2"], "b": ["b0"], "c": ["c0"]}
+    runtime = TeacherRuntime(inner, _FakeSource(), view, own)  # type: ignore[arg-type]
+    tasks = {c: ClientTask(LocalPlan(1, [0.1], 2, 0), {}, ClientContext(c, 1)) for c in ("a", "b", "c")}
+    results = runtime.train_clients(tasks)
+    assert [r.client_id for r in results] == ["a", "b", "c"]
+    failure = results[1]
+    assert isinstance(failure, ClientFailure) and "teacher http://127.0.0.1:9/v1" in failure.reason and "HTTP 500" in failure.reason
+    assert sorted(inner.seen) == ["a", "c"] and [p.own for p in inner.seen["a"]] == own["a"]
+    assert isinstance(results[0], ClientUpdate) and results[0].metrics == {"loss": 1.0, "teacher_sent": 1.0}
+    assert len(view) == 0  # nothing kept between rounds
+
+
+@pytest.mark.slow
+def test_cli_synthetic_mode_sends_only_dp_synthetic_prompts(tmp_path: Path, runner: Any, stub: tuple[Stub, str], one_torch_thread: None) -> None:
+    synthetic = {"num_prompts": 8, "max_prompt_tokens": 16, "steps": 2, "batch_size": 4, "noise_multiplier": 1.0, "max_overlap": 8}
+    teacher = {"mode": "synthetic", "base_url": f"{stub[1]}/ok/v1", "model": "stub", "max_tokens": 16, "synthetic": synthetic}
+    config = tiny_config(
+        tmp_path / "run",
+        teacher=teacher,
+        data={"max_train_examples": 24, "max_length": 96},
+        partition={"method": "iid", "num_clients": 2},
+        federation={"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 4},
+        eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
+    )
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.exit_code == 0, result.output
+    train = [r for r in _records(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "train"]
+    own = client_records(load_config(tmp_path / "c.yaml"))
+    assert len(train) == 2
+    for r in train:
+        client = r["client"]
+        made = json.loads((tmp_path / "run" / "clients" / client / SYNTHETIC_FILE).read_text())
+        expected = epsilon(1.0, sampling_rate(4, len(own[client].prompts)), 2, 1e-5)
+        assert r["generator_epsilon"] == pytest.approx(expected) == pytest.approx(made["epsilon"])
+        assert made["generated"] == 8 == made["filtered"] + made["empty"] + len(made["prompts"])
+        assert r["teacher_prompts"] == len(made["prompts"]) and r["teacher_topk_examples"] == r["teacher_examples"] > 0
+        audit = _records(tmp_path / "run" / "teacher" / "audit" / f"{client}.jsonl")
+        sent = {a["prompt_sha256"] for a in audit}
+        assert {a["source"] for a in audit} == {"synthetic"}
+        assert sent == {prompt_hash(prompt_messages(text, None)) for text in made["prompts"]}
+        assert not sent & {prompt_hash(p) for p in own[client].prompts}  # none of the client's own prompts left
