@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config, write_config
-from inference_fixtures import tiny_run
+from inference_fixtures import perturb_adapter
 from teacher_fixtures import DEFAULT_ANSWER, TABLE, Stub, answer_body, free_port, serve
 
 from fedlm.cli.main import app
@@ -209,19 +209,34 @@ def test_config_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 # ------------------------------------------------------------------------------------------- the CLI
 
 
+def teacher_run(root: Path) -> Path:
+    """A run folder as ``fedlm run`` leaves it (config.yaml, adapter/), its LoRA adapter set to seeded noise rather
+    than trained: a teacher unlike the students, made in a second instead of a run's time."""
+    from fedlm.config.io import save_config
+    from fedlm.experiment import build_model
+    from fedlm.models.adapters import save_adapter, trainable_state
+    from fedlm.reporting.progress import RunConsole
+
+    config = validate_config(tiny_config(root))
+    root.mkdir(parents=True)
+    save_config(config, root / "config.yaml")
+    loaded, model, _ = build_model(config, RunConsole(quiet=True))
+    save_adapter(model, trainable_state(model), root / "adapter")
+    loaded.tokenizer.save_pretrained(str(root / "adapter"))
+    perturb_adapter(root / "adapter", root / "adapter", seed=3)
+    return root
+
+
 @pytest.fixture(scope="module")
 def fedlm_teacher(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> Iterator[tuple[str, Any]]:
-    """fedlm's own OpenAI server over a finished tiny run, in a thread: ``base_url`` of the teacher, and its tokenizer
-    (the tiny model's, the students' too)."""
-    from typer.testing import CliRunner
-
+    """fedlm's own OpenAI server (``fedlm serve``'s app and engine) over a tiny run, in a thread: the teacher's
+    ``base_url``, and its tokenizer (the tiny model's, the students' too)."""
     from fedlm.inference.engine import Engine
     from fedlm.inference.run import open_run
     from fedlm.inference.server import create_app
     from fedlm.inference.session import inference_settings
 
-    run_dir = tiny_run(tmp_path_factory.mktemp("teacher-run"), CliRunner())
-    run = open_run(run_dir)
+    run = open_run(teacher_run(tmp_path_factory.mktemp("teacher") / "run"))
     engine = Engine(run, inference_settings(run.config.inference))
     with serve(create_app(engine)) as base:
         yield f"{base}/v1", run.tokenizer
