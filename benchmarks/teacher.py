@@ -114,8 +114,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
     lines = [
         f"`{args.model}` (float32, 2-core AMD EPYC without AVX512-BF16), SFT on the WordNet domains (8 clients, 4 per round, "
-        f"{args.rounds} rounds x {args.local_steps} local steps x batch 8). Teacher: the same model trained centrally for "
-        f"{args.teacher_steps} steps, served by `fedlm serve` (no logprobs: sequence-level KD), mix {args.mix}, greedy answers of "
+        f"{args.rounds} rounds x {args.local_steps} local steps x batch 8, {args.train_examples} training records). Teacher: the same model trained centrally for "
+        f"{args.teacher_steps} steps on all the training records, served by `fedlm serve` (no logprobs: sequence-level KD), mix {args.mix}, greedy answers of "
         f"at most {args.max_tokens} tokens. Synthetic mode: {args.num_prompts} prompts per client from a LoRA generator trained "
         f"with DP-SGD (sigma {args.noise_multiplier}, {args.generator_steps} steps), verbatim filter over 8 tokens. "
         f"Metrics on {args.eval_examples} held-out examples after the last round.",
@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--teacher-steps", type=int, default=160)
     parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--train-examples", type=int, default=800, help="the federation's training records (each one a teacher request)")
     parser.add_argument("--mix", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--num-prompts", type=int, default=32)
@@ -148,8 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     teacher_dir = args.out / "central-teacher"
     run_cli(teacher_dir, teacher_overrides(args))
-    base = common(args)
-    section = {"base_url": None, "model": "global", "mix": args.mix, "max_tokens": args.max_tokens, "retries": 5, "timeout_s": 600}
+    base = {**common(args), "data.max_train_examples": args.train_examples}  # the teacher trained on all of it
+    section = {"base_url": None, "model": "global", "mix": args.mix, "max_tokens": args.max_tokens, "retries": 5, "timeout_s": 600, "concurrency": 8}
     synthetic = {"num_prompts": args.num_prompts, "steps": args.generator_steps, "noise_multiplier": args.noise_multiplier}
     results = []
     with served(teacher_dir) as url:
