@@ -120,6 +120,8 @@ class TeacherClient:
                 status = f"timed out after {ep.timeout_s:g}s"
             except openai.APIConnectionError as exc:
                 status = f"unreachable ({exc.__cause__ or exc})"
+            except openai.OpenAIError as exc:  # anything else the client raises: not retried
+                raise TeacherUnavailable(f"{ep.describe()} failed: {type(exc).__name__}: {exc}") from None
             if attempt + 1 < attempts:
                 self.sleep(ep.backoff_s * 2**attempt)
         raise TeacherUnavailable(f"{ep.describe()} failed after {attempts} attempt(s): {status}")

@@ -66,7 +66,8 @@ class TeacherSource:
         if self.config.teacher.mode == "label":
             return records.prompts, "own", {}
         settings = self.config.teacher.synthetic
-        assert settings is not None  # noqa: S101 - the schema requires it with mode synthetic
+        if settings is None:
+            raise FedlmError("`teacher.mode: synthetic` needs `teacher.synthetic`")
         path = self.clients_dir / client / SYNTHETIC_FILE  # made once per client: its epsilon is spent once
         if path.is_file():
             made = SyntheticPrompts.load(path)
