@@ -265,7 +265,7 @@ def test_cli_label_mode_with_fedlm_serve_as_teacher(tmp_path: Path, runner: Any,
         assert r["teacher_prompts"] == r["teacher_examples"] > 0
         assert r["teacher_sent"] == (r["teacher_prompts"] if r["round"] == 1 else 0)  # round 2: all from the cache
         assert r["teacher_topk_examples"] == 0  # fedlm serve gives no logprobs: sequence-level KD
-        assert r["teacher_loss"] > 0 and r["own_loss"] > 0
+        assert r["loss"] == pytest.approx(0.5 * r["own_loss"] + 0.5 * r["teacher_loss"], rel=1e-5)  # mix 0.5
 
     prompts = client_records(load_config(tmp_path / "c.yaml"))
     for client, records in prompts.items():
