@@ -77,6 +77,7 @@ from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
 from fedlm.reporting.run_dir import RunDir
 from fedlm.runtime.simulation import SimulationRuntime
+from fedlm.teacher.runtime import with_teacher
 
 # Keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = {"federation.rounds"}
@@ -272,6 +273,7 @@ def build_server_loop(
         trainer = session.trainer(aggregator.trainer_hooks())
         trainer = processes.trainer(trainer) if processes is not None else trainer
         runtime = SimulationRuntime(seed_trainer(trainer, config), session.data.client_train, progress)  # fedkseed: zeroth order
+        runtime = with_teacher(runtime, session, run_dir)  # teacher.mode: the clients' data taught by a black-box teacher
         personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
         if personal is not None:
             runtime, observers = personal, [personal, *observers]

@@ -64,6 +64,7 @@ from fedlm.config.rules.privacy import (
     secure_aggregation_without_adaptive_clipping,
 )
 from fedlm.config.rules.setting import NODE_LOCAL, SECAGG, Rule, Setting, known_num_clients
+from fedlm.config.rules.teacher import teacher_fits_the_training, teacher_key_is_set, teacher_runs_in_the_simulation
 from fedlm.config.schema import ExperimentConfig
 
 __all__ = ["FEDERATION_RULES", "LOAD_RULES", "NODE_LOCAL", "SECAGG", "Rule", "Setting", "check_config", "check_federation", "known_num_clients"]
@@ -108,6 +109,9 @@ LOAD_RULES: tuple[Rule, ...] = (
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
     simulation_engine_fits_this_machine,
+    teacher_runs_in_the_simulation,
+    teacher_fits_the_training,
+    teacher_key_is_set,
 )
 
 

@@ -21,6 +21,7 @@ from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import PrivacyConfig
 from fedlm.config.schema.section import Section
+from fedlm.config.schema.teacher import TeacherConfig
 
 
 class ExperimentConfig(Section):
@@ -42,6 +43,7 @@ class ExperimentConfig(Section):
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
 
     @field_validator("objective", mode="before")
     @classmethod
