@@ -30,6 +30,7 @@ from fedlm.config.rules.compression import (
     fedkseed_fits_the_run,
     uplink_compression_not_under_secure_aggregation,
 )
+from fedlm.config.rules.continual import continual_fits_the_run, continual_runs_in_the_simulation
 from fedlm.config.rules.federation import (
     audit_client_exists,
     client_ranks_fit_clients,
@@ -108,6 +109,8 @@ LOAD_RULES: tuple[Rule, ...] = (
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
     simulation_engine_fits_this_machine,
+    continual_runs_in_the_simulation,
+    continual_fits_the_run,
 )
 
 
