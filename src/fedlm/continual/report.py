@@ -32,14 +32,17 @@ def plot_matrix(metric: str, matrix: Mapping[int, Mapping[str, float]], out_dir:
     values = [[matrix[k].get(s, float("nan")) for s in slices] for k in stages]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(slices), 1.0 + 0.6 * len(stages)))
-    image = ax.imshow(values, aspect="auto", cmap="viridis_r" if metric == "loss" else "viridis")
+    image = ax.pcolormesh(values, cmap="viridis_r" if metric == "loss" else "viridis")  # vector cells: no image resampling
+    ax.invert_yaxis()
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             if v == v:  # not NaN
-                ax.text(j, i, f"{v:.3g}", ha="center", va="center", color="white", fontsize="small")
-    ax.set_xticks(range(len(slices)))
+                r, g, b, _ = image.cmap(image.norm(v))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # readable on light and dark cells
+                ax.text(j + 0.5, i + 0.5, f"{v:.3g}", ha="center", va="center", color=ink, fontsize="small")
+    ax.set_xticks([j + 0.5 for j in range(len(slices))])
     ax.set_xticklabels(slices, rotation=45, ha="right", fontsize="small")
-    ax.set_yticks(range(len(stages)))
+    ax.set_yticks([i + 0.5 for i in range(len(stages))])
     ax.set_yticklabels([str(k) for k in stages])
     ax.set_xlabel("test slice")
     ax.set_ylabel("after stage")
