@@ -279,3 +279,8 @@ def test_runtime_trains_on_the_held_slices_plus_the_replay_of_earlier_ones(tmp_p
     # resumed after round 1 (a crash left round 2 and 3 versions): the same data as the uninterrupted run
     resumed = run(range(2, 4), tmp_path / "a")
     assert resumed == seen[1:]
+
+
+def test_yaml_integer_client_names_are_read_as_strings() -> None:
+    config = ContinualConfig.model_validate({"schedule": {0: {"a": 1}}, "membership": {1: {"first": 2}}})
+    assert config.schedule == {"0": {"a": 1}} and set(config.membership) == {"1"}

@@ -3,9 +3,9 @@ that join late and leave, the forgetting measured after every stage, and the mit
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedlm.config.schema.section import Section
 
@@ -61,6 +61,12 @@ class ContinualConfig(Section):
     mitigations: list[Mitigation] = Field(default_factory=list, description="rehearsal | ewc (either or both)")
     rehearsal: RehearsalConfig = Field(default_factory=RehearsalConfig)
     ewc: EWCConfig = Field(default_factory=EWCConfig)
+
+    @field_validator("schedule", "membership", mode="before")
+    @classmethod
+    def _client_names_as_strings(cls, value: Any) -> Any:
+        """Client names are strings; YAML reads ``0:`` (an iid client) as an int."""
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _one_schedule(self) -> ContinualConfig:
