@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from fedlm.config.schema import ExperimentConfig
+from fedlm.core.errors import FedlmError
 from fedlm.core.sampling import sample_clients
 from fedlm.core.seeding import derive_seed
 from fedlm.core.task import LocalPlan
@@ -58,6 +59,11 @@ def train_alone(session: Session, name: str, examples: list, steps: int, progres
 
 def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     """Run the four arms into ``output_dir`` and write ``comparison.md`` and ``comparison.json`` there."""
+    if config.continual is not None:
+        raise FedlmError(
+            "`fedlm compare` trains its centralized and local baselines on all data at once, not as a `continual` stream; "
+            "run the stream with `fedlm run` (its report has the accuracy matrix), or remove `continual`"
+        )
     target = prepare_run_dir(config.output_dir, resume=False, overwrite=overwrite)
     console = RunConsole()
     session = build_session(config, console)

@@ -33,6 +33,9 @@ from fedlm.compression.setup import (
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
+from fedlm.continual.data import continual_federated_data
+from fedlm.continual.report import continual_section
+from fedlm.continual.setup import continual_side
 from fedlm.core.errors import FedlmError
 from fedlm.core.round import RoundObserver
 from fedlm.core.runtime import Runtime
@@ -220,6 +223,8 @@ def client_processes(session: Session, here: bool = True) -> Iterator[ClientProc
 
 def _federated_data(config: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, objective: Objective, node_client: str | None) -> FederatedData:
     """The run's data: a partition of one dataset, or (``node_local``) the server's test set or one node's client."""
+    if config.continual is not None:  # the records cut into slices that arrive over time
+        return continual_federated_data(config, tokenizer, objective)
     if config.partition.method != "node_local":
         return prepare_federated_data(
             config.data,
@@ -269,10 +274,15 @@ def build_server_loop(
     saved, aggregator = aggregator, round_aggregator(aggregator)  # the checkpoints save the compression's state too
     aggregator.start(names)
     clients_here = runtime is None
+    continual = continual_side(session, run_dir) if runtime is None else None  # continual: the stream's data per round
     if runtime is None:
-        trainer = session.trainer(aggregator.trainer_hooks())
+        trainer = session.trainer([*aggregator.trainer_hooks(), *(continual.hooks if continual else [])])
         trainer = processes.trainer(trainer) if processes is not None else trainer
-        runtime = SimulationRuntime(seed_trainer(trainer, config), session.data.client_train, progress)  # fedkseed: zeroth order
+        client_train = continual.current if continual else session.data.client_train
+        runtime = SimulationRuntime(seed_trainer(trainer, config), client_train, progress)  # fedkseed: zeroth order
+        if continual is not None:
+            streamed = continual.runtime(runtime)
+            runtime, observers = streamed, [streamed, *observers]
         runtime = with_teacher(runtime, session, run_dir)  # teacher.mode: the clients' data taught by a black-box teacher
         personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
         if personal is not None:
@@ -312,7 +322,11 @@ def build_server_loop(
     round_ = Round(
         names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
     )
+    if continual is not None:
+        round_.sampler = continual.sampler  # only the clients present in the round
     milestones: list[RoundObserver] = []
+    if continual is not None:  # after every stage, before the checkpoint: every slice, the forgetting
+        milestones.append(continual.observer(session.evaluator(progress), log, console))
     if evaluate:
         milestones.append(
             EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, session.attack_probes(progress))
@@ -404,12 +418,13 @@ def write_run_report(session: Session, run_dir: RunDir) -> None:
     """Write ``report.md`` from ``metrics.jsonl`` (with the audit of ``audit.json`` when there is one)."""
     records = MetricsLog(run_dir.metrics).read()
     personal = personal_section(records, run_dir.root)  # personalization.method: own vs others' shares
+    continual = continual_section(records, run_dir.root)  # continual: the accuracy matrix, forgetting
     write_report(
         run_dir.root,
         records,
         title=f"fedlm run: {run_dir.root.name}",
         config_summary=config_summary(session),
-        extra_sections=[personal] if personal else [],
+        extra_sections=[s for s in (personal, continual) if s],
     )
 
 

@@ -10,7 +10,7 @@ audit, attack outcomes, the metrics log, evaluation and checkpoints are observer
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,10 +44,12 @@ class Round:
     validator: RoundValidator
     aggregation: Aggregation
     observers: Sequence[RoundObserver] = ()
+    #: (client names, clients per round, seed, round) -> the round's clients; continual runs sample present clients only
+    sampler: Callable[[Sequence[str], int | None, int, int], list[str]] = sample_clients
 
     def run(self, state: TensorDict, round_num: int) -> RoundRecord:
         """Round ``round_num`` from the global ``state``; the record holds the new state."""
-        chosen = sample_clients(self.client_names, self.clients_per_round, self.seed, round_num)
+        chosen = self.sampler(self.client_names, self.clients_per_round, self.seed, round_num)
         tasks = self.tasks.build(state, chosen, round_num)
         started = time.perf_counter()
         results = self.runtime.train_clients(tasks)

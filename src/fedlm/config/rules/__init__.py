@@ -30,6 +30,7 @@ from fedlm.config.rules.compression import (
     fedkseed_fits_the_run,
     uplink_compression_not_under_secure_aggregation,
 )
+from fedlm.config.rules.continual import continual_fits_the_run, continual_runs_in_the_simulation
 from fedlm.config.rules.federation import (
     audit_client_exists,
     client_ranks_fit_clients,
@@ -112,6 +113,8 @@ LOAD_RULES: tuple[Rule, ...] = (
     teacher_runs_in_the_simulation,
     teacher_fits_the_training,
     teacher_key_is_set,
+    continual_runs_in_the_simulation,
+    continual_fits_the_run,
 )
 
 

@@ -26,7 +26,7 @@ def teacher_runs_in_the_simulation(s: Setting) -> None:
 def teacher_fits_the_training(s: Setting) -> None:
     """The teacher answers prompts, so it teaches instruction tuning (``objective: sft``) by the plain gradient trainer:
     its mixed loss is not the per-example loss of ``privacy.sample_dp``'s DP-SGD, nor a zeroth-order (fedkseed),
-    data-parallel or personalized step, and data attacks would rewrite the records it is asked about."""
+    data-parallel or personalized step, data attacks would rewrite the records it is asked about, and a continual stream changes a client's data every stage."""
     c = s.config
     mode = c.teacher.mode
     if mode is None:
@@ -38,6 +38,7 @@ def teacher_fits_the_training(s: Setting) -> None:
         "federation.client_processes > 1": c.federation.client_processes > 1,
         "personalization.method": c.personalization.method is not None,
         "attack": c.attack.name is not None,
+        "continual": c.continual is not None,
     }
     found = [name for name, clash in clashes.items() if clash]
     if found:
