@@ -64,6 +64,15 @@ from fedlm.config.rules.privacy import (
     secure_aggregation_without_adaptive_clipping,
 )
 from fedlm.config.rules.setting import NODE_LOCAL, SECAGG, Rule, Setting, known_num_clients
+from fedlm.config.rules.systems import (
+    fedbuff_buffer_fits,
+    fedbuff_fits_the_run,
+    fedbuff_without_round_state,
+    partial_work_fits_the_run,
+    systems_files_cover_clients,
+    systems_files_readable,
+    systems_in_the_simulation,
+)
 from fedlm.config.schema import ExperimentConfig
 
 __all__ = ["FEDERATION_RULES", "LOAD_RULES", "NODE_LOCAL", "SECAGG", "Rule", "Setting", "check_config", "check_federation", "known_num_clients"]
@@ -108,6 +117,12 @@ LOAD_RULES: tuple[Rule, ...] = (
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
     simulation_engine_fits_this_machine,
+    systems_in_the_simulation,
+    systems_files_readable,
+    partial_work_fits_the_run,
+    fedbuff_without_round_state,
+    fedbuff_fits_the_run,
+    fedbuff_buffer_fits,
 )
 
 
@@ -125,6 +140,7 @@ FEDERATION_RULES: tuple[Rule, ...] = (
     audit_client_exists,
     attackers_within_bounds,
     secure_aggregation_threshold,
+    systems_files_cover_clients,
 )
 
 

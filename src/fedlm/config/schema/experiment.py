@@ -21,6 +21,7 @@ from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import PrivacyConfig
 from fedlm.config.schema.section import Section
+from fedlm.config.schema.systems import SystemsConfig
 
 
 class ExperimentConfig(Section):
@@ -42,6 +43,7 @@ class ExperimentConfig(Section):
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    systems: SystemsConfig | None = None  # device profiles, the simulated clock, FedBuff (simulation only)
 
     @field_validator("objective", mode="before")
     @classmethod
