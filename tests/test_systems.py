@@ -341,3 +341,12 @@ def test_a_bad_profile_file_is_refused_at_load_and_a_missing_client_once_the_cli
     config = validate_config(_raw(systems={"profiles": str(partial)}))
     with pytest.raises(FedlmError, match=r"partial.csv: no row for client 'client_1'"):
         check_federation(config, ["client_0", "client_1"])
+
+
+def test_a_resumed_run_continues_the_logged_clock(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.append({"round": 1, "split": "aggregate", "sim_seconds": 4.0, "wall_seconds": 2.0})
+    log.append({"round": 2, "split": "aggregate", "sim_seconds": 9.5, "wall_seconds": 3.0})
+    clock = SimClock()
+    ClockObserver({}, clock, None, log).on_start({}, 2)
+    assert clock.now == 9.5 and clock.wall_seconds() >= 3.0
