@@ -350,3 +350,15 @@ def test_a_resumed_run_continues_the_logged_clock(tmp_path: Path) -> None:
     clock = SimClock()
     ClockObserver({}, clock, None, log).on_start({}, 2)
     assert clock.now == 9.5 and clock.wall_seconds() >= 3.0
+
+
+class _FailingRuntime:
+    def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
+        return [ClientFailure(c, t.plan.round, "loss is NaN") for c, t in tasks.items()]
+
+
+def test_fedbuff_stops_when_every_client_fails() -> None:
+    loop, _ = _fedbuff_loop({"a": _profile(1.0), "b": _profile(2.0)}, {}, rounds=2, buffer_size=1)
+    loop.round.runtime = _FailingRuntime()
+    with pytest.raises(FedlmError, match="failed clients since the last server step; first: loss is NaN"):
+        loop.run({"w": torch.zeros(1)}, 0)

@@ -117,6 +117,8 @@ class _AsyncRun:
         if isinstance(flight.result, ClientFailure):
             self.failures.append(flight.result)
             self.idle.append(client)
+            if len(self.failures) > 10 * len(self.loop.round.client_names):  # every restart fails: stop, do not spin
+                raise FedlmError(f"FedBuff: {len(self.failures)} failed clients since the last server step; first: {self.failures[0].reason}")
             return
         self.buffer.append((client, flight, flight.result))
         if len(self.buffer) >= self.loop.settings.buffer_size:
