@@ -80,6 +80,7 @@ from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
 from fedlm.reporting.run_dir import RunDir
 from fedlm.runtime.simulation import SimulationRuntime
+from fedlm.systems.setup import build_systems
 from fedlm.teacher.runtime import with_teacher
 
 # Keys that may change between an interrupted run and its resumption.
@@ -296,6 +297,9 @@ def build_server_loop(
     attack = session.attack
     if attack is not None and attack.needs_runtime():
         runtime = AttackedRuntime(runtime, attack)
+    systems = build_systems(config, names, log)  # systems: device profiles, the simulated clock, deadlines, FedBuff
+    if systems is not None:
+        runtime, observers = systems.runtime(runtime), [*observers, *systems.observers()]
     lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
     tasks = task_builder(config, saved, lora, ranks, session.initial_state)  # compression.downlink: from the clients' replica
@@ -339,7 +343,8 @@ def build_server_loop(
     milestones.append(Checkpointer(run_dir, saved, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
     if fed.max_mib is not None:
         milestones.append(CommunicationBudget(fed.max_mib, fed.rounds, log))
-    return ServerLoop(round_, fed.rounds, milestones)
+    loop = ServerLoop(round_, fed.rounds, milestones)
+    return systems.server_loop(loop) if systems is not None else loop
 
 
 def _root_set_update(session: Session, aggregator: Aggregator, tasks: TaskBuilder) -> RootSetUpdate | None:

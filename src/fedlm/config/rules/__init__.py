@@ -65,6 +65,16 @@ from fedlm.config.rules.privacy import (
     secure_aggregation_without_adaptive_clipping,
 )
 from fedlm.config.rules.setting import NODE_LOCAL, SECAGG, Rule, Setting, known_num_clients
+from fedlm.config.rules.systems import (
+    fedbuff_buffer_fits,
+    fedbuff_fits_the_run,
+    fedbuff_without_round_state,
+    partial_work_fits_the_run,
+    systems_files_cover_clients,
+    systems_files_readable,
+    systems_in_the_simulation,
+    systems_without_a_stream,
+)
 from fedlm.config.rules.teacher import teacher_fits_the_training, teacher_key_is_set, teacher_runs_in_the_simulation
 from fedlm.config.schema import ExperimentConfig
 
@@ -115,6 +125,13 @@ LOAD_RULES: tuple[Rule, ...] = (
     teacher_key_is_set,
     continual_runs_in_the_simulation,
     continual_fits_the_run,
+    systems_in_the_simulation,
+    systems_files_readable,
+    partial_work_fits_the_run,
+    fedbuff_without_round_state,
+    fedbuff_fits_the_run,
+    fedbuff_buffer_fits,
+    systems_without_a_stream,
 )
 
 
@@ -132,6 +149,7 @@ FEDERATION_RULES: tuple[Rule, ...] = (
     audit_client_exists,
     attackers_within_bounds,
     secure_aggregation_threshold,
+    systems_files_cover_clients,
 )
 
 

@@ -22,6 +22,7 @@ from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import PrivacyConfig
 from fedlm.config.schema.section import Section
+from fedlm.config.schema.systems import SystemsConfig
 from fedlm.config.schema.teacher import TeacherConfig
 
 
@@ -46,6 +47,7 @@ class ExperimentConfig(Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     continual: ContinualConfig | None = Field(None, description="continual federated learning: data arriving over time")
+    systems: SystemsConfig | None = None  # device profiles, the simulated clock, FedBuff (simulation only)
 
     @field_validator("objective", mode="before")
     @classmethod

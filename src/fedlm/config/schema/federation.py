@@ -68,6 +68,12 @@ class FederationConfig(Section):
     client_processes: int = Field(
         1, ge=1, description="data-parallel processes per client (gloo on CPU, nccl with one GPU each); a step's batch is split among them"
     )
+    round_deadline_s: float | None = Field(
+        None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="simulated seconds a synchronous round waits (needs `systems`); late clients are dropped or send partial work (`systems.late_clients`)",
+    )
     max_mib: float | None = Field(
         None,
         gt=0.0,
