@@ -49,6 +49,7 @@ from fedlm.config.rules.hardware import (
     quantization_runs_on_device,
     simulation_engine_fits_this_machine,
 )
+from fedlm.config.rules.offsite import offsite_fits_the_adapter, offsite_layers_fit_the_model, offsite_runs_in_the_simulation
 from fedlm.config.rules.personalization import personalization_fits_the_adapter, personalization_runs_in_the_simulation
 from fedlm.config.rules.privacy import (
     client_dp_needs_only_the_sum,
@@ -108,6 +109,9 @@ LOAD_RULES: tuple[Rule, ...] = (
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
     simulation_engine_fits_this_machine,
+    offsite_layers_fit_the_model,
+    offsite_runs_in_the_simulation,
+    offsite_fits_the_adapter,
 )
 
 

@@ -18,6 +18,7 @@ from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
 from fedlm.config.schema.inference import InferenceConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
+from fedlm.config.schema.offsite import OffsiteConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import PrivacyConfig
 from fedlm.config.schema.section import Section
@@ -42,6 +43,7 @@ class ExperimentConfig(Section):
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    offsite: OffsiteConfig | None = Field(None, description="offsite-tuning: clients train on a compressed emulator (None: off)")
 
     @field_validator("objective", mode="before")
     @classmethod
