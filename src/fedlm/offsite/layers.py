@@ -54,13 +54,13 @@ class LayerPlan:
 
 
 def uniform_choice(count: int, keep: int) -> list[int]:
-    """``keep`` of ``count`` positions spread evenly, the first and the last included when ``keep`` >= 2 (the uniform
-    layer drop of Offsite-Tuning's reference code: position ``round(i (count - 1) / (keep - 1))``, halves rounded up);
-    ``keep`` = 1 keeps the centre one."""
+    """``keep`` of ``count`` positions spread evenly, the first and the last included when ``keep`` >= 2: position
+    ``round(i (count - 1) / (keep - 1))`` with Python's round (halves to even), as ``uniform_choose_layers`` of
+    Offsite-Tuning's reference code; ``keep`` = 1 (which that code cannot do) keeps the centre one."""
     if keep == 1:
         return [(count - 1) // 2]
     stride = (count - 1) / (keep - 1)
-    return [int(i * stride + 0.5) for i in range(keep)]
+    return [round(i * stride) for i in range(keep)]
 
 
 def plan_layers(num_layers: int, n_bottom: int, n_top: int, keep_ratio: float) -> LayerPlan:
