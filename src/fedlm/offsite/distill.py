@@ -109,9 +109,11 @@ def distill_middle(
     student: nn.Module, teacher: nn.Module, plan: LayerPlan, batches: Sequence[Batch], lr: float, device: torch.device
 ) -> DistillResult:
     """One AdamW step per batch on the student's middle layers towards the teacher's middle output; everything else
-    in both models stays as it was (``requires_grad``, train/eval mode)."""
+    in both models stays as it was (``requires_grad``, train/eval mode). The optimizer steps float32 master copies
+    of the weights, copied back after each step (a bfloat16 weight would round most steps of a small lr away)."""
     params = parameters_of_layers(student, plan.middle)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    masters = [p.detach().to(torch.float32).clone() for p in params]
+    optimizer = torch.optim.AdamW(masters, lr=lr, weight_decay=0.0)
     n_top = len(plan.top)
     losses: list[float] = []
     with _only_trainable(student, params), _in_eval(student, teacher):
@@ -120,9 +122,15 @@ def distill_middle(
             with torch.no_grad():
                 target = middle_output(teacher, n_top, batch)
             loss = masked_mse(middle_output(student, n_top, batch), target, batch["attention_mask"])
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss.backward()
+            for master, p in zip(masters, params):
+                master.grad = p.grad.to(torch.float32) if p.grad is not None else None
             optimizer.step()
+            with torch.no_grad():
+                for master, p in zip(masters, params):
+                    p.copy_(master)
             losses.append(float(loss.detach()))
     return DistillResult(losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), len(losses))
 

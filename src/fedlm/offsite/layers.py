@@ -65,7 +65,7 @@ def uniform_choice(count: int, keep: int) -> list[int]:
 
 def plan_layers(num_layers: int, n_bottom: int, n_top: int, keep_ratio: float) -> LayerPlan:
     """The emulator of a ``num_layers``-layer model: ``n_bottom`` + ``n_top`` adapter layers around
-    ``round(keep_ratio * M)`` of the ``M`` middle layers.
+    ``keep_ratio * M`` (halves rounded up) of the ``M`` middle layers.
 
     Raises:
         FedlmError: the adapter layers leave no middle, or ``keep_ratio`` keeps none of it (naming the field).
