@@ -16,9 +16,10 @@ from fedlm.config.io import load_config
 from fedlm.config.schema import PeftConfig
 from fedlm.core.errors import FedlmError
 from fedlm.models.adapters import attach_adapter, load_trainable_state, trainable_state
-from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama
+from fedlm.models.tiny import build_byte_tokenizer, build_tiny_llama, tiny_num_layers
 from fedlm.offsite.distill import PublicText, distill_middle, middle_gap, middle_output
 from fedlm.offsite.emulator import base_weights, build_emulator
+from fedlm.offsite.fedbiot import EmulatorAlignment
 from fedlm.offsite.layers import plan_layers, uniform_choice
 from fedlm.offsite.plugin import check_plug_in, plug_in
 from tests.conftest import tiny_config, write_config
@@ -60,6 +61,12 @@ def test_layer_plan_keeps_bottom_top_and_a_uniform_middle() -> None:
     assert [plan.full_index(i) for i in range(5)] == [0, 1, 3, 6, 7]
     smol = plan_layers(30, 2, 2, 0.25)
     assert smol.kept == (0, 1, 2, 6, 10, 14, 19, 23, 27, 28, 29) and len(smol.dropped) == 19
+
+
+def test_tiny_aliases_name_their_depth() -> None:
+    assert tiny_num_layers("tiny-random-llama") == 2 and tiny_num_layers("tiny-random-llama-8l") == 8
+    assert tiny_num_layers("tiny-random-llama-1l") is None and tiny_num_layers("tiny-random-llama-33l") is None
+    assert tiny_num_layers("smollm2-135m-instruct") is None
 
 
 @pytest.mark.parametrize(
@@ -245,3 +252,14 @@ def test_distillation_in_bfloat16_keeps_small_steps_in_float32_masters(tokenizer
         distill_middle(emulator, full, plan, batches, lr=1e-5, device=torch.device("cpu"))
         moved[dtype] = (weight.detach().to(torch.float32) - start).abs().mean().item()
     assert moved[torch.float32] > 0 and moved[torch.bfloat16] > 0.5 * moved[torch.float32]
+
+
+def test_resuming_a_fedbiot_run_is_refused(tokenizer) -> None:
+    """The checkpoints keep the adapter, not the re-aligned emulator: a resumed run would train on another one."""
+    plan = plan_layers(LAYERS, 1, 1, 0.5)
+    full = _full(tokenizer, plan.adapter_layers)
+    public = PublicText(["some public text"], tokenizer, 16, 1)
+    alignment = EmulatorAlignment(build_emulator(full, plan), full, plan, public, 1, 1e-4, 0, torch.device("cpu"))
+    alignment.on_start(trainable_state(full), 0)
+    with pytest.raises(FedlmError, match="--resume: `offsite.align_steps` > 0"):
+        alignment.on_start(trainable_state(full), 3)
