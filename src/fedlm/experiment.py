@@ -66,6 +66,7 @@ from fedlm.models.init_adapter import load_init_adapter
 from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
 from fedlm.objectives.dpo import DPOObjective
+from fedlm.offsite.setup import Offsite, adapter_layers, build_offsite
 from fedlm.personalization.setup import finish_personalization, personalize
 from fedlm.privacy.audit_session import audit_session
 from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
@@ -99,6 +100,7 @@ class Session:
     attack: AttackPlan | None = None
     sample_dp: SampleDP | None = None  # DP-SGD in every client's local steps (privacy.sample_dp)
     objective: Objective = field(default_factory=lambda: build_objective("sft"))  # sft | clm | dpo (config.objective)
+    offsite: Offsite | None = None  # offsite-tuning: the clients train on its emulator, the server keeps `model` (config.offsite)
 
     def evaluator(self, progress: Progress | None) -> Evaluator:
         """An evaluator on the shared test set."""
@@ -142,7 +144,7 @@ class Session:
         """A client trainer on the shared model (DP-SGD under ``privacy.sample_dp`` unless ``private`` is False)."""
         fed = self.config.federation
         return ClientTrainer(
-            self.model,
+            self.offsite.emulator if self.offsite is not None else self.model,
             self.loaded.tokenizer.pad_token_id,
             self.loaded.device,
             fed.weight_decay,
@@ -179,7 +181,8 @@ def build_session(config: ExperimentConfig, console: RunConsole, node_client: st
     if attack is not None:
         console.print(f"attack {attack.spec.name} ({attack.spec.kind}) by {', '.join(sorted(attack.attackers))}")
     sample_dp = sample_dp_settings(config, {c: len(data.client_train.get(c, [])) for c in data.client_names})  # solves a target epsilon
-    return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp, objective)
+    offsite = build_offsite(config, model, loaded.tokenizer, loaded.device, console) if config.offsite is not None else None
+    return Session(config, loaded, model, data, trainable_state(model), attack, sample_dp, objective, offsite)
 
 
 def build_model(
@@ -190,7 +193,11 @@ def build_model(
     loaded = load_base_model(config.model, seed=derive_seed(config.seed, "base-init") % 2**31, device=device)
     console.print(f"model {config.model.name}: {loaded.dtype} on {loaded.device}")
     model = attach_adapter(
-        loaded.model, config.peft, seed=derive_seed(config.seed, "adapter-init") % 2**31, freeze_lora_a=config.aggregation.lora == "ffa"
+        loaded.model,
+        config.peft,
+        seed=derive_seed(config.seed, "adapter-init") % 2**31,
+        freeze_lora_a=config.aggregation.lora == "ffa",
+        layers=adapter_layers(config, loaded.model),  # offsite: the bottom and top layers only
     )
     if config.model.init_adapter is not None:
         load_init_adapter(model, config.peft, Path(config.model.init_adapter))
@@ -272,6 +279,8 @@ def build_server_loop(
     (``federation.client_processes``)."""
     config, fed = session.config, session.config.federation
     names = session.data.client_names
+    if session.offsite is not None:  # the emulator's traffic, the plug-in check, FedBiOT's alignment
+        observers = [*session.offsite.observers(log), *observers]
     saved, aggregator = aggregator, round_aggregator(aggregator)  # the checkpoints save the compression's state too
     aggregator.start(names)
     clients_here = runtime is None
@@ -332,9 +341,10 @@ def build_server_loop(
     if continual is not None:  # after every stage, before the checkpoint: every slice, the forgetting
         milestones.append(continual.observer(session.evaluator(progress), log, console))
     if evaluate:
-        milestones.append(
-            EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, session.attack_probes(progress))
-        )
+        probes = session.attack_probes(progress)
+        if session.offsite is not None:  # the emulator's loss and the plug-in gap
+            probes.append(session.offsite.probe(session.evaluator(progress), log))
+        milestones.append(EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, probes))
         if config.eval.harness is not None:  # lm-evaluation-harness tasks on the global model (eval.harness)
             milestones.append(
                 HarnessObserver(session.model, session.loaded.tokenizer, config.eval.harness, config.eval.at_start, fed.rounds, log, console)

@@ -72,9 +72,13 @@ def peft_method_config(config: PeftConfig) -> PeftMethodConfig:
     raise FedlmError(f"`peft.method` {method!r} has no peft adapter; valid: lora, dora, ia3, prompt_tuning, prefix_tuning, full")
 
 
-def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int, freeze_lora_a: bool = False) -> PeftModel | PreTrainedModel:
+def attach_adapter(
+    model: PreTrainedModel, config: PeftConfig, seed: int, freeze_lora_a: bool = False, layers: list[int] | None = None
+) -> PeftModel | PreTrainedModel:
     """Wrap the frozen base model with the adapter of ``peft.method`` initialised from ``seed`` (global RNG left
     untouched); for ``full``, make every weight of ``model`` trainable (refused above a size limit) and return it.
+    ``layers`` (lora, dora): adapt only these decoder layers (peft's ``layers_to_transform``; offsite-tuning's
+    bottom and top layers).
 
     With ``freeze_lora_a`` (LoRA only) the A factors keep their seeded random init and only B trains (FFA-LoRA, Sun
     et al. 2024); every client derives the same A from the shared seed, so A never travels.
@@ -83,9 +87,14 @@ def attach_adapter(model: PreTrainedModel, config: PeftConfig, seed: int, freeze
         return make_fully_trainable(model)
     if freeze_lora_a and config.method != "lora":
         raise FedlmError(f"`aggregation.lora: ffa` needs `peft.method: lora`, got {config.method!r}")
+    method_config = peft_method_config(config)
+    if layers is not None:
+        if not isinstance(method_config, LoraConfig):
+            raise FedlmError(f"adapting only some layers needs `peft.method: lora` or `dora`, got {config.method!r}")
+        method_config.layers_to_transform, method_config.layers_pattern = layers, "layers"
     with seeded_torch(seed):
         try:
-            peft_model = get_peft_model(model, peft_method_config(config))
+            peft_model = get_peft_model(model, method_config)
         except ValueError as exc:
             if config.method in PROMPT_METHODS:
                 raise FedlmError(f"`peft.method: {config.method}` does not fit this model: {exc}") from None

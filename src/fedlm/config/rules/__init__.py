@@ -50,6 +50,7 @@ from fedlm.config.rules.hardware import (
     quantization_runs_on_device,
     simulation_engine_fits_this_machine,
 )
+from fedlm.config.rules.offsite import offsite_fits_the_adapter, offsite_layers_fit_the_model, offsite_runs_in_the_simulation
 from fedlm.config.rules.personalization import personalization_fits_the_adapter, personalization_runs_in_the_simulation
 from fedlm.config.rules.privacy import (
     client_dp_needs_only_the_sum,
@@ -132,6 +133,9 @@ LOAD_RULES: tuple[Rule, ...] = (
     fedbuff_fits_the_run,
     fedbuff_buffer_fits,
     systems_without_a_stream,
+    offsite_layers_fit_the_model,
+    offsite_runs_in_the_simulation,
+    offsite_fits_the_adapter,
 )
 
 

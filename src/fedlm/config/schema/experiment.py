@@ -19,6 +19,7 @@ from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
 from fedlm.config.schema.inference import InferenceConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
+from fedlm.config.schema.offsite import OffsiteConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
 from fedlm.config.schema.privacy import PrivacyConfig
 from fedlm.config.schema.section import Section
@@ -48,6 +49,7 @@ class ExperimentConfig(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     continual: ContinualConfig | None = Field(None, description="continual federated learning: data arriving over time")
     systems: SystemsConfig | None = None  # device profiles, the simulated clock, FedBuff (simulation only)
+    offsite: OffsiteConfig | None = Field(None, description="offsite-tuning: clients train on a compressed emulator (None: off)")
 
     @field_validator("objective", mode="before")
     @classmethod
