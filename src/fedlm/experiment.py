@@ -33,6 +33,7 @@ from fedlm.compression.setup import (
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
+from fedlm.contribution.setup import client_sampler, contribution_observer
 from fedlm.core.errors import FedlmError
 from fedlm.core.round import RoundObserver
 from fedlm.core.runtime import Runtime
@@ -71,6 +72,7 @@ from fedlm.privacy.round_accounting import EpsilonObserver
 from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
 from fedlm.privacy.secagg.setup import build_secure_aggregation
 from fedlm.privacy.setup import dp_account, wrap_with_dp
+from fedlm.reporting.contribution import contribution_section
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.personalization import personal_section
 from fedlm.reporting.progress import Progress, RunConsole
@@ -309,9 +311,13 @@ def build_server_loop(
         runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
         aggregation = SecureAggregationStep(step, secure) if secure is not None else step
         aggregation = seedwise_aggregation(config, replay, saved) or aggregation  # fedkseed: the step as seed lists
+    contribution = contribution_observer(session, aggregator, lora, ranks, log, console)  # contribution.methods: after aggregation
+    if contribution is not None:
+        observers = [*observers, contribution]
     round_ = Round(
         names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
     )
+    round_.sample = client_sampler(session, contribution)  # federation.sampling: uniform, or by contribution
     milestones: list[RoundObserver] = []
     if evaluate:
         milestones.append(
@@ -404,12 +410,13 @@ def write_run_report(session: Session, run_dir: RunDir) -> None:
     """Write ``report.md`` from ``metrics.jsonl`` (with the audit of ``audit.json`` when there is one)."""
     records = MetricsLog(run_dir.metrics).read()
     personal = personal_section(records, run_dir.root)  # personalization.method: own vs others' shares
+    contribution = contribution_section(records, run_dir.root)  # contribution.methods: scores per client
     write_report(
         run_dir.root,
         records,
         title=f"fedlm run: {run_dir.root.name}",
         config_summary=config_summary(session),
-        extra_sections=[personal] if personal else [],
+        extra_sections=[section for section in (personal, contribution) if section],
     )
 
 

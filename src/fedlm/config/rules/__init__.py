@@ -30,6 +30,13 @@ from fedlm.config.rules.compression import (
     fedkseed_fits_the_run,
     uplink_compression_not_under_secure_aggregation,
 )
+from fedlm.config.rules.contribution import (
+    contribution_needs_validation_set,
+    contribution_prices_every_coalition,
+    contribution_sampling_needs_scores,
+    contribution_sees_individual_updates,
+    exact_shapley_small_rounds,
+)
 from fedlm.config.rules.federation import (
     audit_client_exists,
     client_ranks_fit_clients,
@@ -112,6 +119,11 @@ LOAD_RULES: tuple[Rule, ...] = (
     teacher_runs_in_the_simulation,
     teacher_fits_the_training,
     teacher_key_is_set,
+    contribution_needs_validation_set,
+    contribution_sampling_needs_scores,
+    contribution_sees_individual_updates,
+    contribution_prices_every_coalition,
+    exact_shapley_small_rounds,
 )
 
 
@@ -129,6 +141,8 @@ FEDERATION_RULES: tuple[Rule, ...] = (
     audit_client_exists,
     attackers_within_bounds,
     secure_aggregation_threshold,
+    contribution_sampling_needs_scores,
+    exact_shapley_small_rounds,
 )
 
 

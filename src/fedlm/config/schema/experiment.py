@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from fedlm.config.schema.attack import AttackConfig
 from fedlm.config.schema.compression import CompressionConfig
+from fedlm.config.schema.contribution import ContributionConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
@@ -44,6 +45,7 @@ class ExperimentConfig(Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    contribution: ContributionConfig = Field(default_factory=ContributionConfig)
 
     @field_validator("objective", mode="before")
     @classmethod
