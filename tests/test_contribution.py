@@ -19,6 +19,7 @@ from fedlm.config.io import validate_config
 from fedlm.config.schema import ExperimentConfig
 from fedlm.contribution.gtg import GtgSettings, gtg_shapley
 from fedlm.contribution.loo import leave_one_out
+from fedlm.contribution.observer import ContributionObserver
 from fedlm.contribution.sampling import ContributionSampler, sampling_probabilities
 from fedlm.contribution.scores import score_round
 from fedlm.contribution.shapley import CachedUtility, Coalition, exact_shapley
@@ -27,6 +28,8 @@ from fedlm.core.errors import FedlmError
 from fedlm.core.update import ClientUpdate
 from fedlm.federation.aggregation_step import AggregationStep
 from fedlm.reporting.contribution import average_ranks, spearman
+from fedlm.reporting.metrics_log import MetricsLog
+from fedlm.reporting.progress import RunConsole
 
 # ------------------------------------------------------------------------------------------ games with known values
 
@@ -287,3 +290,13 @@ def test_methods_are_named_once() -> None:
 def test_average_ranks_and_spearman() -> None:
     assert average_ranks([3.0, 1.0, 1.0, 2.0]) == [4.0, 1.5, 1.5, 3.0]
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_a_resumed_run_restores_the_cumulative_scores_up_to_its_checkpoint(tmp_path) -> None:
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for r, totals in ((1, {"a": 0.5, "b": -0.1}), (2, {"a": 0.7, "b": 0.2})):
+        log.append({"round": r, "split": "aggregate", "client": None, "contribution": {"methods": {"gtg": {"cumulative": totals}}}})
+    game = quadratic_round(honest=2)
+    observer = ContributionObserver(["a", "b", "c"], ["gtg"], game.aggregator, game.lora, {}, None, GtgSettings(), 0, log, RunConsole(quiet=True))  # type: ignore[arg-type]
+    observer.on_start(game.start_state, 1)
+    assert observer.scores_for_sampling() == {"a": 0.5, "b": -0.1, "c": 0.0}
