@@ -12,7 +12,7 @@ from conftest import tiny_config, write_config
 
 from fedlm.cli import app
 
-CONTRIBUTION = {"methods": ["gtg", "loo", "exact"], "validation": "embedded:wordnet_defs/test", "validation_examples": 8, "batch_size": 8}
+CONTRIBUTION = {"methods": ["gtg", "loo", "exact"], "validation": "embedded:wordnet_defs/test", "validation_examples": 4, "batch_size": 4}
 
 
 @pytest.mark.usefixtures("one_torch_thread")
@@ -32,10 +32,10 @@ def test_a_run_scores_every_round_and_samples_by_contribution(tmp_path: Path, ru
     cumulative: dict[str, float] = {}
     for r in rounds:
         entry = r["contribution"]
-        assert entry["primary"] == "gtg" and entry["validation_examples"] == 8
+        assert entry["primary"] == "gtg" and entry["validation_examples"] == 4
         exact, loo, gtg = (entry["methods"][m] for m in ("exact", "loo", "gtg"))
         assert set(exact["scores"]) == set(r["clients"]) and exact["coalitions"] == 8 and loo["coalitions"] == 5
-        assert exact["forward_passes"] == 8 and entry["coalitions_priced"] == 8  # 8 examples: one batch per coalition
+        assert exact["forward_passes"] == 8 and entry["coalitions_priced"] == 8  # 4 examples: one batch per coalition
         # exact Shapley is efficient: the scores share the round's change of validation utility
         assert sum(exact["scores"].values()) == pytest.approx(entry["utility_round"] - entry["utility_start"], abs=1e-5)
         for client, score in gtg["scores"].items():
