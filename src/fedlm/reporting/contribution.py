@@ -121,6 +121,7 @@ def plot_contribution(records: Sequence[Mapping[str, Any]], out_dir: Path) -> Pa
     for client in clients:
         ax.plot(xs, [r[FIELD]["methods"][primary]["cumulative"].get(client, 0.0) for r in rounds], marker="o", label=client)
     ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(xs)
     ax.set_xlabel("round")
     ax.set_ylabel(f"cumulative score ({primary})")
     ax.set_title("contribution per client")
