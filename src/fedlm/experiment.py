@@ -36,6 +36,7 @@ from fedlm.config.schema import ExperimentConfig
 from fedlm.continual.data import continual_federated_data
 from fedlm.continual.report import continual_section
 from fedlm.continual.setup import continual_side
+from fedlm.contribution.setup import client_sampler, contribution_observer
 from fedlm.core.errors import FedlmError
 from fedlm.core.round import RoundObserver
 from fedlm.core.runtime import Runtime
@@ -75,6 +76,7 @@ from fedlm.privacy.round_accounting import EpsilonObserver
 from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
 from fedlm.privacy.secagg.setup import build_secure_aggregation
 from fedlm.privacy.setup import dp_account, wrap_with_dp
+from fedlm.reporting.contribution import contribution_section
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.personalization import personal_section
 from fedlm.reporting.progress import Progress, RunConsole
@@ -332,11 +334,15 @@ def build_server_loop(
         runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
         aggregation = SecureAggregationStep(step, secure) if secure is not None else step
         aggregation = seedwise_aggregation(config, replay, saved) or aggregation  # fedkseed: the step as seed lists
+    contribution = contribution_observer(session, aggregator, lora, ranks, log, console)  # contribution.methods: after aggregation
+    if contribution is not None:
+        observers = [*observers, contribution]
     round_ = Round(
         names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
     )
+    round_.sample = client_sampler(session, contribution)  # federation.sampling: uniform, or by contribution
     if continual is not None:
-        round_.sampler = continual.sampler  # only the clients present in the round
+        round_.sample = continual.sampler  # only the clients present in the round
     milestones: list[RoundObserver] = []
     if continual is not None:  # after every stage, before the checkpoint: every slice, the forgetting
         milestones.append(continual.observer(session.evaluator(progress), log, console))
@@ -434,12 +440,13 @@ def write_run_report(session: Session, run_dir: RunDir) -> None:
     records = MetricsLog(run_dir.metrics).read()
     personal = personal_section(records, run_dir.root)  # personalization.method: own vs others' shares
     continual = continual_section(records, run_dir.root)  # continual: the accuracy matrix, forgetting
+    contribution = contribution_section(records, run_dir.root)  # contribution.methods: scores per client
     write_report(
         run_dir.root,
         records,
         title=f"fedlm run: {run_dir.root.name}",
         config_summary=config_summary(session),
-        extra_sections=[s for s in (personal, continual) if s],
+        extra_sections=[section for section in (personal, continual, contribution) if section],
     )
 
 

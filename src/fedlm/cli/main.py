@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from fedlm.cli.contribution import register as register_contribution
 from fedlm.cli.flower import flower_app
 from fedlm.cli.guard import guarded
 from fedlm.cli.inference import register as register_inference
@@ -21,6 +22,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(flower_app, name="flower")
 register_inference(app)  # generate, chat, serve
+register_contribution(app)  # contribution RUN_DIR
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="experiment YAML (default: the embedded quickstart defaults)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from fedlm.core.seeding import derive_seed, torch_generator
+
+#: ``(client_names, per_round, seed, round_num) -> chosen``: how a round picks its clients (``federation.sampling``).
+ClientSampler = Callable[[Sequence[str], "int | None", int, int], list[str]]
 
 
 def sample_clients(client_names: Sequence[str], per_round: int | None, seed: int, round_num: int) -> list[str]:

@@ -10,13 +10,13 @@ audit, attack outcomes, the metrics log, evaluation and checkpoints are observer
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from fedlm.core.round import RoundObserver, RoundRecord
 from fedlm.core.runtime import Runtime
-from fedlm.core.sampling import sample_clients
+from fedlm.core.sampling import ClientSampler, sample_clients
 from fedlm.core.task import ClientTask
 from fedlm.core.update import ClientUpdate, TensorDict
 from fedlm.federation.aggregation_step import AggregateOutcome
@@ -44,12 +44,11 @@ class Round:
     validator: RoundValidator
     aggregation: Aggregation
     observers: Sequence[RoundObserver] = ()
-    #: (client names, clients per round, seed, round) -> the round's clients; continual runs sample present clients only
-    sampler: Callable[[Sequence[str], int | None, int, int], list[str]] = sample_clients
+    sample: ClientSampler = sample_clients  # federation.sampling: uniform, or by contribution (fedlm.contribution)
 
     def run(self, state: TensorDict, round_num: int) -> RoundRecord:
         """Round ``round_num`` from the global ``state``; the record holds the new state."""
-        chosen = self.sampler(self.client_names, self.clients_per_round, self.seed, round_num)
+        chosen = self.sample(self.client_names, self.clients_per_round, self.seed, round_num)
         tasks = self.tasks.build(state, chosen, round_num)
         started = time.perf_counter()
         results = self.runtime.train_clients(tasks)

@@ -31,6 +31,13 @@ from fedlm.config.rules.compression import (
     uplink_compression_not_under_secure_aggregation,
 )
 from fedlm.config.rules.continual import continual_fits_the_run, continual_runs_in_the_simulation
+from fedlm.config.rules.contribution import (
+    contribution_needs_validation_set,
+    contribution_prices_every_coalition,
+    contribution_sampling_needs_scores,
+    contribution_sees_individual_updates,
+    exact_shapley_small_rounds,
+)
 from fedlm.config.rules.federation import (
     audit_client_exists,
     client_ranks_fit_clients,
@@ -136,6 +143,11 @@ LOAD_RULES: tuple[Rule, ...] = (
     offsite_layers_fit_the_model,
     offsite_runs_in_the_simulation,
     offsite_fits_the_adapter,
+    contribution_needs_validation_set,
+    contribution_sampling_needs_scores,
+    contribution_sees_individual_updates,
+    contribution_prices_every_coalition,
+    exact_shapley_small_rounds,
 )
 
 
@@ -154,6 +166,8 @@ FEDERATION_RULES: tuple[Rule, ...] = (
     attackers_within_bounds,
     secure_aggregation_threshold,
     systems_files_cover_clients,
+    contribution_sampling_needs_scores,
+    exact_shapley_small_rounds,
 )
 
 

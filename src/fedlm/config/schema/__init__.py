@@ -3,6 +3,7 @@
 No rule here looks at two sections; those are :mod:`fedlm.config.rules`."""
 
 from fedlm.config.schema.attack import AttackConfig
+from fedlm.config.schema.contribution import ContributionConfig, GtgConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import AuditConfig, EvalConfig, HarnessConfig
 from fedlm.config.schema.experiment import ExperimentConfig
@@ -17,10 +18,12 @@ __all__ = [
     "AttackConfig",
     "AuditConfig",
     "ClientDPConfig",
+    "ContributionConfig",
     "DataConfig",
     "EvalConfig",
     "ExperimentConfig",
     "FederationConfig",
+    "GtgConfig",
     "HarnessConfig",
     "ModelConfig",
     "ObjectiveConfig",

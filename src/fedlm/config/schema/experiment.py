@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from fedlm.config.schema.attack import AttackConfig
 from fedlm.config.schema.compression import CompressionConfig
 from fedlm.config.schema.continual import ContinualConfig
+from fedlm.config.schema.contribution import ContributionConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
@@ -50,6 +51,7 @@ class ExperimentConfig(Section):
     continual: ContinualConfig | None = Field(None, description="continual federated learning: data arriving over time")
     systems: SystemsConfig | None = None  # device profiles, the simulated clock, FedBuff (simulation only)
     offsite: OffsiteConfig | None = Field(None, description="offsite-tuning: clients train on a compressed emulator (None: off)")
+    contribution: ContributionConfig = Field(default_factory=ContributionConfig)
 
     @field_validator("objective", mode="before")
     @classmethod

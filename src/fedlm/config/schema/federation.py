@@ -48,6 +48,11 @@ class FederationConfig(Section):
     rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1, description="default: every client, every round")
     min_clients: int = Field(1, ge=1, description="fewest valid updates for a round to be aggregated")
+    sampling: Literal["uniform", "contribution"] = Field(
+        "uniform",
+        description="uniform: clients_per_round drawn uniformly; contribution: in proportion to a softmax of their cumulative contribution "
+        "scores, with a floor (the `contribution` section)",
+    )
     round_retries: int = Field(0, ge=0, description="with fewer than min_clients updates, send the failed clients' tasks again up to this many times")
     retry_wait_s: float = Field(0.0, ge=0.0, description="seconds to wait before each retry (e.g. for a node to restart)")
     max_num_examples: int | None = Field(
