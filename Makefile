@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/fedlm compare examples/quickstart.yaml --overwrite
+	$(BIN)/fedlm compare examples/demo.yaml --overwrite
 
 quickstart: setup
 	$(BIN)/fedlm run examples/quickstart.yaml --overwrite
