@@ -57,6 +57,7 @@ from fedlm.federation.server import Aggregation, Round, ServerLoop
 from fedlm.federation.tasks import TaskBuilder
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.validation import RoundValidator
+from fedlm.hierarchy.setup import hierarchical
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
 from fedlm.models.hardware import resolve_device
 from fedlm.models.init_adapter import load_init_adapter
@@ -310,6 +311,7 @@ def build_server_loop(
     round_ = Round(
         names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
     )
+    round_ = hierarchical(round_, config)  # hierarchy: the clients train under edge aggregators (HierFAVG)
     milestones: list[RoundObserver] = []
     if evaluate:
         milestones.append(

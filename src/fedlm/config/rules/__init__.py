@@ -49,6 +49,12 @@ from fedlm.config.rules.hardware import (
     quantization_runs_on_device,
     simulation_engine_fits_this_machine,
 )
+from fedlm.config.rules.hierarchy import (
+    hierarchy_fits_the_aggregation,
+    hierarchy_groups_fit_clients,
+    hierarchy_runs_in_the_simulation,
+    hierarchy_without_client_wrappers,
+)
 from fedlm.config.rules.personalization import personalization_fits_the_adapter, personalization_runs_in_the_simulation
 from fedlm.config.rules.privacy import (
     client_dp_needs_only_the_sum,
@@ -108,6 +114,10 @@ LOAD_RULES: tuple[Rule, ...] = (
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
     simulation_engine_fits_this_machine,
+    hierarchy_runs_in_the_simulation,
+    hierarchy_fits_the_aggregation,
+    hierarchy_without_client_wrappers,
+    hierarchy_groups_fit_clients,
 )
 
 
@@ -125,6 +135,7 @@ FEDERATION_RULES: tuple[Rule, ...] = (
     audit_client_exists,
     attackers_within_bounds,
     secure_aggregation_threshold,
+    hierarchy_groups_fit_clients,
 )
 
 

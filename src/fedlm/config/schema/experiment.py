@@ -16,6 +16,7 @@ from fedlm.config.schema.compression import CompressionConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
+from fedlm.config.schema.hierarchy import HierarchyConfig
 from fedlm.config.schema.inference import InferenceConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.personalization import PersonalizationConfig
@@ -42,6 +43,7 @@ class ExperimentConfig(Section):
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    hierarchy: HierarchyConfig | None = None  # edge aggregators between the clients and the server (HierFAVG)
 
     @field_validator("objective", mode="before")
     @classmethod
