@@ -47,6 +47,7 @@ from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.data_parallel import ClientProcesses
 from fedlm.federation.observers.budget import BudgetReached, CommunicationBudget
 from fedlm.federation.observers.checkpointing import Checkpointer
+from fedlm.federation.observers.client_state import spill_client_states
 from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
 from fedlm.federation.observers.harness import HarnessObserver
 from fedlm.federation.observers.metrics import RoundLogger
@@ -276,6 +277,9 @@ def build_server_loop(
         personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
         if personal is not None:
             runtime, observers = personal, [personal, *observers]
+        spill = spill_client_states(saved, run_dir.root / "clients", run_dir.checkpoints)  # c_i, residuals: on disk between rounds
+        if spill is not None:
+            observers = [spill, *observers]
     uplink = compressed_uplink(runtime, config, saved, clients_here)  # encoded on the clients, decoded here
     if uplink is not None:
         runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
