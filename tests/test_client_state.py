@@ -4,15 +4,20 @@ error-feedback residuals live there in a simulated run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config, write_config
+from safetensors.torch import load_file
 
 from fedlm.aggregation.base import build_aggregator
+from fedlm.cli import app
 from fedlm.compression.state import WithCompressionState
 from fedlm.core.client_state import ClientStates, DiskVersions
 from fedlm.core.update import ClientUpdate
+from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.observers.client_state import client_states_of, spill_client_states
 
 
@@ -67,3 +72,35 @@ def test_scaffold_and_residual_states_are_found_through_wrappers_and_spilled(tmp
     assert (tmp_path / "clients" / "a" / "c_clients" / "round_0001.safetensors").is_file()
     context = scaffold.client_context("a", 2)  # read back from disk for the client's next round
     assert torch.equal(context.memory["c_i.w"], torch.full((3,), 7.0)) and scaffold.client_context("b", 2).memory == {}
+
+
+@pytest.mark.slow
+def test_a_thousand_clients_keep_their_state_on_disk_and_resume_exactly(tmp_path: Path, runner) -> None:
+    """1,000 clients, 10 per round, SCAFFOLD with top-k error feedback on the tiny model: only the trained clients
+    have state folders, the checkpoint holds none of it, and a resumed run ends with the uninterrupted adapter."""
+
+    def run(name: str, rounds: int, *extra: str) -> Path:
+        config = tiny_config(
+            tmp_path / name,
+            data={"max_train_examples": 2000, "max_length": 64},
+            partition={"method": "iid", "num_clients": 1000},
+            federation={"rounds": rounds, "clients_per_round": 10, "local_steps": 1, "batch_size": 2},
+            aggregation={"name": "scaffold"},
+            compression={"uplink": {"method": "topk", "ratio": 0.1}},
+            eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
+        )
+        result = runner.invoke(app, ["run", str(write_config(tmp_path / f"{name}.yaml", config)), *extra])
+        assert result.exit_code == 0, result.output
+        return tmp_path / name
+
+    straight = run("straight", 3)
+    trained = {json.loads(line)["client"] for line in (straight / "metrics.jsonl").read_text().splitlines() if '"split": "train"' in line}
+    folders = {p.name for p in (straight / "clients").iterdir()}
+    assert folders == trained and 10 < len(trained) <= 30
+    assert all((straight / "clients" / c / "c_clients").is_dir() and (straight / "clients" / c / "residuals").is_dir() for c in trained)
+    state = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1]).aggregator_state
+    assert state["residuals"] == {} and state["inner"]["c_clients"] == {}
+    run("split", 2)
+    resumed = run("split", 2, "--resume", "--set", "federation.rounds=3")
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
