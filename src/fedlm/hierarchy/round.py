@@ -49,7 +49,9 @@ class EdgeRun:
 class HierarchicalRound(Round):
     """A :class:`Round` whose clients train under edge aggregators: ``groups`` (edge -> clients), ``edge_rounds``
     edge aggregations per cloud aggregation. ``observers`` must not hold a :class:`TrafficMeter`: this round fills
-    ``record.traffic`` (client <-> edge bytes) itself, and ``record.fields["hierarchy"]`` with the bytes per tier."""
+    ``record.traffic`` (client <-> edge bytes) itself, and ``record.fields["hierarchy"]`` with the bytes per tier.
+    ``record.accepted`` holds the accepted client updates of every edge round (metric ``edge_round``), ``record.tasks``
+    each client's task of the last edge round, and ``record.metrics`` the cloud aggregation's."""
 
     groups: Mapping[str, Sequence[str]] = field(default_factory=dict)
     edge_rounds: int = 1
