@@ -5,7 +5,8 @@ the rest is on disk under ``RUN_DIR/clients/<name>/`` (:mod:`fedlm.core.client_s
 
 Two arms per client count, each a fresh subprocess (peak RSS = the child's ``ru_maxrss``): ``disk`` (fedlm as it is)
 and ``memory`` (the same run with the spill switched off, every client's state kept in the aggregator, as before).
-The data is fixed (1,000 embedded WordNet definitions, split iid), so only the number of clients changes. The
+The data is fixed (all 4,000 embedded WordNet definitions, split iid: every client needs an example that fits
+``data.max_length``), so only the number of clients changes. The
 adapter is LoRA rank 64 on every linear layer of the tiny model (~0.5 MiB per state) so that per-client state is
 large enough to see. Checkpoints only after the last round (a checkpoint of the memory arm holds every state).
 
@@ -46,7 +47,7 @@ def config_of(clients: int, rounds: int, output_dir: Path) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "model": {"name": "tiny-random-llama"},
         "peft": {"method": "lora", "r": 64, "alpha": 64, "dropout": 0.0, "target_modules": TARGETS},
-        "data": {"train": "embedded:wordnet_defs", "max_train_examples": 1000, "max_length": 64},
+        "data": {"train": "embedded:wordnet_defs", "max_length": 64},
         "partition": {"method": "iid", "num_clients": clients},
         "federation": {"rounds": rounds, "clients_per_round": PER_ROUND, "local_steps": 1, "batch_size": 2, "lr": 1e-3, "checkpoint_every": rounds},
         "aggregation": {"name": "scaffold"},
@@ -116,7 +117,7 @@ def run_arm(arm: str, clients: int, rounds: int, root: Path) -> dict[str, Any]:
     ]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{arm} {clients}: peak RSS {row['peak_rss_mib']:.0f} MiB, {row['run_s']:.0f}s", flush=True)
+    print(f"{arm} {clients}: peak RSS {row['peak_rss_mib']:.0f} MiB, {row['run_s']:.0f}s: {json.dumps(row)}", flush=True)
     return row
 
 
@@ -127,7 +128,7 @@ def table(rows: list[dict[str, Any]], rounds: int) -> str:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (1 thread); tiny-random-llama, "
         f"float32 on cpu; LoRA r=64 on all linear layers ({first['adapter_mib']:.2f} MiB adapter); SCAFFOLD (option I) with top-k 10% uplink "
         f"and error feedback (two per-client states: c_i and the residual); {PER_ROUND} clients per round, {rounds} rounds, 1 local step of batch 2; "
-        "1,000 training examples split iid whatever the number of clients.",
+        "all 4,000 training examples split iid whatever the number of clients.",
         "",
         "| clients | arm | clients trained | peak RSS (MiB) | RSS before the run (MiB) | growth in the run (MiB) | state on disk (MiB) | state in the checkpoint (MiB) | run (s) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",

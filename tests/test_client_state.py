@@ -82,7 +82,7 @@ def test_a_thousand_clients_keep_their_state_on_disk_and_resume_exactly(tmp_path
     def run(name: str, rounds: int, *extra: str) -> Path:
         config = tiny_config(
             tmp_path / name,
-            data={"max_train_examples": 2000, "max_length": 64},
+            data={"max_train_examples": 4000, "max_length": 64},  # every client needs an example within max_length
             partition={"method": "iid", "num_clients": 1000},
             federation={"rounds": rounds, "clients_per_round": 10, "local_steps": 1, "batch_size": 2},
             aggregation={"name": "scaffold"},
