@@ -51,6 +51,7 @@ from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.data_parallel import ClientProcesses
 from fedlm.federation.observers.budget import BudgetReached, CommunicationBudget
 from fedlm.federation.observers.checkpointing import Checkpointer
+from fedlm.federation.observers.client_state import spill_client_states
 from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
 from fedlm.federation.observers.harness import HarnessObserver
 from fedlm.federation.observers.metrics import RoundLogger
@@ -61,6 +62,7 @@ from fedlm.federation.server import Aggregation, Round, ServerLoop
 from fedlm.federation.tasks import TaskBuilder
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.federation.validation import RoundValidator
+from fedlm.hierarchy.setup import hierarchical
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
 from fedlm.models.hardware import resolve_device
 from fedlm.models.init_adapter import load_init_adapter
@@ -299,6 +301,9 @@ def build_server_loop(
         personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
         if personal is not None:
             runtime, observers = personal, [personal, *observers]
+        spill = spill_client_states(saved, run_dir.root / "clients", run_dir.checkpoints)  # c_i, residuals: on disk between rounds
+        if spill is not None:
+            observers = [spill, *observers]
     uplink = compressed_uplink(runtime, config, saved, clients_here)  # encoded on the clients, decoded here
     if uplink is not None:
         runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
@@ -343,6 +348,7 @@ def build_server_loop(
     round_.sample = client_sampler(session, contribution)  # federation.sampling: uniform, or by contribution
     if continual is not None:
         round_.sample = continual.sampler  # only the clients present in the round
+    round_ = hierarchical(round_, config)  # hierarchy: the clients train under edge aggregators (HierFAVG)
     milestones: list[RoundObserver] = []
     if continual is not None:  # after every stage, before the checkpoint: every slice, the forgetting
         milestones.append(continual.observer(session.evaluator(progress), log, console))

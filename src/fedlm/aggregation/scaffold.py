@@ -13,7 +13,8 @@ optimizer the corrected gradient goes through Adam's normalisation, so option I 
 forward/backward per local step) is required there, and option II, whose displacement estimate of the gradient
 holds only for SGD steps, needs ``federation.optimizer: sgd``; the correction is added after gradient clipping;
 with a learning-rate schedule, K eta_l is the sum of the round's step sizes.
-In the simulation each client's c_i is client memory held in this aggregator's state (saved in checkpoints);
+In the simulation each client's c_i is client memory held in this aggregator's state (on disk under
+``RUN_DIR/clients/<name>/`` while the client is not in the round, :mod:`fedlm.core.client_state`);
 in round 1 c = c_i = 0 on both sides, so nothing is sent.
 """
 
@@ -28,6 +29,7 @@ from pydantic import Field
 from fedlm.aggregation.base import AggregationResult, Aggregator, AggregatorParams, register_aggregator
 from fedlm.aggregation.lora_structure import truncate_to_rank
 from fedlm.aggregation.weights import example_weights, weighted_sum
+from fedlm.core.client_state import ClientStates
 from fedlm.core.errors import FedlmError
 from fedlm.core.task import ClientContext, HookOutput, TrainerHook
 from fedlm.core.update import ClientUpdate, TensorDict
@@ -123,7 +125,7 @@ class Scaffold(Aggregator):
         super().__init__(params)
         self.num_clients: int | None = None
         self.c: TensorDict = {}
-        self.c_clients: dict[str, TensorDict] = {}
+        self.c_clients = ClientStates()  # c_i per client: in memory, or on disk under RUN_DIR/clients/ (the simulation)
 
     def check_config(self, config: Any) -> None:
         if self.params.option == "II" and config.federation.optimizer != "sgd":
@@ -159,8 +161,8 @@ class Scaffold(Aggregator):
         return AggregationResult(new_x, {"num_updates": float(len(updates)), "control_variate_norm": norm})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"c": dict(self.c), "c_clients": {k: dict(v) for k, v in self.c_clients.items()}}
+        return {"c": dict(self.c), "c_clients": self.c_clients.checkpoint_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.c = dict(state.get("c", {}))
-        self.c_clients = {k: dict(v) for k, v in state.get("c_clients", {}).items()}
+        self.c_clients.load(state.get("c_clients", {}))

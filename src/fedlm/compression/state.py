@@ -12,8 +12,9 @@ import torch
 
 from fedlm.aggregation.base import AggregationResult, Aggregator, ByzantineBound
 from fedlm.compression.downlink import DownlinkState
+from fedlm.core.client_state import ClientStates
 from fedlm.core.task import ClientContext, TrainerHook
-from fedlm.core.update import ClientUpdate, TensorDict
+from fedlm.core.update import ClientUpdate
 
 
 class WithCompressionState(Aggregator):
@@ -25,7 +26,7 @@ class WithCompressionState(Aggregator):
     def __init__(self, inner: Aggregator) -> None:
         super().__init__(inner.params)
         self.inner = inner
-        self.residuals: dict[str, TensorDict] = {}
+        self.residuals = ClientStates()  # client -> residual; on disk under RUN_DIR/clients/ in a simulated run
         self.downlink: DownlinkState | None = None  # set when the run is built (its replica starts at the initial adapter)
 
     # The inner aggregator's capabilities, read through.
@@ -73,7 +74,7 @@ class WithCompressionState(Aggregator):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"inner": inner state, "residuals": {client: {name: tensor}}, "downlink": its state (when used)}``."""
-        state = {"inner": self.inner.state_dict(), "residuals": {c: dict(r) for c, r in self.residuals.items()}}
+        state = {"inner": self.inner.state_dict(), "residuals": self.residuals.checkpoint_state()}
         if self.downlink is not None:
             state["downlink"] = self.downlink.state_dict()
         return state
@@ -83,7 +84,7 @@ class WithCompressionState(Aggregator):
         if unknown:
             raise ValueError(f"compression state got unknown keys {sorted(unknown)}")
         self.inner.load_state_dict(state.get("inner", {}))
-        self.residuals = {c: dict(r) for c, r in state.get("residuals", {}).items()}
+        self.residuals.load(state.get("residuals", {}))
         if "downlink" in state:
             self.downlink = DownlinkState({})
             self.downlink.load_state_dict(state["downlink"])

@@ -57,6 +57,12 @@ from fedlm.config.rules.hardware import (
     quantization_runs_on_device,
     simulation_engine_fits_this_machine,
 )
+from fedlm.config.rules.hierarchy import (
+    hierarchy_fits_the_aggregation,
+    hierarchy_groups_fit_clients,
+    hierarchy_runs_in_the_simulation,
+    hierarchy_without_client_wrappers,
+)
 from fedlm.config.rules.offsite import offsite_fits_the_adapter, offsite_layers_fit_the_model, offsite_runs_in_the_simulation
 from fedlm.config.rules.personalization import personalization_fits_the_adapter, personalization_runs_in_the_simulation
 from fedlm.config.rules.privacy import (
@@ -148,6 +154,10 @@ LOAD_RULES: tuple[Rule, ...] = (
     contribution_sees_individual_updates,
     contribution_prices_every_coalition,
     exact_shapley_small_rounds,
+    hierarchy_runs_in_the_simulation,
+    hierarchy_fits_the_aggregation,
+    hierarchy_without_client_wrappers,
+    hierarchy_groups_fit_clients,
 )
 
 
@@ -168,6 +178,7 @@ FEDERATION_RULES: tuple[Rule, ...] = (
     systems_files_cover_clients,
     contribution_sampling_needs_scores,
     exact_shapley_small_rounds,
+    hierarchy_groups_fit_clients,
 )
 
 

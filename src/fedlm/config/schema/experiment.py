@@ -18,6 +18,7 @@ from fedlm.config.schema.contribution import ContributionConfig
 from fedlm.config.schema.data import DataConfig, PartitionConfig
 from fedlm.config.schema.evaluation import EvalConfig
 from fedlm.config.schema.federation import AggregationConfig, FederationConfig, ObjectiveConfig
+from fedlm.config.schema.hierarchy import HierarchyConfig
 from fedlm.config.schema.inference import InferenceConfig
 from fedlm.config.schema.model import ModelConfig, PeftConfig
 from fedlm.config.schema.offsite import OffsiteConfig
@@ -52,6 +53,7 @@ class ExperimentConfig(Section):
     systems: SystemsConfig | None = None  # device profiles, the simulated clock, FedBuff (simulation only)
     offsite: OffsiteConfig | None = Field(None, description="offsite-tuning: clients train on a compressed emulator (None: off)")
     contribution: ContributionConfig = Field(default_factory=ContributionConfig)
+    hierarchy: HierarchyConfig | None = None  # edge aggregators between the clients and the server (HierFAVG)
 
     @field_validator("objective", mode="before")
     @classmethod
