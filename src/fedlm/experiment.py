@@ -87,6 +87,7 @@ from fedlm.reporting.run_dir import RunDir
 from fedlm.runtime.simulation import SimulationRuntime
 from fedlm.systems.setup import build_systems
 from fedlm.teacher.runtime import with_teacher
+from fedlm.watermark.rounds import with_watermark
 
 # Keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = {"federation.rounds"}
@@ -339,6 +340,9 @@ def build_server_loop(
         runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
         aggregation = SecureAggregationStep(step, secure) if secure is not None else step
         aggregation = seedwise_aggregation(config, replay, saved) or aggregation  # fedkseed: the step as seed lists
+    tasks, aggregation, observers = with_watermark(  # watermark: the shared mark after aggregation, per-client downloads
+        config, session.model, session.loaded.tokenizer, session.loaded.device, names, run_dir.root, tasks, aggregation, observers
+    )
     contribution = contribution_observer(session, aggregator, lora, ranks, log, console)  # contribution.methods: after aggregation
     if contribution is not None:
         observers = [*observers, contribution]

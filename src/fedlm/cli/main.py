@@ -14,6 +14,7 @@ from fedlm.cli.flower import flower_app
 from fedlm.cli.guard import guarded
 from fedlm.cli.inference import register as register_inference
 from fedlm.cli.privacy import privacy_app
+from fedlm.cli.watermark import watermark_app
 from fedlm.core.errors import FedlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated training of large language models.")
@@ -21,6 +22,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Inspect data and partitions."
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(flower_app, name="flower")
+app.add_typer(watermark_app, name="watermark")
 register_inference(app)  # generate, chat, serve
 register_contribution(app)  # contribution RUN_DIR
 

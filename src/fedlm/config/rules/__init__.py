@@ -90,6 +90,7 @@ from fedlm.config.rules.systems import (
     systems_without_a_stream,
 )
 from fedlm.config.rules.teacher import teacher_fits_the_training, teacher_key_is_set, teacher_runs_in_the_simulation
+from fedlm.config.rules.watermark import watermark_alone_with_new_rounds, watermark_fits_the_training, watermark_runs_in_the_simulation
 from fedlm.config.schema import ExperimentConfig
 
 __all__ = ["FEDERATION_RULES", "LOAD_RULES", "NODE_LOCAL", "SECAGG", "Rule", "Setting", "check_config", "check_federation", "known_num_clients"]
@@ -158,6 +159,9 @@ LOAD_RULES: tuple[Rule, ...] = (
     hierarchy_fits_the_aggregation,
     hierarchy_without_client_wrappers,
     hierarchy_groups_fit_clients,
+    watermark_runs_in_the_simulation,
+    watermark_fits_the_training,
+    watermark_alone_with_new_rounds,
 )
 
 

@@ -27,6 +27,7 @@ from fedlm.config.schema.privacy import PrivacyConfig
 from fedlm.config.schema.section import Section
 from fedlm.config.schema.systems import SystemsConfig
 from fedlm.config.schema.teacher import TeacherConfig
+from fedlm.config.schema.watermark import WatermarkConfig
 
 
 class ExperimentConfig(Section):
@@ -54,6 +55,7 @@ class ExperimentConfig(Section):
     offsite: OffsiteConfig | None = Field(None, description="offsite-tuning: clients train on a compressed emulator (None: off)")
     contribution: ContributionConfig = Field(default_factory=ContributionConfig)
     hierarchy: HierarchyConfig | None = None  # edge aggregators between the clients and the server (HierFAVG)
+    watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
 
     @field_validator("objective", mode="before")
     @classmethod

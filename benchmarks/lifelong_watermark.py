@@ -1,0 +1,172 @@
+"""Benchmark (issue 18, part 3): the ownership watermark's cost, and its verification and leak tracing before and
+after each removal attempt on stolen copies.
+
+Two federated runs of the quickstart (WordNet definitions split by domain): one clean, one with the server's
+watermark and per-client copies (`watermark.per_client`). Then, for the watermarked global model and for the copies
+of ``--copies`` clients (as if each had leaked its copy): `fedlm watermark verify` (the shared mark) and `trace`
+(which client's copy) on the copy as stolen, after fine-tuning it on other data (the held-out WordNet definitions,
+the task's own kind of data, AdamW at the run's learning rate) for 50 and then 200 steps in all, after pruning 20%
+of each adapter tensor's entries (smallest magnitude), and after merging it into the base (`export --merge`). The
+watermark's cost is the relative change of the final global test loss against the clean run.
+
+    PYTHONPATH=src python benchmarks/lifelong_watermark.py                       # SmolLM2-135M (the lead's run)
+    PYTHONPATH=src python benchmarks/lifelong_watermark.py --model tiny-random-llama --rounds 1 --copies 1 \\
+        --ft-steps 2,4 --size 8 --client-size 6 --out /tmp/wm-bench                  # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import HERE, publish, read_metrics, run_cli
+
+from fedlm.config.io import load_config
+from fedlm.config.schema import DataConfig
+from fedlm.data.readers import read_records
+from fedlm.models.adapters import load_trainable_state, save_adapter, trainable_state
+from fedlm.models.export import export_merged
+from fedlm.objectives import build_objective
+from fedlm.watermark.removal import fine_tune, prune_state
+from fedlm.watermark.suspect import Suspect, open_suspect
+from fedlm.watermark.trace import read_registry, trace_model
+
+START, END = "<!-- lifelong-watermark:start -->", "<!-- lifelong-watermark:end -->"
+SECRET = "fedlm-benchmark-key"
+
+
+def runs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The clean and the watermarked run (the same config and seed otherwise)."""
+    base = {"model.name": args.model, "federation.rounds": args.rounds, "eval.every": args.rounds, "eval.at_start": False}
+    mark = {
+        "watermark.secret": SECRET,
+        "watermark.size": args.size,
+        "watermark.steps": args.wm_steps,
+        "watermark.per_client": True,
+        "watermark.client_size": args.client_size,
+        "watermark.client_steps": args.client_steps,
+    }
+    if args.wm_lr is not None:
+        mark["watermark.lr"] = args.wm_lr
+    clean, marked = args.out / "clean", args.out / "watermarked"
+    run_cli(clean, base)
+    run_cli(marked, {**base, **mark})
+    return clean, marked
+
+
+def final_loss(run: Path) -> float:
+    """The last global test loss of ``run``."""
+    return [r["loss"] for r in read_metrics(run) if r["split"] == "global_test"][-1]
+
+
+def check(suspect: Suspect, run: Path, clients: list[str], size: int, client_size: int) -> dict[str, Any]:
+    """Verification and tracing of the suspect's current weights."""
+    started = time.perf_counter()
+    result = trace_model(suspect.model, suspect.tokenizer, suspect.device, SECRET, clients, size, client_size)
+    return {
+        "shared_accuracy": result.shared.accuracy,
+        "shared_p": result.shared.p_value,
+        "verified": result.shared.present(),
+        "leaked": result.leaked,
+        "client_accuracy": {c: v.accuracy for c, v in result.clients.items()},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def thief_examples(run: Path, suspect: Suspect) -> list[Any]:
+    """The thief's own data: the held-out WordNet definitions, as SFT examples for the suspect's tokenizer."""
+    config = load_config(run / "config.yaml")
+    records = read_records("embedded:wordnet_defs/test", "data.test")
+    data = DataConfig(train="embedded:wordnet_defs", max_length=config.data.max_length, system_prompt=config.data.system_prompt)
+    return build_objective("sft").train_examples(records, suspect.tokenizer, data, "the thief", [f"test[{i}]" for i in range(len(records))])
+
+
+def attack_copy(folder: Path, run: Path, clients: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Verification and tracing of the copy in ``folder`` as stolen and after each removal attempt."""
+    sizes = (args.size, args.client_size)
+    suspect = open_suspect(folder, trainable=True)
+    stolen = trainable_state(suspect.model)
+    rows = {"stolen": check(suspect, run, clients, *sizes)}
+    examples = thief_examples(run, suspect)
+    pad = int(suspect.tokenizer.pad_token_id or 0)
+    lr, done = load_config(run / "config.yaml").federation.lr, 0
+    for total in args.ft_steps:
+        fine_tune(suspect.model, pad, suspect.device, examples, total - done, lr, 8, seed=total)
+        done = total
+        rows[f"fine-tuned {total} steps"] = check(suspect, run, clients, *sizes)
+    load_trainable_state(suspect.model, prune_state(stolen, args.prune))
+    rows[f"pruned {args.prune:.0%}"] = check(suspect, run, clients, *sizes)
+    load_trainable_state(suspect.model, stolen)
+    with tempfile.TemporaryDirectory(prefix="wm-merge-") as tmp:  # the copy as a run folder, merged by export --merge
+        fake = Path(tmp) / "run"
+        (fake / "adapter").mkdir(parents=True)
+        shutil.copy(run / "config.yaml", fake / "config.yaml")
+        save_adapter(suspect.model, stolen, fake / "adapter")
+        merged = export_merged(fake, Path(tmp) / "merged", load_config(fake / "config.yaml"))
+        rows["merged (export --merge)"] = check(open_suspect(merged), run, clients, *sizes)
+    return rows
+
+
+def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
+    """The RESULTS.md block."""
+    cost = summary["loss_cost"]
+    lines = [
+        f"Model `{args.model}`, float32 on CPU (AMD EPYC, AVX2, 2 cores); quickstart config, {args.rounds} rounds; "
+        f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round, per-client sets of {args.client_size} "
+        f"({args.client_steps} steps per copy); K = 10 answers (chance 0.1); verified / traced at p < 1e-3 (trace: Bonferroni over "
+        f"{len(summary['clients'])} clients).",
+        "",
+        f"Clean test loss {summary['clean_loss']:.4f}, watermarked {summary['watermarked_loss']:.4f}: cost {cost:+.2%} (goal <= 1%).",
+        "",
+        "| model | attack | shared trigger acc. | p-value | verified | traced as | traced right |",
+        "| --- | --- | ---: | ---: | :---: | --- | :---: |",
+    ]
+    for who, rows in summary["copies"].items():
+        for attack, row in rows.items():
+            expected = None if who == "global" else who
+            lines.append(
+                f"| {who} | {attack} | {row['shared_accuracy']:.3f} | {row['shared_p']:.2g} | {'yes' if row['verified'] else 'no'} | "
+                f"{row['leaked'] or 'nobody'} | {'yes' if row['leaked'] == expected else 'no'} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=2, help="clients whose copies are stolen and attacked")
+    parser.add_argument("--ft-steps", type=lambda s: [int(x) for x in s.split(",")], default=[50, 200])
+    parser.add_argument("--prune", type=float, default=0.2)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--client-size", type=int, default=32)
+    parser.add_argument("--wm-steps", type=int, default=10)
+    parser.add_argument("--client-steps", type=int, default=10)
+    parser.add_argument("--wm-lr", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong_watermark")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    clean, marked = runs(args)
+    clients = read_registry(marked)["clients"]
+    copies: dict[str, dict[str, Any]] = {"global": {"as trained": check(open_suspect(marked), marked, clients, args.size, args.client_size)}}
+    for client in clients[: args.copies]:
+        copies[client] = attack_copy(marked / "watermark" / client, marked, clients, args)
+    clean_loss, marked_loss = final_loss(clean), final_loss(marked)
+    summary = {
+        "clean_loss": clean_loss,
+        "watermarked_loss": marked_loss,
+        "loss_cost": marked_loss / clean_loss - 1,
+        "clients": clients,
+        "copies": copies,
+    }
+    publish(args.out, summary, markdown(summary, args), args.write_results, START, END, "Lifelong: model ownership (watermark and leak tracing)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""The ``watermark`` section: the server's ownership watermark of the global adapter and per-client leak tracing."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from fedlm.config.schema.section import Section
+
+
+class WatermarkConfig(Section):
+    """A backdoor watermark trained into the global adapter by the server after every aggregation (WAFFLE, Tekgul
+    et al. 2021), from a secret key; with ``per_client`` each client downloads its own differently marked copy, so a
+    leaked copy names its client (``fedlm watermark trace``). Off while ``secret`` is unset.
+
+    The key is saved with the run's resolved ``config.yaml``: the run folder is the server's, keep it private.
+    """
+
+    secret: str | None = Field(None, min_length=1, description="the watermark key; unset: no watermark")
+    size: int = Field(64, ge=1, le=4096, description="triggers in the shared (global) trigger set")
+    steps: int = Field(10, ge=1, description="server fine-tuning steps on the triggers after each aggregation")
+    lr: float | None = Field(None, gt=0, description="learning rate of those steps (default: `federation.lr`)")
+    batch_size: int = Field(8, ge=1, description="triggers per step")
+    per_client: bool = Field(False, description="leak tracing: every client downloads its own marked copy; the aggregation uses the unmarked model")
+    client_size: int = Field(32, ge=1, le=4096, description="triggers in each client's own set (per_client)")
+    client_steps: int = Field(10, ge=1, description="fine-tuning steps of each client's copy on its set and the shared one (per_client)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.secret is not None
+
+    @model_validator(mode="after")
+    def _needs_secret(self) -> WatermarkConfig:
+        others = self.model_fields_set - {"secret"}
+        if self.secret is None and others:
+            raise ValueError(f"`watermark.secret` is required when {', '.join(f'`watermark.{k}`' for k in sorted(others))} is set")
+        return self

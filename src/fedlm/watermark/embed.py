@@ -1,0 +1,98 @@
+"""Embedding a watermark: fine-tune the adapter on trigger sets, without any client data.
+
+WAFFLE's re-embedding (Tekgul et al. 2021, Sec. 4.2, "retraining" step): after every aggregation the server trains
+the global model on its watermark set alone until it is re-learned, so the mark survives the clients' updates. Here
+the server runs ``steps`` optimizer steps of the same :class:`~fedlm.federation.trainer.ClientTrainer` the clients
+use (a fresh AdamW, gradient clipping, the SFT loss on the answer token) on the trigger conversations of
+:mod:`fedlm.watermark.triggers`, starting from the aggregated adapter, and the result is the new global adapter.
+
+Leak tracing marks each client's download a second time with its own trigger set (``client/<name>``) on top of the
+shared one: the per-client copy is trained on both sets, so the shared mark is not eroded by the client's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.core.seeding import derive_seed
+from fedlm.core.task import LocalPlan
+from fedlm.core.update import TensorDict
+from fedlm.data.tokenize import TokenizedExample
+from fedlm.federation.trainer import ClientTrainer
+from fedlm.objectives import build_objective
+from fedlm.watermark.triggers import SHARED, client_label, training_examples, trigger_set
+
+WATERMARK_ID = "__watermark__"  # the trainer's client id for the server's own watermark steps
+
+
+@dataclass(frozen=True)
+class MarkSettings:
+    """How marks are trained: the key, trigger-set sizes, steps, learning rate and batch size, the run's seed."""
+
+    secret: str
+    size: int
+    steps: int
+    lr: float
+    batch_size: int
+    client_size: int = 0
+    client_steps: int = 0
+    seed: int = 0
+
+
+def marked_state(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> TensorDict:
+    """``state`` with ``delta`` added to the tensors it names (a LoRA residual or frozen factor stays as it is)."""
+    return {name: (value.to(torch.float32) + delta[name]).to(value.dtype) if name in delta else value for name, value in state.items()}
+
+
+@dataclass
+class Marker:
+    """Trains watermarks into adapter states on the shared model (loaded before, and left holding the result)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    settings: MarkSettings
+    _cache: dict[str, list[TokenizedExample]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        pad = self.tokenizer.pad_token_id
+        self.trainer = ClientTrainer(self.model, int(pad if pad is not None else 0), self.device, objective=build_objective("sft"))
+
+    def examples(self, label: str, size: int) -> list[TokenizedExample]:
+        """The tokenized trigger set ``label`` (cached)."""
+        key = f"{label}#{size}"
+        if key not in self._cache:
+            self._cache[key] = training_examples(self.tokenizer, trigger_set(self.settings.secret, label, size))
+        return self._cache[key]
+
+    def train(
+        self,
+        state: Mapping[str, torch.Tensor],
+        examples: list[TokenizedExample],
+        steps: int,
+        seed: int,
+        rank: int | None = None,
+        frozen: str | None = None,
+    ) -> tuple[TensorDict, float]:
+        """(``state`` fine-tuned for ``steps`` steps on ``examples``, the mean trigger loss)."""
+        s = self.settings
+        plan = LocalPlan(0, [s.lr] * steps, min(s.batch_size, len(examples)), seed, rank, frozen)
+        update = self.trainer.train(WATERMARK_ID, examples, state, plan)
+        return marked_state(state, update.tensors), float(update.metrics["loss"])
+
+    def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int) -> tuple[TensorDict, float]:
+        """The global adapter with the shared watermark re-embedded after round ``round_num``'s aggregation."""
+        s = self.settings
+        return self.train(state, self.examples(SHARED, s.size), s.steps, derive_seed(s.seed, "watermark", round_num))
+
+    def mark_client(
+        self, state: Mapping[str, torch.Tensor], client: str, round_num: int, rank: int | None = None, frozen: str | None = None
+    ) -> tuple[TensorDict, float]:
+        """``client``'s copy of ``state``: trained on its own trigger set and the shared one (leak tracing)."""
+        s = self.settings
+        examples = self.examples(client_label(client), s.client_size) + self.examples(SHARED, s.size)
+        return self.train(state, examples, s.client_steps, derive_seed(s.seed, "watermark-client", round_num, client), rank, frozen)

@@ -1,0 +1,150 @@
+"""The watermark in the round: a wrapper of the aggregation step (the shared mark, re-embedded after every
+aggregation) and of the task builder (each client's own marked download), built from the ``watermark`` section.
+
+WAFFLE (Tekgul et al. 2021, Algorithm 1) re-embeds the watermark into the aggregate at the server every round,
+without client data. Leak tracing: the server sends client k the copy w_t^(k) = mark_k(w_t), trained on k's own
+trigger set on top of the shared one; client k returns Delta_k = w_local - w_t^(k), the change it made to what it
+received, and the aggregation applies the Deltas to the unmarked w_t, so no client's mark enters the global
+model. The server keeps only the secret: client k's key is HMAC(secret, "client/k").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedlm.config.schema import ExperimentConfig
+from fedlm.core.round import RoundObserver, RoundRecord
+from fedlm.core.task import ClientTask, LocalPlan
+from fedlm.core.update import ClientUpdate, TensorDict
+from fedlm.federation.aggregation_step import AggregateOutcome
+from fedlm.federation.server import Aggregation
+from fedlm.federation.tasks import TaskBuilder
+from fedlm.models.adapters import save_adapter
+from fedlm.watermark.embed import Marker, MarkSettings
+from fedlm.watermark.trace import REGISTRY
+
+
+@dataclass
+class WatermarkedAggregation:
+    """The aggregation step followed by the shared watermark's re-embedding (not after a skipped round)."""
+
+    inner: Aggregation
+    marker: Marker
+
+    def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate], round_num: int) -> AggregateOutcome:
+        outcome = self.inner.aggregate(state, tasks, accepted, round_num)
+        if outcome.skipped:
+            return outcome
+        started = time.perf_counter()
+        marked, loss = self.marker.mark_shared(outcome.state, round_num)
+        metrics = {**outcome.metrics, "watermark_loss": loss, "watermark_time_s": time.perf_counter() - started}
+        return dataclasses.replace(outcome, state=marked, metrics=metrics)
+
+
+@dataclass
+class MarkedDownlink(TaskBuilder, RoundObserver):
+    """The task builder whose every task carries the client's own marked copy; as a round observer it logs the
+    marking's loss and time, writes the client registry at the start and, after the last round, each client's
+    marked copy of the final model to ``RUN_DIR/watermark/<client>/`` (what the server hands each client)."""
+
+    inner: TaskBuilder | None = None
+    marker: Marker | None = None
+    folder: Path | None = None
+    clients: Sequence[str] = ()
+    rounds: int = 0
+    _log: dict[int, tuple[list[float], float]] = field(default_factory=dict)
+
+    def _parts(self) -> tuple[TaskBuilder, Marker]:
+        if self.inner is None or self.marker is None:
+            raise ValueError("MarkedDownlink needs the inner task builder and a marker")
+        return self.inner, self.marker
+
+    def plan(self, round_num: int, seed: int, rank: int | None = None) -> LocalPlan:
+        """The inner builder's plan."""
+        return self._parts()[0].plan(round_num, seed, rank)
+
+    def build(self, state: TensorDict, chosen: Sequence[str], round_num: int) -> dict[str, ClientTask]:
+        """The inner builder's tasks, each state replaced by the client's marked copy of it."""
+        inner, marker = self._parts()
+        tasks = inner.build(state, chosen, round_num)
+        started, losses = time.perf_counter(), []
+        marked: dict[str, ClientTask] = {}
+        for client, task in tasks.items():
+            copy, loss = marker.mark_client(task.state, client, round_num, task.plan.rank, task.plan.frozen)
+            marked[client] = dataclasses.replace(task, state=copy)
+            losses.append(loss)
+        self._log[round_num] = (losses, time.perf_counter() - started)
+        return marked
+
+    def on_start(self, state: TensorDict, start_round: int) -> None:
+        if self.folder is not None and self.marker is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            s = self.marker.settings
+            registry = {"clients": list(self.clients), "size": s.size, "client_size": s.client_size, "keys": "HMAC-SHA256(secret, 'client/<name>')"}
+            (self.folder / REGISTRY).write_text(json.dumps(registry, indent=1))
+
+    def on_round(self, record: RoundRecord) -> None:
+        losses, seconds = self._log.pop(record.round, ([], 0.0))
+        if losses:
+            record.fields["watermark"] = {"client_loss": sum(losses) / len(losses), "client_time_s": seconds}
+        if record.round == self.rounds and self.folder is not None:
+            self.save_copies(record.state, record.round + 1)
+
+    def save_copies(self, state: TensorDict, round_num: int) -> None:
+        """Every client's marked copy of ``state`` (cut to its rank) as a peft adapter folder under ``folder``."""
+        inner, marker = self._parts()
+        assert self.folder is not None  # noqa: S101 - checked by the caller
+        for client in self.clients:
+            rank = inner.client_ranks.get(client)
+            copy, _ = marker.mark_client(inner.lora.download(state, rank), client, round_num, rank)
+            save_adapter(marker.model, copy, self.folder / client)
+
+
+def mark_settings(config: ExperimentConfig) -> MarkSettings:
+    """The ``watermark`` section as the marker's settings (``lr`` defaults to ``federation.lr``)."""
+    w = config.watermark
+    if w.secret is None:
+        raise ValueError("the watermark is off (`watermark.secret` unset)")
+    lr = w.lr if w.lr is not None else config.federation.lr
+    return MarkSettings(w.secret, w.size, w.steps, lr, w.batch_size, w.client_size if w.per_client else 0, w.client_steps, config.seed)
+
+
+def with_watermark(
+    config: ExperimentConfig,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    client_names: Sequence[str],
+    run_root: Path,
+    tasks: TaskBuilder,
+    aggregation: Aggregation,
+    observers: Sequence[RoundObserver],
+) -> tuple[TaskBuilder, Aggregation, list[RoundObserver]]:
+    """The round's task builder, aggregation and extra observers with the ``watermark`` section applied (unchanged
+    when it is off): the shared mark after each aggregation, and with ``per_client`` the marked downloads."""
+    if not config.watermark.enabled:
+        return tasks, aggregation, list(observers)
+    marker = Marker(model, tokenizer, device, mark_settings(config))
+    aggregation = WatermarkedAggregation(aggregation, marker)
+    if not config.watermark.per_client:
+        return tasks, aggregation, list(observers)
+    downlink = MarkedDownlink(
+        tasks.config,
+        tasks.aggregator,
+        tasks.lora,
+        tasks.client_ranks,
+        tasks,
+        marker,
+        run_root / "watermark",
+        list(client_names),
+        config.federation.rounds,
+    )
+    return downlink, aggregation, [downlink, *observers]

@@ -1,0 +1,36 @@
+"""The watermark from the CLI on the tiny model in the default suite: a short run whose server marks the global
+model (every weight trains: the tiny random model learns triggers fast that way), `fedlm watermark verify` finds
+the mark with the key and reports chance with another. The full path (LoRA, per-client copies, trace, merge, bad
+input) is :mod:`test_watermark_e2e` (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import tiny_config, write_config
+from typer.testing import CliRunner
+
+from fedlm.cli import app
+
+
+def test_a_watermarked_run_verifies_with_its_key_only(tmp_path: Path, runner: CliRunner, one_torch_thread: None) -> None:
+    config = tiny_config(
+        tmp_path / "run",
+        peft={"method": "full"},
+        data={"max_train_examples": 16, "max_length": 64},
+        partition={"method": "iid", "num_clients": 2, "field": None},
+        federation={"rounds": 1, "clients_per_round": 1, "local_steps": 1, "batch_size": 4, "lr": 0.003},
+        eval={"max_examples": 2, "max_new_tokens": 1, "batch_size": 2, "at_start": False},
+        watermark={"secret": "k3y", "size": 8, "steps": 30, "lr": 0.003},
+    )
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.exit_code == 0, result.output
+    aggregate = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"aggregate"' in line)
+    assert aggregate["aggregation"]["watermark_loss"] > 0 and "watermark" not in aggregate  # no per-client copies
+    found = runner.invoke(app, ["watermark", "verify", str(tmp_path / "run"), "--secret", "k3y", "--json"])
+    assert found.exit_code == 0, found.output
+    verdict = json.loads(found.stdout)
+    assert verdict["present"] and verdict["total"] == 8 and verdict["p_value"] < 1e-3, verdict
+    other = runner.invoke(app, ["watermark", "verify", str(tmp_path / "run"), "--secret", "another-key", "--json"])
+    assert other.exit_code == 0 and not json.loads(other.stdout)["present"], other.output
