@@ -30,7 +30,8 @@ class WatermarkConfig(Section):
 
     @model_validator(mode="after")
     def _needs_secret(self) -> WatermarkConfig:
-        others = self.model_fields_set - {"secret"}
+        # a resolved config.yaml lists every default: only a setting that differs from its default asks for the key
+        others = {k for k in self.model_fields_set - {"secret"} if getattr(self, k) != type(self).model_fields[k].default}
         if self.secret is None and others:
             raise ValueError(f"`watermark.secret` is required when {', '.join(f'`watermark.{k}`' for k in sorted(others))} is set")
         return self
