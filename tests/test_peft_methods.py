@@ -258,3 +258,30 @@ def test_resume_gives_the_uninterrupted_result(method: str, dtype: str, tmp_path
         runs[name] = load_file(str(tmp_path / name / "checkpoints" / "round_0002" / "global_adapter.safetensors"))
     assert set(runs["straight"]) == set(runs["resumed"])
     assert all(torch.equal(runs["straight"][n], runs["resumed"][n]) for n in runs["straight"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", METHODS)
+def test_the_training_loss_is_hugging_faces_with_logits_only_where_labels_count(tmp_path: Path, method: str, dtype: str) -> None:
+    """The default objective computes logits only at labelled positions (``logits_to_keep``) where the model allows
+    it; its loss and gradients must be Hugging Face's own ``model(labels=...).loss`` (the reference), for every PEFT
+    method (prompt learning falls back to all positions)."""
+    from fedlm.objectives.base import keeps_logits
+
+    session = _session(tmp_path, method, model={"dtype": dtype})
+    model = session.model
+    assert keeps_logits(model) == (method not in ("prompt_tuning", "prefix_tuning"))
+    batch = session.objective.collate(session.data.client_train[session.data.client_names[0]][:3], 0)
+    model.train()
+    ours, _ = session.objective.loss(model, batch)
+    ours.backward()
+    ours_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    reference_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    assert ours.item() == pytest.approx(reference.item(), rel=tol)
+    assert ours_grads.keys() == reference_grads.keys() and ours_grads
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad.float(), reference_grads[name].float(), rtol=tol * 10, atol=tol)

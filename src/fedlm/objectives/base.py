@@ -7,6 +7,7 @@ wrappers and the attack harness never need to know the objective.
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -82,9 +83,11 @@ class Objective(ABC):
         return collate_for_loss(examples, pad_id)
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The scalar loss to backpropagate and the step's metrics. Default: the model's token-mean cross-entropy
-        over the labelled tokens (Hugging Face shifts the labels inside the model)."""
-        return model(**batch).loss, {}
+        """The scalar loss to backpropagate and the step's metrics. Default: the token-mean cross-entropy over the
+        labelled next tokens, as Hugging Face's ``model(labels=...).loss`` computes it, but with logits only where a
+        label counts (:func:`sequence_logps`)."""
+        logps, counts = sequence_logps(model, batch)
+        return -logps.sum() / counts.sum().clamp(min=1), {}
 
     def loss_items(self, batch: Batch) -> int:
         """How many items :meth:`loss` is a mean over (default: the labelled next-token targets, as the model counts
@@ -133,13 +136,39 @@ class Objective(ABC):
 
 def sequence_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its labelled tokens (next-token, so logits t predict labels t+1), and
-    how many tokens that is. Shapes (B,), (B,). Only the last T logits are read: prompt tuning prepends its virtual
-    tokens' positions to the output."""
+    how many tokens that is. Shapes (B,), (B,). Where the model can (``logits_to_keep``), logits are computed only
+    at the positions whose next token is labelled in some row: a short answer after a long prompt then costs one
+    vocabulary projection per answer token, not per prompt token. Otherwise only the last T logits are read: prompt
+    tuning prepends its virtual tokens' positions to the output."""
     width = batch["input_ids"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -width:-1].float()  # (B, T-1, V)
     target = batch["labels"][:, 1:]  # (B, T-1)
-    token_nll = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if keeps_logits(model):
+        keep = (target != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # (K,) positions t whose label t+1 counts
+        logits = model(**inputs, logits_to_keep=keep).logits.float()  # (B, K, V)
+        target = target[:, keep]
+    else:
+        logits = model(**inputs).logits[:, -width:-1].float()  # (B, T-1, V)
+    rows, positions, vocab = logits.shape
+    token_nll = F.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    token_nll = token_nll.view(rows, positions)
     return -token_nll.sum(dim=1), (target != IGNORE_INDEX).sum(dim=1)
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s output positions are its input positions and its forward takes ``logits_to_keep`` (the
+    causal LMs of transformers do; prompt-learning PEFT methods add virtual positions, so they do not qualify)."""
+    inner: Any = model
+    while True:
+        if getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False):
+            return False
+        unwrapped = getattr(inner, "_module", None) or getattr(inner, "module", None)  # Opacus, DDP
+        if isinstance(inner, torch.nn.Module) and hasattr(inner, "get_base_model"):
+            unwrapped = inner.get_base_model()
+        if unwrapped is None or unwrapped is inner:
+            break
+        inner = unwrapped
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def columns_error(field_name: str, objective: str, needed: str, records: Sequence[Record]) -> FedlmError:
