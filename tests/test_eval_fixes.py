@@ -194,8 +194,15 @@ def test_side_by_side_shows_the_federated_gains_first_with_a_fixed_seed() -> Non
     picked = pick_examples(arms, 4, seed=7, text_score=lambda p, r: 0.0)
     assert sorted(picked[:2]) == [0, 3] and len(set(picked)) == 4  # the two gains first
     assert picked == pick_examples(arms, 4, seed=7, text_score=lambda p, r: 0.0)
-    table = side_by_side_markdown(arms, {"a": rows([1] * 6)}, 2, 7, lambda p, r: 0.0)
+    table = side_by_side_markdown(arms, {"a": rows([1] * 6), "b": rows([0] * 6), "c": rows([1, 0, 0, 1, 0, 0])}, 2, 7, lambda p, r: 0.0)
     assert table is not None and table.count("\n") == 3 and "right (right)" in table and "wrong (wrong)" in table
+    # the two gains (questions 0 and 3, client a's): a's own model is right; of the other two models only c is
+    assert "local-only (other clients)" in table and table.count("| 1 of 2 right |") == 2
+    from fedlm.reporting.side_by_side import first_sentence
+
+    question = 'Which category does the noun "bite" belong to? Answer with one word: animal, artifact or food.'
+    assert first_sentence(question, 70) == 'Which category does the noun "bite" belong to?'
+    assert first_sentence("x" * 100, 20) == "x" * 19 + "…"
 
 
 def test_compare_on_the_mc_test_set_reports_mc_accuracy_and_shows_questions(tmp_path: Path, runner) -> None:

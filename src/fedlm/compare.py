@@ -109,7 +109,7 @@ def run_compare(config: ExperimentConfig, overwrite: bool) -> dict[str, Any]:
     (root / "comparison.md").write_text(comparison_markdown(summary))
     plot = plot_comparison(summary["global_test"], summary["local_only_global_test"], METRICS, root / "plots" / "comparison.png")
     (root / "report.md").write_text(comparison_report(summary, plot is not None))
-    console.print(comparison_markdown(summary))
+    console.print_markdown(comparison_markdown(summary))
     console.print(
         f"[green]done[/green]: {root}/comparison.md (these tables), comparison.json, report.md with plots/comparison.png; "
         f"the federated run (metrics, adapter, its own report) in {fed_dir.root}/"

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
@@ -23,6 +24,12 @@ class RunConsole:
         """Show ``message`` and save it (held back until a log file is attached)."""
         self.console.print(message)
         self._pending.append(Console(width=200).render_str(message).plain)
+        self._flush()
+
+    def print_markdown(self, text: str) -> None:
+        """Show markdown ``text`` rendered (its tables drawn to the terminal's width) and save it as markdown."""
+        self.console.print(Markdown(text))
+        self._pending.append(text)
         self._flush()
 
     def attach(self, log_path: Path) -> None:

@@ -59,7 +59,8 @@ def side_by_side_markdown(
     text_score: Callable[[str, str], float],
 ) -> str | None:
     """The table of ``count`` examples (``local_rows[client]``: the client's own local-only model's rows, shown for
-    examples of that client's test share), or None when no model answered (no generation, no choices)."""
+    examples of that client's test share; the other clients' local-only models are counted: how many of them get the
+    example fully right, a perfect score), or None when no model answered (no generation, no choices)."""
     picked = pick_examples(rows, count, seed, text_score)
     if not picked or all(answer(rows["federated"][i]) == "–" for i in picked):
         return None
@@ -70,14 +71,36 @@ def side_by_side_markdown(
         local = local_rows.get(str(client), [])
         table.append(
             {
-                "question": _short(str(base.get("prompt", "")), 70),
+                "question": first_sentence(str(base.get("prompt", "")), 70),
                 "reference": _short(str(base.get("reference", ""))),
                 "base": answer(base),
-                "local-only (its client)": answer(local[i] if i < len(local) else None),
+                OWN: answer(local[i] if i < len(local) else None),
+                OTHERS: others_right(local_rows, str(client), i, text_score),
                 "federated": answer(rows["federated"][i]),
             }
         )
-    return markdown_table(table, ["question", "reference", "base", "local-only (its client)", "federated"])
+    return markdown_table(table, ["question", "reference", "base", OWN, OTHERS, "federated"])
+
+
+OWN = "local-only (its client)"
+OTHERS = "local-only (other clients)"
+
+
+def others_right(local_rows: Mapping[str, Sequence[Mapping[str, Any]]], client: str, i: int, text_score: Callable[[str, str], float]) -> str:
+    """``"k of n right"``: of the local-only models of the clients other than ``client``, how many answer example
+    ``i`` fully right (score 1); "–" when there are none."""
+    scores = [example_score(rows[i], text_score) for name, rows in local_rows.items() if name != client and i < len(rows)]
+    scored = [s for s in scores if s is not None]
+    return f"{sum(s >= 1.0 for s in scored)} of {len(scored)} right" if scored else "–"
+
+
+def first_sentence(text: str, limit: int) -> str:
+    """The question's first sentence when it fits in ``limit`` characters (the rest is often the same instructions
+    for every question), else its first ``limit`` characters."""
+    text = " ".join(text.split())
+    ends = [i for i in (text.find("?"), text.find(". ")) if i >= 0]
+    end = min(ends) + 1 if ends else len(text)
+    return text[:end] if end <= limit else _short(text, limit)
 
 
 def _short(text: str, limit: int = 60) -> str:
