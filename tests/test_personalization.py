@@ -24,6 +24,7 @@ from fedlm.data.collate import collate_for_loss
 from fedlm.experiment import build_session
 from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.models.loading import load_base_model
+from fedlm.objectives.base import sequence_logps
 from fedlm.personalization.logit_mix import LogitMixture
 from fedlm.personalization.profile import load_profile
 from fedlm.personalization.runtime import PersonalizedRuntime
@@ -270,6 +271,13 @@ def test_prompt_personal_model_is_what_peft_loads(runner, tmp_path: Path) -> Non
         theirs = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 4:]
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # the losses fedlm computes ask for the labelled positions' logits only: the prompt must shift them
+    with torch.no_grad(), soft_prompt(session.model, prompt):
+        kept, counts = sequence_logps(session.model, batch)
+    target = batch["labels"][:, 1:]
+    token_logps = torch.log_softmax(theirs[:, :-1].float(), dim=-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(kept, (token_logps * (target != -100)).sum(dim=1), rtol=1e-4, atol=1e-3)
+    assert counts.tolist() == (target != -100).sum(dim=1).tolist()
 
 
 def test_compare_reports_the_personal_table(tmp_path: Path, runner) -> None:

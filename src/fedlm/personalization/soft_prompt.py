@@ -2,7 +2,7 @@
 
 Inside :func:`soft_prompt` every forward of the model gets ``n`` trainable embeddings before its token embeddings
 (``inputs_embeds = [P; E(input_ids)]``, the attention mask and the labels extended with ones and ignored targets)
-and its logits cut back to the input's length: what peft's prompt tuning (Lester et al. 2021) computes, so the
+and its logits cut back to the input's length (a ``logits_to_keep`` tensor of input positions is shifted by ``n``): what peft's prompt tuning (Lester et al. 2021) computes, so the
 prompt saved by :func:`save_prompt_adapter` reproduces it when loaded with ``PeftModel.from_pretrained``.
 """
 
@@ -48,11 +48,14 @@ def soft_prompt(model: torch.nn.Module, prompt: torch.Tensor) -> Iterator[None]:
         labels = kwargs.get("labels")
         if labels is not None:
             kwargs["labels"] = torch.cat([labels.new_full((labels.shape[0], n), IGNORE_INDEX), labels], dim=1)
+        keep = kwargs.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor):  # positions of the input ids: n later in the prompted sequence
+            kwargs["logits_to_keep"] = keep + n
         return args, kwargs
 
     def after(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         logits = getattr(output, "logits", None)
-        if logits is not None:
+        if logits is not None and not isinstance(kwargs.get("logits_to_keep"), torch.Tensor):  # kept ones are the asked ones
             output.logits = logits[:, n:]  # (B, T, V): aligned with the input ids again
         return output
 
