@@ -163,8 +163,9 @@ def keeps_logits(model: torch.nn.Module) -> bool:
         if getattr(getattr(inner, "active_peft_config", None), "is_prompt_learning", False):
             return False
         unwrapped = getattr(inner, "_module", None) or getattr(inner, "module", None)  # Opacus, DDP
-        if isinstance(inner, torch.nn.Module) and hasattr(inner, "get_base_model"):
-            unwrapped = inner.get_base_model()
+        get_base_model = getattr(inner, "get_base_model", None)  # peft
+        if callable(get_base_model):
+            unwrapped = get_base_model()
         if unwrapped is None or unwrapped is inner:
             break
         inner = unwrapped
