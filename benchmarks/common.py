@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,43 @@ def run_cli(folder: Path, overrides: dict[str, Any], config: Path = QUICKSTART) 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
     """The records of ``folder/metrics.jsonl``."""
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def arm_parser(description: str | None, out: Path, rounds: int, local_steps: int) -> argparse.ArgumentParser:
+    """The options every arm benchmark takes: ``--model``, ``--rounds``, ``--local-steps``, ``--eval-examples``,
+    ``--out`` and ``--write-results``; the caller adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--local-steps", type=int, default=local_steps)
+    parser.add_argument("--eval-examples", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--write-results", action="store_true")
+    return parser
+
+
+def add_only(parser: argparse.ArgumentParser, arms: Mapping[str, Any]) -> None:
+    """``--only NAME ...``: a subset of ``arms`` (see :func:`chosen`)."""
+    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(arms)}")
+
+
+def chosen(parser: argparse.ArgumentParser, only: list[str] | None, arms: Mapping[str, Any], noun: str) -> list[str]:
+    """The arms ``--only`` names (all of ``arms`` without it); an unknown name is a usage error naming the choices."""
+    names = only or list(arms)
+    unknown = sorted(set(names) - set(arms))
+    if unknown:
+        parser.error(f"unknown {noun} {unknown}; choose from {', '.join(arms)}")
+    return names
+
+
+def run_arms(out: Path, arms: Mapping[str, dict[str, Any]], summarise: Callable[[Path, str, float], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run each arm (name -> overrides) into ``out/<name>`` (spaces as dashes; a finished run is not run again) and
+    summarise it from its folder, name and seconds (0 when it was already finished); the summaries in order."""
+    rows = []
+    for name, items in arms.items():
+        folder = out / name.replace(" ", "-")
+        rows.append(summarise(folder, name, run_cli(folder, items)))
+    return rows
 
 
 def write_results_block(start: str, end: str, heading: str, markdown: str) -> None:

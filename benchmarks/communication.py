@@ -17,7 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from common import HERE, publish, read_metrics, run_cli
+from common import HERE, add_only, arm_parser, chosen, publish, read_metrics, run_arms
 
 START, END = "<!-- communication:start -->", "<!-- communication:end -->"
 HETERO = [2, 4, 8, 2, 4, 8, 4, 8]
@@ -112,23 +112,11 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=3)
-    parser.add_argument("--eval-examples", type=int, default=64)
-    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(SETTINGS)}")
-    parser.add_argument("--out", type=Path, default=HERE / "runs" / "communication")
-    parser.add_argument("--write-results", action="store_true")
+    parser = arm_parser(__doc__, HERE / "runs" / "communication", rounds=3, local_steps=3)
+    add_only(parser, SETTINGS)
     args = parser.parse_args()
-    names = args.only or list(SETTINGS)
-    unknown = sorted(set(names) - set(SETTINGS))
-    if unknown:
-        parser.error(f"unknown settings {unknown}; choose from {', '.join(SETTINGS)}")
-    rows = []
-    for name in names:
-        run_cli(args.out / name, overrides(args, name))
-        rows.append(summarise(args.out / name, name))
+    names = chosen(parser, args.only, SETTINGS, "settings")
+    rows = run_arms(args.out, {name: overrides(args, name) for name in names}, lambda folder, name, _seconds: summarise(folder, name))
     publish(args.out, rows, table(rows, args), args.write_results, START, END, "Communication (`benchmarks/communication.py`)")
 
 

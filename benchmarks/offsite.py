@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from common import HERE, publish, read_metrics, run_cli
+from common import HERE, add_only, arm_parser, chosen, publish, read_metrics, run_arms
 
 START, END = "<!-- offsite:start -->", "<!-- offsite:end -->"
 
@@ -124,25 +124,13 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=5)
+    parser = arm_parser(__doc__, HERE / "runs" / "offsite", rounds=4, local_steps=5)
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--align-steps", type=int, default=10)
-    parser.add_argument("--eval-examples", type=int, default=64)
-    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of {', '.join(ARMS)}")
-    parser.add_argument("--out", type=Path, default=HERE / "runs" / "offsite")
-    parser.add_argument("--write-results", action="store_true")
+    add_only(parser, ARMS)
     args = parser.parse_args()
-    names = args.only or list(ARMS)
-    unknown = sorted(set(names) - set(ARMS))
-    if unknown:
-        parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
-    rows = []
-    for name in names:
-        seconds = run_cli(args.out / name, overrides(args, name))
-        rows.append(summarise(args.out / name, name, seconds))
+    names = chosen(parser, args.only, ARMS, "arms")
+    rows = run_arms(args.out, {name: overrides(args, name) for name in names}, summarise)
     publish(args.out, rows, table(rows, args), args.write_results, START, END, "Offsite-tuning (`benchmarks/offsite.py`)")
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from common import HERE, publish, read_metrics, run_cli
+from common import HERE, arm_parser, publish, read_metrics, run_arms, run_cli
 
 START, END = "<!-- teacher:start -->", "<!-- teacher:end -->"
 
@@ -85,7 +85,7 @@ def served(run_dir: Path) -> Iterator[str]:
         proc.wait(timeout=60)
 
 
-def summary(name: str, folder: Path, seconds: float) -> dict[str, Any]:
+def summary(folder: Path, name: str, seconds: float) -> dict[str, Any]:
     records = read_metrics(folder)
     test = [r for r in records if r.get("split") == "global_test"]
     train = [r for r in records if r.get("split") == "train"]
@@ -132,36 +132,27 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=5)
+    parser = arm_parser(__doc__, HERE / "results" / "teacher", rounds=4, local_steps=5)
     parser.add_argument("--teacher-steps", type=int, default=160)
-    parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--train-examples", type=int, default=800, help="the federation's training records (each one a teacher request)")
     parser.add_argument("--mix", type=float, default=0.5)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--generator-steps", type=int, default=20)
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "teacher")
-    parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     teacher_dir = args.out / "central-teacher"
     run_cli(teacher_dir, teacher_overrides(args))
     base = {**common(args), "data.max_train_examples": args.train_examples}  # the teacher trained on all of it
     section = {"base_url": None, "model": "global", "mix": args.mix, "max_tokens": args.max_tokens, "retries": 5, "timeout_s": 600, "concurrency": 8}
     synthetic = {"num_prompts": args.num_prompts, "steps": args.generator_steps, "noise_multiplier": args.noise_multiplier}
-    results = []
     with served(teacher_dir) as url:
-        for name, teacher in (
-            ("no teacher", None),
-            ("label", {**section, "base_url": url, "mode": "label"}),
-            ("synthetic", {**section, "base_url": url, "mode": "synthetic", "synthetic": synthetic}),
-        ):
-            folder = args.out / name.replace(" ", "-")
-            seconds = run_cli(folder, base if teacher is None else {**base, "teacher": json.dumps(teacher)})
-            results.append(summary(name, folder, seconds))
+        arms = {
+            "no teacher": base,
+            "label": {**base, "teacher": json.dumps({**section, "base_url": url, "mode": "label"})},
+            "synthetic": {**base, "teacher": json.dumps({**section, "base_url": url, "mode": "synthetic", "synthetic": synthetic})},
+        }
+        results = run_arms(args.out, arms, summary)
     publish(args.out, results, markdown(results, args), args.write_results, START, END, "Black-box teacher (`benchmarks/teacher.py`)")
 
 

@@ -5,55 +5,27 @@ Runs are kept to 2-3 rounds of 1 local step with a small loss-only evaluation, a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from conftest import tiny_config, write_config
+from e2e_runs import EVAL, final_adapter, run_tiny, split_records
 from peft import get_peft_model_state_dict
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from fedlm.aggregation.base import registered_aggregators
-from fedlm.cli import app
 from fedlm.config.io import load_config
 from fedlm.experiment import build_session
 from fedlm.reporting.progress import RunConsole
 
-EVAL = {"every": 0, "generate": False, "max_examples": 8}
-FAST = {"rounds": 2, "local_steps": 1}
 # by_field on the embedded data gives these 8 clients, in this order.
 CLIENTS = ["noun.animal", "noun.artifact", "noun.body", "noun.food", "noun.person", "noun.plant", "verb.communication", "verb.motion"]
 RANKS = [1, 2, 4, 3, 4, 2, 1, 4]
 FULL_RANK = 4
 
-Records = list[dict[str, Any]]
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _run(root: Path, *, extra_args: tuple[str, ...] = (), **sections: dict[str, Any]) -> Path:
-    """Write a tiny config under ``root`` (output ``root/run``), run it through the CLI, return the run folder."""
-    sections = {"eval": EVAL, **sections}
-    sections["federation"] = {**FAST, **sections.get("federation", {})}
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(root / "c.yaml", tiny_config(root / "run", **sections))
-    result = CliRunner().invoke(app, ["run", str(cfg), *extra_args])
-    assert result.exit_code == 0, result.output
-    return root / "run"
-
-
-def _records(run: Path, split: str) -> Records:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
-
-
-def _adapter(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
 
 
 def _assert_equal_adapters(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -84,12 +56,12 @@ def initial_adapter(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch
 @pytest.mark.parametrize("name", registered_aggregators())
 def test_every_aggregator_trains_the_adapter(name: str, tmp_path: Path, initial_adapter: dict[str, torch.Tensor]) -> None:
     """Two rounds with each aggregator (naive LoRA): both aggregated, bytes counted, adapter moved from its init."""
-    run = _run(tmp_path, aggregation={"name": name, "lora": "naive"})
-    aggregates = _records(run, "aggregate")
+    run = run_tiny(tmp_path, aggregation={"name": name, "lora": "naive"})
+    aggregates = split_records(run, "aggregate")
     assert [r["round"] for r in aggregates] == [1, 2]
     assert all(not r["skipped"] and r["num_updates"] == 3 for r in aggregates)
     assert all(r["download_bytes"] > 0 and r["upload_bytes"] > 0 for r in aggregates)
-    final = _adapter(run)
+    final = final_adapter(run)
     assert set(final) == set(initial_adapter)
     assert any(not torch.equal(final[n], initial_adapter[n]) for n in final), f"{name} left the adapter unchanged"
     assert all(torch.isfinite(t).all() for t in final.values())
@@ -107,7 +79,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], 
         if (mode, with_ranks) not in cache:
             root = tmp_path_factory.mktemp(f"{mode}-{'ranks' if with_ranks else 'full'}")
             peft = {"client_ranks": RANKS} if with_ranks else {}
-            cache[mode, with_ranks] = _run(root, aggregation={"name": "fedavg", "lora": mode}, peft=peft)
+            cache[mode, with_ranks] = run_tiny(root, aggregation={"name": "fedavg", "lora": mode}, peft=peft)
         return cache[mode, with_ranks]
 
     return get
@@ -118,7 +90,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool], 
 def test_lora_mode_runs_and_logs_each_clients_rank(mode: str, with_ranks: bool, lora_run: Callable[[str, bool], Path]) -> None:
     """Each LoRA mode completes; every train record carries its client's rank (and a truncation error in [0, 1])."""
     run = lora_run(mode, with_ranks)
-    train = _records(run, "train")
+    train = split_records(run, "train")
     assert len(train) == 2 * 3
     expected = dict(zip(CLIENTS, RANKS)) if with_ranks else dict.fromkeys(CLIENTS, FULL_RANK)
     assert {r["client"]: r["rank"] for r in train} == {r["client"]: expected[r["client"]] for r in train}
@@ -126,14 +98,14 @@ def test_lora_mode_runs_and_logs_each_clients_rank(mode: str, with_ranks: bool, 
         assert 0.0 <= r["download_truncation_error"] <= 1.0
         if r["rank"] == FULL_RANK:
             assert r["download_truncation_error"] == 0.0
-    assert [r["round"] for r in _records(run, "aggregate")] == [1, 2]
+    assert [r["round"] for r in split_records(run, "aggregate")] == [1, 2]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("with_ranks", [False, True], ids=["full-rank", "client-ranks"])
 def test_exact_mode_logs_the_svd_error(with_ranks: bool, lora_run: Callable[[str, bool], Path]) -> None:
     """Under ``exact`` every aggregate record holds the relative error of the SVD back to rank r, in [0, 1)."""
-    for record in _records(lora_run("exact", with_ranks), "aggregate"):
+    for record in split_records(lora_run("exact", with_ranks), "aggregate"):
         error = record["aggregation"]["svd_rel_error"]
         assert isinstance(error, float) and 0.0 <= error < 1.0
 
@@ -141,8 +113,8 @@ def test_exact_mode_logs_the_svd_error(with_ranks: bool, lora_run: Callable[[str
 @pytest.mark.parametrize("with_ranks", [False, True], ids=["full-rank", "client-ranks"])
 def test_ffa_uploads_only_b(with_ranks: bool, lora_run: Callable[[str, bool], Path]) -> None:
     """Under ``ffa`` a client uploads B only: fewer bytes than the same client in the same round under ``naive``."""
-    ffa = {(r["round"], r["client"]): r["upload_bytes"] for r in _records(lora_run("ffa", with_ranks), "train")}
-    naive = {(r["round"], r["client"]): r["upload_bytes"] for r in _records(lora_run("naive", with_ranks), "train")}
+    ffa = {(r["round"], r["client"]): r["upload_bytes"] for r in split_records(lora_run("ffa", with_ranks), "train")}
+    naive = {(r["round"], r["client"]): r["upload_bytes"] for r in split_records(lora_run("naive", with_ranks), "train")}
     assert set(ffa) == set(naive)  # client sampling depends on the seed and round only
     ratios = [ffa[key] / naive[key] for key in ffa]
     # A (r x d_in) and B (d_out x r) are of equal size on q/o projections; B is smaller on k/v (grouped-query
@@ -156,7 +128,7 @@ def test_ffa_keeps_lora_a_at_its_seeded_init(with_ranks: bool, lora_run: Callabl
     run = lora_run("ffa", with_ranks)
     seeded, trainable = _seeded_adapter(run)
     assert trainable and not any(".lora_A." in n for n in trainable)
-    final = _adapter(run)
+    final = final_adapter(run)
     a_names = [n for n in final if ".lora_A." in n]
     assert a_names
     for name in a_names:
@@ -167,13 +139,13 @@ def test_ffa_keeps_lora_a_at_its_seeded_init(with_ranks: bool, lora_run: Callabl
 def test_naive_upload_grows_with_client_rank(lora_run: Callable[[str, bool], Path]) -> None:
     """With client ranks under ``naive`` a client sends its factors cut to its rank: more rank, more bytes."""
     by_rank: dict[int, set[int]] = {}
-    for r in _records(lora_run("naive", True), "train"):
+    for r in split_records(lora_run("naive", True), "train"):
         by_rank.setdefault(r["rank"], set()).add(r["upload_bytes"])
     assert {1, FULL_RANK} <= set(by_rank), by_rank  # seed 0 samples a rank-1 and a rank-4 client
     assert all(len(sizes) == 1 for sizes in by_rank.values()), by_rank  # the size depends on the rank only
     sizes = [next(iter(by_rank[rank])) for rank in sorted(by_rank)]
     assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes), by_rank
-    full = {r["upload_bytes"] for r in _records(lora_run("naive", False), "train")}
+    full = {r["upload_bytes"] for r in split_records(lora_run("naive", False), "train")}
     assert full == by_rank[FULL_RANK]
 
 
@@ -187,16 +159,16 @@ def test_naive_upload_grows_with_client_rank(lora_run: Callable[[str, bool], Pat
 def test_resume_with_server_state_is_exact(name: str, mode: str, tmp_path: Path) -> None:
     """3 rounds straight through == 1 round, then ``--resume --set federation.rounds=3`` (aggregator state restored)."""
     aggregation = {"name": name, "lora": mode}
-    straight = _run(tmp_path / "straight", aggregation=aggregation, federation={"rounds": 3})
-    split = _run(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1})
-    _run(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1}, extra_args=("--resume", "--set", "federation.rounds=3"))
-    _assert_equal_adapters(_adapter(split), _adapter(straight))
-    assert [r["round"] for r in _records(split, "aggregate")] == [1, 2, 3]
+    straight = run_tiny(tmp_path / "straight", aggregation=aggregation, federation={"rounds": 3})
+    split = run_tiny(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1})
+    run_tiny(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1}, extra_args=("--resume", "--set", "federation.rounds=3"))
+    _assert_equal_adapters(final_adapter(split), final_adapter(straight))
+    assert [r["round"] for r in split_records(split, "aggregate")] == [1, 2, 3]
 
     def untimed(records: list[dict]) -> list[dict]:  # wall times differ between runs; every other metric must not
         return [{k: v for k, v in r["aggregation"].items() if not k.endswith("_time_s")} for r in records]
 
-    assert untimed(_records(split, "aggregate")) == untimed(_records(straight, "aggregate"))
+    assert untimed(split_records(split, "aggregate")) == untimed(split_records(straight, "aggregate"))
 
 
 # 4. SCAFFOLD option II with local SGD ----------------------------------------------------------------------------
@@ -204,13 +176,13 @@ def test_resume_with_server_state_is_exact(name: str, mode: str, tmp_path: Path)
 
 def test_scaffold_option_ii_with_sgd_updates_the_control_variate(tmp_path: Path) -> None:
     """SCAFFOLD option II (control variate from the SGD displacement) runs and logs a nonzero server control c."""
-    run = _run(tmp_path, aggregation={"name": "scaffold", "option": "II"}, federation={"optimizer": "sgd", "local_steps": 2})
-    aggregates = _records(run, "aggregate")
+    run = run_tiny(tmp_path, aggregation={"name": "scaffold", "option": "II"}, federation={"optimizer": "sgd", "local_steps": 2})
+    aggregates = split_records(run, "aggregate")
     assert len(aggregates) == 2
     norms = [r["aggregation"]["control_variate_norm"] for r in aggregates]
     assert all(isinstance(n, float) and n > 0 for n in norms), norms
     # round 1 clients send nothing yet (c = c_i = 0), round 2 clients also download the server control c
-    train = _records(run, "train")
+    train = split_records(run, "train")
     first = {r["download_bytes"] for r in train if r["round"] == 1}
     second = {r["download_bytes"] for r in train if r["round"] == 2}
     assert max(first) < min(second)

@@ -10,7 +10,6 @@ Every process a test starts is stopped by PID in a ``finally`` (``LocalFederatio
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, write_config
-from safetensors.torch import load_file
+from e2e_runs import final_adapter, run_records
 
 from fedlm.cli import app
 from fedlm.config.io import validate_config
@@ -37,14 +36,6 @@ def flower_config(output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return config
-
-
-def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -125,7 +116,7 @@ def simulation_adapter(tmp_path_factory: pytest.TempPathFactory) -> dict[str, to
     cfg = write_config(root / "c.yaml", flower_config(root / "run", federation={"runtime": "simulation"}))
     result = CliRunner().invoke(app, ["run", str(cfg)])
     assert result.exit_code == 0, result.output
-    return adapter(root / "run")
+    return final_adapter(root / "run")
 
 
 def _finished(run_dir: Path) -> bool:
@@ -150,8 +141,8 @@ def _run_three_nodes(tmp_path: Path, cfg: Path, run_dir: Path) -> None:
 def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
     run_dir = tmp_path / "run"
     _run_three_nodes(tmp_path, write_config(tmp_path / "c.yaml", flower_config(run_dir)), run_dir)
-    assert_same_adapter(adapter(run_dir), simulation_adapter)
-    trains = [r for r in records(run_dir) if r["split"] == "train"]
+    assert_same_adapter(final_adapter(run_dir), simulation_adapter)
+    trains = [r for r in run_records(run_dir) if r["split"] == "train"]
     assert sorted((r["round"], r["client"]) for r in trains) == [(1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "1"), (2, "2")]
     assert all(r["model_load_s"] >= 0 for r in trains)
     # the long-lived ClientApp process kept each node's model, tokenizer and data from round 1
@@ -160,7 +151,7 @@ def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simula
 
 def _round_done(run_dir: Path, round_num: int) -> bool:
     path = run_dir / "metrics.jsonl"
-    return path.is_file() and any(r["split"] == "aggregate" and r["round"] == round_num for r in records(run_dir))
+    return path.is_file() and any(r["split"] == "aggregate" and r["round"] == round_num for r in run_records(run_dir))
 
 
 @pytest.mark.slow
@@ -175,8 +166,8 @@ def test_client_and_sample_dp_over_flower_end_with_the_simulation_adapter(tmp_pa
     result = CliRunner().invoke(app, ["run", str(sim)])
     assert result.exit_code == 0, result.output
     _run_three_nodes(tmp_path, write_config(tmp_path / "c.yaml", flower_config(run_dir, privacy=privacy)), run_dir)
-    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
-    flower_rows, sim_rows = records(run_dir), records(sim_dir)
+    assert_same_adapter(final_adapter(run_dir), final_adapter(sim_dir))
+    flower_rows, sim_rows = run_records(run_dir), run_records(sim_dir)
     eps = lambda rows: [r["aggregation"]["epsilon"] for r in rows if r["split"] == "aggregate"]  # noqa: E731
     assert eps(flower_rows) == eps(sim_rows) and all(e > 0 for e in eps(flower_rows))
     sample_eps = lambda rows: sorted((r["round"], r["client"], r["sample_epsilon"]) for r in rows if r["split"] == "train")  # noqa: E731
@@ -210,7 +201,7 @@ def test_a_supernode_killed_in_round_2_and_a_mismatched_node(tmp_path: Path) -> 
     cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir))
     other = write_config(tmp_path / "other.yaml", flower_config(run_dir, peft={"r": 8}))  # a fourth node, another rank
     _kill_client_2_in_round_2(tmp_path, cfg, run_dir, restart=False, extra_node=other)
-    rows = records(run_dir)
+    rows = run_records(run_dir)
     round2 = next(r for r in rows if r["split"] == "aggregate" and r["round"] == 2)
     assert round2["num_updates"] == 2 and not round2["skipped"]
     assert [f["client"] for f in round2["rejected"]] == ["2"], round2["rejected"]
@@ -225,8 +216,8 @@ def test_a_supernode_restarted_in_round_2_is_retried_and_the_run_ends_as_if_noth
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", flower_config(run_dir, federation={"min_clients": 3, "round_retries": 4, "retry_wait_s": 10}))
     _kill_client_2_in_round_2(tmp_path, cfg, run_dir, restart=True)
-    assert_same_adapter(adapter(run_dir), simulation_adapter)  # the retried client trained its same task
-    rows = records(run_dir)
+    assert_same_adapter(final_adapter(run_dir), simulation_adapter)  # the retried client trained its same task
+    rows = run_records(run_dir)
     retries = [r for r in rows if r["split"] == "retry"]
     assert retries and {r["round"] for r in retries} == {2} and retries[0]["clients"] == ["2"], retries
     round2 = next(r for r in rows if r["split"] == "aggregate" and r["round"] == 2)
@@ -254,8 +245,8 @@ def test_server_killed_after_round_1_resumes_to_the_uninterrupted_adapter(tmp_pa
         assert code == 0 and _finished(run_dir), _logs(fed)
     finally:
         fed.stop()
-    assert_same_adapter(adapter(run_dir), simulation_adapter)
-    aggregates = [r["round"] for r in records(run_dir) if r["split"] == "aggregate"]
+    assert_same_adapter(final_adapter(run_dir), simulation_adapter)
+    aggregates = [r["round"] for r in run_records(run_dir) if r["split"] == "aggregate"]
     assert aggregates == [1, 2]
 
 
@@ -286,7 +277,7 @@ def test_tls_and_node_authentication_refuse_an_unregistered_key(tmp_path: Path, 
         assert code == 0 and _finished(run_dir), _logs(fed)
     finally:
         fed.stop()
-    assert_same_adapter(adapter(run_dir), simulation_adapter)
+    assert_same_adapter(final_adapter(run_dir), simulation_adapter)
 
 
 def test_certs_make_a_ca_a_server_certificate_and_node_keys_flower_accepts(tmp_path: Path) -> None:

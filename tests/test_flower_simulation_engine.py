@@ -9,7 +9,6 @@ Ray runs under a short temporary directory (``RAY_TMPDIR``) and is shut down by 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,9 +19,9 @@ import pytest
 import torch
 import yaml
 from conftest import tiny_config, write_config
+from e2e_runs import final_adapter, run_records
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from safetensors.torch import load_file
 
 from fedlm.cli import app
 from fedlm.config.io import validate_config
@@ -38,14 +37,6 @@ def engine_config(output_dir: Path, runtime: str = "flower-simulation", **federa
     """The tiny model, 3 clients (iid), all of them every round, 2 rounds, on ``runtime``."""
     fed = {"runtime": runtime, "simulation_engine": ENGINE, **federation}
     return tiny_config(output_dir, partition={"method": "iid", "num_clients": 3, "field": None}, federation=fed)
-
-
-def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -124,8 +115,8 @@ def test_fedlm_run_on_the_simulation_engine_ends_with_the_simulation_adapter(tmp
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", engine_config(run_dir)))])
     assert result.exit_code == 0, result.output
     assert "3 clients on 2 Ray workers (1 CPUs, 0 GPUs each)" in result.output
-    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
-    trains = [r for r in records(run_dir) if r["split"] == "train"]
+    assert_same_adapter(final_adapter(run_dir), final_adapter(sim_dir))
+    trains = [r for r in run_records(run_dir) if r["split"] == "train"]
     assert sorted((r["round"], r["client"]) for r in trains) == [(1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "1"), (2, "2")]
     assert sum(r["model_load_s"] > 0 for r in trains) <= 2  # one base model per Ray worker, kept between messages
 
@@ -155,12 +146,12 @@ def test_a_worker_dying_mid_round_is_a_failed_client_retried_on_the_restarted_wo
     assert result.exit_code == 0, result.output
     run_on_simulation_engine(validate_config(engine_config(run_dir, **retry)), app=dying_app)
     assert (tmp_path / "worker-died").exists()
-    assert_same_adapter(adapter(run_dir), adapter(sim_dir))  # the retried client trained its same task
-    retries = [r for r in records(run_dir) if r["split"] == "retry"]
+    assert_same_adapter(final_adapter(run_dir), final_adapter(sim_dir))  # the retried client trained its same task
+    retries = [r for r in run_records(run_dir) if r["split"] == "retry"]
     # the client whose worker died, then (while Ray restarts the worker) maybe again with "the actor is restarting"
     assert retries and {(r["round"], tuple(r["clients"])) for r in retries} == {(2, ("1",))}, retries
     assert all("ray.exceptions.ActorUnavailableError" in r["reasons"]["1"] for r in retries), retries
-    round2 = next(r for r in records(run_dir) if r["split"] == "aggregate" and r["round"] == 2)
+    round2 = next(r for r in run_records(run_dir) if r["split"] == "aggregate" and r["round"] == 2)
     assert round2["num_updates"] == 3 and not round2["skipped"]
 
 
@@ -183,8 +174,8 @@ def test_smollm2_on_the_simulation_engine_ends_with_the_simulation_adapter(tmp_p
     for out, runtime in ((sim_dir, "simulation"), (run_dir, "flower-simulation")):
         result = runner.invoke(app, ["run", str(write_config(tmp_path / f"{runtime}.yaml", config(out, runtime)))])
         assert result.exit_code == 0, result.output
-    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
-    assert sorted(r["client"] for r in records(run_dir) if r["split"] == "train") == ["0", "1"]
+    assert_same_adapter(final_adapter(run_dir), final_adapter(sim_dir))
+    assert sorted(r["client"] for r in run_records(run_dir) if r["split"] == "train") == ["0", "1"]
 
 
 @pytest.mark.slow
@@ -199,4 +190,4 @@ def test_secure_aggregation_on_the_simulation_engine_ends_with_the_simulation_ad
         config = {**engine_config(out, runtime), **secure}
         result = runner.invoke(app, ["run", str(write_config(tmp_path / f"{runtime}.yaml", config))])
         assert result.exit_code == 0, result.output
-    assert_same_adapter(adapter(run_dir), adapter(sim_dir))
+    assert_same_adapter(final_adapter(run_dir), final_adapter(sim_dir))

@@ -3,19 +3,17 @@ rules that refuse the combinations these modes cannot honour."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from conftest import tiny_config
+from e2e_runs import run_tiny, split_records
 from peft import PeftModel
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from fedlm.cli import app
 from fedlm.config.io import load_config
 from fedlm.config.rules import check_config
 from fedlm.config.schema import ExperimentConfig
@@ -29,25 +27,9 @@ from fedlm.models.loading import load_base_model
 from fedlm.reporting.progress import RunConsole
 from fedlm.runtime.flower import messages
 
-EVAL = {"every": 0, "generate": False, "max_examples": 8}
-FAST = {"rounds": 2, "local_steps": 1}
 NEW_MODES = ["fedex", "flora", "rolora"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _run(root: Path, *, extra_args: tuple[str, ...] = (), **sections: dict[str, Any]) -> Path:
-    sections = {"eval": EVAL, **sections}
-    sections["federation"] = {**FAST, **sections.get("federation", {})}
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(root / "c.yaml", tiny_config(root / "run", **sections))
-    result = CliRunner().invoke(app, ["run", str(cfg), *extra_args])
-    assert result.exit_code == 0, result.output
-    return root / "run"
-
-
-def _records(run: Path, split: str) -> list[dict[str, Any]]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def mode_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
     def get(mode: str) -> Path:
         if mode not in cache:
-            cache[mode] = _run(tmp_path_factory.mktemp(mode), aggregation={"name": "fedavg", "lora": mode})
+            cache[mode] = run_tiny(tmp_path_factory.mktemp(mode), aggregation={"name": "fedavg", "lora": mode})
         return cache[mode]
 
     return get
@@ -66,8 +48,8 @@ def mode_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 @pytest.mark.parametrize("mode", NEW_MODES)
 def test_new_lora_mode_runs_from_the_cli(mode: str, mode_run: Callable[[str], Path]) -> None:
     run = mode_run(mode)
-    assert [r["round"] for r in _records(run, "aggregate")] == [1, 2]
-    assert len(_records(run, "train")) == 2 * 3
+    assert [r["round"] for r in split_records(run, "aggregate")] == [1, 2]
+    assert len(split_records(run, "train")) == 2 * 3
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1]).global_state
     residuals = [n for n in state if n.endswith(".lora_residual")]
@@ -77,14 +59,14 @@ def test_new_lora_mode_runs_from_the_cli(mode: str, mode_run: Callable[[str], Pa
 @pytest.mark.parametrize("mode", ["fedex", "flora"])
 def test_the_residual_is_downloaded_and_counted(mode: str, mode_run: Callable[[str], Path]) -> None:
     """Round 1 starts without a residual; from round 2 every client downloads it: a dense matrix per module."""
-    down = {r["round"]: r["download_bytes"] for r in _records(mode_run(mode), "train")}
-    up = {r["round"]: r["upload_bytes"] for r in _records(mode_run(mode), "train")}
+    down = {r["round"]: r["download_bytes"] for r in split_records(mode_run(mode), "train")}
+    up = {r["round"]: r["upload_bytes"] for r in split_records(mode_run(mode), "train")}
     assert down[2] > 3 * down[1]  # tiny model: d_out x d_in per module against r (d_in + d_out)
     assert up[2] == up[1]  # never uploaded
 
 
 def test_fedex_logs_the_cross_term_it_keeps(mode_run: Callable[[str], Path]) -> None:
-    for record in _records(mode_run("fedex"), "aggregate"):
+    for record in split_records(mode_run("fedex"), "aggregate"):
         share = record["aggregation"]["fedex_cross_term"]
         assert 0.0 < share < 1.0
 
@@ -114,7 +96,7 @@ def test_the_exported_adapter_is_the_trained_model(mode: str, mode_run: Callable
 
 def test_rolora_first_round_trains_b_only_even_with_weight_decay(tmp_path: Path) -> None:
     """Round 1 freezes A: the global A after it is the seeded init bit for bit (AdamW's weight decay included)."""
-    run = _run(tmp_path, aggregation={"name": "fedavg", "lora": "rolora"}, federation={"rounds": 1, "weight_decay": 0.1})
+    run = run_tiny(tmp_path, aggregation={"name": "fedavg", "lora": "rolora"}, federation={"rounds": 1, "weight_decay": 0.1})
     session = build_session(load_config(run / "config.yaml"), RunConsole(quiet=True))
     final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     a_names = [n for n in final if n.endswith(".lora_A.weight")]
@@ -126,9 +108,9 @@ def test_rolora_first_round_trains_b_only_even_with_weight_decay(tmp_path: Path)
 def test_resume_is_exact(name: str, mode: str, tmp_path: Path) -> None:
     """3 rounds straight == 1 round then ``--resume`` to 3: the residual and the round parity survive a resume."""
     aggregation = {"name": name, "lora": mode}
-    straight = _run(tmp_path / "straight", aggregation=aggregation, federation={"rounds": 3})
-    split = _run(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1})
-    _run(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1}, extra_args=("--resume", "--set", "federation.rounds=3"))
+    straight = run_tiny(tmp_path / "straight", aggregation=aggregation, federation={"rounds": 3})
+    split = run_tiny(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1})
+    run_tiny(tmp_path / "split", aggregation=aggregation, federation={"rounds": 1}, extra_args=("--resume", "--set", "federation.rounds=3"))
     a = load_checkpoint(list_checkpoints(straight / "checkpoints")[-1]).global_state
     b = load_checkpoint(list_checkpoints(split / "checkpoints")[-1]).global_state
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)

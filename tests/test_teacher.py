@@ -250,19 +250,25 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_cli_label_mode_with_fedlm_serve_as_teacher(tmp_path: Path, runner: Any, fedlm_teacher: tuple[str, Any]) -> None:
-    teacher = {"mode": "label", "base_url": fedlm_teacher[0], "model": "global", "max_tokens": 8, "mix": 0.5, "concurrency": 4}
+def _train_with_teacher(tmp_path: Path, runner: Any, teacher: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
+    """A tiny run of 2 iid clients (24 records, 1 local step per round) with ``teacher`` through the CLI (config
+    ``tmp_path/c.yaml``, run ``tmp_path/run``); its train records."""
     config = tiny_config(
         tmp_path / "run",
         teacher=teacher,
         data={"max_train_examples": 24, "max_length": 96},
         partition={"method": "iid", "num_clients": 2},
-        federation={"rounds": 2, "clients_per_round": 2, "local_steps": 1, "batch_size": 4},
+        federation={"rounds": rounds, "clients_per_round": 2, "local_steps": 1, "batch_size": 4},
         eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
     )
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
     assert result.exit_code == 0, result.output
-    train = [r for r in _records(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "train"]
+    return [r for r in _records(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "train"]
+
+
+def test_cli_label_mode_with_fedlm_serve_as_teacher(tmp_path: Path, runner: Any, fedlm_teacher: tuple[str, Any]) -> None:
+    teacher = {"mode": "label", "base_url": fedlm_teacher[0], "model": "global", "max_tokens": 8, "mix": 0.5, "concurrency": 4}
+    train = _train_with_teacher(tmp_path, runner, teacher, rounds=2)
     assert {r["round"] for r in train} == {1, 2} and len(train) == 4
     for r in train:
         assert r["teacher_prompts"] == r["teacher_examples"] > 0
@@ -330,17 +336,7 @@ def test_a_client_whose_teacher_fails_is_left_out_and_the_round_goes_on() -> Non
 def test_cli_synthetic_mode_sends_only_dp_synthetic_prompts(tmp_path: Path, runner: Any, stub: tuple[Stub, str], one_torch_thread: None) -> None:
     synthetic = {"num_prompts": 8, "max_prompt_tokens": 16, "steps": 2, "batch_size": 4, "noise_multiplier": 1.0, "max_overlap": 8}
     teacher = {"mode": "synthetic", "base_url": f"{stub[1]}/ok/v1", "model": "stub", "max_tokens": 16, "synthetic": synthetic}
-    config = tiny_config(
-        tmp_path / "run",
-        teacher=teacher,
-        data={"max_train_examples": 24, "max_length": 96},
-        partition={"method": "iid", "num_clients": 2},
-        federation={"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 4},
-        eval={"every": 0, "at_start": False, "generate": False, "max_examples": 4},
-    )
-    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
-    assert result.exit_code == 0, result.output
-    train = [r for r in _records(tmp_path / "run" / "metrics.jsonl") if r.get("split") == "train"]
+    train = _train_with_teacher(tmp_path, runner, teacher, rounds=1)
     own = client_records(load_config(tmp_path / "c.yaml"))
     assert len(train) == 2
     for r in train:

@@ -97,6 +97,21 @@ def wire_form(state: Mapping[str, torch.Tensor], rank: int | None) -> TensorDict
     return {name: rank_slice(name, tensor, rank).contiguous() for name, tensor in state.items()}
 
 
+def pad_like(tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> TensorDict:
+    """Tensors cut to a rank, zero-padded back to the shapes of ``like`` (the inverse of :func:`wire_form`); a
+    tensor ``like`` does not name, or of its shape already, is kept as it is."""
+    out: TensorDict = {}
+    for name, tensor in tensors.items():
+        full = like.get(name)
+        if full is None or tensor.shape == full.shape:
+            out[name] = tensor
+            continue
+        padded = torch.zeros(full.shape, dtype=tensor.dtype)
+        padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
+        out[name] = padded
+    return out
+
+
 def mask_beyond_rank(params: Mapping[str, torch.nn.Parameter], rank: int) -> None:
     """Zero the gradients of LoRA components beyond ``rank`` in place (they stay exactly zero under AdamW)."""
     for name, param in params.items():

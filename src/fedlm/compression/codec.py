@@ -102,18 +102,3 @@ def _check_quantize(name: str, packed: torch.Tensor, scales: torch.Tensor, n: in
 def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape."""
     return {name: tuple(t.shape) for name, t in tensors.items()}
-
-
-def pad_to(tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> TensorDict:
-    """Tensors cut to a client's rank (:func:`~fedlm.aggregation.lora_structure.wire_form`), zero-padded back to the
-    shapes of ``like``."""
-    out: TensorDict = {}
-    for name, tensor in tensors.items():
-        full = like[name]
-        if tensor.shape == full.shape:
-            out[name] = tensor
-            continue
-        padded = torch.zeros(full.shape, dtype=tensor.dtype)
-        padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
-        out[name] = padded
-    return out

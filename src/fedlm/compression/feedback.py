@@ -15,8 +15,8 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlm.aggregation.lora_structure import wire_form
-from fedlm.compression.codec import Codec, pad_to, shapes_of
+from fedlm.aggregation.lora_structure import pad_like, wire_form
+from fedlm.compression.codec import Codec, shapes_of
 from fedlm.core.update import TensorDict
 
 #: The client-memory prefix of the residual (kept on the node over Flower, in the server's residual store in the
@@ -34,7 +34,7 @@ def compress(
     target = {n: delta[n].to(torch.float32) + residual[n] if n in residual else delta[n].to(torch.float32) for n in delta}
     wire = wire_form(target, rank)
     message = codec.encode(wire, generator)
-    sent = pad_to(codec.decode(message, shapes_of(wire)), target)
+    sent = pad_like(codec.decode(message, shapes_of(wire)), target)
     new_residual = {n: target[n] - sent[n] for n in target} if codec.error_feedback else {}
     return message, sent, new_residual
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedlm.aggregation.lora_structure import wire_form
-from fedlm.compression.codec import Codec, MalformedMessage, pad_to, shapes_of
+from fedlm.aggregation.lora_structure import pad_like, wire_form
+from fedlm.compression.codec import Codec, MalformedMessage, shapes_of
 from fedlm.compression.feedback import RESIDUAL, as_memory, compress, residual_of
 from fedlm.compression.traffic import record_sizes
 from fedlm.core.round import RoundObserver, RoundRecord
@@ -45,7 +45,7 @@ def decode_on_server(update: ClientUpdate, codec: Codec, task: ClientTask) -> Cl
     if not all(isinstance(t, torch.Tensor) for t in update.tensors.values()):
         return ClientFailure(update.client_id, update.round, "rejected: the compressed message holds something other than tensors")
     try:
-        dense = pad_to(codec.decode(update.tensors, shapes_of(wire)), task.state)
+        dense = pad_like(codec.decode(update.tensors, shapes_of(wire)), task.state)
     except MalformedMessage as exc:
         return ClientFailure(update.client_id, update.round, f"rejected: malformed compressed update: {exc}")
     return dataclasses.replace(update, tensors=dense)

@@ -56,9 +56,9 @@ class DiskVersions:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
 
-    def latest(self, client: str) -> TensorDict | None:
-        """The newest version of ``client``'s state, or None."""
-        rounds = self.rounds(client)
+    def latest(self, client: str, before: int | None = None) -> TensorDict | None:
+        """The newest version of ``client``'s state written before round ``before`` (None: the newest of all), or None."""
+        rounds = [r for r in self.rounds(client) if before is None or r < before]
         return load_file(str(self._path(client, rounds[-1]))) if rounds else None
 
     def clients(self) -> list[str]:

@@ -21,47 +21,34 @@ averaged factors miss (what ``naive`` would drop), and ``fedex_residual_share`` 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import torch
 
 from fedlm.aggregation.lora.exact import PRODUCT_SUFFIX, ProductDelta
-from fedlm.aggregation.lora.mode import LoraMode, register_lora_mode
-from fedlm.aggregation.lora.residual import effective_products, relative_norm
-from fedlm.aggregation.lora_structure import RESIDUAL_SUFFIX, lora_pairs, without_residuals
-from fedlm.core.update import ClientUpdate, TensorDict
+from fedlm.aggregation.lora.mode import register_lora_mode
+from fedlm.aggregation.lora.residual import ResidualProductMode, effective_products, relative_norm
+from fedlm.aggregation.lora_structure import RESIDUAL_SUFFIX
+from fedlm.core.update import TensorDict
 
 
 @register_lora_mode
-class FedExLora(LoraMode):
+class FedExLora(ResidualProductMode):
     """Average A and B; keep mean(B_k A_k) - mean(B_k) mean(A_k) in the module's frozen residual."""
 
     name = "fedex"
     space = "LoRA factors A, B and the product B A + R per module; residual R = P - B A folded into the frozen weight"
     needs_each_update = "it needs each client's own product B_k A_k to compute the residual of the averaged factors"
-    factor_space = False
-    keeps_residual = True
     refuses_client_ranks = (
         "the averaged factors would mix components that some clients never train; `flora` and `exact` are the exact modes for mixed ranks"
     )
-    client_extra = "the frozen residual of every LoRA module"
+    keeps_factors = True
 
-    def to_server_space(
-        self,
-        state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        starts: Mapping[str, Mapping[str, torch.Tensor]],
-        ranks: Mapping[str, int | None],
-    ) -> tuple[TensorDict, list[ClientUpdate]]:
-        space = {name: tensor.to(torch.float32) for name, tensor in without_residuals(state).items()}
-        space.update(effective_products(state))
-        mapped = [dataclasses.replace(u, tensors=FactorsAndProducts(without_residuals(starts[u.client_id]), u.tensors)) for u in updates]  # type: ignore[arg-type]  # lazy
-        return space, mapped
+    def client_delta(self, start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        return FactorsAndProducts(start, delta)
 
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
-        pairs, others = lora_pairs(without_residuals(state))
-        out: TensorDict = {name: params[name].to(state[name].dtype) for name in others}
+        pairs, out = self.split_result(params, state)
         before = effective_products(state)
         missed = moved = residual_sq = product_sq = 0.0
         for pair in pairs:

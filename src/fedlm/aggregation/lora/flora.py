@@ -21,45 +21,31 @@ paper's download of the stacked modules (a client that missed a round could not 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from fedlm.aggregation.lora.exact import PRODUCT_SUFFIX, ProductDelta
-from fedlm.aggregation.lora.mode import LoraMode, register_lora_mode
-from fedlm.aggregation.lora.residual import effective_products
-from fedlm.aggregation.lora_structure import RESIDUAL_SUFFIX, lora_pairs, without_residuals
-from fedlm.core.update import ClientUpdate, TensorDict
+from fedlm.aggregation.lora.mode import register_lora_mode
+from fedlm.aggregation.lora.residual import ResidualProductMode
+from fedlm.aggregation.lora_structure import RESIDUAL_SUFFIX
+from fedlm.core.update import TensorDict
 
 
 @register_lora_mode
-class FLoRA(LoraMode):
+class FLoRA(ResidualProductMode):
     """Merge the weighted sum of the client products into the frozen residual; restart LoRA at (A_0, 0)."""
 
     name = "flora"
     space = "product B A + R per module (FLoRA stacking), merged into the frozen weight; LoRA restarted every round"
     needs_each_update = "it needs each client's own product B_k A_k (the stacked modules), not a sum of factors"
-    factor_space = False
-    keeps_residual = True
-    client_extra = "the frozen residual of every LoRA module"
+    keeps_factors = False
 
-    def to_server_space(
-        self,
-        state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        starts: Mapping[str, Mapping[str, torch.Tensor]],
-        ranks: Mapping[str, int | None],
-    ) -> tuple[TensorDict, list[ClientUpdate]]:
-        _, others = lora_pairs(without_residuals(state))
-        space = {name: state[name].to(torch.float32) for name in others}
-        space.update(effective_products(state))
-        mapped = [dataclasses.replace(u, tensors=ProductDelta(without_residuals(starts[u.client_id]), u.tensors)) for u in updates]  # type: ignore[arg-type]  # lazy
-        return space, mapped
+    def client_delta(self, start: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        return ProductDelta(start, delta)
 
     def from_server_space(self, params: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> tuple[TensorDict, dict[str, float]]:
-        pairs, others = lora_pairs(without_residuals(state))
-        out: TensorDict = {name: params[name].to(state[name].dtype) for name in others}
+        pairs, out = self.split_result(params, state)
         for pair in pairs:
             out[pair.module + RESIDUAL_SUFFIX] = params[pair.module + PRODUCT_SUFFIX].to(torch.float32)  # merged: R' = P'
             out[pair.a] = self.initial_state[pair.a].to(state[pair.a].dtype)  # fresh modules: the initial A ...

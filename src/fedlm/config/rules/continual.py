@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedlm.config.rules.clashes import simulation_only
 from fedlm.config.rules.setting import Setting
 from fedlm.core.errors import FedlmError
 
@@ -10,14 +11,13 @@ def continual_runs_in_the_simulation(s: Setting) -> None:
     """The stream (which slices a client holds each round), the replay buffers and the EWC state are kept by the
     in-process simulation in ``RUN_DIR/clients/<name>/``; a SuperNode's ClientApp does not keep them yet."""
     c = s.config
-    if c.continual is None:
-        return
-    if c.federation.runtime != "simulation" or c.partition.method == "node_local":
-        raise FedlmError(
-            f"`continual` is built for the in-process simulation only: a SuperNode (or a Ray worker of `{c.federation.runtime}`) "
-            "does not release slices or keep a replay buffer yet; use `federation.runtime: simulation` (and a partition other than "
-            "node_local) or remove `continual`"
-        )
+    simulation_only(
+        s,
+        c.continual is not None,
+        f"`continual` is built for the in-process simulation only: a SuperNode (or a Ray worker of `{c.federation.runtime}`) "
+        "does not release slices or keep a replay buffer yet; use `federation.runtime: simulation` (and a partition other than "
+        "node_local) or remove `continual`",
+    )
 
 
 def continual_fits_the_run(s: Setting) -> None:

@@ -4,6 +4,7 @@ clients' updates before the cloud sees them can and cannot honour."""
 from __future__ import annotations
 
 from fedlm.aggregation.lora.mode import LORA_MODES
+from fedlm.config.rules.clashes import round_changers, settings_on, simulation_only
 from fedlm.config.rules.setting import Setting
 from fedlm.core.errors import FedlmError
 from fedlm.hierarchy.groups import resolve_groups
@@ -15,14 +16,13 @@ def hierarchy_runs_in_the_simulation(s: Setting) -> None:
     """The edge tier is built in the in-process simulation's round; over Flower the SuperLink talks to the
     clients directly and no edge aggregator exists between them."""
     c = s.config
-    if c.hierarchy is None:
-        return
-    if c.federation.runtime != "simulation" or c.partition.method == "node_local":
-        raise FedlmError(
-            f"`hierarchy` (edge aggregators) is built for `federation.runtime: simulation` only, got `{c.federation.runtime}`"
-            f"{' with `partition.method: node_local`' if c.partition.method == 'node_local' else ''}: Flower has no edge tier "
-            "between the SuperLink and the SuperNodes; use the simulation or remove `hierarchy`"
-        )
+    simulation_only(
+        s,
+        c.hierarchy is not None,
+        f"`hierarchy` (edge aggregators) is built for `federation.runtime: simulation` only, got `{c.federation.runtime}`"
+        f"{' with `partition.method: node_local`' if c.partition.method == 'node_local' else ''}: Flower has no edge tier "
+        "between the SuperLink and the SuperNodes; use the simulation or remove `hierarchy`",
+    )
 
 
 def hierarchy_fits_the_aggregation(s: Setting) -> None:
@@ -70,13 +70,9 @@ def hierarchy_without_client_wrappers(s: Setting) -> None:
         "eval.audit": c.eval.audit is not None,
         "personalization": c.personalization.method is not None,
         "federation.max_mib": c.federation.max_mib is not None,
-        "systems": c.systems is not None,
-        "continual": c.continual is not None,
-        "offsite": c.offsite is not None,
-        "teacher.mode": c.teacher.mode is not None,
-        "contribution.methods": c.contribution.enabled,
+        **round_changers(c, but="hierarchy"),
     }
-    clash = [key for key, on in used.items() if on]
+    clash = settings_on(used)
     if clash:
         raise FedlmError(
             f"`{clash[0]}` is not built for `hierarchy` (edge aggregators) yet: its accounting or messages assume clients talk "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedlm.config.rules.clashes import settings_on
 from fedlm.config.rules.setting import Setting
 from fedlm.core.errors import FedlmError
 from fedlm.offsite.layers import known_num_layers, plan_layers
@@ -43,16 +44,14 @@ def offsite_fits_the_adapter(s: Setting) -> None:
         raise FedlmError(f"`offsite` distills the emulator's middle weights: not with `model.quantization: {c.model.quantization}`; use none")
     if c.objective.name not in ("sft", "clm"):
         raise FedlmError(f"`offsite` is wired for `objective: sft` or `clm`, got {c.objective.name!r}")
-    unwired = [
-        field
-        for field, on in (
-            ("personalization.method", c.personalization.method is not None),
-            ("privacy.sample_dp", c.privacy.sample_dp is not None),
-            ("federation.algorithm: fedkseed", c.federation.algorithm == "fedkseed"),
-            ("continual", c.continual is not None),
-            ("teacher.mode", c.teacher.mode is not None),
-        )
-        if on
-    ]
+    unwired = settings_on(
+        {
+            "personalization.method": c.personalization.method is not None,
+            "privacy.sample_dp": c.privacy.sample_dp is not None,
+            "federation.algorithm: fedkseed": c.federation.algorithm == "fedkseed",
+            "continual": c.continual is not None,
+            "teacher.mode": c.teacher.mode is not None,
+        }
+    )
     if unwired:
         raise FedlmError(f"`offsite` is not wired with `{unwired[0]}` (its clients would train the full model); remove one of them")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from fedlm.config.rules.clashes import settings_on, simulation_only
 from fedlm.config.rules.setting import Setting
 from fedlm.core.errors import FedlmError
 
@@ -12,15 +13,13 @@ def teacher_runs_in_the_simulation(s: Setting) -> None:
     """The teacher's answers join a client's data inside the in-process simulation's client runtime; a SuperNode's
     ClientApp (Flower, its Ray engine, ``node_local`` data) does not call a teacher yet."""
     c = s.config
-    mode = c.teacher.mode
-    if mode is None:
-        return
-    if c.federation.runtime != "simulation" or c.partition.method == "node_local":
-        raise FedlmError(
-            f"`teacher.mode: {mode}` is wired in the in-process simulation only; `federation.runtime: {c.federation.runtime}` "
-            f"(partition {c.partition.method}) does not call a teacher on its nodes yet: use `federation.runtime: simulation` "
-            "and a partition other than node_local, or remove `teacher`"
-        )
+    simulation_only(
+        s,
+        c.teacher.mode is not None,
+        f"`teacher.mode: {c.teacher.mode}` is wired in the in-process simulation only; `federation.runtime: {c.federation.runtime}` "
+        f"(partition {c.partition.method}) does not call a teacher on its nodes yet: use `federation.runtime: simulation` "
+        "and a partition other than node_local, or remove `teacher`",
+    )
 
 
 def teacher_fits_the_training(s: Setting) -> None:
@@ -40,7 +39,7 @@ def teacher_fits_the_training(s: Setting) -> None:
         "attack": c.attack.name is not None,
         "continual": c.continual is not None,
     }
-    found = [name for name, clash in clashes.items() if clash]
+    found = settings_on(clashes)
     if found:
         raise FedlmError(
             f"`teacher.mode: {mode}` trains `objective: sft` by the plain local trainer and is not wired with {', '.join(f'`{f}`' for f in found)}; "

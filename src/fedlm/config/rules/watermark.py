@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedlm.config.rules.clashes import round_changers, settings_on
 from fedlm.config.rules.setting import Setting
 from fedlm.core.errors import FedlmError
 
@@ -46,15 +47,7 @@ def watermark_alone_with_new_rounds(s: Setting) -> None:
     c = s.config
     if not c.watermark.enabled:
         return
-    clashes = {
-        "systems": c.systems is not None,
-        "hierarchy": c.hierarchy is not None,
-        "continual": c.continual is not None,
-        "offsite": c.offsite is not None,
-        "teacher.mode": c.teacher.mode is not None,
-        "contribution.methods": c.contribution.enabled,
-    }
-    found = [name for name, on in clashes.items() if on]
+    found = settings_on(round_changers(c, but="watermark"))
     if found:
         raise FedlmError(
             f"`watermark` is not combined with `{found[0]}` yet (both change how a round's updates are built or aggregated); remove one of them"

@@ -17,7 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from safetensors.torch import load, save
 
-from fedlm.aggregation.lora_structure import wire_form
+from fedlm.aggregation.lora_structure import pad_like, wire_form
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.task import ClientContext, ClientTask, LocalPlan
@@ -71,20 +71,6 @@ def unpack_tensors(record: ArrayRecord) -> TensorDict:
     """The tensors :func:`pack_tensors` packed."""
     blob = record["safetensors"].numpy().tobytes()
     return dict(load(blob)) if blob else {}
-
-
-def pad_like(tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> TensorDict:
-    """Tensors cut to a rank, zero-padded back to the shapes of ``like`` (the inverse of ``wire_form``)."""
-    out: TensorDict = {}
-    for name, tensor in tensors.items():
-        full = like.get(name)
-        if full is None or tensor.shape == full.shape:
-            out[name] = tensor
-            continue
-        padded = torch.zeros(full.shape, dtype=tensor.dtype)
-        padded[tuple(slice(0, n) for n in tensor.shape)] = tensor
-        out[name] = padded
-    return out
 
 
 def meta(content: RecordDict) -> dict[str, Any]:
