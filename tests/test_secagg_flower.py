@@ -20,7 +20,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
-import fedlm.experiment as experiment
+import fedlm.loop_build.round_side as round_stages
 from fedlm.cli import app as cli
 from fedlm.privacy.secagg import wire
 from fedlm.privacy.secagg.server import SecAggServer
@@ -225,14 +225,14 @@ def assert_no_plaintext(received: list[np.ndarray], blobs: list[bytes], deltas: 
 
 def _simulate(root: Path, runner, drop: dict | None = None, monkeypatch=None, **privacy: Any) -> Path:
     if drop is not None:
-        build = experiment.build_secure_aggregation
+        build = round_stages.build_secure_aggregation
 
         def with_drop(*args: Any):
             secure = build(*args)
             secure.drop = drop
             return secure
 
-        monkeypatch.setattr(experiment, "build_secure_aggregation", with_drop)
+        monkeypatch.setattr(round_stages, "build_secure_aggregation", with_drop)
     cfg = write_config(root.parent / f"{root.name}.yaml", secure_config(root, "simulation", **privacy))
     result = runner.invoke(cli, ["run", str(cfg)])
     assert result.exit_code == 0, result.output

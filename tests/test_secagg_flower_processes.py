@@ -21,7 +21,7 @@ from conftest import write_config
 from safetensors.torch import load_file
 from test_secagg_flower import assert_no_plaintext, records, same, secure_config, true_deltas
 
-import fedlm.experiment as experiment
+import fedlm.loop_build.round_side as round_stages
 from fedlm.cli import app as cli
 from fedlm.runtime.flower.local import LocalFederation, wait_for
 
@@ -37,7 +37,7 @@ def _simulate(root: Path, drop: dict | None, monkeypatch: pytest.MonkeyPatch) ->
     """The simulation's secure run into ``root``; each client's true delta per round, flattened (sorted names)."""
     from typer.testing import CliRunner  # noqa: PLC0415
 
-    build = experiment.build_secure_aggregation
+    build = round_stages.build_secure_aggregation
 
     def with_drop(*args: Any) -> Any:
         secure = build(*args)
@@ -47,7 +47,7 @@ def _simulate(root: Path, drop: dict | None, monkeypatch: pytest.MonkeyPatch) ->
     with monkeypatch.context() as m:
         deltas = true_deltas(m)
         if drop is not None:
-            m.setattr(experiment, "build_secure_aggregation", with_drop)
+            m.setattr(round_stages, "build_secure_aggregation", with_drop)
         cfg = write_config(root.parent / f"{root.name}.yaml", secure_config(root, "simulation"))
         result = CliRunner().invoke(cli, ["run", str(cfg)])
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config, write_config
 from safetensors.torch import load_file
 
-import fedlm.experiment as experiment
+import fedlm.loop_build.round_side as round_stages
 from fedlm.cli import app
 from fedlm.config.io import validate_config
 from fedlm.core.errors import FedlmError
@@ -63,7 +63,7 @@ def test_distributed_dp_under_secure_aggregation_and_ffa(runner, tmp_path: Path)
 
 
 def test_too_many_dropouts_skip_the_round_and_the_next_one_proceeds(runner, tmp_path: Path, monkeypatch) -> None:
-    build = experiment.build_secure_aggregation
+    build = round_stages.build_secure_aggregation
 
     def with_dropouts(*args: Any):
         secure = build(*args)
@@ -71,7 +71,7 @@ def test_too_many_dropouts_skip_the_round_and_the_next_one_proceeds(runner, tmp_
         return secure
 
     experiment_clients = [str(i) for i in range(6)]
-    monkeypatch.setattr(experiment, "build_secure_aggregation", with_dropouts)
+    monkeypatch.setattr(round_stages, "build_secure_aggregation", with_dropouts)
     config = _config(tmp_path / "run", {"secure_aggregation": {}}, federation={"rounds": 2, "clients_per_round": 6})
     _, records = _run(runner, tmp_path / "run", config)
     first, second = [r for r in records if r["split"] == "aggregate"]

@@ -15,19 +15,10 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlm.aggregation.base import Aggregator, build_aggregator
-from fedlm.aggregation.lora import build_lora_mode
-from fedlm.aggregation.lora.client_ranks import resolve_client_ranks
 from fedlm.attacks.backdoor_probe import BackdoorProbe, triggered_test_set
-from fedlm.attacks.harness import AttackedRuntime, AttackPlan, build_attack_plan, record_poisoner
-from fedlm.attacks.outcome import AttackOutcomeObserver
+from fedlm.attacks.harness import AttackPlan, build_attack_plan, record_poisoner
 from fedlm.attacks.safety_probe import build_safety_probe
 from fedlm.compression.setup import (
-    compressed_uplink,
-    round_aggregator,
-    seed_replay,
-    seed_trainer,
-    seedwise_aggregation,
-    task_builder,
     with_compression_state,
 )
 from fedlm.config.io import config_to_dict, flatten_keys
@@ -35,8 +26,6 @@ from fedlm.config.rules import check_federation
 from fedlm.config.schema import ExperimentConfig
 from fedlm.continual.data import continual_federated_data
 from fedlm.continual.report import continual_section
-from fedlm.continual.setup import continual_side
-from fedlm.contribution.setup import client_sampler, contribution_observer
 from fedlm.core.errors import FedlmError
 from fedlm.core.round import RoundObserver
 from fedlm.core.runtime import Runtime
@@ -46,23 +35,13 @@ from fedlm.core.update import TensorDict
 from fedlm.data.node_local import node_data, server_data
 from fedlm.data.prepare import FederatedData, prepare_federated_data
 from fedlm.evaluation.evaluator import Evaluator
-from fedlm.federation.aggregation_step import SERVER_ID, AggregationStep, RootSetUpdate
 from fedlm.federation.checkpoint import list_checkpoints, load_checkpoint
 from fedlm.federation.data_parallel import ClientProcesses
-from fedlm.federation.observers.budget import BudgetReached, CommunicationBudget
-from fedlm.federation.observers.checkpointing import Checkpointer
-from fedlm.federation.observers.client_state import spill_client_states
-from fedlm.federation.observers.evaluation import EvaluationObserver, Probe
-from fedlm.federation.observers.harness import HarnessObserver
-from fedlm.federation.observers.metrics import RoundLogger
-from fedlm.federation.observers.traffic import TrafficMeter
-from fedlm.federation.retries import RetryingRuntime
-from fedlm.federation.secure_step import MaskedRoundValidator, SecureAggregationStep
-from fedlm.federation.server import Aggregation, Round, ServerLoop
-from fedlm.federation.tasks import TaskBuilder
+from fedlm.federation.observers.budget import BudgetReached
+from fedlm.federation.observers.evaluation import Probe
+from fedlm.federation.server import ServerLoop
 from fedlm.federation.trainer import ClientTrainer
-from fedlm.federation.validation import RoundValidator
-from fedlm.hierarchy.setup import hierarchical
+from fedlm.loop_build import LoopContext, build_loop
 from fedlm.models.adapters import attach_adapter, peft_summary, save_adapter, trainable_state
 from fedlm.models.hardware import resolve_device
 from fedlm.models.init_adapter import load_init_adapter
@@ -70,24 +49,17 @@ from fedlm.models.loading import LoadedModel, load_base_model
 from fedlm.objectives import Objective, build_objective, objective_of
 from fedlm.objectives.dpo import DPOObjective
 from fedlm.offsite.setup import Offsite, adapter_layers, build_offsite
-from fedlm.personalization.setup import finish_personalization, personalize
+from fedlm.personalization.setup import finish_personalization
 from fedlm.privacy.audit_session import audit_session
-from fedlm.privacy.canary_audit import audit_client, canary_inserter, compose_transforms
-from fedlm.privacy.client_models import ClientModelSaver
-from fedlm.privacy.round_accounting import EpsilonObserver
+from fedlm.privacy.canary_audit import canary_inserter, compose_transforms
 from fedlm.privacy.sample_dp import SampleDP, sample_dp_settings
-from fedlm.privacy.secagg.setup import build_secure_aggregation
-from fedlm.privacy.setup import dp_account, wrap_with_dp
+from fedlm.privacy.setup import wrap_with_dp
 from fedlm.reporting.contribution import contribution_section
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.personalization import personal_section
 from fedlm.reporting.progress import Progress, RunConsole
 from fedlm.reporting.report import write_report
 from fedlm.reporting.run_dir import RunDir
-from fedlm.runtime.simulation import SimulationRuntime
-from fedlm.systems.setup import build_systems
-from fedlm.teacher.runtime import with_teacher
-from fedlm.watermark.rounds import with_watermark
 
 # Keys that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = {"federation.rounds"}
@@ -278,129 +250,13 @@ def build_server_loop(
     processes: ClientProcesses | None = None,
 ) -> ServerLoop:
     """The server loop of ``session`` over ``runtime`` (default: the in-process simulation): the round with its
-    wrappers (retries, attacks, secure aggregation) and observers, attached here and nowhere else. ``observers``
+    wrappers (retries, attacks, secure aggregation) and observers, attached by the ordered stages of
+    :mod:`fedlm.loop_build` and nowhere else. ``observers``
     (a new per-round concern) run after the built-in ones and before the metrics log, so what they add to a round's
     record is logged with it. ``processes``: the simulated clients train data-parallel on these
     (``federation.client_processes``)."""
-    config, fed = session.config, session.config.federation
-    names = session.data.client_names
-    if session.offsite is not None:  # the emulator's traffic, the plug-in check, FedBiOT's alignment
-        observers = [*session.offsite.observers(log), *observers]
-    saved, aggregator = aggregator, round_aggregator(aggregator)  # the checkpoints save the compression's state too
-    aggregator.start(names)
-    clients_here = runtime is None
-    continual = continual_side(session, run_dir) if runtime is None else None  # continual: the stream's data per round
-    if runtime is None:
-        trainer = session.trainer([*aggregator.trainer_hooks(), *(continual.hooks if continual else [])])
-        trainer = processes.trainer(trainer) if processes is not None else trainer
-        client_train = continual.current if continual else session.data.client_train
-        runtime = SimulationRuntime(seed_trainer(trainer, config), client_train, progress)  # fedkseed: zeroth order
-        if continual is not None:
-            streamed = continual.runtime(runtime)
-            runtime, observers = streamed, [streamed, *observers]
-        runtime = with_teacher(runtime, session, run_dir)  # teacher.mode: the clients' data taught by a black-box teacher
-        personal = personalize(session, runtime, run_dir)  # personalization.method: client-side, inside every wrapper
-        if personal is not None:
-            runtime, observers = personal, [personal, *observers]
-        spill = spill_client_states(saved, run_dir.root / "clients", run_dir.checkpoints)  # c_i, residuals: on disk between rounds
-        if spill is not None:
-            observers = [spill, *observers]
-    uplink = compressed_uplink(runtime, config, saved, clients_here)  # encoded on the clients, decoded here
-    if uplink is not None:
-        runtime, observers = uplink, [uplink, *observers]  # it also logs the encoded upload sizes
-    replay = seed_replay(runtime, config)  # federation.algorithm: fedkseed, the clients' pairs replayed here
-    if replay is not None:
-        runtime, observers = replay, [replay, *observers]
-    attack = session.attack
-    if attack is not None and attack.needs_runtime():
-        runtime = AttackedRuntime(runtime, attack)
-    systems = build_systems(config, names, log)  # systems: device profiles, the simulated clock, deadlines, FedBuff
-    if systems is not None:
-        runtime, observers = systems.runtime(runtime), [*observers, *systems.observers()]
-    lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
-    ranks = resolve_client_ranks(config.peft.client_ranks, names, config.peft.r)
-    tasks = task_builder(config, saved, lora, ranks, session.initial_state)  # compression.downlink: from the clients' replica
-    if isinstance(tasks, RoundObserver):  # it also logs the real download sizes
-        observers = [tasks, *observers]
-    step = AggregationStep(aggregator, lora, ranks, fed.min_clients, _root_set_update(session, aggregator, tasks))
-    secure = build_secure_aggregation(config, aggregator, len(names))
-    aggregation: Aggregation = step
-    validator = RoundValidator(names, fed.max_num_examples)
-    on_nodes = getattr(runtime, "masked_secure_aggregation", None) if secure is not None else None
-    if secure is not None and on_nodes is not None:  # a deployment: SecAgg+ rounds 0-3 on the nodes, 4 in the step
-        if attack is not None:
-            raise FedlmError(
-                "`attack` cannot run under `privacy.secure_aggregation` over `federation.runtime: flower`: "
-                "the server never sees an update to alter; run the attack in the simulation"
-            )
-        runtime, secure_sum = on_nodes(secure, lora.to_server_space(session.initial_state, [], {}, {})[0])
-        aggregation = SecureAggregationStep(step, secure_sum)
-        validator = MaskedRoundValidator(names, fed.max_num_examples)  # no retries: a protocol round cannot be resumed
-    else:
-        runtime = RetryingRuntime(runtime, fed.min_clients, fed.round_retries, fed.retry_wait_s, log, console)
-        aggregation = SecureAggregationStep(step, secure) if secure is not None else step
-        aggregation = seedwise_aggregation(config, replay, saved) or aggregation  # fedkseed: the step as seed lists
-    tasks, aggregation, observers = with_watermark(  # watermark: the shared mark after aggregation, per-client downloads
-        config, session.model, session.loaded.tokenizer, session.loaded.device, names, run_dir.root, tasks, aggregation, observers
-    )
-    contribution = contribution_observer(session, aggregator, lora, ranks, log, console)  # contribution.methods: after aggregation
-    if contribution is not None:
-        observers = [*observers, contribution]
-    round_ = Round(
-        names, fed.clients_per_round, config.seed, tasks, runtime, validator, aggregation, _round_observers(session, run_dir, log, console, observers)
-    )
-    round_.sample = client_sampler(session, contribution)  # federation.sampling: uniform, or by contribution
-    if continual is not None:
-        round_.sample = continual.sampler  # only the clients present in the round
-    round_ = hierarchical(round_, config)  # hierarchy: the clients train under edge aggregators (HierFAVG)
-    milestones: list[RoundObserver] = []
-    if continual is not None:  # after every stage, before the checkpoint: every slice, the forgetting
-        milestones.append(continual.observer(session.evaluator(progress), log, console))
-    if evaluate:
-        probes = session.attack_probes(progress)
-        if session.offsite is not None:  # the emulator's loss and the plug-in gap
-            probes.append(session.offsite.probe(session.evaluator(progress), log))
-        milestones.append(EvaluationObserver(session.evaluator(progress), config.eval, fed.rounds, run_dir, log, console, probes))
-        if config.eval.harness is not None:  # lm-evaluation-harness tasks on the global model (eval.harness)
-            milestones.append(
-                HarnessObserver(session.model, session.loaded.tokenizer, config.eval.harness, config.eval.at_start, fed.rounds, log, console)
-            )
-    config_yaml = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    milestones.append(Checkpointer(run_dir, saved, config_yaml, config.seed, fed.checkpoint_every, fed.rounds, fed.keep_checkpoints))
-    if fed.max_mib is not None:
-        milestones.append(CommunicationBudget(fed.max_mib, fed.rounds, log))
-    loop = ServerLoop(round_, fed.rounds, milestones)
-    return systems.server_loop(loop) if systems is not None else loop
-
-
-def _root_set_update(session: Session, aggregator: Aggregator, tasks: TaskBuilder) -> RootSetUpdate | None:
-    """FLTrust's server update on the root set (no DP-SGD), for aggregators that need one."""
-    if not aggregator.needs_server_update:
-        return None
-    trainer, root, seed = session.trainer(private=False), session.data.root, session.config.seed
-    return RootSetUpdate(
-        lambda state, plan: trainer.train(SERVER_ID, root, state, plan),
-        lambda round_num: tasks.plan(round_num, derive_seed(seed, "server-root", round_num)),
-    )
-
-
-def _round_observers(session: Session, run_dir: RunDir, log: MetricsLog, console: RunConsole, extra: Sequence[RoundObserver]) -> list[RoundObserver]:
-    """What records each round, in order: the audit's client models, traffic, epsilon, attack outcomes, ``extra``,
-    the log."""
-    config, names = session.config, session.data.client_names
-    observers: list[RoundObserver] = []
-    audit = config.eval.audit
-    if audit is not None and audit.client_model:
-        observers.append(ClientModelSaver(run_dir.root, config.federation.rounds, audit_client(audit, names)))
-    observers.append(TrafficMeter())
-    account = dp_account(config, len(names))
-    if account is not None:
-        observers.append(EpsilonObserver(account))
-    if session.attack is not None:
-        observers.append(AttackOutcomeObserver(session.attack.attackers))
-    observers.extend(extra)
-    observers.append(RoundLogger(log, console, config.federation.rounds, config.peft.r))
-    return observers
+    ctx = LoopContext(session, aggregator, run_dir, log, console, progress, evaluate, processes, clients_here=runtime is None)
+    return build_loop(ctx, runtime, observers)
 
 
 def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunConsole, runtime: Runtime | None = None) -> TensorDict:
