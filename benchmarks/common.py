@@ -16,15 +16,18 @@ QUICKSTART = HERE.parent / "examples" / "quickstart.yaml"
 
 
 def run_cli(folder: Path, overrides: dict[str, Any], config: Path = QUICKSTART) -> float:
-    """``fedlm run config --set k=v ... output_dir=folder`` unless ``folder`` already holds a finished run; seconds."""
+    """``fedlm run config --set k=v ... output_dir=folder`` unless ``folder`` already holds a finished run; its wall
+    seconds (kept in ``folder/wall_seconds.txt``, so a resumed benchmark reports them; 0 when unknown)."""
+    seconds_file = folder / "wall_seconds.txt"
     if (folder / "adapter").is_dir():
-        return 0.0
+        return float(seconds_file.read_text()) if seconds_file.exists() else 0.0
     cmd = [sys.executable, "-m", "fedlm.cli", "run", str(config), "--overwrite", "--set", f"output_dir={folder}"]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - started
+    seconds_file.write_text(f"{elapsed:.1f}\n")
     print(f"{folder.name}: {elapsed:.0f}s", flush=True)
     return elapsed
 
