@@ -30,6 +30,7 @@ from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.runtime.flower import node_cache, secagg_node
 from fedlm.runtime.flower.secagg_envelope import SECAGG_ACTION
+from fedlm.runtime.flower.state_dir import node_state_root
 
 # torch and the model code are imported where a message needs them, so that a fresh ClientApp process for a secure
 # aggregation key stage (Flower's process per message) starts without them.
@@ -92,7 +93,10 @@ def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_co
     if server["config_hash"] != config_hash(config):
         raise FedlmError(f"the node's config differs from the server's in {config_difference(server['shared_config'], shared_config(config))}")
     partition_id = node_config.get("partition-id")
-    return client_of(partition_id, client_names(config)), int(partition_id)  # type: ignore[arg-type]
+    client = client_of(partition_id, client_names(config))
+    if config.personalization.method is not None:  # the client's personal state lives on this node
+        node_state_root(config.personalization.method, node_config)
+    return client, int(partition_id)  # type: ignore[arg-type]
 
 
 @app.query("fedlm_hello")
@@ -119,6 +123,21 @@ def train(msg: Message, context: Context) -> Message:
     except (FedlmError, NonFiniteLossError) as exc:
         return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
     return Message(update_content(local.update, local.task.plan.rank), reply_to=msg)
+
+
+@app.query("fedlm_personal_eval")
+def personal_eval(msg: Message, context: Context) -> Message:
+    """After the last round (``personalization.method``): write this node's personal adapter in its state directory
+    and answer the personal evaluation's records (:mod:`fedlm.runtime.flower.node_personal`)."""
+    from fedlm.core.task import NonFiniteLossError  # noqa: PLC0415
+    from fedlm.runtime.flower.messages import personal_eval_reply  # noqa: PLC0415
+    from fedlm.runtime.flower.node_personal import evaluate_on_node  # noqa: PLC0415 - torch-heavy
+
+    try:
+        records, folder = evaluate_on_node(msg.content, context)
+    except (FedlmError, NonFiniteLossError) as exc:
+        return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
+    return Message(personal_eval_reply(records, str(folder)), reply_to=msg)
 
 
 app.query(SECAGG_ACTION)(secagg_node.key_stage)  # SecAgg+ rounds 0-2 and 4 (privacy.secure_aggregation)
