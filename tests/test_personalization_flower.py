@@ -117,24 +117,38 @@ def test_the_other_personal_methods_over_flower_messages_end_as_the_simulation(r
     _assert_as_simulated(sim, tmp_path / "flower", tmp_path)
 
 
-def test_a_server_resumed_after_a_crash_and_stale_node_state_replay_the_simulation(runner, tmp_path: Path, monkeypatch) -> None:
-    """Ditto, 3 rounds: the server dies after round 2 trained (the nodes wrote their round-2 versions, the checkpoint
-    of round 2 was not written); a new Flower run resumes from round 1 and the nodes drop what they wrote after it."""
-    sim = _simulate(runner, tmp_path, "ditto", rounds=3)
-    text = yaml.safe_dump(_config(tmp_path / "flower", "ditto", "flower", rounds=3))
+def _versions(tmp_path: Path) -> list[str]:
+    """The personal state versions on every node (``round_NNNN.safetensors`` names)."""
+    return [p.name for n in (1, 2, 3) for d in (tmp_path / f"node{n}").glob("*/clients/*/state") for p in d.iterdir()]
+
+
+@pytest.mark.slow
+def test_a_fresh_run_drops_stale_node_state_and_a_resumed_server_replays_the_simulation(runner, tmp_path: Path, monkeypatch) -> None:
+    """Ditto, the nodes' state directories kept throughout: an older run of 3 rounds dies after round 3 trained; a
+    fresh run of 2 rounds drops its versions at its first message (else its personal adapters would be the old
+    round 3's); it dies after round 2 trained (its round-2 versions written, the round-2 checkpoint not); the server
+    resumed (a new Flower run) from round 1 has the nodes drop round 2 and replay it, and ends as the simulation."""
+    sim = _simulate(runner, tmp_path, "ditto", rounds=2)
     original = FlowerRuntime.train_clients
 
-    def crash_after_round_2(self, tasks):  # type: ignore[no-untyped-def]
-        out = original(self, tasks)
-        if next(iter(tasks.values())).plan.round == 2:
-            raise KeyboardInterrupt
-        return out
+    def crash_after(round_num: int):  # type: ignore[no-untyped-def]
+        def train_clients(self, tasks):  # type: ignore[no-untyped-def]
+            out = original(self, tasks)
+            if next(iter(tasks.values())).plan.round == round_num:
+                raise KeyboardInterrupt
+            return out
 
-    monkeypatch.setattr(FlowerRuntime, "train_clients", crash_after_round_2)
+        return train_clients
+
+    monkeypatch.setattr(FlowerRuntime, "train_clients", crash_after(3))
+    with pytest.raises(KeyboardInterrupt):
+        _serve(yaml.safe_dump(_config(tmp_path / "old", "ditto", "flower", rounds=3)), _nodes(tmp_path))
+    assert "round_0003.safetensors" in _versions(tmp_path)
+    text = yaml.safe_dump(_config(tmp_path / "flower", "ditto", "flower", rounds=2))
+    monkeypatch.setattr(FlowerRuntime, "train_clients", crash_after(2))
     with pytest.raises(KeyboardInterrupt):
         _serve(text, _nodes(tmp_path))
-    written = [r for n in (1, 2, 3) for d in (tmp_path / f"node{n}").glob("*/clients/*/state") for r in d.iterdir()]
-    assert any(p.name == "round_0002.safetensors" for p in written)  # the replayed round's versions are there
+    assert "round_0003.safetensors" not in _versions(tmp_path) and "round_0002.safetensors" in _versions(tmp_path)
     monkeypatch.setattr(FlowerRuntime, "train_clients", original)
     _serve(text, _nodes(tmp_path), resume=True)
     _assert_as_simulated(sim, tmp_path / "flower", tmp_path)
@@ -180,3 +194,23 @@ def test_what_is_not_built_over_flower_is_refused_at_load(tmp_path: Path, sectio
     with pytest.raises(FedlmError, match=message):
         validate_config(config)
     assert validate_config(_config(tmp_path / "run", "finetune", "flower")).federation.runtime == "flower"
+
+
+@pytest.mark.slow
+def test_real_supernodes_keep_the_personal_state_and_end_as_the_simulation(runner, tmp_path: Path) -> None:
+    """A SuperLink and 3 SuperNodes (``fedlm flower supernode --state-dir``) as processes on 127.0.0.1, FedSA-LoRA."""
+    from fedlm.runtime.flower.local import LocalFederation  # noqa: PLC0415
+
+    sim = _simulate(runner, tmp_path, "fedsa")
+    run = tmp_path / "flower"
+    cfg = write_config(tmp_path / "flower.yaml", _config(run, "fedsa", "flower"))
+    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2], state_dirs={k: tmp_path / f"node{k + 1}" for k in range(3)})
+    try:
+        fed.start()
+        code = fed.run("--round-timeout", "300").wait(timeout=900)
+        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(fed.workdir.glob("*.log")))
+        assert code == 0, logs
+    finally:
+        fed.stop()
+    _assert_as_simulated(sim, run, tmp_path)
+    assert {r["client"] for r in _records(run, "flower") if r.get("event") == "personal"} == {"0", "1", "2"}

@@ -13,7 +13,10 @@ config); under Flower's own ``flwr-clientapp`` (a fresh process per message) eac
 metrics (in ``metrics.jsonl``) time each message: ``process_start_s`` (a fresh process: spawn, imports and pulling the
 task; the long-lived one: pulling the task), ``model_load_s`` (0 when the session was kept, ``session_reused`` 1),
 ``setup_s`` (config, model, adapter, data), ``local_train_s`` and ``clientapp_s`` (all of it). A client's memory
-(e.g. SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``, never in the kept session.
+(e.g. SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``, never in the kept session. With
+``personalization.method`` the client's personal state stays on the node too, in its state directory (node-config
+``fedlm-state-dir``, checked at the handshake), and ``query.fedlm_personal_eval`` after the last round writes its
+personal adapter there and answers its personal evaluation (:mod:`fedlm.runtime.flower.node_personal`).
 """
 
 from __future__ import annotations
