@@ -35,7 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SECTIONS: dict[str, Any] = {
     "partition": {"method": "iid", "num_clients": 3, "field": None},
     "federation": {"rounds": 2, "clients_per_round": 2, "local_steps": 2, "batch_size": 4, "lr": 0.003},
-    "eval": {"every": 0, "max_examples": 12, "generate": False, "batch_size": 6, "at_start": False},
+    "eval": {"every": 0, "max_examples": 9, "generate": False, "batch_size": 9, "at_start": False},
+    "data": {"max_train_examples": 60, "max_length": 64},
 }
 
 
