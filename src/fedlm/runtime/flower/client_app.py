@@ -108,7 +108,12 @@ def hello(msg: Message, context: Context) -> Message:
     from fedlm.runtime.flower.messages import hello_reply, meta  # noqa: PLC0415
 
     try:
-        client, partition_id = check_node(meta(msg.content), context.node_config, context.run_config)
+        server = meta(msg.content)
+        client, partition_id = check_node(server, context.node_config, context.run_config)
+        if server.get("personal") is not None:  # personalization.method: the node's store follows the run's start
+            from fedlm.runtime.flower.node_personal import sync_on_hello  # noqa: PLC0415 - torch-heavy, only then
+
+            sync_on_hello(server, context)
     except FedlmError as exc:
         return Message(Error(REFUSED, str(exc)), reply_to=msg)
     return Message(hello_reply(client, partition_id), reply_to=msg)

@@ -83,9 +83,10 @@ def _with_meta(values: dict[str, Any], **arrays: ArrayRecord) -> RecordDict:
     return RecordDict({META: ConfigRecord({"json": json.dumps(values)}), **arrays})
 
 
-def hello_content(config: ExperimentConfig) -> RecordDict:
-    """The handshake the server sends every new node: its config hash and shared config (to name a difference)."""
-    return _with_meta({"config_hash": config_hash(config), "shared_config": shared_config(config)})
+def hello_content(config: ExperimentConfig, extra: Mapping[str, Any] | None = None) -> RecordDict:
+    """The handshake the server sends every new node: its config hash and shared config (to name a difference), and
+    the runtime's ``extra`` metadata (as on every train message)."""
+    return _with_meta({**(extra or {}), "config_hash": config_hash(config), "shared_config": shared_config(config)})
 
 
 def hello_reply(client_id: str, partition_id: int) -> RecordDict:
@@ -137,10 +138,12 @@ def update_from_content(content: RecordDict, like: Mapping[str, torch.Tensor]) -
     return ClientUpdate(m["client_id"], int(m["round"]), int(m["num_examples"]), tensors, {k: float(v) for k, v in m["metrics"].items()}, extras)
 
 
-def personal_eval_content(client_id: str, state: Mapping[str, torch.Tensor], config: ExperimentConfig) -> RecordDict:
+def personal_eval_content(
+    client_id: str, state: Mapping[str, torch.Tensor], config: ExperimentConfig, extra: Mapping[str, Any] | None = None
+) -> RecordDict:
     """The server's request after the last round (``personalization.method``): the final global adapter (full rank),
-    the last round and the config hash."""
-    values = {"client_id": client_id, "config_hash": config_hash(config), "round": config.federation.rounds}
+    the last round and the config hash (and the runtime's ``extra`` metadata, as on every train message)."""
+    values = {**(extra or {}), "client_id": client_id, "config_hash": config_hash(config), "round": config.federation.rounds}
     return _with_meta(values, state=pack_tensors(state))
 
 

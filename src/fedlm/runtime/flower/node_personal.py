@@ -7,9 +7,10 @@ shared config keeps two federations on one node apart). Each round the configure
 local training exactly as in the simulation (:func:`~fedlm.personalization.runtime.train_personal`: prepare,
 around, train, after); only what the method uploads there leaves the node (e.g. FedSA-LoRA's A factors).
 
-The server's train message says where the run (re)started and which checkpoint rounds it keeps
-(:data:`PERSONAL_META`): at its first message of a Flower run the node drops the versions written after the start
-(a resumed run replays those rounds, as the simulation's ``on_start``), and after each round it prunes versions no
+The server's messages say where the run (re)started and which checkpoint rounds it keeps (:data:`PERSONAL_META`):
+at its first message of a Flower run (the handshake, which every node gets before round 1 or when it joins) the node
+drops the versions written after the start (a fresh run: all of them, from an older run in the same directory; a
+resumed run: the rounds it replays, as the simulation's ``on_start``), and after each round it prunes versions no
 kept checkpoint needs. After the last round the server asks every node for its personal evaluation
 (``query.fedlm_personal_eval``, with the final global adapter): the node writes ``adapter/``, ``personal.json`` and the
 profile into the client's folder and answers the ``personal`` records of
@@ -55,6 +56,24 @@ def node_method(session: Any, store: ClientStore) -> PersonalMethod:
     return build_method(session.config, side)
 
 
+def sync_once(context: Context, store: ClientStore, start: int) -> None:
+    """At the node's first message of a Flower run (the handshake, else its first train or evaluation message):
+    drop the versions written after round ``start`` (a fresh run: all; a resumed one: those it replays)."""
+    if _SYNCED not in context.state.config_records:
+        store.rollback(start)
+        context.state[_SYNCED] = ConfigRecord({"start": start})
+
+
+def sync_on_hello(server: Mapping[str, Any], context: Context) -> None:
+    """The handshake's part of :func:`sync_once` (the server's ``personal`` metadata; without it, nothing)."""
+    from fedlm.runtime.flower.client_app import node_config_of  # noqa: PLC0415 - it imports this module
+
+    sync = server.get(PERSONAL_META)
+    if sync is not None:
+        config = node_config_of(context.node_config, context.run_config)
+        sync_once(context, node_store(config, context.node_config), int(sync["start"]))
+
+
 def personal_round(
     content: RecordDict, context: Context, session: Any, client: str, task: ClientTask, train: Callable[[ClientTask], ClientUpdate]
 ) -> ClientUpdate:
@@ -62,9 +81,7 @@ def personal_round(
     round the server started from) and pruned to the server's kept checkpoints after."""
     store = node_store(session.config, context.node_config)
     sync = meta(content).get(PERSONAL_META) or {}
-    if _SYNCED not in context.state.config_records:
-        store.rollback(int(sync.get("start", task.plan.round - 1)))
-        context.state[_SYNCED] = ConfigRecord({"start": int(sync.get("start", task.plan.round - 1))})
+    sync_once(context, store, int(sync.get("start", task.plan.round - 1)))
     method = node_method(session, store)
     (update,) = train_personal(method, client, task, lambda sent: [train(sent)])
     store.prune([int(r) for r in sync.get("checkpoints", [])])
@@ -92,6 +109,7 @@ def evaluate_on_node(content: RecordDict, context: Context) -> tuple[list[dict[s
     session = dataclasses.replace(session, config=config)
     state = pad_like(unpack_tensors(content.array_records["state"]), session.initial_state)
     store = node_store(config, context.node_config)
+    sync_once(context, store, int((m.get(PERSONAL_META) or {}).get("start", rounds)))
     method = node_method(session, store)
     personal = {client: write_personal(session, method, client, state)}
     load_trainable_state(session.model, state)

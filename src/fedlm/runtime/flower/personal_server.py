@@ -1,8 +1,9 @@
 """The server's side of personalization over Flower: it keeps no personal state, it only tells the nodes what they
 need to keep theirs as the simulation does, and collects their personal evaluation after the last round.
 
-:class:`NodeStoreSync` (a round observer) puts into every train message where the run (re)started and which
-checkpoint rounds are kept (the node rolls back and prunes its client's versions from that, see
+:class:`NodeStoreSync` (a round observer) puts into every message to a node (the handshake, each train message,
+the personal evaluation) where the run (re)started and which checkpoint rounds are kept (at the first of them in a
+Flower run the node rolls back its client's versions to the start, after each round it prunes them, see
 :mod:`fedlm.runtime.flower.node_personal`). :func:`personal_on_nodes` sends the final global adapter to every node
 (``query.fedlm_personal_eval``) and returns their ``personal`` records in the simulation's client order; a client
 without a node or whose node failed is logged (``split: "flower"``, ``event: "personal_missing"``) and left out.
@@ -50,7 +51,10 @@ def personal_on_nodes(runtime: FlowerRuntime, state: TensorDict) -> list[dict[st
     config, rounds = runtime.config, runtime.config.federation.rounds
     runtime.discover(rounds)
     sent = {node: client for client, node in runtime.nodes.items()}
-    messages = [Message(personal_eval_content(client, state, config), dst_node_id=node, message_type=PERSONAL_EVAL) for node, client in sent.items()]
+    messages = [
+        Message(personal_eval_content(client, state, config, runtime.task_meta), dst_node_id=node, message_type=PERSONAL_EVAL)
+        for node, client in sent.items()
+    ]
     replies = list(runtime.grid.send_and_receive(messages, timeout=runtime.round_timeout_s)) if messages else []
     by_client: dict[str, list[dict[str, Any]]] = {}
     missing: dict[str, str] = {c: "no SuperNode serves it" for c in runtime.client_names if c not in runtime.nodes}

@@ -83,7 +83,7 @@ class FlowerRuntime:
         new = [n for n in connected if n not in self.nodes.values() and n not in self.refused and n not in self.gone]
         if not new:
             return
-        messages = [Message(hello_content(self.config), dst_node_id=n, message_type=HELLO) for n in new]
+        messages = [Message(hello_content(self.config, self.task_meta), dst_node_id=n, message_type=HELLO) for n in new]
         for reply in self.grid.send_and_receive(messages, timeout=self.hello_timeout_s):
             node = reply.metadata.src_node_id
             if reply.has_error():
