@@ -225,7 +225,7 @@ def test_store_rolls_back_and_prunes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"federation": {"runtime": "flower"}}, "simulation only"),
+        ({"federation": {"runtime": "flower-simulation"}}, "runs clients in Ray workers"),
         ({"peft": {"method": "full"}}, "peft.method: full"),
         ({"aggregation": {"lora": "ffa"}}, "aggregation.lora: naive"),
     ],

@@ -285,7 +285,7 @@ def run_federated(session: Session, run_dir: RunDir, resume: bool, console: RunC
             state = stop.state
             log.append({"round": stop.round, "split": "budget", "event": "stopped", "spent_bytes": stop.spent_bytes, "reason": str(stop)})
             console.print(f"[yellow]{stop}[/yellow]")
-    finish_personalization(session, run_dir, state, log, console)
+    finish_personalization(session, run_dir, state, log, console, runtime)
     finish_run(session, run_dir, state, console)
     return state
 

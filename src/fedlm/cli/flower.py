@@ -2,6 +2,7 @@
 
     fedlm flower superlink [--host 0.0.0.0] [--port 9093]                      # on the server machine
     fedlm flower supernode CONFIG.yaml --partition-id K --superlink HOST:9093  # on each client machine
+        [--state-dir DIR]                                                      # personalization: the client's state
         [--data /local/train.jsonl]                                            # partition.method node_local
     fedlm flower run CONFIG.yaml --superlink HOST:9093 [--resume]             # from anywhere: starts the run
 
@@ -91,11 +92,16 @@ def supernode(
             help="Flower's default: a fresh ClientApp process (imports, model load) for every message, instead of one long-lived process",
         ),
     ] = False,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="where this node keeps its client's personal state (personalization.method); default ./fedlm-node-state"),
+    ] = None,
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Start a Flower SuperNode serving one client, with fedlm's long-lived ClientApp process beside it (the model,
-    tokenizer and data load once, not once per message); a partition id outside the federation is refused here."""
+    tokenizer and data load once, not once per message); a partition id outside the federation is refused here, and
+    with ``personalization.method`` a state directory that cannot be written."""
     if data is not None:
         set_ = [*(set_ or []), f"data.train={data.resolve()}"]
 
@@ -109,6 +115,12 @@ def supernode(
         if cfg.partition.method == "node_local":
             count = check_local_data(cfg)
             typer.echo(f"supernode: client {client} trains on its own {count} records of {cfg.data.train}", err=True)
+        from fedlm.runtime.flower.state_dir import DEFAULT_STATE_DIR, check_state_dir
+
+        node_state = (state_dir or DEFAULT_STATE_DIR).resolve()
+        if cfg.personalization.method is not None:  # the client's personal state lives on this node
+            check_state_dir(node_state)
+            typer.echo(f"supernode: client {client} keeps its personal state ({cfg.personalization.method}) in {node_state}", err=True)
         if private_key is not None and not private_key.is_file():
             raise FedlmError(f"--private-key {str(private_key)!r} does not exist")
         local = config
@@ -122,7 +134,7 @@ def supernode(
             from fedlm.runtime.flower.launch import worker_command
 
             subprocess.Popen(worker_command(port, os.getpid(), local, partition_id))  # noqa: S603 - our own interpreter and module
-        _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key, long_lived=not process_per_message))
+        _exec(supernode_command(superlink_address, partition_id, port, local, _tls(ca_cert), private_key, not process_per_message, node_state))
 
     guarded(debug, action)
 

@@ -53,8 +53,14 @@ def teacher(ctx: LoopContext, parts: LoopParts) -> None:
 
 
 def personalization(ctx: LoopContext, parts: LoopParts) -> None:
-    """``personalization.method``: client-side, inside every later wrapper (simulation only)."""
-    personal = personalize(ctx.session, parts.built_runtime, ctx.run_dir) if ctx.clients_here else None
+    """``personalization.method``: client-side, inside every later wrapper; on Flower SuperNodes the method runs on
+    the nodes and the runtime's observer keeps their stores in step with the run (capability ``node_personalization``)."""
+    if not ctx.clients_here:
+        on_nodes = getattr(parts.built_runtime, "node_personalization", None)
+        if ctx.session.config.personalization.method is not None and callable(on_nodes):
+            parts.observers = [on_nodes(ctx.run_dir.checkpoints), *parts.observers]
+        return
+    personal = personalize(ctx.session, parts.built_runtime, ctx.run_dir)
     if personal is not None:
         parts.runtime, parts.observers = personal, [personal, *parts.observers]
 

@@ -53,39 +53,61 @@ def personalize(session: Session, runtime: Runtime, run_dir: RunDir) -> Personal
     return PersonalizedRuntime(runtime, personal_method(session, run_dir), run_dir.checkpoints)
 
 
-def finish_personalization(session: Session, run_dir: RunDir, state: TensorDict, log: MetricsLog, console: RunConsole) -> None:
-    """Write every client's personal adapter, ``personal.json`` and profile; log the personal evaluation."""
+def finish_personalization(
+    session: Session, run_dir: RunDir, state: TensorDict, log: MetricsLog, console: RunConsole, runtime: object | None = None
+) -> None:
+    """Write every client's personal adapter, ``personal.json`` and profile; log the personal evaluation. A runtime
+    whose clients keep their state elsewhere (Flower SuperNodes: the capability ``personal_on_nodes``) does both
+    there and answers the records; nothing personal is written here then."""
     config = session.config
     if config.personalization.method is None:
         return
-    method = personal_method(session, run_dir)
-    store, tokenizer = method.side.store, session.loaded.tokenizer
-    personal: dict[str, TensorDict] = {}
-    for client in session.data.client_names:
-        folder = store.client_dir(client)
-        personal[client] = method.personal_state(client, state)
-        save_adapter(session.model, personal[client], folder / "adapter")
-        tokenizer.save_pretrained(str(folder / "adapter"))
-        info = {"method": method.name, "combine": method.combine, "client": client, "round": config.federation.rounds, **method.describe()}
-        method.export(client, folder)
-        (folder / PERSONAL_JSON).write_text(json.dumps(info, indent=1) + "\n")
-        examples = [getattr(ex, "chosen", ex) for ex in session.data.client_train[client]]  # dpo: a pair's prompt, once
-        save_profile(
-            folder / PROFILE,
-            compute_profile(session.model, tokenizer, examples, session.loaded.device, config.eval.batch_size, config.data.max_length),
-        )
-    load_trainable_state(session.model, state)
-    console.print(f"personal adapters ({method.name}) of {len(personal)} clients in {store.root}")
-    if not config.personalization.evaluate:
+    on_nodes = getattr(runtime, "personal_on_nodes", None)
+    if callable(on_nodes):
+        log_personal(on_nodes(state), log, console)
         return
+    method = personal_method(session, run_dir)
+    personal = {client: write_personal(session, method, client, state) for client in session.data.client_names}
+    load_trainable_state(session.model, state)
+    console.print(f"personal adapters ({method.name}) of {len(personal)} clients in {method.side.store.root}")
+    if config.personalization.evaluate:
+        log_personal(evaluate_personal(session, method, state, personal), log, console)
+
+
+def write_personal(session: Session, method: PersonalMethod, client: str, state: TensorDict) -> TensorDict:
+    """Write ``client``'s personal adapter (given the final global ``state``), ``personal.json`` and profile into its
+    folder of the method's store; returns the personal adapter state."""
+    config, tokenizer = session.config, session.loaded.tokenizer
+    folder = method.side.store.client_dir(client)
+    personal = method.personal_state(client, state)
+    save_adapter(session.model, personal, folder / "adapter")
+    tokenizer.save_pretrained(str(folder / "adapter"))
+    info = {"method": method.name, "combine": method.combine, "client": client, "round": config.federation.rounds, **method.describe()}
+    method.export(client, folder)
+    (folder / PERSONAL_JSON).write_text(json.dumps(info, indent=1) + "\n")
+    examples = [getattr(ex, "chosen", ex) for ex in session.data.client_train[client]]  # dpo: a pair's prompt, once
+    save_profile(
+        folder / PROFILE,
+        compute_profile(session.model, tokenizer, examples, session.loaded.device, config.eval.batch_size, config.data.max_length),
+    )
+    return personal
+
+
+def evaluate_personal(session: Session, method: PersonalMethod, state: TensorDict, personal: dict[str, TensorDict]) -> list[dict[str, Any]]:
+    """The ``personal`` records of the clients in ``personal`` (global, personal and each mix on own and others' shares)."""
     evaluator = personal_evaluator(session)
     models = evaluated_models(method, evaluator, state, personal)
-    records = personal_records(evaluator, config.federation.rounds, state, session.data.client_names, models)
+    return personal_records(evaluator, session.config.federation.rounds, state, list(personal), models)
+
+
+def log_personal(records: list[dict[str, Any]], log: MetricsLog, console: RunConsole) -> None:
+    """Append the personal evaluation's records to ``metrics.jsonl`` and say how many clients the personal model helps."""
     for record in records:
         log.append(record)
     best = best_per_client(records)
-    wins = sum(1 for b in best if b["wins"])
-    console.print(f"personalization: the best personal model beats the global one on its own share for {wins}/{len(best)} clients")
+    if best:
+        wins = sum(1 for b in best if b["wins"])
+        console.print(f"personalization: the best personal model beats the global one on its own share for {wins}/{len(best)} clients")
 
 
 def personal_evaluator(session: Session) -> Evaluator:

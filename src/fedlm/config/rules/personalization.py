@@ -10,16 +10,24 @@ from fedlm.core.errors import FedlmError
 
 
 def personalization_runs_in_the_simulation(s: Setting) -> None:
-    """A client's personal state lives in ``RUN_DIR/clients/<name>/`` of the in-process simulation; a SuperNode's
-    ClientApp does not train or keep one yet (and ``node_local`` runs only over Flower)."""
+    """A client's personal state lives with its client: in ``RUN_DIR/clients/<name>/`` of the in-process simulation,
+    on its SuperNode (``--state-dir``) over Flower's Deployment Engine. Not built: the Ray ``flower-simulation``
+    engine (its workers serve any client and keep no node of their own) and ``node_local`` partitions (a node there
+    has no test share of its own for the personal evaluation)."""
     c = s.config
     method = c.personalization.method
-    if method is not None and (c.federation.runtime != "simulation" or c.partition.method == "node_local"):
+    if method is None:
+        return
+    if c.federation.runtime == "flower-simulation":
         raise FedlmError(
-            f"`personalization.method: {method}` is built for the in-process simulation only: a SuperNode (or a Ray worker of "
-            f"`{c.federation.runtime}`) does not train or keep "
-            "personal state yet; use `federation.runtime: simulation` (and a partition other than node_local) or "
-            "remove `personalization`"
+            f"`personalization.method: {method}` keeps each client's personal state with its client; `federation.runtime: "
+            "flower-simulation` runs clients in Ray workers that serve any client and have no state of their own: use "
+            "`federation.runtime: simulation` or `flower` (SuperNodes with --state-dir), or remove `personalization`"
+        )
+    if c.partition.method == "node_local":
+        raise FedlmError(
+            f"`personalization.method: {method}` with `partition.method: node_local` is not built: a node there holds no test "
+            "share for the personal evaluation; use a partition the nodes compute (iid, dirichlet, ...) or remove `personalization`"
         )
 
 

@@ -13,7 +13,10 @@ config); under Flower's own ``flwr-clientapp`` (a fresh process per message) eac
 metrics (in ``metrics.jsonl``) time each message: ``process_start_s`` (a fresh process: spawn, imports and pulling the
 task; the long-lived one: pulling the task), ``model_load_s`` (0 when the session was kept, ``session_reused`` 1),
 ``setup_s`` (config, model, adapter, data), ``local_train_s`` and ``clientapp_s`` (all of it). A client's memory
-(e.g. SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``, never in the kept session.
+(e.g. SCAFFOLD's c_i) stays on the node, in Flower's per-node ``context.state``, never in the kept session. With
+``personalization.method`` the client's personal state stays on the node too, in its state directory (node-config
+``fedlm-state-dir``, checked at the handshake), and ``query.fedlm_personal_eval`` after the last round writes its
+personal adapter there and answers its personal evaluation (:mod:`fedlm.runtime.flower.node_personal`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
 from fedlm.runtime.flower import node_cache, secagg_node
 from fedlm.runtime.flower.secagg_envelope import SECAGG_ACTION
+from fedlm.runtime.flower.state_dir import node_state_root
 
 # torch and the model code are imported where a message needs them, so that a fresh ClientApp process for a secure
 # aggregation key stage (Flower's process per message) starts without them.
@@ -92,7 +96,10 @@ def check_node(server: Mapping[str, Any], node_config: Mapping[str, Any], run_co
     if server["config_hash"] != config_hash(config):
         raise FedlmError(f"the node's config differs from the server's in {config_difference(server['shared_config'], shared_config(config))}")
     partition_id = node_config.get("partition-id")
-    return client_of(partition_id, client_names(config)), int(partition_id)  # type: ignore[arg-type]
+    client = client_of(partition_id, client_names(config))
+    if config.personalization.method is not None:  # the client's personal state lives on this node
+        node_state_root(config.personalization.method, node_config)
+    return client, int(partition_id)  # type: ignore[arg-type]
 
 
 @app.query("fedlm_hello")
@@ -101,7 +108,12 @@ def hello(msg: Message, context: Context) -> Message:
     from fedlm.runtime.flower.messages import hello_reply, meta  # noqa: PLC0415
 
     try:
-        client, partition_id = check_node(meta(msg.content), context.node_config, context.run_config)
+        server = meta(msg.content)
+        client, partition_id = check_node(server, context.node_config, context.run_config)
+        if server.get("personal") is not None:  # personalization.method: the node's store follows the run's start
+            from fedlm.runtime.flower.node_personal import sync_on_hello  # noqa: PLC0415 - torch-heavy, only then
+
+            sync_on_hello(server, context)
     except FedlmError as exc:
         return Message(Error(REFUSED, str(exc)), reply_to=msg)
     return Message(hello_reply(client, partition_id), reply_to=msg)
@@ -119,6 +131,21 @@ def train(msg: Message, context: Context) -> Message:
     except (FedlmError, NonFiniteLossError) as exc:
         return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
     return Message(update_content(local.update, local.task.plan.rank), reply_to=msg)
+
+
+@app.query("fedlm_personal_eval")
+def personal_eval(msg: Message, context: Context) -> Message:
+    """After the last round (``personalization.method``): write this node's personal adapter in its state directory
+    and answer the personal evaluation's records (:mod:`fedlm.runtime.flower.node_personal`)."""
+    from fedlm.core.task import NonFiniteLossError  # noqa: PLC0415
+    from fedlm.runtime.flower.messages import personal_eval_reply  # noqa: PLC0415
+    from fedlm.runtime.flower.node_personal import evaluate_on_node  # noqa: PLC0415 - torch-heavy
+
+    try:
+        records, folder = evaluate_on_node(msg.content, context)
+    except (FedlmError, NonFiniteLossError) as exc:
+        return Message(Error(REFUSED if isinstance(exc, FedlmError) else FAILED, str(exc)), reply_to=msg)
+    return Message(personal_eval_reply(records, str(folder)), reply_to=msg)
 
 
 app.query(SECAGG_ACTION)(secagg_node.key_stage)  # SecAgg+ rounds 0-2 and 4 (privacy.secure_aggregation)

@@ -19,6 +19,7 @@ import yaml
 from fedlm.config.io import config_to_dict
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
+from fedlm.runtime.flower.state_dir import STATE_DIR_KEY
 
 CONNECTION = "fedlm"  # the SuperLink connection name in $FLWR_HOME/config.toml
 
@@ -132,13 +133,16 @@ def supernode_command(
     tls: Tls | None = None,
     private_key: Path | None = None,
     long_lived: bool = True,
+    state_dir: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` serving client ``partition_id`` (its ClientApp API on 127.0.0.1:``port``); ``long_lived``:
     with ``--isolation process``, its ClientApp is fedlm's long-lived process (:func:`worker_command`), else Flower
-    starts a fresh ClientApp process per message."""
+    starts a fresh ClientApp process per message; ``state_dir``: where the node keeps its client's personal state."""
     node_config = f"partition-id={int(partition_id)}"
     if config_path is not None:
         node_config += f' fedlm-config="{config_path.resolve()}"'
+    if state_dir is not None:
+        node_config += f' {STATE_DIR_KEY}="{state_dir.resolve()}"'
     cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
     if long_lived:
         cmd += ["--isolation", "process"]

@@ -81,6 +81,7 @@ class LocalFederation:
     node_threads: int | None = None  # CPU threads of each SuperNode's ClientApps (nodes sharing one machine's cores)
     node_env: dict[int, dict[str, str]] = field(default_factory=dict)  # partition id -> extra environment (tests' faults)
     process_per_message: bool = False  # Flower's default ClientApp process per message instead of fedlm's long-lived one
+    state_dirs: dict[int, Path] = field(default_factory=dict)  # partition id -> the node's --state-dir (default: workdir/state<K>)
     port: int = field(default_factory=free_port)
     superlink: subprocess.Popen[bytes] | None = None
     nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -133,6 +134,7 @@ class LocalFederation:
             args += ["--private-key", str(self.node_keys[partition_id])]
         if self.process_per_message:
             args.append("--process-per-message")
+        args += ["--state-dir", str(self.state_dirs.get(partition_id, self.workdir / f"state{partition_id}"))]
         env = self.env
         if self.node_threads is not None:  # inherited by the node's ClientApp process(es)
             env = {**env, "OMP_NUM_THREADS": str(self.node_threads), "MKL_NUM_THREADS": str(self.node_threads)}

@@ -24,6 +24,7 @@ from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.core.update import ClientUpdate, TensorDict
 
 HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client name handshake; one round's training
+PERSONAL_EVAL = "query.fedlm_personal_eval"  # after the last round: the final global adapter -> the node's personal records
 META = "meta"
 # Keys that may differ between the server's and a node's config: where outputs go, the server-only evaluation, and
 # each machine's own hardware (its device; checkpointing trades memory for compute without changing the math).
@@ -82,9 +83,10 @@ def _with_meta(values: dict[str, Any], **arrays: ArrayRecord) -> RecordDict:
     return RecordDict({META: ConfigRecord({"json": json.dumps(values)}), **arrays})
 
 
-def hello_content(config: ExperimentConfig) -> RecordDict:
-    """The handshake the server sends every new node: its config hash and shared config (to name a difference)."""
-    return _with_meta({"config_hash": config_hash(config), "shared_config": shared_config(config)})
+def hello_content(config: ExperimentConfig, extra: Mapping[str, Any] | None = None) -> RecordDict:
+    """The handshake the server sends every new node: its config hash and shared config (to name a difference), and
+    the runtime's ``extra`` metadata (as on every train message)."""
+    return _with_meta({**(extra or {}), "config_hash": config_hash(config), "shared_config": shared_config(config)})
 
 
 def hello_reply(client_id: str, partition_id: int) -> RecordDict:
@@ -92,12 +94,14 @@ def hello_reply(client_id: str, partition_id: int) -> RecordDict:
     return _with_meta({"client_id": client_id, "partition_id": partition_id})
 
 
-def task_content(client_id: str, task: ClientTask, config: ExperimentConfig) -> RecordDict:
-    """A train message: the plan, the global adapter cut to the client's rank and the algorithm's extras.
+def task_content(client_id: str, task: ClientTask, config: ExperimentConfig, extra: Mapping[str, Any] | None = None) -> RecordDict:
+    """A train message: the plan, the global adapter cut to the client's rank and the algorithm's extras (and the
+    runtime's ``extra`` metadata, e.g. what a node's personal store needs to follow the server's checkpoints).
 
     The client's memory (``task.context.memory``) is not sent: in a deployment it stays on the node."""
     plan, rank = task.plan, task.plan.rank
     values = {
+        **(extra or {}),
         "client_id": client_id,
         "config_hash": config_hash(config),
         "round": plan.round,
@@ -132,3 +136,17 @@ def update_from_content(content: RecordDict, like: Mapping[str, torch.Tensor]) -
     tensors = pad_like(unpack_tensors(content.array_records["tensors"]), like)
     extras = pad_like(unpack_tensors(content.array_records["extras"]), like)
     return ClientUpdate(m["client_id"], int(m["round"]), int(m["num_examples"]), tensors, {k: float(v) for k, v in m["metrics"].items()}, extras)
+
+
+def personal_eval_content(
+    client_id: str, state: Mapping[str, torch.Tensor], config: ExperimentConfig, extra: Mapping[str, Any] | None = None
+) -> RecordDict:
+    """The server's request after the last round (``personalization.method``): the final global adapter (full rank),
+    the last round and the config hash (and the runtime's ``extra`` metadata, as on every train message)."""
+    values = {**(extra or {}), "client_id": client_id, "config_hash": config_hash(config), "round": config.federation.rounds}
+    return _with_meta(values, state=pack_tensors(state))
+
+
+def personal_eval_reply(records: list[dict[str, Any]], folder: str) -> RecordDict:
+    """A node's answer: its ``personal`` records and where it keeps the client's personal adapter (on the node)."""
+    return _with_meta({"records": records, "folder": folder})

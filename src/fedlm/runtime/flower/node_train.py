@@ -1,8 +1,9 @@
 """A SuperNode's local training for one round: what both the plain train message and the secure one run.
 
 The node's config (its own file or the bundle's), the client it serves, the session (base model, adapter, its data),
-its memory from Flower's per-node ``context.state``, and the simulation's ``ClientTrainer`` on the task. Timings of
-the message go into the update's metrics (see :mod:`fedlm.runtime.flower.client_app`).
+its memory from Flower's per-node ``context.state``, and the simulation's ``ClientTrainer`` on the task (with
+``personalization.method``, the method around it: :mod:`fedlm.runtime.flower.node_personal`). Timings of the message
+go into the update's metrics (see :mod:`fedlm.runtime.flower.client_app`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,16 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
     if config.federation.client_processes > 1:  # one client on several processes: rank 0 here talks to the server
         trainer = _processes(config, client, session).trainer(trainer)
     setup_s = time.perf_counter() - started
-    update = trainer.train(client, session.data.client_train[client], task.state, task.plan, None, task.context)
+
+    def run(sent: ClientTask) -> ClientUpdate:
+        return trainer.train(client, session.data.client_train[client], sent.state, sent.plan, None, sent.context)
+
+    if config.personalization.method is None:
+        update = run(task)
+    else:  # the personal method around the training, its state in the node's state directory
+        from fedlm.runtime.flower.node_personal import personal_round  # noqa: PLC0415 - heavy imports only where training happens
+
+        update = personal_round(content, context, session, client, task, run)
     train_s = time.perf_counter() - started - setup_s
     codec = uplink_codec(config)
     if codec is not None:  # compression.uplink: the message leaves the node encoded; the residual stays here
@@ -100,6 +110,11 @@ def _processes(config: ExperimentConfig, client: str, session: Any) -> Any:
 
     n = config.federation.client_processes
     return node_cache.processes(config, client, lambda: ClientProcesses(n, partial(client_process_model, config), session.loaded.device))
+
+
+def node_session(config: ExperimentConfig, client: str) -> Any:
+    """The node's session for ``client`` (kept from an earlier message of this process, else built)."""
+    return _session(config, client)[0]
 
 
 def _session(config: ExperimentConfig, client: str) -> tuple[Any, float, bool]:

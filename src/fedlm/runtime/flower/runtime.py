@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +23,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedlm.config.schema import ExperimentConfig
+from fedlm.core.round import RoundObserver
 from fedlm.core.task import ClientTask
-from fedlm.core.update import ClientFailure, ClientUpdate
+from fedlm.core.update import ClientFailure, ClientUpdate, TensorDict
 from fedlm.privacy.secagg.round import SecureAggregation
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.reporting.progress import RunConsole
@@ -61,6 +63,7 @@ class FlowerRuntime:
     refused: dict[int, str] = field(default_factory=dict)  # node id -> why it was refused
     gone: set[int] = field(default_factory=set)  # nodes that did not reply to a train message (never greeted again)
     standby: set[int] = field(default_factory=set)  # nodes for a client another node serves (e.g. a restarted node)
+    task_meta: dict[str, Any] = field(default_factory=dict)  # added to every train message (e.g. personalization's sync)
 
     def connect(self, min_nodes: int, wait_s: float) -> None:
         """Wait up to ``wait_s`` seconds until ``min_nodes`` nodes serve clients (fewer: go on with those)."""
@@ -80,7 +83,7 @@ class FlowerRuntime:
         new = [n for n in connected if n not in self.nodes.values() and n not in self.refused and n not in self.gone]
         if not new:
             return
-        messages = [Message(hello_content(self.config), dst_node_id=n, message_type=HELLO) for n in new]
+        messages = [Message(hello_content(self.config, self.task_meta), dst_node_id=n, message_type=HELLO) for n in new]
         for reply in self.grid.send_and_receive(messages, timeout=self.hello_timeout_s):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -118,7 +121,7 @@ class FlowerRuntime:
                 results.append(ClientFailure(client, round_num, f"no SuperNode serves client {client}", unreachable=True))
                 continue
             sent[node] = client
-            messages.append(Message(task_content(client, task, self.config), dst_node_id=node, message_type=TRAIN))
+            messages.append(Message(task_content(client, task, self.config, self.task_meta), dst_node_id=node, message_type=TRAIN))
         started = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout_s)) if messages else []
         waited = time.monotonic() - started
@@ -156,6 +159,20 @@ class FlowerRuntime:
 
         masked = SecureFlowerRuntime(self, secure, space)
         return masked, FlowerSecureAggregation(masked, secure)
+
+    def node_personalization(self, checkpoints: Path) -> RoundObserver:
+        """Capability asked by the loop under ``personalization.method``: the clients' personal state lives on their
+        nodes; the observer tells them the run's start and kept checkpoints (:mod:`fedlm.runtime.flower.personal_server`)."""
+        from fedlm.runtime.flower.personal_server import NodeStoreSync  # noqa: PLC0415 - it imports this module
+
+        return NodeStoreSync(self, checkpoints)
+
+    def personal_on_nodes(self, state: TensorDict) -> list[dict[str, Any]]:
+        """Capability asked after the last round: each node writes its client's personal adapter and answers its
+        personal evaluation's records."""
+        from fedlm.runtime.flower.personal_server import personal_on_nodes  # noqa: PLC0415 - it imports this module
+
+        return personal_on_nodes(self, state)
 
     def _forget(self, client: str, node: int) -> None:
         """``node`` left: never greet it again; a new node may serve ``client``."""

@@ -65,7 +65,7 @@ class FlowerChannel:
                 continue
             protocol_bytes = len(wire.to_bytes(envelope.wrap(proto, self.round_num, stage, index, client)))
             self.down[client] = self.down.get(client, 0) + protocol_bytes  # the task is the traffic meter's
-            task = task_content(client, self.tasks[client], self.runtime.config) if stage == "masked_input" else None
+            task = task_content(client, self.tasks[client], self.runtime.config, self.runtime.task_meta) if stage == "masked_input" else None
             content = envelope.wrap(proto, self.round_num, stage, index, client, task)
             messages.append(Message(content, dst_node_id=node, message_type=kind))
             sent[node] = index
