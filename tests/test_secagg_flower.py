@@ -133,6 +133,7 @@ class _Runtime:
         self.config = validate_config(secure_config(Path("/tmp/unused"), "simulation"))
         self.log = type("Log", (), {"append": lambda _, r: self.events.append(r)})()
         self.forgotten: list[str] = []
+        self.task_meta: dict[str, object] = {}  # what every train message carries besides the task (personalization)
         del MetricsLog
 
     def _forget(self, client: str, node: int) -> None:
