@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 from common import HERE, publish, read_metrics, run_cli
@@ -75,8 +77,34 @@ def run_method(method: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def summary(results: list[dict[str, Any]]) -> list[str]:
+    """One row per method: clients won, mean own-share and others'-shares loss of global vs best, the usual winner."""
+    lines = [
+        "| method | clients whose best personal or mixed model wins (goal: >= 6 of 8) | own-share loss, global -> best (mean) "
+        "| others'-shares loss, global -> best (mean) | most chosen | run (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for res in results:
+        rows = res["best"]
+        if not rows:
+            continue
+        wins = sum(1 for b in rows if b["wins"])
+        most, count = Counter(b["best"] for b in rows).most_common(1)[0]
+        lines.append(
+            f"| `{res['method']}` | {wins} of {len(rows)} | {mean(b['global_own'] for b in rows):.3f} -> "
+            f"{mean(b['best_own'] for b in rows):.3f} | {mean(b['global_others'] for b in rows):.3f} -> "
+            f"{mean(b['best_others'] for b in rows):.3f} | {most} ({count} of {len(rows)}) | {res['seconds']:.0f} |"
+        )
+    return lines
+
+
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
+        'Summary (means over the clients; "best" is the personal or mixed model with the lowest own-share loss among '
+        "those within 5% of the global model on the others' shares):",
+        "",
+        *summary(results),
+        "",
         f"`{args.model}` (float32, 2-core AMD EPYC without AVX512-BF16), SFT on the WordNet domains: 8 clients, all in each of "
         f"{args.rounds} rounds x {args.local_steps} local steps x batch 8, lr 2e-3 constant; personal training with the same "
         f"steps; losses on {args.eval_examples} held-out examples, each the test share of its domain's client. Cells: "
