@@ -215,3 +215,22 @@ def test_real_supernodes_keep_the_personal_state_and_end_as_the_simulation(runne
         fed.stop()
     _assert_as_simulated(sim, run, tmp_path)
     assert {r["client"] for r in _records(run, "flower") if r.get("event") == "personal"} == {"0", "1", "2"}
+
+
+def test_personalization_with_secure_aggregation_over_flower_ends_as_the_simulation(runner, tmp_path: Path) -> None:
+    """SecAgg+ and personal state together: the server sees only the masked sum of the shared updates, the personal
+    adapters stay on their nodes, and both end as the simulation's secure run, bit for bit."""
+    secure = {"secure_aggregation": {"max_weight": 64}}
+    fed = {**SECTIONS["federation"], "clients_per_round": 3}
+
+    def config(out: Path, runtime: str) -> dict[str, Any]:
+        return tiny_config(out, **{**SECTIONS, "federation": {**fed, "runtime": runtime}}, personalization={"method": "finetune"}, privacy=secure)
+
+    sim = tmp_path / "sim"
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "sim.yaml", config(sim, "simulation")))])
+    assert result.exit_code == 0, result.output
+    grid = _serve(yaml.safe_dump(config(tmp_path / "flower", "flower")), _nodes(tmp_path))
+    _assert_as_simulated(sim, tmp_path / "flower", tmp_path)
+    rounds = _records(tmp_path / "flower", "aggregate")
+    assert [r["aggregation"]["secagg_survivors"] for r in rounds] == [["0", "1", "2"]] * 2
+    assert not any("tensors" in c.array_records for _, c in grid.received)  # no plain update reached the server
