@@ -6,7 +6,8 @@
         [--data /local/train.jsonl]                                            # partition.method node_local
     fedlm flower run CONFIG.yaml --superlink HOST:9093 [--resume]             # from anywhere: starts the run
 
-``superlink`` and ``supernode`` replace themselves with Flower's own ``flower-superlink`` / ``flower-supernode``
+``superlink`` and ``supernode`` replace themselves with Flower's own ``flower-superlink`` / ``flower-supernode`` (the latter with a
+short idle poll, :mod:`fedlm.runtime.flower.supernode_process`)
 (same PID) after checking their input; ``supernode`` first starts fedlm's long-lived ClientApp process beside it
 (:mod:`fedlm.runtime.flower.worker_process`, ``--isolation process``; ``--process-per-message``: Flower's default); ``run`` writes the app bundle and calls ``flwr run``. Registered in
 :mod:`fedlm.cli`.

@@ -135,7 +135,8 @@ def supernode_command(
     long_lived: bool = True,
     state_dir: Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` serving client ``partition_id`` (its ClientApp API on 127.0.0.1:``port``); ``long_lived``:
+    """``flower-supernode`` (run with a short idle poll, :mod:`~fedlm.runtime.flower.supernode_process`) serving client
+    ``partition_id`` (its ClientApp API on 127.0.0.1:``port``); ``long_lived``:
     with ``--isolation process``, its ClientApp is fedlm's long-lived process (:func:`worker_command`), else Flower
     starts a fresh ClientApp process per message; ``state_dir``: where the node keeps its client's personal state."""
     node_config = f"partition-id={int(partition_id)}"
@@ -143,7 +144,8 @@ def supernode_command(
         node_config += f' fedlm-config="{config_path.resolve()}"'
     if state_dir is not None:
         node_config += f' {STATE_DIR_KEY}="{state_dir.resolve()}"'
-    cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    # Flower's flower-supernode with its 3 s idle poll shortened (fedlm.runtime.flower.supernode_process)
+    cmd = [sys.executable, "-m", "fedlm.runtime.flower.supernode_process", "--superlink", superlink, "--port", str(port), "--node-config", node_config]
     if long_lived:
         cmd += ["--isolation", "process"]
     cmd += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]

@@ -135,7 +135,7 @@ def _kill_supernode() -> None:
 
     for parent in psutil.Process().parents():
         try:
-            if any("flower-supernode" in part for part in parent.cmdline()):
+            if any("flower-supernode" in part or "supernode_process" in part for part in parent.cmdline()):
                 os.kill(parent.pid, signal.SIGKILL)
                 return
         except psutil.Error:

@@ -19,6 +19,13 @@ Each task runs in its own thread, as the SuperExec gives each its own process, s
 (Flower 1.41 leaves such a task pending when a run stops while its message is in transfer, e.g. a SuperLink
 restarted mid-round) does not hold up the next ones; the ClientApp itself runs one task at a time.
 
+Two hand-offs that a fresh process per message never meets (it starts seconds after its task) are made safe here:
+the SuperNode creates a task just before it stores the task's message, so an empty message pull is tried again
+(:data:`MESSAGE_WAIT_S`); and the SuperNode may hand out the next task as soon as this one's reply is pushed, before
+its context is, so the context state that the last ClientApp call left is kept in this process per run series
+(:data:`_latest_state`) and given to the next call, and the reply and the task's output are pushed before the next
+call starts.
+
 A ClientApp that raises answers with Flower's own error reply (``CLIENT_APP_RAISED_EXCEPTION``) and the process
 serves the next task. The context (Flower's per-node ``context.state``: the client's memory, SecAgg+ state) is pulled
 with each task and pushed back after it, as with a fresh process. The process exits when its parent (the SuperNode)
@@ -38,7 +45,7 @@ import time
 from logging import ERROR, INFO
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
@@ -66,6 +73,8 @@ from fedlm.runtime.flower.task_clock import mark_task_acquired, mark_task_pulled
 
 _installed: set[str] = set()  # FAB hashes installed by this process
 _app_lock = threading.Lock()  # one ClientApp call at a time: one model, one Flower task identity
+_latest_state: dict[int, RecordDict] = {}  # run series id -> the context state the last ClientApp call left
+MESSAGE_WAIT_S = 30.0  # how long an acquired task waits for the SuperNode to store its message
 _load_client_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
 
 
@@ -94,8 +103,12 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, 
     res = client.PullTaskInput(PullTaskInputRequest())
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
     pulled = client.PullMessages(PullAppMessagesRequest())
+    deadline = time.monotonic() + MESSAGE_WAIT_S
+    while not pulled.messages_list and time.monotonic() < deadline:  # the task was created, its message not yet stored
+        time.sleep(0.05)
+        pulled = client.PullMessages(PullAppMessagesRequest())
     if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
+        raise RuntimeError(f"No messages received from Runtime API within {MESSAGE_WAIT_S:.0f} s")
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
     message = pull_and_inflate_object_from_tree(
         tree,
@@ -112,44 +125,55 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, 
 def run_task(address: str, token: str) -> bool:
     """Run one acquired ClientApp task in this process, as ``flwr-clientapp`` does; True if the app answered.
 
-    Tasks run in threads (:func:`serve`): the pulls and pushes of two tasks may overlap, the ClientApp runs one task at
-    a time (:data:`_app_lock`), with Flower's task identity (run, node, task) set for it."""
+    Tasks run in threads (:func:`serve`): the pulls of two tasks may overlap; the ClientApp runs one task at a time
+    (:data:`_app_lock`), with Flower's task identity (run, node, task) set for it and the context state the last call
+    left, and its reply and context are pushed before the next call starts."""
     mark_task_acquired()
     client = _client(address, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message: Message | None = None
-    reply: Message | None = None
-    context = None
-    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
-        message, context, run, fab, task_id = _pull_task_input(client)
+        try:
+            message, context, run, fab, task_id = _pull_task_input(client)
+        except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: the task fails, the process serves the next one
+            log(ERROR, "ClientApp task input could not be pulled", exc_info=ex)
+            push_task_output(client=client, context=None, sub_status=SubStatus.FAILED, details=f"{type(ex)}:<'{ex}'>")
+            return False
         mark_task_pulled()
         with _app_lock:
-            TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run.run_id, context.node_id
-            if fab.hash_str not in _installed:
-                install_from_fab(fab.content, skip_prompt=True)
-                _installed.add(fab.hash_str)
-            app: ClientApp = _load_client_app(run.fab_id, run.fab_version, fab.hash_str)
-            reply = app(message=message, context=context)
+            return _call_app(client, message, context, run, fab, task_id)
+    finally:
+        if heartbeat.is_running:  # as flwr-clientapp's exit handler
+            heartbeat.stop()
+        client.close()
+
+
+def _call_app(client: RuntimeHttpClient, message: Message, context: Context, run: Run, fab: Fab, task_id: int) -> bool:
+    """Call the ClientApp on ``message`` (holding :data:`_app_lock`), push its reply (Flower's error reply if it
+    raised) and close the task with the context; True if the app answered."""
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task_id, run.run_id, context.node_id
+    if context.series_id in _latest_state:  # newer than the pulled one if the last task's context was not pushed yet
+        context.state = _latest_state[context.series_id]
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    try:
+        if fab.hash_str not in _installed:
+            install_from_fab(fab.content, skip_prompt=True)
+            _installed.add(fab.hash_str)
+        app: ClientApp = _load_client_app(run.fab_id, run.fab_version, fab.hash_str)
+        reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # noqa: BLE001 - as flwr-clientapp: any failure of the app becomes an error reply
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         details = f"{type(ex)}:<'{ex}'>"
         log(ERROR, "ClientApp raised an exception", exc_info=ex)
-        if message is not None:
-            reply = Message(Error(code=code, reason=details), reply_to=message)
-    finally:
-        try:
-            if reply is not None and context is not None:
-                push_message(client, reply, context)
-        except Exception as ex:  # noqa: BLE001 - the task is closed below either way
-            log(ERROR, "Failed to push reply message", exc_info=ex)
-            status = SubStatus.FAILED
-        push_task_output(client=client, context=context, sub_status=status, details=details)
-        if heartbeat.is_running:  # as flwr-clientapp's exit handler
-            heartbeat.stop()
-        client.close()
+        reply = Message(Error(code=code, reason=details), reply_to=message)
+    _latest_state[context.series_id] = context.state
+    try:
+        push_message(client, reply, context)
+    except Exception as ex:  # noqa: BLE001 - the task is closed below either way
+        log(ERROR, "Failed to push reply message", exc_info=ex)
+        status = SubStatus.FAILED
+    push_task_output(client=client, context=context, sub_status=status, details=details)
     return status == SubStatus.COMPLETED
 
 
