@@ -145,7 +145,8 @@ def supernode_command(
     if state_dir is not None:
         node_config += f' {STATE_DIR_KEY}="{state_dir.resolve()}"'
     # Flower's flower-supernode with its 3 s idle poll shortened (fedlm.runtime.flower.supernode_process)
-    cmd = [sys.executable, "-m", "fedlm.runtime.flower.supernode_process", "--superlink", superlink, "--port", str(port), "--node-config", node_config]
+    cmd = [sys.executable, "-m", "fedlm.runtime.flower.supernode_process"]
+    cmd += ["--superlink", superlink, "--port", str(port), "--node-config", node_config]
     if long_lived:
         cmd += ["--isolation", "process"]
     cmd += ["--insecure"] if tls is None else ["--root-certificates", str(tls.ca_cert)]

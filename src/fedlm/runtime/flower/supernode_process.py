@@ -45,7 +45,7 @@ def shorten_waits(idle_poll_s: float = IDLE_POLL_S) -> None:
     from flwr.supercore.inflatable.inflatable_utils import pull_objects  # noqa: PLC0415
 
     loop.time = CappedClock(idle_poll_s)  # type: ignore[assignment]
-    loop.pull_objects = functools.partial(pull_objects, initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)  # type: ignore[assignment]
+    loop.pull_objects = functools.partial(pull_objects, initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
 
 
 def main(argv: list[str] | None = None) -> None:
