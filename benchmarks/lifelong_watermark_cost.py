@@ -1,0 +1,94 @@
+"""Benchmark (issue 18, part 3): what one watermark embedding costs a trained adapter, and how much of the mark it
+plants, per optimizer, learning rate and step count, without a federated run.
+
+Starts from the final adapter of a finished run without a watermark (e.g. the clean run of
+``lifelong_watermark.py``), applies the server's embedding step once (:class:`fedlm.watermark.embed.Marker`'s
+SFT steps on the shared trigger set, the same trainer the clients use, with gradient clipping at 1.0), and reports
+the relative change of the test loss on the first ``--test-examples`` held-out WordNet definitions and the trigger
+accuracy with its p-value (``fedlm watermark verify``). Each setting starts again from the clean adapter.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/lifelong_watermark_cost.py RUN_DIR adamw:10@2e-3 sgd:20@0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from fedlm.config.schema import DataConfig
+from fedlm.core.task import LocalPlan
+from fedlm.data.collate import collate_for_loss
+from fedlm.data.readers import read_records
+from fedlm.federation.trainer import ClientTrainer
+from fedlm.models.adapters import load_trainable_state, trainable_state
+from fedlm.objectives import build_objective
+from fedlm.objectives.base import sequence_logps
+from fedlm.watermark.embed import marked_state
+from fedlm.watermark.suspect import Suspect, open_suspect
+from fedlm.watermark.triggers import SHARED, training_examples, trigger_set
+from fedlm.watermark.verify import verify_model
+
+SECRET = "fedlm-benchmark-key"
+
+
+def setting(text: str) -> tuple[str, int, float]:
+    """``OPTIMIZER:STEPS@LR`` (e.g. ``adamw:10@2e-3``) as (optimizer, steps, lr)."""
+    optimizer, _, rest = text.partition(":")
+    steps, _, lr = rest.partition("@")
+    if optimizer not in ("adamw", "sgd") or not steps or not lr:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OPTIMIZER:STEPS@LR with OPTIMIZER adamw or sgd, e.g. adamw:10@2e-3")
+    return optimizer, int(steps), float(lr)
+
+
+@torch.no_grad()
+def test_loss(suspect: Suspect, examples: list, pad_id: int) -> float:
+    """Token-mean NLL of the answers of ``examples``."""
+    suspect.model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), 16):
+        batch = collate_for_loss(examples[start : start + 16], pad_id)
+        logps, counts = sequence_logps(suspect.model, batch)
+        total, tokens = total - float(logps.sum()), tokens + int(counts.sum())
+    return total / max(tokens, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a finished run without a watermark")
+    parser.add_argument("settings", nargs="+", type=setting, help="OPTIMIZER:STEPS@LR, e.g. adamw:10@2e-3")
+    parser.add_argument("--size", type=int, default=64, help="shared triggers")
+    parser.add_argument("--test-examples", type=int, default=32)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    suspect = open_suspect(args.run, trainable=True)
+    assert suspect.config is not None  # noqa: S101 - a run folder has its config
+    clean = {k: v.clone() for k, v in trainable_state(suspect.model).items()}
+    pad = int(suspect.tokenizer.pad_token_id or 0)
+    config = suspect.config.data
+    data = DataConfig(train="embedded:wordnet_defs", max_length=config.max_length, system_prompt=config.system_prompt)
+    records = read_records("embedded:wordnet_defs/test", "data.test")[: args.test_examples]
+    test = build_objective("sft").train_examples(records, suspect.tokenizer, data, "test", [f"test[{i}]" for i in range(len(records))])
+    triggers = training_examples(suspect.tokenizer, trigger_set(SECRET, SHARED, args.size))
+    base = test_loss(suspect, test, pad)
+    print(f"clean adapter of {args.run}: test loss {base:.4f} on {len(test)} examples; {args.size} triggers; {torch.get_num_threads()} threads")
+    print("| optimizer | steps | lr | trigger loss (mean over steps) | test loss | cost | trigger acc. | p-value | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for optimizer, steps, lr in args.settings:
+        started = time.perf_counter()
+        trainer = ClientTrainer(suspect.model, pad, suspect.device, optimizer=optimizer)
+        update = trainer.train("__watermark__", triggers, clean, LocalPlan(0, [lr] * steps, 8, 1, None, None))
+        load_trainable_state(suspect.model, marked_state(clean, update.tensors))
+        loss = test_loss(suspect, test, pad)
+        check = verify_model(suspect.model, suspect.tokenizer, suspect.device, SECRET, args.size)
+        print(
+            f"| {optimizer} | {steps} | {lr:g} | {update.metrics['loss']:.3f} | {loss:.4f} | {loss / base - 1:+.2%} | "
+            f"{check.accuracy:.3f} | {check.p_value:.2g} | {time.perf_counter() - started:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
