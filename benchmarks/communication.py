@@ -1,7 +1,8 @@
 """Communication benchmark: global-test loss against MiB sent (uploads + downloads of every client) for dense LoRA
 (naive), FFA, heterogeneous ranks, top-k at 0.1 / 0.01 with and without error feedback, and 8 / 4 / 2-bit
-quantization (``compression.uplink`` and ``compression.downlink`` with the same codec), on the real default model and
-the embedded WordNet domains (8 clients, 4 per round), the aggregation benchmark's settings.
+quantization (2-bit also with one scale per 256 entries instead of 64) (``compression.uplink`` and
+``compression.downlink`` with the same codec), on the real default model and the embedded WordNet domains (8 clients,
+4 per round), the aggregation benchmark's settings.
 
 The bytes are what ``metrics.jsonl`` logs: the encoded messages' lengths. The goal checked: a compressed setting
 whose final loss is within 1% of dense FedAvg-LoRA's with at least 10x fewer bytes, and FedKSeed under 10 KB per
@@ -17,6 +18,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import HERE, add_only, arm_parser, chosen, publish, read_metrics, run_arms
 
 START, END = "<!-- communication:start -->", "<!-- communication:end -->"
@@ -39,6 +41,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "quantize8": _both({"method": "quantize", "bits": 8}),
     "quantize4": _both({"method": "quantize", "bits": 4}),
     "quantize2": _both({"method": "quantize", "bits": 2}),
+    "quantize2-block256": _both({"method": "quantize", "bits": 2, "block_size": 256}),
     "fedkseed": {"federation.algorithm": "fedkseed", "federation.lr": 1e-4},
 }
 
@@ -87,7 +90,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The markdown table, with each run's bytes and loss relative to dense naive LoRA when it was run."""
     base = next((r for r in rows if r["run"] == "dense-naive"), None)
     lines = [
-        f"Model `{args.model}` (float32 on cpu, {platform.machine()}, 2 threads), embedded WordNet definitions split by domain (8 clients, 4 per round), "
+        f"Model `{args.model}` (float32 on cpu, {platform.machine()}, {torch.get_num_threads()} threads), embedded WordNet definitions split by domain (8 clients, 4 per round), "
         f"{args.rounds} rounds x {args.local_steps} local steps x batch 8, fedavg, seed 0; global-test loss on {args.eval_examples} held-out examples. "
         "MiB: every client's uploads + downloads as logged (the encoded messages' lengths). Compressed rows compress both directions with the same "
         "codec (the downlink always with the server's error feedback). Regenerate: `flock /tmp/fedlm-heavy.lock python benchmarks/communication.py "
