@@ -60,12 +60,13 @@ def child(args: argparse.Namespace) -> None:
     """One arm in this process; prints one JSON line."""
     from fedlm import experiment  # noqa: PLC0415 - after the arm's switch is known
     from fedlm.config.io import validate_config  # noqa: PLC0415
+    from fedlm.loop_build import client_side  # noqa: PLC0415
     from fedlm.reporting.progress import RunConsole  # noqa: PLC0415
     from fedlm.reporting.run_dir import RunDir  # noqa: PLC0415
 
     torch.set_num_threads(1)
     if args.arm == "memory":
-        experiment.spill_client_states = lambda *a, **k: None  # type: ignore[assignment]  # the state stays in the aggregator
+        client_side.spill_client_states = lambda *a, **k: None  # type: ignore[assignment]  # the state stays in the aggregator
     out = Path(args.out)
     config = validate_config(config_of(args.clients, args.rounds, out))
     console = RunConsole(quiet=True)
@@ -80,6 +81,8 @@ def child(args: argparse.Namespace) -> None:
     trained = {r["client"] for r in records if r.get("split") == "train"}
     on_disk = sum(p.stat().st_size for p in (out / "clients").rglob("*.safetensors")) if (out / "clients").is_dir() else 0
     checkpoint = sorted((out / "checkpoints").glob("round_*"))[-1] / "aggregator_state.pt"
+    if (args.arm == "memory") != (on_disk == 0):  # the switch must have taken: a moved function would leave it a no-op
+        raise SystemExit(f"arm {args.arm!r} has {on_disk} bytes of client state on disk: the spill switch did not take")
     adapter = sum(t.numel() * t.element_size() for t in session.initial_state.values())
     print(
         json.dumps(
