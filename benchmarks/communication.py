@@ -1,6 +1,6 @@
 """Communication benchmark: global-test loss against MiB sent (uploads + downloads of every client) for dense LoRA
 (naive), FFA, heterogeneous ranks, top-k at 0.1 / 0.01 with and without error feedback, and 8 / 4 / 2-bit
-quantization (2-bit also with one scale per 256 entries instead of 64) (``compression.uplink`` and
+quantization (2-bit also with one scale per 256 and per 1,024 entries instead of 64) (``compression.uplink`` and
 ``compression.downlink`` with the same codec), on the real default model and the embedded WordNet domains (8 clients,
 4 per round), the aggregation benchmark's settings.
 
@@ -42,6 +42,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "quantize4": _both({"method": "quantize", "bits": 4}),
     "quantize2": _both({"method": "quantize", "bits": 2}),
     "quantize2-block256": _both({"method": "quantize", "bits": 2, "block_size": 256}),
+    "quantize2-block1024": _both({"method": "quantize", "bits": 2, "block_size": 1024}),
     "fedkseed": {"federation.algorithm": "fedkseed", "federation.lr": 1e-4},
 }
 
