@@ -17,21 +17,17 @@ import time
 from pathlib import Path
 
 import torch
+from lifelong_watermark import SECRET, thief_examples
 
-from fedlm.config.schema import DataConfig
 from fedlm.core.task import LocalPlan
 from fedlm.data.collate import collate_for_loss
-from fedlm.data.readers import read_records
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import load_trainable_state, trainable_state
-from fedlm.objectives import build_objective
 from fedlm.objectives.base import sequence_logps
 from fedlm.watermark.embed import marked_state
 from fedlm.watermark.suspect import Suspect, open_suspect
 from fedlm.watermark.triggers import SHARED, training_examples, trigger_set
 from fedlm.watermark.verify import verify_model
-
-SECRET = "fedlm-benchmark-key"
 
 
 def setting(text: str) -> tuple[str, int, float]:
@@ -64,13 +60,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     suspect = open_suspect(args.run, trainable=True)
-    assert suspect.config is not None  # noqa: S101 - a run folder has its config
     clean = {k: v.clone() for k, v in trainable_state(suspect.model).items()}
     pad = int(suspect.tokenizer.pad_token_id or 0)
-    config = suspect.config.data
-    data = DataConfig(train="embedded:wordnet_defs", max_length=config.max_length, system_prompt=config.system_prompt)
-    records = read_records("embedded:wordnet_defs/test", "data.test")[: args.test_examples]
-    test = build_objective("sft").train_examples(records, suspect.tokenizer, data, "test", [f"test[{i}]" for i in range(len(records))])
+    test = thief_examples(args.run, suspect)[: args.test_examples]  # the held-out WordNet definitions
     triggers = training_examples(suspect.tokenizer, trigger_set(SECRET, SHARED, args.size))
     base = test_loss(suspect, test, pad)
     print(f"clean adapter of {args.run}: test loss {base:.4f} on {len(test)} examples; {args.size} triggers; {torch.get_num_threads()} threads")
