@@ -24,7 +24,7 @@ from fedlm.data.collate import collate_for_loss
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.objectives.base import sequence_logps
-from fedlm.watermark.embed import marked_state
+from fedlm.watermark.embed import WATERMARK_ID, marked_state
 from fedlm.watermark.suspect import Suspect, open_suspect
 from fedlm.watermark.triggers import SHARED, training_examples, trigger_set
 from fedlm.watermark.verify import verify_model
@@ -71,7 +71,7 @@ def main() -> None:
     for optimizer, steps, lr in args.settings:
         started = time.perf_counter()
         trainer = ClientTrainer(suspect.model, pad, suspect.device, optimizer=optimizer)
-        update = trainer.train("__watermark__", triggers, clean, LocalPlan(0, [lr] * steps, 8, 1, None, None))
+        update = trainer.train(WATERMARK_ID, triggers, clean, LocalPlan(0, [lr] * steps, 8, 1, None, None))
         load_trainable_state(suspect.model, marked_state(clean, update.tensors))
         loss = test_loss(suspect, test, pad)
         check = verify_model(suspect.model, suspect.tokenizer, suspect.device, SECRET, args.size)
