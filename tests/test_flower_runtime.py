@@ -147,6 +147,12 @@ def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simula
     assert all(r["model_load_s"] >= 0 for r in trains)
     # the long-lived ClientApp process kept each node's model, tokenizer and data from round 1
     assert all(r["session_reused"] == 1.0 and r["model_load_s"] == 0.0 for r in trains if r["round"] == 2), trains
+    # the nodes were waited for and greeted before round 1 (the run's start), not inside round 1's train time
+    rows = run_records(run_dir)
+    events = [(r["split"], r.get("event")) for r in rows if r["split"] in ("flower", "train")]
+    connected = events.index(("flower", "connected"))
+    assert events[:connected] == [("flower", "joined")] * 3 and ("train", None) not in events[:connected]
+    assert next(r for r in rows if r.get("event") == "connected")["nodes"] == 3
 
 
 def _round_done(run_dir: Path, round_num: int) -> bool:

@@ -31,7 +31,7 @@ from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.runtime.flower import client_app, messages, node_cache
 from fedlm.runtime.flower.local import descendants, wait_for
 from fedlm.runtime.flower.node_train import train_on_node
-from fedlm.runtime.flower.polling_grid import PollingGrid, polling
+from fedlm.runtime.flower.polling_grid import PollingGrid, polling, shorten_object_pulls
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,6 +150,21 @@ def test_polling_grid_collects_every_reply_and_stops_at_the_timeout() -> None:
     assert 0.2 <= time.monotonic() - started < 2.0
     assert list(grid.get_node_ids()) == [1, 2]
     assert polling(inner) is inner  # only Flower's deployment (HTTP) grid is wrapped
+
+
+def test_the_servers_object_pulls_start_their_back_off_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply's message reaches the SuperLink before its objects; Flower's grid then waits 1 s, 2 s ... between
+    tries. Only the grid module's pull is replaced, with Flower's own function (a 0.05 s first wait, 1 s at most)."""
+    import functools  # noqa: PLC0415
+
+    from flwr.supercore.inflatable import inflatable_utils  # noqa: PLC0415
+    from flwr.superlink.grid import http_grid  # noqa: PLC0415
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)
+    shorten_object_pulls()
+    assert isinstance(http_grid.pull_objects, functools.partial) and http_grid.pull_objects.func is inflatable_utils.pull_objects
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+    assert (inflatable_utils.pull_objects.__kwdefaults__ or {}).get("initial_backoff") == 1  # Flower's own function is untouched
 
 
 def _children(pid: int) -> list[int]:

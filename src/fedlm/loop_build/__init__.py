@@ -24,6 +24,7 @@ STAGES: tuple[Stage, ...] = (
     client_side.simulation,  # innermost: the clients' training (when no runtime is given)
     client_side.teacher,
     client_side.personalization,
+    client_side.node_connection,
     client_side.client_state_spill,
     client_side.uplink,
     client_side.replay,

@@ -65,6 +65,14 @@ def personalization(ctx: LoopContext, parts: LoopParts) -> None:
         parts.runtime, parts.observers = personal, [personal, *parts.observers]
 
 
+def node_connection(ctx: LoopContext, parts: LoopParts) -> None:
+    """A deployment connects to its nodes before round 1 (capability ``connection``), after the observers placed so
+    far have started (personalization's start round travels in the handshake)."""
+    connect = None if ctx.clients_here else getattr(parts.built_runtime, "connection", None)
+    if callable(connect):
+        parts.observers = [*parts.observers, connect()]
+
+
 def client_state_spill(ctx: LoopContext, parts: LoopParts) -> None:
     """The clients' own state (SCAFFOLD's c_i, error-feedback residuals) on disk between rounds (simulation only)."""
     spill = spill_client_states(ctx.saved, ctx.run_dir.root / "clients", ctx.run_dir.checkpoints) if ctx.clients_here else None

@@ -5,17 +5,26 @@ every 3 s, so every exchange (a round's train messages, each SecAgg+ stage, the 
 last reply arrived. :class:`PollingGrid` wraps that grid and does the same with Flower's own ``push_messages`` and
 ``pull_messages`` every ``poll_s`` (0.2 s); everything else is the wrapped grid's. :func:`polling` wraps only that
 grid (other grids, e.g. Flower's in-memory simulation grid or the tests', keep their own ``send_and_receive``).
+
+A node pushes a reply's message before its objects (the arrays), so a pull that finds the message often finds some
+of its objects not stored yet; Flower's grid then waits 1 s, 2 s, 4 s ... between tries (measured: a second per
+round on a fast round). :func:`polling` also starts those tries 0.05 s apart (at most 1 s), as fedlm's SuperNode
+(:mod:`fedlm.runtime.flower.supernode_process`) and ClientApp process (:mod:`fedlm.runtime.flower.worker`) do.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import pull_objects
 from flwr.supercore.run import Run
-from flwr.superlink.grid import HttpGrid
+from flwr.superlink.grid import HttpGrid, http_grid
+
+PULL_INITIAL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 1.0
 
 
 class PollingGrid(Grid):
@@ -60,6 +69,16 @@ class PollingGrid(Grid):
         return replies
 
 
+def shorten_object_pulls() -> None:
+    """Start the deployment grid's object pulls' back-off at 0.05 s (capped at 1 s): only the grid module's
+    ``pull_objects`` is replaced, in the ServerApp process that uses it."""
+    http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=PULL_INITIAL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
+
+
 def polling(grid: Grid, poll_s: float = 0.2) -> Grid:
-    """``grid`` in a :class:`PollingGrid` if it is Flower's deployment (HTTP) grid, else ``grid`` itself."""
-    return PollingGrid(grid, poll_s) if isinstance(grid, HttpGrid) else grid
+    """``grid`` in a :class:`PollingGrid`, with its object pulls' back-off started short, if it is Flower's
+    deployment (HTTP) grid; else ``grid`` itself."""
+    if not isinstance(grid, HttpGrid):
+        return grid
+    shorten_object_pulls()
+    return PollingGrid(grid, poll_s)

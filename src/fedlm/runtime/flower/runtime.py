@@ -7,6 +7,10 @@ message that gets no reply within ``round_timeout_s`` (the node died or hangs) o
 :class:`ClientFailure` naming the client, and the server loop's ``federation.min_clients`` rule decides the round
 (retried with ``federation.round_retries``, else skipped). A node that did not reply is forgotten: a SuperNode
 restarted for the same client (a new node id) is greeted at the next round or retry and serves it from then on.
+
+Waiting for the nodes and greeting them is the run's start, not round 1's work: :class:`NodeConnection` (the
+runtime's ``connection`` capability, a round observer) does it before the first round, after the other observers'
+start (personalization puts its start round into the handshake), and logs how long it took (``event: "connected"``).
 """
 
 from __future__ import annotations
@@ -65,16 +69,23 @@ class FlowerRuntime:
     standby: set[int] = field(default_factory=set)  # nodes for a client another node serves (e.g. a restarted node)
     task_meta: dict[str, Any] = field(default_factory=dict)  # added to every train message (e.g. personalization's sync)
 
-    def connect(self, min_nodes: int, wait_s: float) -> None:
+    def connect(self, min_nodes: int, wait_s: float, round_num: int = 0) -> None:
         """Wait up to ``wait_s`` seconds until ``min_nodes`` nodes serve clients (fewer: go on with those)."""
-        deadline = time.monotonic() + wait_s
+        started = time.monotonic()
+        deadline = started + wait_s
         while True:
-            self.discover()
+            self.discover(round_num)
             if len(self.nodes) >= min_nodes or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
         served = ", ".join(f"{c}: node {n}" for c, n in sorted(self.nodes.items()))
-        self.console.print(f"flower: {len(self.nodes)} of {len(self.client_names)} clients have a SuperNode ({served})")
+        seconds = time.monotonic() - started
+        self.console.print(f"flower: {len(self.nodes)} of {len(self.client_names)} clients have a SuperNode ({served}), {seconds:.1f}s")
+        self.log.append({"round": round_num, "split": "flower", "event": "connected", "nodes": len(self.nodes), "seconds": seconds})
+
+    def connection(self) -> RoundObserver:
+        """Capability asked when the loop is built: the observer that connects to the nodes before the first round."""
+        return NodeConnection(self)
 
     def discover(self, round_num: int = 0) -> None:
         """Handshake with every connected node not yet known; forget nodes that left."""
@@ -109,8 +120,8 @@ class FlowerRuntime:
     def train_clients(self, tasks: Mapping[str, ClientTask]) -> list[ClientUpdate | ClientFailure]:
         """One train message per task; missing or failed replies become failures naming the client."""
         round_num = next(iter(tasks.values())).plan.round if tasks else 0
-        if not self.nodes and not self.refused:
-            self.connect(self.min_nodes, self.wait_for_nodes_s)
+        if not self.nodes and not self.refused:  # nobody connected before the run started (or every node left)
+            self.connect(self.min_nodes, self.wait_for_nodes_s, round_num)
         self.discover(round_num)
         results: list[ClientUpdate | ClientFailure] = []
         sent: dict[int, str] = {}
@@ -183,3 +194,15 @@ class FlowerRuntime:
     def summary(self) -> dict[str, Any]:
         """Which node serves which client, and which nodes were refused."""
         return {"nodes": {c: str(n) for c, n in self.nodes.items()}, "refused": {str(n): r for n, r in self.refused.items()}}
+
+
+@dataclass
+class NodeConnection(RoundObserver):
+    """Waits for the runtime's nodes and greets them before the first round of this process, so round 1 times only
+    its own messages (as every later round); the wait and the handshake are logged as the run's start."""
+
+    runtime: FlowerRuntime
+
+    def on_start(self, state: TensorDict, start_round: int) -> None:
+        if not self.runtime.nodes and not self.runtime.refused:
+            self.runtime.connect(self.runtime.min_nodes, self.runtime.wait_for_nodes_s, start_round)
