@@ -74,6 +74,7 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         return [r["train_time_s"] for r in read_metrics(folder) if r["split"] == "aggregate"]
 
     trains = [r for r in read_metrics(flower) if r["split"] == "train"]
+    connected = [r["seconds"] for r in read_metrics(flower) if r.get("event") == "connected"]
     a, b = load_file(str(sim / "adapter" / "adapter_model.safetensors")), load_file(str(flower / "adapter" / "adapter_model.safetensors"))
     return {
         "model": args.model,
@@ -85,6 +86,8 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         "load_average": os.getloadavg()[0],
         "simulation_round_s": rounds(sim),
         "flower_round_s": rounds(flower),
+        # waiting for the nodes and greeting them, before round 1 (since the runtime connects at the run's start)
+        "connect_s": connected[0] if connected else None,
         "overhead_per_round_s": statistics.mean(rounds(flower)) - statistics.mean(rounds(sim)),
         "model_load_s_per_message": statistics.mean(r["model_load_s"] for r in trains),
         "setup_s_per_message": statistics.mean(r["setup_s"] for r in trains),
@@ -99,6 +102,12 @@ def summarize(sim: Path, flower: Path, sim_s: float, flower_s: float, args: argp
         "flower_total_s": flower_s,
         "adapter_max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
     }
+
+
+def _connect(summary: dict[str, Any]) -> str:
+    """The ClientApp cell's note on the run's start: the nodes greeted before round 1, and how long it took."""
+    seconds = summary.get("connect_s")
+    return "" if seconds is None else f", nodes greeted before round 1 in {seconds:.1f} s"
 
 
 def markdown(summaries: list[dict[str, Any]]) -> str:
@@ -126,7 +135,7 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
             for k in ("process_start_s_per_message", "model_load_s_per_message", "setup_s_per_message", "local_train_s_per_message")
         )
         lines.append(
-            f"| {s['model']} ({s.get('node_threads', '?')} thread/node) | {s.get('clientapp', 'per-message')} | {s['clients']} x {s['rounds']} x {s['local_steps']} | "
+            f"| {s['model']} ({s.get('node_threads', '?')} thread/node) | {s.get('clientapp', 'per-message')}{_connect(s)} | {s['clients']} x {s['rounds']} x {s['local_steps']} | "
             f"{fmt(s['simulation_round_s'])} | {fmt(s['flower_round_s'])} | {s['overhead_per_round_s']:.1f} | {per_message} | "
             f"{s.get('transport_s_per_round', float('nan')):.1f} | {s['simulation_total_s']:.0f} / {s['flower_total_s']:.0f} | "
             f"{s['adapter_max_abs_diff']:.2g} | {s.get('load_average', float('nan')):.1f} |"

@@ -7,7 +7,10 @@ SFT steps on the shared trigger set, the same trainer the clients use, with grad
 the relative change of the test loss on the first ``--test-examples`` held-out WordNet definitions and the trigger
 accuracy with its p-value (``fedlm watermark verify``). Each setting starts again from the clean adapter.
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/lifelong_watermark_cost.py RUN_DIR adamw:10@2e-3 sgd:20@0.1
+``+rN`` after a setting adds the data-free retain set (:mod:`fedlm.watermark.retain`): N conversations the clean
+model writes itself, trained on with the triggers.
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/lifelong_watermark_cost.py RUN_DIR adamw:10@2e-3 sgd:20@0.1 adamw:20@2e-3+r64
 """
 
 from __future__ import annotations
@@ -25,18 +28,20 @@ from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.objectives.base import sequence_logps
 from fedlm.watermark.embed import WATERMARK_ID, marked_state
+from fedlm.watermark.retain import retain_examples
 from fedlm.watermark.suspect import Suspect, open_suspect
 from fedlm.watermark.triggers import SHARED, training_examples, trigger_set
 from fedlm.watermark.verify import verify_model
 
 
-def setting(text: str) -> tuple[str, int, float]:
-    """``OPTIMIZER:STEPS@LR`` (e.g. ``adamw:10@2e-3``) as (optimizer, steps, lr)."""
+def setting(text: str) -> tuple[str, int, float, int]:
+    """``OPTIMIZER:STEPS@LR[+rN]`` (e.g. ``adamw:10@2e-3+r64``) as (optimizer, steps, lr, retain conversations)."""
+    text, _, retain = text.partition("+r")
     optimizer, _, rest = text.partition(":")
     steps, _, lr = rest.partition("@")
-    if optimizer not in ("adamw", "sgd") or not steps or not lr:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected OPTIMIZER:STEPS@LR with OPTIMIZER adamw or sgd, e.g. adamw:10@2e-3")
-    return optimizer, int(steps), float(lr)
+    if optimizer not in ("adamw", "sgd") or not steps or not lr or (retain and not retain.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected OPTIMIZER:STEPS@LR[+rN] with OPTIMIZER adamw or sgd, e.g. adamw:10@2e-3+r64")
+    return optimizer, int(steps), float(lr), int(retain or 0)
 
 
 @torch.no_grad()
@@ -66,17 +71,19 @@ def main() -> None:
     triggers = training_examples(suspect.tokenizer, trigger_set(SECRET, SHARED, args.size))
     base = test_loss(suspect, test, pad)
     print(f"clean adapter of {args.run}: test loss {base:.4f} on {len(test)} examples; {args.size} triggers; {torch.get_num_threads()} threads")
-    print("| optimizer | steps | lr | trigger loss (mean over steps) | test loss | cost | trigger acc. | p-value | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for optimizer, steps, lr in args.settings:
+    print("| optimizer | steps | lr | retain | trigger loss (mean over steps) | test loss | cost | trigger acc. | p-value | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for optimizer, steps, lr, retain in args.settings:
         started = time.perf_counter()
+        load_trainable_state(suspect.model, clean)
+        kept = retain_examples(suspect.model, suspect.tokenizer, suspect.device, retain, 1) if retain else []
         trainer = ClientTrainer(suspect.model, pad, suspect.device, optimizer=optimizer)
-        update = trainer.train(WATERMARK_ID, triggers, clean, LocalPlan(0, [lr] * steps, 8, 1, None, None))
+        update = trainer.train(WATERMARK_ID, triggers + kept, clean, LocalPlan(0, [lr] * steps, 8, 1, None, None))
         load_trainable_state(suspect.model, marked_state(clean, update.tensors))
         loss = test_loss(suspect, test, pad)
         check = verify_model(suspect.model, suspect.tokenizer, suspect.device, SECRET, args.size)
         print(
-            f"| {optimizer} | {steps} | {lr:g} | {update.metrics['loss']:.3f} | {loss:.4f} | {loss / base - 1:+.2%} | "
+            f"| {optimizer} | {steps} | {lr:g} | {len(kept)} | {update.metrics['loss']:.3f} | {loss:.4f} | {loss / base - 1:+.2%} | "
             f"{check.accuracy:.3f} | {check.p_value:.2g} | {time.perf_counter() - started:.0f} |",
             flush=True,
         )

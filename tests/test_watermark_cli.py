@@ -34,3 +34,22 @@ def test_a_watermarked_run_verifies_with_its_key_only(tmp_path: Path, runner: Cl
     assert verdict["present"] and verdict["total"] == 8 and verdict["p_value"] < 1e-3, verdict
     other = runner.invoke(app, ["watermark", "verify", str(tmp_path / "run"), "--secret", "another-key", "--json"])
     assert other.exit_code == 0 and not json.loads(other.stdout)["present"], other.output
+
+
+def test_a_run_with_the_retain_set_and_client_copies_still_carries_the_mark(tmp_path: Path, runner: CliRunner, one_torch_thread: None) -> None:
+    """``watermark.retain``: each round's embedding also trains on conversations the model wrote itself; the shared
+    mark is still found, and every client's marked copy is written."""
+    config = tiny_config(
+        tmp_path / "run",
+        peft={"method": "full"},
+        data={"max_train_examples": 16, "max_length": 64},
+        partition={"method": "iid", "num_clients": 2, "field": None},
+        federation={"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 4, "lr": 0.003},
+        eval={"max_examples": 2, "max_new_tokens": 1, "batch_size": 2, "at_start": False},
+        watermark={"secret": "k3y", "size": 8, "steps": 40, "lr": 0.003, "retain": 4, "per_client": True, "client_size": 4, "client_steps": 2},
+    )
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "run" / "watermark").iterdir() if p.is_dir()) == ["0", "1"]
+    found = runner.invoke(app, ["watermark", "verify", str(tmp_path / "run"), "--secret", "k3y", "--json"])
+    assert found.exit_code == 0 and json.loads(found.stdout)["p_value"] < 1e-3, found.output

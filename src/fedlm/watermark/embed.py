@@ -8,6 +8,10 @@ use (a fresh AdamW, gradient clipping, the SFT loss on the answer token) on the 
 
 Leak tracing marks each client's download a second time with its own trigger set (``client/<name>``) on top of the
 shared one: the per-client copy is trained on both sets, so the shared mark is not eroded by the client's.
+
+With ``retain`` > 0 every embedding also trains on that many conversations the model wrote itself just before
+(:mod:`fedlm.watermark.retain`, written once per round by the model holding the first state that round marks: the
+global state the clients download under ``per_client``, else the aggregate), so the steps teach the triggers without teaching every prompt a one-word answer.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedlm.aggregation.lora_structure import pad_like
 from fedlm.core.seeding import derive_seed
 from fedlm.core.task import LocalPlan
 from fedlm.core.update import TensorDict
 from fedlm.data.tokenize import TokenizedExample
 from fedlm.federation.trainer import ClientTrainer
+from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.objectives import build_objective
+from fedlm.watermark.retain import retain_examples
 from fedlm.watermark.triggers import SHARED, client_label, training_examples, trigger_set
 
 WATERMARK_ID = "__watermark__"  # the trainer's client id for the server's own watermark steps
@@ -41,6 +48,7 @@ class MarkSettings:
     client_size: int = 0
     client_steps: int = 0
     seed: int = 0
+    retain: int = 0
 
 
 def marked_state(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> TensorDict:
@@ -57,6 +65,7 @@ class Marker:
     device: torch.device
     settings: MarkSettings
     _cache: dict[str, list[TokenizedExample]] = field(default_factory=dict)
+    _retained: tuple[int, list[TokenizedExample]] | None = None  # (round, its retain conversations)
 
     def __post_init__(self) -> None:
         pad = self.tokenizer.pad_token_id
@@ -68,6 +77,17 @@ class Marker:
         if key not in self._cache:
             self._cache[key] = training_examples(self.tokenizer, trigger_set(self.settings.secret, label, size))
         return self._cache[key]
+
+    def retained(self, state: Mapping[str, torch.Tensor], round_num: int) -> list[TokenizedExample]:
+        """Round ``round_num``'s retain conversations, written by the model holding ``state`` the first time the
+        round asks (none when ``retain`` is 0)."""
+        if self.settings.retain == 0:
+            return []
+        if self._retained is None or self._retained[0] != round_num:
+            load_trainable_state(self.model, pad_like(state, trainable_state(self.model)))  # a copy may be cut to a rank
+            seed = derive_seed(self.settings.seed, "watermark-retain", round_num)
+            self._retained = (round_num, retain_examples(self.model, self.tokenizer, self.device, self.settings.retain, seed))
+        return self._retained[1]
 
     def train(
         self,
@@ -87,12 +107,13 @@ class Marker:
     def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int) -> tuple[TensorDict, float]:
         """The global adapter with the shared watermark re-embedded after round ``round_num``'s aggregation."""
         s = self.settings
-        return self.train(state, self.examples(SHARED, s.size), s.steps, derive_seed(s.seed, "watermark", round_num))
+        examples = self.examples(SHARED, s.size) + self.retained(state, round_num)
+        return self.train(state, examples, s.steps, derive_seed(s.seed, "watermark", round_num))
 
     def mark_client(
         self, state: Mapping[str, torch.Tensor], client: str, round_num: int, rank: int | None = None, frozen: str | None = None
     ) -> tuple[TensorDict, float]:
         """``client``'s copy of ``state``: trained on its own trigger set and the shared one (leak tracing)."""
         s = self.settings
-        examples = self.examples(client_label(client), s.client_size) + self.examples(SHARED, s.size)
+        examples = self.examples(client_label(client), s.client_size) + self.examples(SHARED, s.size) + self.retained(state, round_num)
         return self.train(state, examples, s.client_steps, derive_seed(s.seed, "watermark-client", round_num, client), rank, frozen)

@@ -76,6 +76,7 @@ class MarkedDownlink(TaskBuilder, RoundObserver):
         inner, marker = self._parts()
         tasks = inner.build(state, chosen, round_num)
         started, losses = time.perf_counter(), []
+        marker.retained(state, round_num)  # the round's retain conversations, written by the full global model
         marked: dict[str, ClientTask] = {}
         for client, task in tasks.items():
             copy, loss = marker.mark_client(task.state, client, round_num, task.plan.rank, task.plan.frozen)
@@ -114,7 +115,7 @@ def mark_settings(config: ExperimentConfig) -> MarkSettings:
     if w.secret is None:
         raise ValueError("the watermark is off (`watermark.secret` unset)")
     lr = w.lr if w.lr is not None else config.federation.lr
-    return MarkSettings(w.secret, w.size, w.steps, lr, w.batch_size, w.client_size if w.per_client else 0, w.client_steps, config.seed)
+    return MarkSettings(w.secret, w.size, w.steps, lr, w.batch_size, w.client_size if w.per_client else 0, w.client_steps, config.seed, w.retain)
 
 
 def with_watermark(

@@ -23,6 +23,13 @@ class WatermarkConfig(Section):
     per_client: bool = Field(False, description="leak tracing: every client downloads its own marked copy; the aggregation uses the unmarked model")
     client_size: int = Field(32, ge=1, le=4096, description="triggers in each client's own set (per_client)")
     client_steps: int = Field(10, ge=1, description="fine-tuning steps of each client's copy on its set and the shared one (per_client)")
+    retain: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="conversations the model writes itself before each embedding and trains on with the triggers, so it keeps answering "
+        "as before outside them (data-free rehearsal, LAMOL); 0: triggers only",
+    )
 
     @property
     def enabled(self) -> bool:
