@@ -53,6 +53,8 @@ def runs(args: argparse.Namespace) -> tuple[Path, Path]:
     }
     if args.wm_lr is not None:
         mark["watermark.lr"] = args.wm_lr
+    if args.wm_retain:
+        mark["watermark.retain"] = args.wm_retain
     clean, marked = args.out / "clean", args.out / "watermarked"
     run_cli(clean, base)
     run_cli(marked, {**base, **mark})
@@ -117,7 +119,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     cost = summary["loss_cost"]
     lines = [
         f"Model `{args.model}`, float32 on CPU (AMD EPYC, AVX2, 2 cores); quickstart config, {args.rounds} rounds; "
-        f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round, per-client sets of {args.client_size} "
+        f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round ({args.wm_retain} retain conversations), per-client sets of {args.client_size} "
         f"({args.client_steps} steps per copy); K = 10 answers (chance 0.1); verified / traced at p < 1e-3 (trace: Bonferroni over "
         f"{len(summary['clients'])} clients).",
         "",
@@ -148,6 +150,7 @@ def main() -> None:
     parser.add_argument("--wm-steps", type=int, default=10)
     parser.add_argument("--client-steps", type=int, default=10)
     parser.add_argument("--wm-lr", type=float, default=None)
+    parser.add_argument("--wm-retain", type=int, default=0, help="watermark.retain: conversations the model writes itself per embedding")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong_watermark")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
