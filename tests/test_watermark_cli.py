@@ -14,16 +14,21 @@ from typer.testing import CliRunner
 from fedlm.cli import app
 
 
-def test_a_watermarked_run_verifies_with_its_key_only(tmp_path: Path, runner: CliRunner, one_torch_thread: None) -> None:
-    config = tiny_config(
+def _config(tmp_path: Path, clients_per_round: int, **watermark: object) -> dict:
+    """A one-round run of the tiny model, every weight trained, with the server's watermark (key ``k3y``)."""
+    return tiny_config(
         tmp_path / "run",
         peft={"method": "full"},
         data={"max_train_examples": 16, "max_length": 64},
         partition={"method": "iid", "num_clients": 2, "field": None},
-        federation={"rounds": 1, "clients_per_round": 1, "local_steps": 1, "batch_size": 4, "lr": 0.003},
+        federation={"rounds": 1, "clients_per_round": clients_per_round, "local_steps": 1, "batch_size": 4, "lr": 0.003},
         eval={"max_examples": 2, "max_new_tokens": 1, "batch_size": 2, "at_start": False},
-        watermark={"secret": "k3y", "size": 8, "steps": 30, "lr": 0.003},
+        watermark={"secret": "k3y", "size": 8, "lr": 0.003, **watermark},
     )
+
+
+def test_a_watermarked_run_verifies_with_its_key_only(tmp_path: Path, runner: CliRunner, one_torch_thread: None) -> None:
+    config = _config(tmp_path, 1, steps=30)
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
     assert result.exit_code == 0, result.output
     aggregate = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"aggregate"' in line)
@@ -39,15 +44,7 @@ def test_a_watermarked_run_verifies_with_its_key_only(tmp_path: Path, runner: Cl
 def test_a_run_with_the_retain_set_and_client_copies_still_carries_the_mark(tmp_path: Path, runner: CliRunner, one_torch_thread: None) -> None:
     """``watermark.retain``: each round's embedding also trains on conversations the model wrote itself; the shared
     mark is still found, and every client's marked copy is written."""
-    config = tiny_config(
-        tmp_path / "run",
-        peft={"method": "full"},
-        data={"max_train_examples": 16, "max_length": 64},
-        partition={"method": "iid", "num_clients": 2, "field": None},
-        federation={"rounds": 1, "clients_per_round": 2, "local_steps": 1, "batch_size": 4, "lr": 0.003},
-        eval={"max_examples": 2, "max_new_tokens": 1, "batch_size": 2, "at_start": False},
-        watermark={"secret": "k3y", "size": 8, "steps": 40, "lr": 0.003, "retain": 4, "per_client": True, "client_size": 4, "client_steps": 2},
-    )
+    config = _config(tmp_path, 2, steps=40, retain=4, per_client=True, client_size=4, client_steps=2)
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "run" / "watermark").iterdir() if p.is_dir()) == ["0", "1"]
