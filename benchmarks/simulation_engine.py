@@ -87,7 +87,8 @@ def markdown(summaries: list[dict[str, Any]]) -> str:
         "Ray backend, one-core workers training clients in parallel) and on `runtime: simulation` (in-process, the clients "
         "one after the other with as many torch threads as workers), float32, this 2-core AMD EPYC (AVX2, no AVX512-BF16); "
         "evaluation only after the last round. Whole run: process start to exit. Round 1 on the engine includes the "
-        "workers' start-up (imports, base-model load).",
+        "workers' first base-model load; their imports happen at the handshake, which the server does before round 1 "
+        "(its `connected` record); rows measured before 2026-12-02 count the imports in round 1 too.",
         "",
         "| model | clients x rounds x local steps | workers | whole run sim / engine (s) | simulation s/round | engine s/round | "
         "base-model loads on the engine (s each) | local training s/client on the engine | adapter max diff |",
