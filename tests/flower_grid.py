@@ -28,6 +28,7 @@ class InMemoryGrid(Grid):
     run_config: dict
     faults: dict[int, Fault] = field(default_factory=dict)  # node id -> fault
     received: list[tuple[int, RecordDict]] = field(default_factory=list)
+    sent: list[tuple[int, RecordDict]] = field(default_factory=list)  # every message the server sent (node, content)
     contexts: dict[int, Context] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,7 @@ class InMemoryGrid(Grid):
         for msg in messages:
             node = msg.metadata.dst_node_id
             delivered = Message(metadata=msg.metadata, content=wire.from_bytes(wire.to_bytes(msg.content)))
+            self.sent.append((node, delivered.content))
             reply = self.app(delivered, self.contexts[node])
             if not reply.has_error() and node in self.faults and HEAD in reply.content.config_records:
                 round_num, stage, index, _ = head(reply.content)

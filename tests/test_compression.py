@@ -18,7 +18,7 @@ from safetensors.torch import load, load_file, save
 
 from fedlm.cli import app as cli
 from fedlm.compression.codec import Codec
-from fedlm.compression.downlink import advance_replica
+from fedlm.compression.downlink import advance_replica, apply_message
 from fedlm.compression.feedback import compress
 from fedlm.compression.quantize import levels, pack_bits, packed_length, quantize_decode, quantize_encode, unpack_bits
 from fedlm.compression.topk import index_dtype, kept_count, topk_decode, topk_encode
@@ -124,7 +124,7 @@ def test_downlink_topk_replica_reaches_a_fixed_model_after_ceil_one_over_ratio_r
     codec = Codec("topk", ratio=0.1)
     for t in range(10):
         assert not torch.equal(replica["a"], w["a"])
-        replica, size = advance_replica(codec, w, replica, torch_generator(t))
+        replica, _ = advance_replica(codec, w, replica, torch_generator(t))
         assert int((replica["a"] != w["a"]).sum()) == 200 - 20 * (t + 1)
     assert torch.equal(replica["a"], w["a"])
 
@@ -136,11 +136,13 @@ def test_a_client_replaying_the_serialised_messages_holds_the_servers_replica_bi
     for t in range(4):
         w = {n: torch.randn(x.shape, generator=torch_generator(10 + t)) for n, x in server.items()}
         difference = {n: w[n] - server[n] for n in w}
+        server_before = server
         blob = save(codec.encode(difference, torch_generator(t)))  # what travels
-        server, size = advance_replica(codec, w, server, torch_generator(t))
-        assert size == len(blob)
+        server, message = advance_replica(codec, w, server, torch_generator(t))
+        assert len(save(message)) == len(blob)
         decoded = codec.decode(load(blob), {n: tuple(x.shape) for n, x in client.items()})
         client = {n: client[n] + decoded[n] for n in client}
+        assert all(torch.equal(client[n], x) for n, x in apply_message(codec, server_before, load(blob)).items())
     assert all(torch.equal(client[n], server[n]) for n in server)
 
 
@@ -203,8 +205,12 @@ def _config(**sections: Any) -> dict[str, Any]:
         ),
         ({"compression": {"uplink": {"method": "quantize", "bits": 4}}, "privacy": {"secure_aggregation": {}}}, "quantization_bits"),
         (
-            {"compression": {"downlink": {"method": "quantize", "bits": 4}}, "federation": {"runtime": "flower"}},
-            "not built for `federation.runtime: flower`",
+            {
+                "compression": {"downlink": {"method": "quantize", "bits": 4}},
+                "federation": {"runtime": "flower"},
+                "peft": {"client_ranks": [2, 4, 4]},
+            },
+            "each node keeps the full replica",
         ),
         ({"compression": {"downlink": {"method": "topk", "ratio": 0.1, "error_feedback": False}}}, "what one round drops is sent in a later one"),
         ({"compression": {"uplink": {"method": "topk"}}}, "`ratio` is required"),

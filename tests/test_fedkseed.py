@@ -90,7 +90,7 @@ def test_malformed_pairs_are_rejected_with_the_reason() -> None:
         ({"privacy": {"sample_dp": {"noise_multiplier": 1.0}}}, "DP-SGD clips and noises per-example gradients"),
         ({"privacy": {"secure_aggregation": {}}}, "replay each client's own"),
         ({"aggregation": {"name": "scaffold"}}, "runs no client-side hooks"),
-        ({"federation": {"runtime": "flower"}}, "not built for `federation.runtime: flower`"),
+        ({"federation": {"runtime": "flower", "client_processes": 2}}, "runs each client on one process"),
         ({"compression": {"uplink": {"method": "topk", "ratio": 0.1}}}, "remove `compression.uplink`"),
         ({"aggregation": {"name": "fedadam"}}, "`federation.fedkseed.downlink: seeds` cannot run here"),
         ({"privacy": {"client_dp": {"noise_multiplier": 0.5, "clip": 0.1}}}, "client DP's noise"),

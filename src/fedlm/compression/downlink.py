@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fedlm.aggregation.lora_structure import wire_form
+from fedlm.compression.catch_up import forget_failed, forget_on_start, sync_tasks
 from fedlm.compression.codec import Codec, shapes_of
 from fedlm.compression.traffic import record_sizes
 from fedlm.core.round import RoundObserver, RoundRecord
@@ -43,6 +43,10 @@ class DownlinkState:
     replica: TensorDict
     message_bytes: dict[int, int] = field(default_factory=dict)  # round -> bytes of m_t
     synced: dict[str, int] = field(default_factory=dict)  # client -> last round it received (0: the initial adapter)
+    # Clients on other machines (Flower): the messages themselves, kept for the clients' catch-up (not checkpointed;
+    # a message no longer kept means that client gets the dense model, see :mod:`fedlm.compression.catch_up`).
+    keep_messages: bool = False
+    messages: dict[int, TensorDict] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and integers only (saved in the checkpoint)."""
@@ -61,12 +65,17 @@ class DownlinkState:
 
 def advance_replica(
     codec: Codec, state: Mapping[str, torch.Tensor], replica: Mapping[str, torch.Tensor], generator: torch.Generator
-) -> tuple[TensorDict, int]:
-    """(R_t, bytes of m_t): the replica after the message that encodes ``state - replica``."""
+) -> tuple[TensorDict, TensorDict]:
+    """(R_t, m_t): the replica after the message that encodes ``state - replica``, and the message."""
     difference = {n: state[n].to(torch.float32) - replica[n].to(torch.float32) for n in state}
     message = codec.encode(difference, generator)
-    decoded = codec.decode(message, shapes_of(difference))
-    return {n: (replica[n].to(torch.float32) + decoded[n]).to(replica[n].dtype) for n in replica}, serialized_bytes(message)
+    return apply_message(codec, replica, message), message
+
+
+def apply_message(codec: Codec, replica: Mapping[str, torch.Tensor], message: Mapping[str, torch.Tensor]) -> TensorDict:
+    """R_t = R_{t-1} + decode(m_t), in float32 and cast back: the server's step and every client's replay of it."""
+    decoded = codec.decode(message, shapes_of(replica))
+    return {n: (replica[n].to(torch.float32) + decoded[n]).to(replica[n].dtype) for n in replica}
 
 
 @dataclass
@@ -86,15 +95,16 @@ class CompressedDownlink(TaskBuilder, RoundObserver):
         down = self.downlink
         if round_num not in down.message_bytes:  # a retried or resumed round does not broadcast twice
             generator = torch_generator(derive_seed(self.seed, "downlink-compression", round_num))
-            down.replica, down.message_bytes[round_num] = advance_replica(self.codec, state, down.replica, generator)
+            down.replica, message = advance_replica(self.codec, state, down.replica, generator)
+            down.message_bytes[round_num] = serialized_bytes(message)
+            if down.keep_messages:
+                down.messages[round_num] = message
         tasks = super().build(down.replica, chosen, round_num)
-        for client, task in tasks.items():
-            missed = sum(size for r, size in down.message_bytes.items() if down.synced.get(client, 0) < r <= round_num)
-            extras = wire_form(task.context.extras, task.plan.rank)
-            dense = serialized_bytes(wire_form(task.state, task.plan.rank), extras)
-            self.sent[(round_num, client)] = min(dense, missed + (serialized_bytes(extras) if extras else 0))
-            down.synced[client] = round_num
-        return tasks
+        return sync_tasks(tasks, down, "codec", round_num, self.sent)
+
+    def on_start(self, state: TensorDict, start_round: int) -> None:
+        forget_on_start(self.downlink)
 
     def on_round(self, record: RoundRecord) -> None:
+        forget_failed(self.downlink, record)
         self.sent = record_sizes(record, self.sent, "download")

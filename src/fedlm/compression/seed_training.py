@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from fedlm.aggregation.lora_structure import wire_form
 from fedlm.aggregation.weights import example_weights
+from fedlm.compression.catch_up import forget_failed, forget_on_start, sync_tasks
 from fedlm.compression.downlink import DownlinkState
 from fedlm.compression.fedkseed import COEFFICIENT, GRADIENT, SEED_INDEX, as_float32, perturbation, replay, seedwise_step, shifted, step
 from fedlm.compression.traffic import record_sizes
@@ -166,6 +166,8 @@ class SeedwiseFedAvg:
         }
         new = seedwise_step(state, self.replay.seeds, indices, [float(c) for c in message[COEFFICIENT]])
         self.downlink.message_bytes[round_num] = serialized_bytes(message)
+        if self.downlink.keep_messages:
+            self.downlink.messages[round_num] = message
         self.last_message = message
         return AggregateOutcome(
             new, False, {"num_updates": float(len(accepted)), "seed_message_bytes": float(self.downlink.message_bytes[round_num])}
@@ -185,16 +187,12 @@ class SeedDownlink(TaskBuilder, RoundObserver):
         """Every chosen client's task from the global state; its download is the lists it misses."""
         if self.downlink is None:
             raise ValueError("SeedDownlink needs its state")
-        down = self.downlink
-        tasks = super().build(state, chosen, round_num)
-        for client, task in tasks.items():
-            held = down.synced.get(client, 0)  # the rounds whose lists it has applied (0: the initial adapter)
-            lists = sum(size for r, size in down.message_bytes.items() if held < r < round_num)
-            extras = wire_form(task.context.extras, task.plan.rank)
-            dense = serialized_bytes(wire_form(task.state, task.plan.rank), extras)
-            self.sent[(round_num, client)] = min(dense, lists + (serialized_bytes(extras) if extras else 0))
-            down.synced[client] = round_num - 1
-        return tasks
+        # down.synced: the rounds whose lists a client has applied (0: the initial adapter)
+        return sync_tasks(super().build(state, chosen, round_num), self.downlink, "seeds", round_num - 1, self.sent)
+
+    def on_start(self, state: TensorDict, start_round: int) -> None:
+        forget_on_start(self.downlink)
 
     def on_round(self, record: RoundRecord) -> None:
+        forget_failed(self.downlink, record)
         self.sent = record_sizes(record, self.sent, "download")

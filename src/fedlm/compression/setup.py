@@ -39,20 +39,29 @@ def round_aggregator(aggregator: Aggregator) -> Aggregator:
 
 
 def task_builder(
-    config: ExperimentConfig, aggregator: Aggregator, lora: LoraMode, ranks: Mapping[str, int | None], initial_state: TensorDict
+    config: ExperimentConfig,
+    aggregator: Aggregator,
+    lora: LoraMode,
+    ranks: Mapping[str, int | None],
+    initial_state: TensorDict,
+    clients_here: bool = True,
 ) -> TaskBuilder:
     """The round's task builder: with ``compression.downlink``, the one that broadcasts the compressed change and
-    builds the tasks from the clients' replica (its state kept in ``aggregator``, a :class:`WithCompressionState`)."""
+    builds the tasks from the clients' replica (its state kept in ``aggregator``, a :class:`WithCompressionState`).
+    Clients elsewhere (``clients_here`` False: Flower SuperNodes) keep their own replica, so the broadcast messages
+    travel in their tasks (:mod:`fedlm.compression.catch_up`)."""
     section = config.compression.downlink
     inner = round_aggregator(aggregator)
     if _seed_downlink(config) and isinstance(aggregator, WithCompressionState):
         if aggregator.downlink is None:
             aggregator.downlink = DownlinkState({})
+        aggregator.downlink.keep_messages = not clients_here
         return SeedDownlink(config, inner, lora, ranks, aggregator.downlink)
     if section is None or not isinstance(aggregator, WithCompressionState):
         return TaskBuilder(config, inner, lora, ranks)
     if aggregator.downlink is None:
         aggregator.downlink = DownlinkState(dict(initial_state))
+    aggregator.downlink.keep_messages = not clients_here
     return CompressedDownlink(config, inner, lora, ranks, Codec.from_config(section), config.seed, aggregator.downlink)
 
 

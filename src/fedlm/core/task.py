@@ -95,9 +95,26 @@ class LocalPlan:
 
 
 @dataclass(frozen=True)
+class ReplicaSync:
+    """How a client's copy of the global model follows a broadcast downlink (``compression.downlink``, FedKSeed's
+    seed lists) when the client lives on another machine: the task's state is the replica after round ``through``;
+    the client rebuilds it from its own replica of round ``since`` and the ``messages`` of the rounds in between
+    (``since`` None: the state travels dense). ``digest`` is the SHA-256 of the state, so a client can tell that it
+    rebuilt the server's replica bit for bit; ``kind`` says how a message advances a replica ("codec" or "seeds")."""
+
+    kind: str
+    through: int
+    digest: str
+    since: int | None = None
+    messages: Mapping[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ClientTask:
-    """Everything a client receives for a round: the plan, the adapter state to start from, algorithm extras."""
+    """Everything a client receives for a round: the plan, the adapter state to start from, algorithm extras, and
+    (a broadcast downlink to clients on other machines) how the client rebuilds the state from its own replica."""
 
     plan: LocalPlan
     state: Mapping[str, torch.Tensor]
     context: ClientContext
+    replica: ReplicaSync | None = None

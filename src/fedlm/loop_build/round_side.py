@@ -48,7 +48,7 @@ def tasks(ctx: LoopContext, parts: LoopParts) -> None:
     session, config = ctx.session, ctx.session.config
     parts.lora = build_lora_mode(config.aggregation.lora, session.initial_state, config.peft.r)
     parts.ranks = resolve_client_ranks(config.peft.client_ranks, ctx.names, config.peft.r)
-    parts.tasks = task_builder(config, ctx.saved, parts.lora, parts.ranks, session.initial_state)
+    parts.tasks = task_builder(config, ctx.saved, parts.lora, parts.ranks, session.initial_state, ctx.clients_here)
     if isinstance(parts.tasks, RoundObserver):
         parts.observers = [parts.tasks, *parts.observers]
 

@@ -26,7 +26,8 @@ from fedlm.config.rules.adapters import (
 )
 from fedlm.config.rules.aggregation import aggregator_accepts_config, attack_parameters_valid, attackers_within_bounds
 from fedlm.config.rules.compression import (
-    compression_downlink_in_the_simulation,
+    broadcast_downlink_fits_the_nodes,
+    compression_downlink_error_feedback,
     fedkseed_fits_the_run,
     uplink_compression_not_under_secure_aggregation,
 )
@@ -131,7 +132,8 @@ LOAD_RULES: tuple[Rule, ...] = (
     client_processes_split_a_plain_batch,
     personalization_runs_in_the_simulation,
     personalization_fits_the_adapter,
-    compression_downlink_in_the_simulation,
+    broadcast_downlink_fits_the_nodes,
+    compression_downlink_error_feedback,
     uplink_compression_not_under_secure_aggregation,
     fedkseed_fits_the_run,
     simulation_engine_fits_this_machine,

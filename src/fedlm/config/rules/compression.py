@@ -10,18 +10,26 @@ from fedlm.core.errors import FedlmError
 # ------------------------------------------------------------------------------------------ update compression
 
 
-def compression_downlink_in_the_simulation(s: Setting) -> None:
-    """Downlink compression keeps the clients' replica of the global model on the server; over Flower each node
-    would have to keep and advance its own replica, which is not built, so the option is refused there."""
+def broadcast_downlink_fits_the_nodes(s: Setting) -> None:
+    """Over Flower each node keeps its own full replica of the global model and advances it with the broadcast
+    messages (``compression.downlink``, FedKSeed's seed lists); a client of a lower LoRA rank is sent the model cut
+    to its rank, from which it could not keep the full replica."""
+    c = s.config
+    seeds = c.federation.algorithm == "fedkseed" and c.federation.fedkseed.downlink == "seeds"
+    if c.federation.runtime == "simulation" or not c.peft.client_ranks or (c.compression.downlink is None and not seeds):
+        return
+    what = "`compression.downlink`" if c.compression.downlink is not None else "`federation.fedkseed.downlink: seeds`"
+    raise FedlmError(
+        f"{what} cannot run with `peft.client_ranks` over `federation.runtime: {c.federation.runtime}`: each node keeps the full "
+        "replica of the global model, and a client of a lower rank only receives the model cut to its rank; remove one of them"
+    )
+
+
+def compression_downlink_error_feedback(s: Setting) -> None:
+    """The downlink always carries the server's error feedback: ``error_feedback: false`` is refused."""
     down = s.config.compression.downlink
     if down is None:
         return
-    if s.config.federation.runtime != "simulation":
-        raise FedlmError(
-            f"`compression.downlink` is not built for `federation.runtime: {s.config.federation.runtime}` yet: each node would have to "
-            "keep and advance its own replica of the global model; use it in the simulation, or remove it "
-            "(`compression.uplink` runs over Flower)"
-        )
     if down.error_feedback is False:
         raise FedlmError(
             "`compression.downlink.error_feedback: false` is not an option: the server encodes the difference between "
@@ -64,10 +72,6 @@ def fedkseed_fits_the_run(s: Setting) -> None:
         raise FedlmError(f"{prefix} cannot run under `{SECAGG}`: the server must replay each client's own (seed, gradient) pairs")
     if config.compression.uplink is not None:
         raise FedlmError(f"{prefix} uploads a few bytes per step already; remove `compression.uplink`")
-    if config.federation.runtime != "simulation":
-        raise FedlmError(
-            f"{prefix} is not built for `federation.runtime: {config.federation.runtime}` yet (the node trains with gradients); use the simulation"
-        )
     if config.federation.client_processes > 1:
         raise FedlmError(f"{prefix} runs each client on one process; set `federation.client_processes: 1`")
     if config.peft.client_ranks:

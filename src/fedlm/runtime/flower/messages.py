@@ -20,12 +20,13 @@ from safetensors.torch import load, save
 from fedlm.aggregation.lora_structure import pad_like, wire_form
 from fedlm.config.io import config_to_dict, flatten_keys
 from fedlm.config.schema import ExperimentConfig
-from fedlm.core.task import ClientContext, ClientTask, LocalPlan
+from fedlm.core.task import ClientContext, ClientTask, LocalPlan, ReplicaSync
 from fedlm.core.update import ClientUpdate, TensorDict
 
 HELLO, TRAIN = "query.fedlm_hello", "train"  # message types: node -> client name handshake; one round's training
 PERSONAL_EVAL = "query.fedlm_personal_eval"  # after the last round: the final global adapter -> the node's personal records
 META = "meta"
+REPLICA_MESSAGE = "replica_round_"  # + round: one downlink message of a node's catch-up (its own safetensors blob)
 # Keys that may differ between the server's and a node's config: where outputs go, the server-only evaluation, and
 # each machine's own hardware (its device; checkpointing trades memory for compute without changing the math).
 _LOCAL_KEYS = (
@@ -111,17 +112,33 @@ def task_content(client_id: str, task: ClientTask, config: ExperimentConfig, ext
         "rank": rank,
         "frozen": plan.frozen,
     }
-    return _with_meta(values, state=pack_tensors(wire_form(task.state, rank)), extras=pack_tensors(wire_form(task.context.extras, rank)))
+    state = wire_form(task.state, rank)
+    arrays = {"extras": pack_tensors(wire_form(task.context.extras, rank))}
+    sync = task.replica
+    if sync is not None:  # a broadcast downlink: the messages since the node's replica instead of the state
+        values["replica"] = {"kind": sync.kind, "through": sync.through, "digest": sync.digest, "since": sync.since}
+        if sync.since is not None:
+            state = {}
+            values["replica"]["rounds"] = sorted(sync.messages)
+            arrays.update({f"{REPLICA_MESSAGE}{r}": pack_tensors(sync.messages[r]) for r in sorted(sync.messages)})
+    return _with_meta(values, state=pack_tensors(state), **arrays)
 
 
 def task_from_content(content: RecordDict, memory: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> tuple[str, str, ClientTask]:
     """(client id, config hash, task) of a train message; ``memory`` is the node's own, kept between rounds;
-    ``like`` holds the full-rank shapes (the node's own adapter state)."""
+    ``like`` holds the full-rank shapes (the node's own adapter state). Under a broadcast downlink the task's
+    :class:`ReplicaSync` says how the node rebuilds the state (empty then) from its replica."""
     m = meta(content)
     plan = LocalPlan(int(m["round"]), [float(x) for x in m["lrs"]], int(m["batch_size"]), int(m["seed"]), m["rank"], m.get("frozen"))
     extras = pad_like(unpack_tensors(content.array_records["extras"]), like)
     context = ClientContext(m["client_id"], plan.round, extras, dict(memory), plan.rank)
-    return m["client_id"], m["config_hash"], ClientTask(plan, pad_like(unpack_tensors(content.array_records["state"]), like), context)
+    sync = m.get("replica")
+    replica = None
+    if sync is not None:
+        messages = {int(r): unpack_tensors(content.array_records[f"{REPLICA_MESSAGE}{r}"]) for r in sync.get("rounds", [])}
+        replica = ReplicaSync(str(sync["kind"]), int(sync["through"]), str(sync["digest"]), sync["since"], messages)
+    state = pad_like(unpack_tensors(content.array_records["state"]), like)
+    return m["client_id"], m["config_hash"], ClientTask(plan, state, context, replica)
 
 
 def update_content(update: ClientUpdate, rank: int | None) -> RecordDict:

@@ -14,7 +14,7 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 
-from fedlm.compression.setup import uplink_codec
+from fedlm.compression.setup import seed_trainer, uplink_codec
 from fedlm.compression.uplink import encode_on_client
 from fedlm.config.schema import ExperimentConfig
 from fedlm.core.errors import FedlmError
@@ -22,6 +22,7 @@ from fedlm.core.task import ClientTask
 from fedlm.core.update import ClientUpdate
 from fedlm.runtime.flower import node_cache
 from fedlm.runtime.flower.messages import config_hash, pack_tensors, task_from_content, unpack_tensors
+from fedlm.runtime.flower.node_replica import synced_task
 from fedlm.runtime.flower.task_clock import task_pull_s, task_started_at
 
 MEMORY = "fedlm_memory"
@@ -54,9 +55,10 @@ def train_on_node(content: RecordDict, context: Context) -> LocalRound:
         raise FedlmError("the node's config differs from the server's (config hash); restart the node with the server's config")
     if wanted != client:
         raise FedlmError(f"this node serves client {client}, not {wanted}")
+    task = synced_task(task, context, config, session.initial_state)  # a broadcast downlink: from the node's replica
     aggregator = session.aggregator()
     aggregator.start(session.data.client_names)
-    trainer = session.trainer(aggregator.trainer_hooks())
+    trainer = seed_trainer(session.trainer(aggregator.trainer_hooks()), config)  # fedkseed: zeroth-order steps
     if config.federation.client_processes > 1:  # one client on several processes: rank 0 here talks to the server
         trainer = _processes(config, client, session).trainer(trainer)
     setup_s = time.perf_counter() - started
