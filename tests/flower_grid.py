@@ -29,7 +29,9 @@ class InMemoryGrid(Grid):
     faults: dict[int, Fault] = field(default_factory=dict)  # node id -> fault
     received: list[tuple[int, RecordDict]] = field(default_factory=list)
     sent: list[tuple[int, RecordDict]] = field(default_factory=list)  # every message the server sent (node, content)
+    latency: dict[int, int] = field(default_factory=dict)  # node id -> pulls before a pushed message's reply is ready
     contexts: dict[int, Context] = field(init=False)
+    pending: dict[str, tuple[Message, int]] = field(default_factory=dict)  # pushed message id -> (message, pulls left)
 
     def __post_init__(self) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -48,11 +50,29 @@ class InMemoryGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return list(self.contexts)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Queue each message (its id set as Flower's grid does); its node answers after ``latency`` pulls."""
+        ids = []
+        for msg in messages:
+            message_id = f"m{len(self.sent) + len(self.pending) + 1}"
+            msg.metadata.__dict__["_message_id"] = message_id
+            self.pending[message_id] = (msg, self.latency.get(msg.metadata.dst_node_id, 0))
+            ids.append(message_id)
+        return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[str]:  # noqa: D102
-        raise NotImplementedError
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies that are ready, in the order asked; each other pending message is one pull closer."""
+        replies: list[Message] = []
+        for message_id in list(message_ids):
+            if message_id not in self.pending:
+                continue
+            msg, left = self.pending[message_id]
+            if left > 0:
+                self.pending[message_id] = (msg, left - 1)
+                continue
+            del self.pending[message_id]
+            replies.extend(self.send_and_receive([msg]))
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Every message handled by its node's ClientApp, in order; faults applied to the replies."""

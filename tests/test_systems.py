@@ -321,7 +321,11 @@ def _raw(**sections: dict[str, Any]) -> dict[str, Any]:
         ),
         ({"systems": {"mode": "fedbuff", "fedbuff": {"concurrency": 5}}}, r"`systems.fedbuff.concurrency` must be <= the number of clients \(4\)"),
         ({"federation": {"round_deadline_s": 5}}, r"`federation.round_deadline_s` needs a `systems` section"),
-        ({"systems": {}, "federation": {"runtime": "flower"}}, r"`systems` .* is built for `federation.runtime: simulation` only"),
+        ({"systems": {}, "federation": {"runtime": "flower"}}, r"`systems.mode: sync` \(the simulated clock and deadlines\) is built for"),
+        (
+            {"systems": {"mode": "fedbuff", "slow_clients": 1}, "federation": {"runtime": "flower"}},
+            r"`systems.slow_clients` describe simulated devices; over `federation.runtime: flower` the devices are real",
+        ),
         (
             {"systems": {"late_clients": "partial"}, "federation": {"round_deadline_s": 5, "algorithm": "fedkseed"}},
             r"late_clients: partial` cannot run with",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fedlm.attacks.harness import AttackedRuntime
 from fedlm.compression.setup import compressed_uplink, round_aggregator, seed_replay, seed_trainer
 from fedlm.continual.setup import continual_side
+from fedlm.core.errors import FedlmError
 from fedlm.federation.observers.client_state import spill_client_states
 from fedlm.loop_build.parts import LoopContext, LoopParts
 from fedlm.personalization.setup import personalize
@@ -102,7 +103,16 @@ def attack(ctx: LoopContext, parts: LoopParts) -> None:
 
 
 def systems(ctx: LoopContext, parts: LoopParts) -> None:
-    """``systems``: device profiles, the simulated clock, deadlines, FedBuff; its observers after the others."""
-    parts.systems = build_systems(ctx.session.config, ctx.names, ctx.log)
+    """``systems``: device profiles, the simulated clock, deadlines, FedBuff; its observers after the others. On a
+    deployment FedBuff sends and waits for real devices (the runtime's ``asynchronous`` capability)."""
+    dispatch = None
+    if not ctx.clients_here and ctx.session.config.systems is not None:
+        capability = getattr(parts.built_runtime, "asynchronous", None)
+        if not callable(capability):
+            raise FedlmError(
+                f"`systems.mode: fedbuff` needs a runtime that sends one client's task at a time; {type(parts.built_runtime).__name__} does not"
+            )
+        dispatch = capability()
+    parts.systems = build_systems(ctx.session.config, ctx.names, ctx.log, dispatch)
     if parts.systems is not None:
         parts.runtime, parts.observers = parts.systems.runtime(parts.built_runtime), [*parts.observers, *parts.systems.observers()]

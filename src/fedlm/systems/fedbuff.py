@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fedlm.aggregation.lora_structure import wire_form
 from fedlm.core.errors import FedlmError
@@ -49,13 +50,30 @@ class FedBuffSettings:
     max_staleness: int | None = None
 
 
+class Dispatch(Protocol):
+    """What FedBuff needs from a deployment whose clients train on real devices (a runtime's ``asynchronous``
+    capability, e.g. :class:`~fedlm.runtime.flower.dispatch.FlowerDispatch`)."""
+
+    def serving(self) -> set[str]:
+        """The clients that can be started now."""
+        ...
+
+    def start(self, client: str, task: ClientTask) -> ClientFailure | None:
+        """Send ``task`` to ``client``; its failure if it could not be sent."""
+        ...
+
+    def arrivals(self) -> list[ClientUpdate | ClientFailure]:
+        """Block until at least one client in flight has answered; the results in arrival order."""
+        ...
+
+
 @dataclass
 class _Flight:
     """A client's task in flight: what it started from, what it will send, when it started and finishes."""
 
     task: ClientTask
     version: int  # server steps done when it started
-    result: ClientUpdate | ClientFailure
+    result: ClientUpdate | ClientFailure | None  # None: on a real device, not arrived yet
     started: float
     seconds: float
 
@@ -69,6 +87,7 @@ class FedBuffLoop(ServerLoop):
     settings: FedBuffSettings = field(default_factory=lambda: FedBuffSettings(1, 1))
     availability: Availability = field(default_factory=AlwaysOnline)
     clock: SimClock = field(default_factory=SimClock)
+    dispatch: Dispatch | None = None  # clients on real devices (Flower): arrivals in wall-clock order, no simulated clock
 
     def run(self, state: TensorDict, start_round: int) -> TensorDict:
         """``rounds`` server steps from ``state``; refuses to resume (clients in flight are not checkpointed)."""
@@ -80,6 +99,8 @@ class FedBuffLoop(ServerLoop):
         for observer in [*self.round.observers, *self.milestones]:
             observer.on_start(state, start_round)
         self.clock.wall_started = time.perf_counter()
+        if self.dispatch is not None:
+            return _DeployedRun(self, state, self.dispatch).run()
         return _AsyncRun(self, state).run()
 
     def run_round(self, state: TensorDict, round_num: int) -> TensorDict:
@@ -88,6 +109,8 @@ class FedBuffLoop(ServerLoop):
 
 class _AsyncRun:
     """The event loop of one FedBuff run: the clients in flight, the buffer, the idle clients."""
+
+    seconds_key = "client_sim_seconds"  # a client's time from start to arrival, in each update's metrics
 
     def __init__(self, loop: FedBuffLoop, state: TensorDict) -> None:
         self.loop, self.state, self.version = loop, state, 0
@@ -114,6 +137,8 @@ class _AsyncRun:
     def arrive(self, client: str) -> None:
         """``client``'s result reaches the server; a full buffer makes a server step."""
         flight = self.flights.pop(client)
+        if flight.result is None:
+            raise RuntimeError(f"FedBuff: client {client} arrived without a result")
         if isinstance(flight.result, ClientFailure):
             self.failures.append(flight.result)
             self.idle.append(client)
@@ -137,12 +162,16 @@ class _AsyncRun:
             client = random.Random(derive_seed(self.loop.round.seed, "fedbuff-pick", self.dispatches)).choice(online)
             self.dispatch(client, now)
 
-    def dispatch(self, client: str, now: float) -> None:
-        """Start ``client`` from the current global model; its result is computed now and arrives when it finishes."""
+    def task(self, client: str) -> ClientTask:
+        """``client``'s task from the current global model, its local seed drawn from the dispatch number."""
         round_ = self.loop.round
         task = round_.tasks.build(self.state, [client], self.version + 1)[client]
-        task = dataclasses.replace(task, plan=dataclasses.replace(task.plan, seed=derive_seed(round_.seed, "fedbuff-local", self.dispatches, client)))
-        (result,) = round_.runtime.train_clients({client: task})
+        return dataclasses.replace(task, plan=dataclasses.replace(task.plan, seed=derive_seed(round_.seed, "fedbuff-local", self.dispatches, client)))
+
+    def dispatch(self, client: str, now: float) -> None:
+        """Start ``client`` from the current global model; its result is computed now and arrives when it finishes."""
+        task = self.task(client)
+        (result,) = self.loop.round.runtime.train_clients({client: task})
         rank = task.plan.rank
         down = serialized_bytes(wire_form(task.state, rank), wire_form(task.context.extras, rank))
         up = serialized_bytes(wire_form(result.tensors, rank), wire_form(result.extras, rank)) if isinstance(result, ClientUpdate) else 0
@@ -166,7 +195,7 @@ class _AsyncRun:
                 results.append(ClientFailure(client, round_num, f"too stale: {staleness} server steps > max_staleness {settings.max_staleness}"))
                 continue
             weights[client] = staleness_weight(staleness, settings.staleness_exponent)
-            metrics = {**update.metrics, "staleness": float(staleness), "staleness_weight": weights[client], "client_sim_seconds": flight.seconds}
+            metrics = {**update.metrics, "staleness": float(staleness), "staleness_weight": weights[client], self.seconds_key: flight.seconds}
             tensors = {name: t * weights[client] for name, t in update.tensors.items()}
             results.append(dataclasses.replace(update, round=round_num, tensors=tensors, metrics=metrics))
         chosen = [client for client, _, _ in self.buffer]
@@ -179,9 +208,71 @@ class _AsyncRun:
             round_num, chosen, tasks, received, accepted, failures, self.state, outcome.state, outcome.skipped,
             {**outcome.metrics, "staleness": {c: self.version - f.version for c, f, _ in self.buffer}}, wall - self.last_wall, outcome.protocol_bytes,
         )  # fmt: skip
-        record.fields.update(sim_seconds=loop.clock.now, wall_seconds=loop.clock.wall_seconds(), in_flight=len(self.flights))
+        record.fields.update(self.clock_fields())
         for observer in [*loop.round.observers, *loop.milestones]:
             observer.on_round(record)
         self.state, self.version, self.last_wall = outcome.state, round_num, wall
         self.idle.extend(chosen)
         self.buffer, self.failures = [], []
+
+    def clock_fields(self) -> dict[str, float]:
+        """The step's time fields in ``metrics.jsonl``."""
+        return {"sim_seconds": self.loop.clock.now, "wall_seconds": self.loop.clock.wall_seconds(), "in_flight": len(self.flights)}
+
+
+class _DeployedRun(_AsyncRun):
+    """FedBuff with the clients on real devices: a dispatch sends the task, arrivals come in wall-clock order (not
+    deterministic: which update lands in which buffer depends on the devices' speed)."""
+
+    seconds_key = "client_wall_seconds"
+    wait_for_clients_s = 120.0  # nothing in flight and no client to start: how long to wait for one to connect
+
+    def __init__(self, loop: FedBuffLoop, state: TensorDict, dispatcher: Dispatch) -> None:
+        super().__init__(loop, state)
+        self.dispatcher = dispatcher
+
+    def run(self) -> TensorDict:
+        waited_since: float | None = None
+        while self.version < self.loop.rounds:
+            self.fill()
+            if not self.flights:
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > self.wait_for_clients_s:
+                    raise FedlmError(f"FedBuff: no client could be started for {self.wait_for_clients_s:g}s (no SuperNode serves an idle client)")
+                time.sleep(1.0)
+                continue
+            waited_since = None
+            for result in self.dispatcher.arrivals():
+                flight = self.flights.get(result.client_id)
+                if flight is None or self.version >= self.loop.rounds:
+                    continue
+                flight.result, flight.seconds = result, time.perf_counter() - flight.started
+                self.arrive(result.client_id)
+                if self.version < self.loop.rounds:
+                    self.fill()  # a free slot is taken at once, as in the paper (and the simulation)
+        return self.state
+
+    def fill(self) -> None:
+        """Start idle clients that a device serves until ``concurrency`` are in flight (seeded choice)."""
+        serving = self.dispatcher.serving() if len(self.flights) < self.loop.settings.concurrency else set()
+        while len(self.flights) < self.loop.settings.concurrency:
+            ready = sorted(c for c in self.idle if c in serving)
+            if not ready:
+                return
+            client = random.Random(derive_seed(self.loop.round.seed, "fedbuff-pick", self.dispatches)).choice(ready)
+            self.dispatch(client, 0.0)
+            serving.discard(client)
+
+    def dispatch(self, client: str, now: float) -> None:
+        """Send ``client`` its task; a client that cannot be reached is a failure of the next step, not started."""
+        task = self.task(client)
+        failure = self.dispatcher.start(client, task)
+        self.dispatches += 1
+        if failure is not None:
+            self.failures.append(failure)
+            return
+        self.flights[client] = _Flight(task, self.version, None, time.perf_counter(), 0.0)
+        self.idle.remove(client)
+
+    def clock_fields(self) -> dict[str, float]:
+        return {"wall_seconds": self.loop.clock.wall_seconds(), "in_flight": len(self.flights)}

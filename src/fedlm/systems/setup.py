@@ -14,7 +14,7 @@ from fedlm.federation.server import ServerLoop
 from fedlm.reporting.metrics_log import MetricsLog
 from fedlm.systems.clock import AvailableRound, ClockObserver, SimClock
 from fedlm.systems.deadline import DeadlineRuntime
-from fedlm.systems.fedbuff import FedBuffLoop, FedBuffSettings
+from fedlm.systems.fedbuff import Dispatch, FedBuffLoop, FedBuffSettings
 from fedlm.systems.profiles import Availability, DeviceProfile, build_availability, build_profiles
 
 
@@ -27,6 +27,7 @@ class SystemsSetup:
     availability: Availability
     clock: SimClock
     log: MetricsLog
+    dispatch: Dispatch | None = None  # clients on real devices (a Flower deployment): FedBuff sends and waits for real
 
     def runtime(self, runtime: Runtime) -> Runtime:
         """``runtime`` cut to the round deadline (``federation.round_deadline_s``), or as it is."""
@@ -53,13 +54,14 @@ class SystemsSetup:
         buff = systems.fedbuff
         concurrency = min(buff.concurrency or fed.clients_per_round or len(self.profiles), len(self.profiles))
         settings = FedBuffSettings(buff.buffer_size, concurrency, buff.staleness_exponent, buff.max_staleness)
-        return FedBuffLoop(loop.round, loop.rounds, loop.milestones, self.profiles, settings, self.availability, self.clock)
+        return FedBuffLoop(loop.round, loop.rounds, loop.milestones, self.profiles, settings, self.availability, self.clock, self.dispatch)
 
 
-def build_systems(config: ExperimentConfig, client_names: Sequence[str], log: MetricsLog) -> SystemsSetup | None:
-    """The run's :class:`SystemsSetup`, or None without a ``systems`` section."""
+def build_systems(config: ExperimentConfig, client_names: Sequence[str], log: MetricsLog, dispatch: Dispatch | None = None) -> SystemsSetup | None:
+    """The run's :class:`SystemsSetup`, or None without a ``systems`` section; ``dispatch``: the clients train on
+    real devices (only FedBuff runs there; the config rules refuse the simulated devices and clock)."""
     if config.systems is None:
         return None
     profiles = build_profiles(config.systems, client_names, config.seed)
     availability = build_availability(config.systems, client_names, config.seed)
-    return SystemsSetup(config, profiles, availability, SimClock(), log)
+    return SystemsSetup(config, profiles, availability, SimClock(), log, dispatch)

@@ -12,18 +12,29 @@ from fedlm.systems.profiles import read_availability, read_profiles
 
 
 def systems_in_the_simulation(s: Setting) -> None:
-    """The simulated clock decides each client's work in the in-process simulation; over Flower the clients run on
-    real devices with their own clocks, and neither deadlines nor FedBuff's event loop are wired there."""
+    """The simulated clock (device profiles, availability, deadlines) decides each client's work in the in-process
+    simulation; over Flower the clients run on real devices with their own clocks, so only FedBuff's asynchronous
+    server runs there (arrivals in wall-clock order), and every simulated-device setting is refused."""
     c = s.config
     if c.federation.round_deadline_s is not None and c.systems is None:
         raise FedlmError(
             "`federation.round_deadline_s` needs a `systems` section: the deadline is in simulated seconds, "
             "which need each client's device profile (e.g. `systems: {profiles: seeded}`)"
         )
-    if c.systems is not None and c.federation.runtime != "simulation":
+    if c.systems is None or c.federation.runtime == "simulation":
+        return
+    runtime = f"`federation.runtime: {c.federation.runtime}`"
+    if c.systems.mode != "fedbuff":
         raise FedlmError(
-            f"`systems` (the simulated clock, deadlines, FedBuff) is built for `federation.runtime: simulation` only, not "
-            f"`{c.federation.runtime}`, where clients run on real devices; remove `systems` (and `federation.round_deadline_s`)"
+            f"`systems.mode: sync` (the simulated clock and deadlines) is built for `federation.runtime: simulation`, not {runtime}, "
+            "where clients run on real devices (`--round-timeout` bounds a round's wall time); remove `systems` or set `systems.mode: fedbuff`"
+        )
+    defaults = type(c.systems)().model_dump()  # a config written out again carries every key: compare values
+    simulated = sorted(k for k, v in c.systems.model_dump().items() if k not in ("mode", "fedbuff") and v != defaults[k])
+    if simulated or c.federation.round_deadline_s is not None:
+        keys = ", ".join(f"`systems.{k}`" for k in simulated) or "`federation.round_deadline_s`"
+        raise FedlmError(
+            f"{keys} describe simulated devices; over {runtime} the devices are real: remove them (FedBuff keeps `systems.mode` and `systems.fedbuff`)"
         )
 
 

@@ -127,12 +127,12 @@ class FlowerRuntime:
         sent: dict[int, str] = {}
         messages = []
         for client, task in tasks.items():
-            node = self.nodes.get(client)
-            if node is None:
+            message = self.train_message(client, task)
+            if message is None:
                 results.append(ClientFailure(client, round_num, f"no SuperNode serves client {client}", unreachable=True))
                 continue
-            sent[node] = client
-            messages.append(Message(task_content(client, task, self.config, self.task_meta), dst_node_id=node, message_type=TRAIN))
+            sent[message.metadata.dst_node_id] = client
+            messages.append(message)
         started = time.monotonic()
         replies = list(self.grid.send_and_receive(messages, timeout=self.round_timeout_s)) if messages else []
         waited = time.monotonic() - started
@@ -141,27 +141,46 @@ class FlowerRuntime:
             node = reply.metadata.src_node_id
             if node not in sent:
                 continue
-            client = sent[node]
             answered.add(node)
-            if reply.has_error():
-                code = reply.error.code
-                unreachable = code in _UNREACHABLE or worker_died(reply.error.reason)
-                results.append(ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}", unreachable=unreachable))
-                if code in _NODE_GONE:
-                    self._forget(client, node)
-            else:
-                results.append(update_from_content(reply.content, self.like))
+            results.append(self.result_of(reply, sent[node], round_num))
         for node, client in sent.items():
             if node not in answered:
-                why = (
-                    f"did not reply within {self.round_timeout_s:g}s"
-                    if waited >= self.round_timeout_s
-                    else "left the federation (no reply; the node died or lost its connection)"
-                )
-                results.append(ClientFailure(client, round_num, f"client {client} (node {node}) {why}", unreachable=True))
-                self._forget(client, node)
+                results.append(self.no_reply(client, node, round_num, timed_out=waited >= self.round_timeout_s))
         order = {client: i for i, client in enumerate(tasks)}  # the simulation's order: float sums do not commute
         return sorted(results, key=lambda r: order[r.client_id])
+
+    def train_message(self, client: str, task: ClientTask) -> Message | None:
+        """The train message of ``task`` to the node serving ``client`` (None: no node serves it)."""
+        node = self.nodes.get(client)
+        if node is None:
+            return None
+        return Message(task_content(client, task, self.config, self.task_meta), dst_node_id=node, message_type=TRAIN)
+
+    def result_of(self, reply: Message, client: str, round_num: int) -> ClientUpdate | ClientFailure:
+        """``client``'s update from its node's reply, or the failure it reports (a node gone is forgotten)."""
+        node = reply.metadata.src_node_id
+        if not reply.has_error():
+            return update_from_content(reply.content, self.like)
+        code = reply.error.code
+        unreachable = code in _UNREACHABLE or worker_died(reply.error.reason)
+        if code in _NODE_GONE:
+            self._forget(client, node)
+        return ClientFailure(client, round_num, f"node {node} failed: {reply.error.reason}", unreachable=unreachable)
+
+    def no_reply(self, client: str, node: int, round_num: int, timed_out: bool) -> ClientFailure:
+        """The failure of a train message without a reply; the node is forgotten."""
+        why = (
+            f"did not reply within {self.round_timeout_s:g}s" if timed_out else "left the federation (no reply; the node died or lost its connection)"
+        )
+        self._forget(client, node)
+        return ClientFailure(client, round_num, f"client {client} (node {node}) {why}", unreachable=True)
+
+    def asynchronous(self) -> Any:
+        """Capability asked by FedBuff's loop (``systems.mode: fedbuff``): train messages sent one client at a time and
+        replies taken as they arrive (:class:`~fedlm.runtime.flower.dispatch.FlowerDispatch`)."""
+        from fedlm.runtime.flower.dispatch import FlowerDispatch  # noqa: PLC0415 - it imports this module
+
+        return FlowerDispatch(self)
 
     def masked_secure_aggregation(self, secure: SecureAggregation, space: Mapping[str, torch.Tensor]) -> tuple[Any, Any]:
         """Capability asked by the server loop under ``privacy.secure_aggregation``: the runtime that trains and masks
