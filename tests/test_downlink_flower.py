@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_config, write_config
 from flower_grid import InMemoryGrid
-from flwr.app import Context, Message, RecordDict
+from flower_runs import run_on_grid, run_on_supernodes, write_flower_config
+from flwr.app import Message, RecordDict
 from safetensors.torch import load_file
 
 from fedlm.cli import app as cli
@@ -24,8 +24,6 @@ from fedlm.config.io import validate_config
 from fedlm.core.errors import FedlmError
 from fedlm.core.task import ClientContext, ClientTask, LocalPlan
 from fedlm.federation.wire import serialized_bytes
-from fedlm.runtime.flower import client_app, server_app
-from fedlm.runtime.flower.local import LocalFederation
 from fedlm.runtime.flower.messages import REPLICA_MESSAGE, meta
 
 EVAL = {"every": 0, "generate": False, "max_examples": 8, "at_start": False}
@@ -56,11 +54,7 @@ def _simulation(runner, root: Path, sections: dict[str, Any]) -> Path:
 
 
 def _flower(root: Path, sections: dict[str, Any], grid_type: type[InMemoryGrid] = InMemoryGrid) -> InMemoryGrid:
-    fed = {**sections["federation"], "runtime": "flower"}
-    text = yaml.safe_dump(tiny_config(root, eval=EVAL, **{**sections, "federation": fed}))
-    grid = grid_type(client_app.app, {n: {"partition-id": n - 1} for n in (1, 2, 3)}, {"fedlm-config": text})
-    server_app.main(grid, Context(1, 0, {}, RecordDict(), {"fedlm-config": text, "round-timeout": 5.0, "wait-for-nodes": 1.0}))
-    return grid
+    return run_on_grid(root, {**sections, "eval": EVAL}, grid_type)
 
 
 def _blob_bytes(content: RecordDict, group: str) -> int:
@@ -159,16 +153,7 @@ def test_fedkseed_seed_lists_on_real_supernodes_end_with_the_simulation_adapter(
     sections = {**FEDKSEED, "federation": {**FEDKSEED["federation"], "rounds": 3}}
     sim = _simulation(runner, tmp_path / "sim", sections)
     run_dir = tmp_path / "flower"
-    cfg = write_config(
-        tmp_path / "flower.yaml", tiny_config(run_dir, eval=EVAL, **{**sections, "federation": {**sections["federation"], "runtime": "flower"}})
-    )
-    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
-    try:
-        fed.start()
-        code = fed.run("--round-timeout", "300").wait(timeout=900)
-        assert code == 0, "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(fed.workdir.glob("*.log")))
-    finally:
-        fed.stop()
+    run_on_supernodes(tmp_path / "fed", write_flower_config(tmp_path / "flower.yaml", run_dir, {**sections, "eval": EVAL}), run_dir)
     a, b = _adapter(sim), _adapter(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = [r for r in _records(run_dir) if r["split"] == "train"]

@@ -12,14 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from conftest import tiny_config, write_config
 from flower_grid import InMemoryGrid
-from flwr.app import Context, RecordDict
+from flower_runs import run_on_grid, run_on_supernodes, write_flower_config
 from safetensors.torch import load_file
 
 from fedlm.cli import app as cli
-from fedlm.runtime.flower import client_app, server_app
 
 EVAL = {"every": 0, "generate": False, "max_examples": 8, "at_start": False}
 PARTITION = {"method": "iid", "num_clients": 3, "field": None}
@@ -42,10 +40,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _flower(root: Path, sections: dict[str, Any], latency: dict[int, int] | None = None) -> InMemoryGrid:
-    text = yaml.safe_dump(tiny_config(root, eval=EVAL, **{**sections, "federation": {**sections["federation"], "runtime": "flower"}}))
-    grid = InMemoryGrid(client_app.app, {n: {"partition-id": n - 1} for n in (1, 2, 3)}, {"fedlm-config": text}, latency=latency or {})
-    server_app.main(grid, Context(1, 0, {}, RecordDict(), {"fedlm-config": text, "round-timeout": 30.0, "wait-for-nodes": 1.0}))
-    return grid
+    return run_on_grid(root, {**sections, "eval": EVAL}, latency=latency or {})
 
 
 @pytest.mark.parametrize(("concurrency", "buffer_size"), [(1, 1), (2, 2)])
@@ -81,20 +76,8 @@ def test_a_slow_nodes_update_arrives_stale_and_is_weighted_by_one_over_sqrt_one_
 @pytest.mark.slow
 def test_fedbuff_on_real_supernodes_steps_on_replies_as_they_arrive(tmp_path: Path) -> None:
     """A SuperLink and three SuperNodes: three clients in flight, a server step every two replies."""
-    from fedlm.runtime.flower.local import LocalFederation  # noqa: PLC0415
-
-    sections = _sections(3, 2)
     run_dir = tmp_path / "run"
-    cfg = write_config(
-        tmp_path / "c.yaml", tiny_config(run_dir, eval=EVAL, **{**sections, "federation": {**sections["federation"], "runtime": "flower"}})
-    )
-    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
-    try:
-        fed.start()
-        code = fed.run("--round-timeout", "300").wait(timeout=900)
-        assert code == 0, "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(fed.workdir.glob("*.log")))
-    finally:
-        fed.stop()
+    run_on_supernodes(tmp_path / "fed", write_flower_config(tmp_path / "c.yaml", run_dir, {**_sections(3, 2), "eval": EVAL}), run_dir)
     rows = _records(run_dir)
     steps = [r for r in rows if r["split"] == "aggregate"]
     assert [r["round"] for r in steps] == [1, 2, 3, 4] and all(r["num_updates"] == 2 for r in steps)

@@ -18,6 +18,7 @@ import torch
 import yaml
 from conftest import tiny_config, write_config
 from e2e_runs import final_adapter, run_records
+from flower_runs import run_on_supernodes
 
 from fedlm.cli import app
 from fedlm.config.io import validate_config
@@ -129,13 +130,7 @@ def _logs(fed: LocalFederation) -> str:
 
 def _run_three_nodes(tmp_path: Path, cfg: Path, run_dir: Path) -> None:
     """A SuperLink and SuperNodes for partitions 0-2 run ``cfg`` to its end; every process is stopped after."""
-    fed = LocalFederation(tmp_path / "fed", cfg, [0, 1, 2])
-    try:
-        fed.start()
-        code = fed.run("--round-timeout", "300").wait(timeout=900)
-        assert code == 0 and _finished(run_dir), _logs(fed)
-    finally:
-        fed.stop()
+    run_on_supernodes(tmp_path / "fed", cfg, run_dir)
 
 
 def test_three_supernodes_end_with_the_simulation_adapter(tmp_path: Path, simulation_adapter: dict[str, torch.Tensor]) -> None:
