@@ -60,7 +60,8 @@ def sync_tasks(tasks: dict[str, ClientTask], down: DownlinkState, kind: str, thr
             continue
         messages = {r: down.messages[r] for r in sorted(down.message_bytes) if since is not None and since < r <= through}
         out[client] = dataclasses.replace(task, replica=ReplicaSync(kind, through, digest, since, messages))
-    _prune(down, serialized_bytes(full))
+    if down.keep_messages:
+        _prune(down, serialized_bytes(full))
     return out
 
 
