@@ -119,7 +119,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     cost = summary["loss_cost"]
     lines = [
         f"Model `{args.model}`, float32 on CPU (AMD EPYC, AVX2, 2 cores); quickstart config, {args.rounds} rounds; "
-        f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round ({args.wm_retain} retain conversations), per-client sets of {args.client_size} "
+        f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round at lr {args.wm_lr or 'of the federation'} "
+        f"({args.wm_retain} retain conversations), per-client sets of {args.client_size} "
         f"({args.client_steps} steps per copy); K = 10 answers (chance 0.1); verified / traced at p < 1e-3 (trace: Bonferroni over "
         f"{len(summary['clients'])} clients).",
         "",
