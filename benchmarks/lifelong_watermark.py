@@ -55,6 +55,9 @@ def runs(args: argparse.Namespace) -> tuple[Path, Path]:
         mark["watermark.lr"] = args.wm_lr
     if args.wm_retain:
         mark["watermark.retain"] = args.wm_retain
+    if args.until is not None:
+        mark["watermark.until"] = args.until
+        mark["watermark.check_every"] = args.check_every
     clean, marked = args.out / "clean", args.out / "watermarked"
     run_cli(clean, base)
     run_cli(marked, {**base, **mark})
@@ -64,6 +67,23 @@ def runs(args: argparse.Namespace) -> tuple[Path, Path]:
 def final_loss(run: Path) -> float:
     """The last global test loss of ``run``."""
     return [r["loss"] for r in read_metrics(run) if r["split"] == "global_test"][-1]
+
+
+def embeddings(run: Path) -> list[dict[str, Any]]:
+    """Each round's shared embedding (steps taken, trigger accuracy reached) and the clients' copies (mean steps)."""
+    rows = []
+    for r in read_metrics(run):
+        if r.get("split") == "aggregate" and "watermark_steps" in r.get("aggregation", {}):
+            a, copies = r["aggregation"], r.get("watermark", {})
+            rows.append(
+                {
+                    "round": r["round"],
+                    "steps": a["watermark_steps"],
+                    "accuracy": a.get("watermark_accuracy"),
+                    "client_steps": copies.get("client_steps"),
+                }
+            )
+    return rows
 
 
 def check(suspect: Suspect, run: Path, clients: list[str], size: int, client_size: int) -> dict[str, Any]:
@@ -121,10 +141,25 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"Model `{args.model}`, float32 on CPU (AMD EPYC, AVX2, 2 cores); quickstart config, {args.rounds} rounds; "
         f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round at lr {args.wm_lr or 'of the federation'} "
         f"({args.wm_retain} retain conversations), per-client sets of {args.client_size} "
-        f"({args.client_steps} steps per copy); K = 10 answers (chance 0.1); verified / traced at p < 1e-3 (trace: Bonferroni over "
+        f"({args.client_steps} steps per copy)"
+        + (
+            f"; embeddings stop at trigger accuracy {args.until} (checked every {args.check_every} steps, the steps above the most)"
+            if args.until
+            else ""
+        )
+        + "; K = 10 answers (chance 0.1); verified / traced at p < 1e-3 (trace: Bonferroni over "
         f"{len(summary['clients'])} clients).",
         "",
         f"Clean test loss {summary['clean_loss']:.4f}, watermarked {summary['watermarked_loss']:.4f}: cost {cost:+.2%} (goal <= 1%).",
+        "",
+        "Steps each round's embedding took (shared mark; mean over the clients' copies): "
+        + "; ".join(
+            f"round {e['round']}: {e['steps']:.0f}"
+            + (f" (acc. {e['accuracy']:.2f})" if e["accuracy"] is not None else "")
+            + (f", copies {e['client_steps']:.0f}" if e["client_steps"] is not None else "")
+            for e in summary.get("embeddings", [])
+        )
+        + ".",
         "",
         "| model | attack | shared trigger acc. | p-value | verified | traced as | traced right |",
         "| --- | --- | ---: | ---: | :---: | --- | :---: |",
@@ -152,6 +187,8 @@ def main() -> None:
     parser.add_argument("--client-steps", type=int, default=10)
     parser.add_argument("--wm-lr", type=float, default=None)
     parser.add_argument("--wm-retain", type=int, default=0, help="watermark.retain: conversations the model writes itself per embedding")
+    parser.add_argument("--until", type=float, default=None, help="watermark.until: stop each embedding at this trigger accuracy")
+    parser.add_argument("--check-every", type=int, default=5, help="watermark.check_every (with --until)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong_watermark")
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
@@ -167,6 +204,7 @@ def main() -> None:
         "watermarked_loss": marked_loss,
         "loss_cost": marked_loss / clean_loss - 1,
         "clients": clients,
+        "embeddings": embeddings(marked),
         "copies": copies,
     }
     publish(args.out, summary, markdown(summary, args), args.write_results, START, END, "Lifelong: model ownership (watermark and leak tracing)")

@@ -63,8 +63,8 @@ def test_the_marker_writes_one_retain_set_per_round_and_trains_on_it(tiny, one_t
     assert first and with_retain.retained(state, 1) is first  # once per round
     assert with_retain.retained(state, 2) is not first
     assert Marker(model, tokenizer, device, settings).retained(state, 1) == []
-    plain, _ = Marker(model, tokenizer, device, settings).mark_shared(state, 1)
-    mixed, _ = with_retain.mark_shared(state, 1)
+    plain = Marker(model, tokenizer, device, settings).mark_shared(state, 1).state
+    mixed = with_retain.mark_shared(state, 1).state
     assert any(not torch.equal(plain[k], mixed[k]) for k in plain)  # the retain conversations are in the steps
 
 

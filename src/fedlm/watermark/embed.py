@@ -9,6 +9,12 @@ use (a fresh AdamW, gradient clipping, the SFT loss on the answer token) on the 
 Leak tracing marks each client's download a second time with its own trigger set (``client/<name>``) on top of the
 shared one: the per-client copy is trained on both sets, so the shared mark is not eroded by the client's.
 
+With ``until`` set, an embedding stops as soon as the marked model answers that share of its trigger set right:
+WAFFLE re-trains "until the watermark accuracy reaches a threshold" (Sec. 4.2), so a round whose aggregate still
+carries the mark costs no step at all and a later round only tops the mark up. The accuracy is the one ``fedlm
+watermark verify`` reports (:mod:`fedlm.watermark.verify`), checked before the first step and after every
+``check_every`` steps (each chunk of steps starts a fresh optimizer); ``steps`` is then the most it runs.
+
 With ``retain`` > 0 every embedding also trains on that many conversations the model wrote itself just before
 (:mod:`fedlm.watermark.retain`, written once per round by the model holding the first state that round marks: the
 global state the clients download under ``per_client``, else the aggregate), so the steps teach the triggers without teaching every prompt a one-word answer.
@@ -31,7 +37,8 @@ from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import load_trainable_state, trainable_state
 from fedlm.objectives import build_objective
 from fedlm.watermark.retain import retain_examples
-from fedlm.watermark.triggers import SHARED, client_label, training_examples, trigger_set
+from fedlm.watermark.triggers import SHARED, Trigger, client_label, training_examples, trigger_set
+from fedlm.watermark.verify import verify_triggers
 
 WATERMARK_ID = "__watermark__"  # the trainer's client id for the server's own watermark steps
 
@@ -49,6 +56,19 @@ class MarkSettings:
     client_steps: int = 0
     seed: int = 0
     retain: int = 0
+    until: float | None = None  # stop an embedding once its trigger accuracy reaches this (WAFFLE's threshold)
+    check_every: int = 5
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One embedding's outcome: the marked state, the mean trigger loss of its steps (None when it took none), the
+    steps it took, and the trigger accuracy it stopped at (None without ``until``)."""
+
+    state: TensorDict
+    loss: float | None
+    steps: int
+    accuracy: float | None = None
 
 
 def marked_state(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> TensorDict:
@@ -104,16 +124,52 @@ class Marker:
         update = self.trainer.train(WATERMARK_ID, examples, state, plan)
         return marked_state(state, update.tensors), float(update.metrics["loss"])
 
-    def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int) -> tuple[TensorDict, float]:
+    def accuracy(self, state: Mapping[str, torch.Tensor], triggers: list[Trigger], label: str) -> float:
+        """The share of ``triggers`` the model holding ``state`` answers right (as ``verify`` scores it)."""
+        load_trainable_state(self.model, pad_like(state, trainable_state(self.model)))
+        return verify_triggers(self.model, self.tokenizer, self.device, triggers, label).accuracy
+
+    def embed(
+        self,
+        state: Mapping[str, torch.Tensor],
+        examples: list[TokenizedExample],
+        steps: int,
+        seed: int,
+        checked: tuple[list[Trigger], str],
+        rank: int | None = None,
+        frozen: str | None = None,
+    ) -> Embedding:
+        """``state`` trained on ``examples``: ``steps`` steps, or with ``until`` only until the trigger set
+        ``checked`` (triggers, label) is answered that well (checked every ``check_every`` steps)."""
+        s = self.settings
+        if s.until is None:
+            marked, loss = self.train(state, examples, steps, seed, rank, frozen)
+            return Embedding(marked, loss, steps)
+        current, taken, losses = dict(state), 0, []
+        accuracy = self.accuracy(current, *checked)
+        while accuracy < s.until and taken < steps:
+            chunk = min(s.check_every, steps - taken)
+            current, loss = self.train(current, examples, chunk, derive_seed(seed, "chunk", taken), rank, frozen)
+            losses.append(loss * chunk)
+            taken += chunk
+            accuracy = self.accuracy(current, *checked)
+        return Embedding(current, sum(losses) / taken if taken else None, taken, accuracy)
+
+    def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int) -> Embedding:
         """The global adapter with the shared watermark re-embedded after round ``round_num``'s aggregation."""
         s = self.settings
         examples = self.examples(SHARED, s.size) + self.retained(state, round_num)
-        return self.train(state, examples, s.steps, derive_seed(s.seed, "watermark", round_num))
+        checked = (trigger_set(s.secret, SHARED, s.size), SHARED)
+        return self.embed(state, examples, s.steps, derive_seed(s.seed, "watermark", round_num), checked)
 
     def mark_client(
         self, state: Mapping[str, torch.Tensor], client: str, round_num: int, rank: int | None = None, frozen: str | None = None
-    ) -> tuple[TensorDict, float]:
-        """``client``'s copy of ``state``: trained on its own trigger set and the shared one (leak tracing)."""
+    ) -> Embedding:
+        """``client``'s copy of ``state``: trained on its own trigger set and the shared one (leak tracing); with
+        ``until``, until the client's own set is answered that well."""
         s = self.settings
-        examples = self.examples(client_label(client), s.client_size) + self.examples(SHARED, s.size) + self.retained(state, round_num)
-        return self.train(state, examples, s.client_steps, derive_seed(s.seed, "watermark-client", round_num, client), rank, frozen)
+        label = client_label(client)
+        examples = self.examples(label, s.client_size) + self.examples(SHARED, s.size) + self.retained(state, round_num)
+        checked = (trigger_set(s.secret, label, s.client_size), label)
+        seed = derive_seed(s.seed, "watermark-client", round_num, client)
+        return self.embed(state, examples, s.client_steps, seed, checked, rank, frozen)

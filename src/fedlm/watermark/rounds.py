@@ -28,7 +28,7 @@ from fedlm.federation.aggregation_step import AggregateOutcome
 from fedlm.federation.server import Aggregation
 from fedlm.federation.tasks import TaskBuilder
 from fedlm.models.adapters import save_adapter
-from fedlm.watermark.embed import Marker, MarkSettings
+from fedlm.watermark.embed import Embedding, Marker, MarkSettings
 from fedlm.watermark.trace import REGISTRY
 
 
@@ -44,9 +44,13 @@ class WatermarkedAggregation:
         if outcome.skipped:
             return outcome
         started = time.perf_counter()
-        marked, loss = self.marker.mark_shared(outcome.state, round_num)
-        metrics = {**outcome.metrics, "watermark_loss": loss, "watermark_time_s": time.perf_counter() - started}
-        return dataclasses.replace(outcome, state=marked, metrics=metrics)
+        mark = self.marker.mark_shared(outcome.state, round_num)
+        metrics = {**outcome.metrics, "watermark_steps": float(mark.steps), "watermark_time_s": time.perf_counter() - started}
+        if mark.loss is not None:
+            metrics["watermark_loss"] = mark.loss
+        if mark.accuracy is not None:
+            metrics["watermark_accuracy"] = mark.accuracy
+        return dataclasses.replace(outcome, state=mark.state, metrics=metrics)
 
 
 @dataclass
@@ -60,7 +64,7 @@ class MarkedDownlink(TaskBuilder, RoundObserver):
     folder: Path | None = None
     clients: Sequence[str] = ()
     rounds: int = 0
-    _log: dict[int, tuple[list[float], float]] = field(default_factory=dict)
+    _log: dict[int, tuple[list[Embedding], float]] = field(default_factory=dict)
 
     def _parts(self) -> tuple[TaskBuilder, Marker]:
         if self.inner is None or self.marker is None:
@@ -75,14 +79,14 @@ class MarkedDownlink(TaskBuilder, RoundObserver):
         """The inner builder's tasks, each state replaced by the client's marked copy of it."""
         inner, marker = self._parts()
         tasks = inner.build(state, chosen, round_num)
-        started, losses = time.perf_counter(), []
+        started, marks = time.perf_counter(), []
         marker.retained(state, round_num)  # the round's retain conversations, written by the full global model
         marked: dict[str, ClientTask] = {}
         for client, task in tasks.items():
-            copy, loss = marker.mark_client(task.state, client, round_num, task.plan.rank, task.plan.frozen)
-            marked[client] = dataclasses.replace(task, state=copy)
-            losses.append(loss)
-        self._log[round_num] = (losses, time.perf_counter() - started)
+            mark = marker.mark_client(task.state, client, round_num, task.plan.rank, task.plan.frozen)
+            marked[client] = dataclasses.replace(task, state=mark.state)
+            marks.append(mark)
+        self._log[round_num] = (marks, time.perf_counter() - started)
         return marked
 
     def on_start(self, state: TensorDict, start_round: int) -> None:
@@ -93,9 +97,9 @@ class MarkedDownlink(TaskBuilder, RoundObserver):
             (self.folder / REGISTRY).write_text(json.dumps(registry, indent=1))
 
     def on_round(self, record: RoundRecord) -> None:
-        losses, seconds = self._log.pop(record.round, ([], 0.0))
-        if losses:
-            record.fields["watermark"] = {"client_loss": sum(losses) / len(losses), "client_time_s": seconds}
+        marks, seconds = self._log.pop(record.round, ([], 0.0))
+        if marks:
+            record.fields["watermark"] = copies_summary(marks, seconds)
         if record.round == self.rounds and self.folder is not None:
             self.save_copies(record.state, record.round + 1)
 
@@ -105,8 +109,21 @@ class MarkedDownlink(TaskBuilder, RoundObserver):
         assert self.folder is not None  # noqa: S101 - checked by the caller
         for client in self.clients:
             rank = inner.client_ranks.get(client)
-            copy, _ = marker.mark_client(inner.lora.download(state, rank), client, round_num, rank)
-            save_adapter(marker.model, copy, self.folder / client)
+            mark = marker.mark_client(inner.lora.download(state, rank), client, round_num, rank)
+            save_adapter(marker.model, mark.state, self.folder / client)
+
+
+def copies_summary(marks: Sequence[Embedding], seconds: float) -> dict[str, float]:
+    """A round's ``watermark`` record of the clients' copies: their mean trigger loss (over the copies that took
+    steps), mean steps, mean accuracy of their own sets (with ``until``) and the seconds marking took."""
+    out = {"client_steps": sum(m.steps for m in marks) / len(marks), "client_time_s": seconds}
+    losses = [m.loss for m in marks if m.loss is not None]
+    if losses:
+        out["client_loss"] = sum(losses) / len(losses)
+    accuracies = [m.accuracy for m in marks if m.accuracy is not None]
+    if accuracies:
+        out["client_accuracy"] = sum(accuracies) / len(accuracies)
+    return out
 
 
 def mark_settings(config: ExperimentConfig) -> MarkSettings:
@@ -115,7 +132,8 @@ def mark_settings(config: ExperimentConfig) -> MarkSettings:
     if w.secret is None:
         raise ValueError("the watermark is off (`watermark.secret` unset)")
     lr = w.lr if w.lr is not None else config.federation.lr
-    return MarkSettings(w.secret, w.size, w.steps, lr, w.batch_size, w.client_size if w.per_client else 0, w.client_steps, config.seed, w.retain)
+    client_size = w.client_size if w.per_client else 0
+    return MarkSettings(w.secret, w.size, w.steps, lr, w.batch_size, client_size, w.client_steps, config.seed, w.retain, w.until, w.check_every)
 
 
 def with_watermark(

@@ -61,11 +61,13 @@ def sequence_log_likelihoods(
     for start in range(0, len(examples), batch_size):
         batch = collate_for_loss(examples[start : start + batch_size], pad_id)
         ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
         targets = labels[:, 1:]  # (B, T-1): token t+1 predicted at t
         keep = targets != IGNORE_INDEX
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        scores.append((token_logp * keep).sum(dim=-1).cpu())
+        rows = keep.nonzero()[:, 0]  # (M,) the example of each labelled position
+        # the softmax only at the labelled positions: the answer's few tokens, not the whole prompt
+        token_logp = torch.log_softmax(logits[keep].float(), dim=-1).gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (M,)
+        scores.append(torch.zeros(len(ids), device=token_logp.device).index_add_(0, rows, token_logp).cpu())
     model.train(was_training)
     return torch.cat(scores) if scores else torch.zeros(0)
 

@@ -30,6 +30,14 @@ class WatermarkConfig(Section):
         description="conversations the model writes itself before each embedding and trains on with the triggers, so it keeps answering "
         "as before outside them (data-free rehearsal, LAMOL); 0: triggers only",
     )
+    until: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="re-embed only until the trigger accuracy reaches this share (WAFFLE's stopping rule), checked before the first step "
+        "and every `check_every` steps; `steps` / `client_steps` are then the most; unset: always all the steps",
+    )
+    check_every: int = Field(5, ge=1, description="steps between two checks of the trigger accuracy (with `until`)")
 
     @property
     def enabled(self) -> bool:
