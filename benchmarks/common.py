@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -16,6 +17,23 @@ QUICKSTART = HERE.parent / "examples" / "quickstart.yaml"
 # The federation every benchmark built on the quickstart measured: 4 of the 8 clients per round for 4 rounds, evaluated
 # every 2 (the quickstart's schedule until it moved to 2 clients x 8 rounds, issue 21); an arm's own settings override it.
 BENCHMARK_SCHEDULE: dict[str, Any] = {"federation.clients_per_round": 4, "federation.rounds": 4, "eval.every": 2}
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has bfloat16 matrix instructions (then ``dtype: auto`` picks bfloat16)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch  # noqa: PLC0415 - only the benchmarks that print the machine need it
+
+    from fedlm.models.dtype import cpu_has_fast_bf16  # noqa: PLC0415
+
+    return f"{name} ({'with' if cpu_has_fast_bf16() else 'no'} AVX512-BF16/AMX, {torch.get_num_threads()} threads)"
 
 
 def run_cli(folder: Path, overrides: dict[str, Any], config: Path = QUICKSTART) -> float:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 import psutil
 import torch
+from common import cpu_name
 
 HERE = Path(__file__).resolve().parent
 SHAPES: dict[str, dict[str, Any]] = {
@@ -58,21 +58,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 MODES = ("float32", "bfloat16", "4bit")
 GPU_ONLY = {"llama-7b": [("4bit", True)]}  # the 7B shape: only the QLoRA row with checkpointing
 MiB = 2**20
-
-
-def cpu_name() -> str:
-    """The CPU model and whether it has bfloat16 matrix instructions."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from fedlm.models.dtype import cpu_has_fast_bf16  # noqa: PLC0415
-
-    return f"{name} ({'with' if cpu_has_fast_bf16() else 'no'} AVX512-BF16/AMX, {torch.get_num_threads()} threads)"
 
 
 def compute_dtype(mode: str, device: torch.device) -> torch.dtype:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import HERE, publish, read_metrics, run_cli
+from common import HERE, cpu_name, publish, read_metrics, run_cli
 
 from fedlm.config.io import load_config
 from fedlm.config.schema import DataConfig
@@ -67,6 +67,12 @@ def runs(args: argparse.Namespace) -> tuple[Path, Path]:
 def final_loss(run: Path) -> float:
     """The last global test loss of ``run``."""
     return [r["loss"] for r in read_metrics(run) if r["split"] == "global_test"][-1]
+
+
+def run_dtype(run: Path) -> str:
+    """The dtype the run's model was loaded in (its log's first line: ``model NAME: torch.DTYPE on DEVICE``)."""
+    first = (run / "run.log").read_text().splitlines()[0]
+    return first.split("torch.", 1)[1].split()[0] if "torch." in first else "unknown dtype"
 
 
 def embeddings(run: Path) -> list[dict[str, Any]]:
@@ -138,7 +144,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     """The RESULTS.md block."""
     cost = summary["loss_cost"]
     lines = [
-        f"Model `{args.model}`, float32 on CPU (AMD EPYC, AVX2, 2 cores); quickstart config, {args.rounds} rounds; "
+        f"Model `{args.model}`, {summary.get('dtype', 'float32')} on {summary.get('cpu', 'CPU')}; quickstart config, {args.rounds} rounds; "
         f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round at lr {args.wm_lr or 'of the federation'} "
         f"({args.wm_retain} retain conversations), per-client sets of {args.client_size} "
         f"({args.client_steps} steps per copy)"
@@ -203,6 +209,8 @@ def main() -> None:
         "clean_loss": clean_loss,
         "watermarked_loss": marked_loss,
         "loss_cost": marked_loss / clean_loss - 1,
+        "dtype": run_dtype(marked),
+        "cpu": cpu_name(),
         "clients": clients,
         "embeddings": embeddings(marked),
         "copies": copies,

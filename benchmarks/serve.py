@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import HERE, publish, run_cli
+from common import HERE, cpu_name, publish, run_cli
 
 START, END = "<!-- serve:start -->", "<!-- serve:end -->"
 SRC = HERE.parent / "src"
@@ -41,16 +40,6 @@ PROMPTS = [
     "Explain why the sky is blue.",
     "Tell me about the history of bread.",
 ]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's machine type."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def add_clients(run_dir: Path, n: int) -> None:
