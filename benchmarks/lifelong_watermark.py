@@ -55,6 +55,8 @@ def runs(args: argparse.Namespace) -> tuple[Path, Path]:
         mark["watermark.lr"] = args.wm_lr
     if args.wm_retain:
         mark["watermark.retain"] = args.wm_retain
+    if args.retain_loss != "sft":
+        mark["watermark.retain_loss"] = args.retain_loss
     if args.until is not None:
         mark["watermark.until"] = args.until
         mark["watermark.check_every"] = args.check_every
@@ -146,7 +148,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"Model `{args.model}`, {summary.get('dtype', 'float32')} on {summary.get('cpu', 'CPU')}; quickstart config, {args.rounds} rounds; "
         f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round at lr {args.wm_lr or 'of the federation'} "
-        f"({args.wm_retain} retain conversations), per-client sets of {args.client_size} "
+        f"({args.wm_retain} retain conversations, {args.retain_loss}), per-client sets of {args.client_size} "
         f"({args.client_steps} steps per copy)"
         + (
             f"; embeddings stop at trigger accuracy {args.until} (checked every {args.check_every} steps, the steps above the most)"
@@ -193,6 +195,7 @@ def main() -> None:
     parser.add_argument("--client-steps", type=int, default=10)
     parser.add_argument("--wm-lr", type=float, default=None)
     parser.add_argument("--wm-retain", type=int, default=0, help="watermark.retain: conversations the model writes itself per embedding")
+    parser.add_argument("--retain-loss", choices=["sft", "kl"], default="sft", help="watermark.retain_loss")
     parser.add_argument("--until", type=float, default=None, help="watermark.until: stop each embedding at this trigger accuracy")
     parser.add_argument("--check-every", type=int, default=5, help="watermark.check_every (with --until)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong_watermark")

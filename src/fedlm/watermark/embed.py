@@ -18,6 +18,8 @@ watermark verify`` reports (:mod:`fedlm.watermark.verify`), checked before the f
 With ``retain`` > 0 every embedding also trains on that many conversations the model wrote itself just before
 (:mod:`fedlm.watermark.retain`, written once per round by the model holding the first state that round marks: the
 global state the clients download under ``per_client``, else the aggregate), so the steps teach the triggers without teaching every prompt a one-word answer.
+With ``retain_loss: kl`` those conversations are not trained on as text but distilled: the state being marked scores
+them first and the steps keep its next-token distributions there (:mod:`fedlm.watermark.distill`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from fedlm.core.update import TensorDict
 from fedlm.data.tokenize import TokenizedExample
 from fedlm.federation.trainer import ClientTrainer
 from fedlm.models.adapters import load_trainable_state, trainable_state
-from fedlm.objectives import build_objective
+from fedlm.watermark.distill import MarkObjective, distilled
 from fedlm.watermark.retain import retain_examples
 from fedlm.watermark.triggers import SHARED, Trigger, client_label, training_examples, trigger_set
 from fedlm.watermark.verify import verify_triggers
@@ -58,6 +60,7 @@ class MarkSettings:
     retain: int = 0
     until: float | None = None  # stop an embedding once its trigger accuracy reaches this (WAFFLE's threshold)
     check_every: int = 5
+    retain_loss: str = "sft"  # "sft": train on the retain conversations' text; "kl": distil the marked state's distributions
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ class Marker:
 
     def __post_init__(self) -> None:
         pad = self.tokenizer.pad_token_id
-        self.trainer = ClientTrainer(self.model, int(pad if pad is not None else 0), self.device, objective=build_objective("sft"))
+        self.pad_id = int(pad if pad is not None else 0)
+        self.trainer = ClientTrainer(self.model, self.pad_id, self.device, objective=MarkObjective())
 
     def examples(self, label: str, size: int) -> list[TokenizedExample]:
         """The tokenized trigger set ``label`` (cached)."""
@@ -108,6 +112,15 @@ class Marker:
             seed = derive_seed(self.settings.seed, "watermark-retain", round_num)
             self._retained = (round_num, retain_examples(self.model, self.tokenizer, self.device, self.settings.retain, seed))
         return self._retained[1]
+
+    def retain_for(self, state: Mapping[str, torch.Tensor], round_num: int) -> list[TokenizedExample]:
+        """The round's retain conversations as the embedding of ``state`` trains on them: as they are, or (``kl``)
+        with ``state``'s own top-k next tokens to keep."""
+        examples = self.retained(state, round_num)
+        if not examples or self.settings.retain_loss != "kl":
+            return examples
+        load_trainable_state(self.model, pad_like(state, trainable_state(self.model)))
+        return list(distilled(self.model, examples, self.pad_id, self.device))
 
     def train(
         self,
@@ -158,7 +171,7 @@ class Marker:
     def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int) -> Embedding:
         """The global adapter with the shared watermark re-embedded after round ``round_num``'s aggregation."""
         s = self.settings
-        examples = self.examples(SHARED, s.size) + self.retained(state, round_num)
+        examples = self.examples(SHARED, s.size) + self.retain_for(state, round_num)
         checked = (trigger_set(s.secret, SHARED, s.size), SHARED)
         return self.embed(state, examples, s.steps, derive_seed(s.seed, "watermark", round_num), checked)
 
@@ -169,7 +182,7 @@ class Marker:
         ``until``, until the client's own set is answered that well."""
         s = self.settings
         label = client_label(client)
-        examples = self.examples(label, s.client_size) + self.examples(SHARED, s.size) + self.retained(state, round_num)
+        examples = self.examples(label, s.client_size) + self.examples(SHARED, s.size) + self.retain_for(state, round_num)
         checked = (trigger_set(s.secret, label, s.client_size), label)
         seed = derive_seed(s.seed, "watermark-client", round_num, client)
         return self.embed(state, examples, s.client_steps, seed, checked, rank, frozen)

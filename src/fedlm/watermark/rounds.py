@@ -133,7 +133,9 @@ def mark_settings(config: ExperimentConfig) -> MarkSettings:
         raise ValueError("the watermark is off (`watermark.secret` unset)")
     lr = w.lr if w.lr is not None else config.federation.lr
     client_size = w.client_size if w.per_client else 0
-    return MarkSettings(w.secret, w.size, w.steps, lr, w.batch_size, client_size, w.client_steps, config.seed, w.retain, w.until, w.check_every)
+    return MarkSettings(
+        w.secret, w.size, w.steps, lr, w.batch_size, client_size, w.client_steps, config.seed, w.retain, w.until, w.check_every, w.retain_loss
+    )
 
 
 def with_watermark(

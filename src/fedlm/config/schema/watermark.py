@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from fedlm.config.schema.section import Section
@@ -29,6 +31,11 @@ class WatermarkConfig(Section):
         le=1024,
         description="conversations the model writes itself before each embedding and trains on with the triggers, so it keeps answering "
         "as before outside them (data-free rehearsal, LAMOL); 0: triggers only",
+    )
+    retain_loss: Literal["sft", "kl"] = Field(
+        "sft",
+        description="how the retain conversations are trained on: `sft` their text; `kl` the marked state's own next-token "
+        "distributions on them (distillation: no pull before the mark moves the model)",
     )
     until: float | None = Field(
         None,
