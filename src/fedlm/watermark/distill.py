@@ -117,7 +117,7 @@ class MarkObjective(Objective):
             cur = torch.log_softmax(logp[kl_mask].gather(-1, ids), dim=-1)
             divergence = (ref.exp() * (ref - cur)).sum(dim=-1)  # (m,)
             per_position = per_position.masked_scatter(kl_mask, divergence)
-            metrics["retain_kl"] = float(divergence.mean())
+            metrics["retain_kl"] = float(divergence.detach().mean())
         if (~kl_mask).any():
-            metrics["ce_loss"] = float(per_position[~kl_mask].mean())
+            metrics["ce_loss"] = float(per_position.detach()[~kl_mask].mean())
         return per_position.mean(), metrics
