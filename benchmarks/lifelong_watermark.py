@@ -57,6 +57,8 @@ def runs(args: argparse.Namespace) -> tuple[Path, Path]:
         mark["watermark.retain"] = args.wm_retain
     if args.retain_loss != "sft":
         mark["watermark.retain_loss"] = args.retain_loss
+    if args.start_steps:
+        mark["watermark.start_steps"] = args.start_steps
     if args.until is not None:
         mark["watermark.until"] = args.until
         mark["watermark.check_every"] = args.check_every
@@ -85,6 +87,8 @@ def embeddings(run: Path) -> list[dict[str, Any]]:
             a, copies = r["aggregation"], r.get("watermark", {})
             rows.append(
                 {
+                    "start_steps": a.get("watermark_start_steps"),
+                    "start_accuracy": a.get("watermark_start_accuracy"),
                     "round": r["round"],
                     "steps": a["watermark_steps"],
                     "accuracy": a.get("watermark_accuracy"),
@@ -148,7 +152,7 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"Model `{args.model}`, {summary.get('dtype', 'float32')} on {summary.get('cpu', 'CPU')}; quickstart config, {args.rounds} rounds; "
         f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round at lr {args.wm_lr or 'of the federation'} "
-        f"({args.wm_retain} retain conversations, {args.retain_loss}), per-client sets of {args.client_size} "
+        f"({args.wm_retain} retain conversations, {args.retain_loss}; {args.start_steps} pre-training steps before round 1), per-client sets of {args.client_size} "
         f"({args.client_steps} steps per copy)"
         + (
             f"; embeddings stop at trigger accuracy {args.until} (checked every {args.check_every} steps, the steps above the most)"
@@ -160,7 +164,12 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         f"Clean test loss {summary['clean_loss']:.4f}, watermarked {summary['watermarked_loss']:.4f}: cost {cost:+.2%} (goal <= 1%).",
         "",
-        "Steps each round's embedding took (shared mark; mean over the clients' copies): "
+        "".join(
+            f"Pre-training: {e['start_steps']:.0f} steps (acc. {e['start_accuracy'] or 0:.2f}). "
+            for e in summary.get("embeddings", [])
+            if e.get("start_steps")
+        )
+        + "Steps each round's embedding took (shared mark; mean over the clients' copies): "
         + "; ".join(
             f"round {e['round']}: {e['steps']:.0f}"
             + (f" (acc. {e['accuracy']:.2f})" if e["accuracy"] is not None else "")
@@ -196,6 +205,7 @@ def main() -> None:
     parser.add_argument("--wm-lr", type=float, default=None)
     parser.add_argument("--wm-retain", type=int, default=0, help="watermark.retain: conversations the model writes itself per embedding")
     parser.add_argument("--retain-loss", choices=["sft", "kl"], default="sft", help="watermark.retain_loss")
+    parser.add_argument("--start-steps", type=int, default=0, help="watermark.start_steps: pre-training of the initial model")
     parser.add_argument("--until", type=float, default=None, help="watermark.until: stop each embedding at this trigger accuracy")
     parser.add_argument("--check-every", type=int, default=5, help="watermark.check_every (with --until)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong_watermark")

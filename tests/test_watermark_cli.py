@@ -50,3 +50,19 @@ def test_a_run_with_the_retain_set_and_client_copies_still_carries_the_mark(tmp_
     assert sorted(p.name for p in (tmp_path / "run" / "watermark").iterdir() if p.is_dir()) == ["0", "1"]
     found = runner.invoke(app, ["watermark", "verify", str(tmp_path / "run"), "--secret", "k3y", "--json"])
     assert found.exit_code == 0 and json.loads(found.stdout)["p_value"] < 1e-3, found.output
+
+
+def test_a_run_pretrained_on_the_triggers_stops_its_embeddings_once_they_are_answered(
+    tmp_path: Path, runner: CliRunner, one_torch_thread: None
+) -> None:
+    """``watermark.start_steps`` with ``until`` and the distilled retain set: the initial model is marked before round
+    1 (logged with round 1's aggregation), embeddings stop at the threshold, and the final model verifies."""
+    config = _config(tmp_path, 2, steps=30, start_steps=60, until=0.75, check_every=10, retain=4, retain_loss="kl")
+    config["federation"]["rounds"] = 2
+    result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line)["aggregation"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"aggregate"' in line]
+    assert 0 < rounds[0]["watermark_start_steps"] <= 60 and rounds[0]["watermark_start_accuracy"] >= 0.75
+    assert "watermark_start_steps" not in rounds[1] and all(r["watermark_accuracy"] >= 0.75 or r["watermark_steps"] == 30 for r in rounds)
+    found = runner.invoke(app, ["watermark", "verify", str(tmp_path / "run"), "--secret", "k3y", "--json"])
+    assert found.exit_code == 0 and json.loads(found.stdout)["p_value"] < 1e-3, found.output

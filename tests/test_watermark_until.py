@@ -1,7 +1,7 @@
 """The watermark's stopping rule (``watermark.until``, WAFFLE's "re-train until the watermark accuracy reaches a
 threshold"): an embedding stops at the first check where its trigger set is answered that well, a state that already
-carries the mark costs no step, the accuracy it reports is the one ``verify`` gives; and the verifier's scores equal
-a plain full-softmax computation."""
+carries the mark costs no step, the accuracy it reports is the one ``verify`` gives; the verifier's scores equal a
+plain full-softmax computation; and WAFFLE's pre-training of the initial model (``watermark.start_steps``)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from fedlm.config.io import validate_config
 from fedlm.config.schema import ModelConfig, PeftConfig
 from fedlm.core.errors import FedlmError
 from fedlm.data.collate import collate_for_loss
+from fedlm.federation.aggregation_step import AggregateOutcome
 from fedlm.models.adapters import attach_adapter, load_trainable_state, trainable_state
 from fedlm.models.loading import load_base_model
 from fedlm.watermark.embed import Marker, MarkSettings
+from fedlm.watermark.rounds import StartMark, WatermarkedAggregation
 from fedlm.watermark.triggers import SHARED, candidate_examples, trigger_set
 from fedlm.watermark.verify import sequence_log_likelihoods, verify_model
 
@@ -88,3 +90,29 @@ def test_until_is_validated(tmp_path: Path) -> None:
             validate_config(tiny_config(tmp_path, watermark={"secret": "k", **bad}))
     with pytest.raises(FedlmError, match=r"`watermark.secret` is required when `watermark.until` is set"):
         validate_config(tiny_config(tmp_path, watermark={"until": 0.9}))
+
+
+class RecordingAggregation:
+    """An aggregation step that keeps the state it was given and returns it unchanged."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def aggregate(self, state, tasks, accepted, round_num):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        self.seen.append(state)
+        return AggregateOutcome(state, skipped=False)
+
+
+def test_the_start_mark_is_trained_once_and_round_one_aggregates_around_it(tiny, one_torch_thread) -> None:  # type: ignore[no-untyped-def]
+    model, tokenizer, device, clean = tiny
+    marker = Marker(model, tokenizer, device, MarkSettings(**{**SETTINGS.__dict__, "steps": 5}))
+    start = StartMark(marker, steps=60)
+    marked = start.apply(clean, 1)
+    assert start.apply(clean, 1) is marked and start.apply(clean, 2) is clean
+    assert start.metrics(1)["watermark_start_accuracy"] >= 0.5 and start.metrics(2) == {}
+    inner = RecordingAggregation()
+    outcome = WatermarkedAggregation(inner, marker, start).aggregate(clean, {}, [], 1)  # type: ignore[arg-type]
+    assert inner.seen[0] is marked  # round 1's aggregate is built on the marked start, not the unmarked state
+    assert outcome.metrics["watermark_steps"] == 0 and outcome.metrics["watermark_start_steps"] == start.metrics(1)["watermark_start_steps"]
+    WatermarkedAggregation(inner, marker, start).aggregate(clean, {}, [], 2)
+    assert inner.seen[1] is clean

@@ -168,12 +168,13 @@ class Marker:
             accuracy = self.accuracy(current, *checked)
         return Embedding(current, sum(losses) / taken if taken else None, taken, accuracy)
 
-    def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int) -> Embedding:
-        """The global adapter with the shared watermark re-embedded after round ``round_num``'s aggregation."""
+    def mark_shared(self, state: Mapping[str, torch.Tensor], round_num: int, steps: int | None = None) -> Embedding:
+        """The global adapter with the shared watermark re-embedded after round ``round_num``'s aggregation (round
+        0: the initial model's pre-training); ``steps`` (default ``settings.steps``) is the most it runs."""
         s = self.settings
         examples = self.examples(SHARED, s.size) + self.retain_for(state, round_num)
         checked = (trigger_set(s.secret, SHARED, s.size), SHARED)
-        return self.embed(state, examples, s.steps, derive_seed(s.seed, "watermark", round_num), checked)
+        return self.embed(state, examples, s.steps if steps is None else steps, derive_seed(s.seed, "watermark", round_num), checked)
 
     def mark_client(
         self, state: Mapping[str, torch.Tensor], client: str, round_num: int, rank: int | None = None, frozen: str | None = None

@@ -33,13 +33,68 @@ from fedlm.watermark.trace import REGISTRY
 
 
 @dataclass
+class StartMark:
+    """WAFFLE's pre-training (Tekgul et al. 2021, Sec. 4.2): the initial global model is trained on the shared
+    trigger set before the first round (``watermark.start_steps``), so the clients train around the mark from the
+    start instead of the server planting it into a model they have already shaped. Round 1's tasks and its
+    aggregation start from the marked state; a run resumed after round 1 carries it in its checkpoint."""
+
+    marker: Marker
+    steps: int
+    _mark: Embedding | None = None
+
+    def apply(self, state: TensorDict, round_num: int) -> TensorDict:
+        """Round ``round_num``'s starting state: round 1's marked once (deterministic), every other one as it is."""
+        if round_num != 1 or self.steps == 0:
+            return state
+        if self._mark is None:
+            self._mark = self.marker.mark_shared(state, 0, self.steps)
+        return self._mark.state
+
+    def metrics(self, round_num: int) -> dict[str, float]:
+        """The pre-training's steps and accuracy, logged with round 1's aggregation."""
+        if round_num != 1 or self._mark is None:
+            return {}
+        out = {"watermark_start_steps": float(self._mark.steps)}
+        if self._mark.accuracy is not None:
+            out["watermark_start_accuracy"] = self._mark.accuracy
+        return out
+
+
+@dataclass
+class MarkedStart(TaskBuilder):
+    """The task builder whose round-1 tasks start from the pre-trained (marked) initial model (:class:`StartMark`)."""
+
+    inner: TaskBuilder | None = None
+    start: StartMark | None = None
+
+    def _parts(self) -> tuple[TaskBuilder, StartMark]:
+        if self.inner is None or self.start is None:
+            raise ValueError("MarkedStart needs the inner task builder and the start mark")
+        return self.inner, self.start
+
+    def plan(self, round_num: int, seed: int, rank: int | None = None) -> LocalPlan:
+        """The inner builder's plan."""
+        return self._parts()[0].plan(round_num, seed, rank)
+
+    def build(self, state: TensorDict, chosen: Sequence[str], round_num: int) -> dict[str, ClientTask]:
+        """The inner builder's tasks, from the marked initial state in round 1."""
+        inner, start = self._parts()
+        return inner.build(start.apply(state, round_num), chosen, round_num)
+
+
+@dataclass
 class WatermarkedAggregation:
-    """The aggregation step followed by the shared watermark's re-embedding (not after a skipped round)."""
+    """The aggregation step (around the marked initial state in round 1, with ``start``) followed by the shared
+    watermark's re-embedding (not after a skipped round)."""
 
     inner: Aggregation
     marker: Marker
+    start: StartMark | None = None
 
     def aggregate(self, state: TensorDict, tasks: Mapping[str, ClientTask], accepted: Sequence[ClientUpdate], round_num: int) -> AggregateOutcome:
+        if self.start is not None:
+            state = self.start.apply(state, round_num)
         outcome = self.inner.aggregate(state, tasks, accepted, round_num)
         if outcome.skipped:
             return outcome
@@ -50,6 +105,8 @@ class WatermarkedAggregation:
             metrics["watermark_loss"] = mark.loss
         if mark.accuracy is not None:
             metrics["watermark_accuracy"] = mark.accuracy
+        if self.start is not None:
+            metrics.update(self.start.metrics(round_num))
         return dataclasses.replace(outcome, state=mark.state, metrics=metrics)
 
 
@@ -154,18 +211,22 @@ def with_watermark(
     if not config.watermark.enabled:
         return tasks, aggregation, list(observers)
     marker = Marker(model, tokenizer, device, mark_settings(config))
-    aggregation = WatermarkedAggregation(aggregation, marker)
-    if not config.watermark.per_client:
-        return tasks, aggregation, list(observers)
-    downlink = MarkedDownlink(
-        tasks.config,
-        tasks.aggregator,
-        tasks.lora,
-        tasks.client_ranks,
-        tasks,
-        marker,
-        run_root / "watermark",
-        list(client_names),
-        config.federation.rounds,
-    )
-    return downlink, aggregation, [downlink, *observers]
+    start = StartMark(marker, config.watermark.start_steps) if config.watermark.start_steps else None
+    aggregation = WatermarkedAggregation(aggregation, marker, start)
+    observers = list(observers)
+    if config.watermark.per_client:
+        downlink = MarkedDownlink(
+            tasks.config,
+            tasks.aggregator,
+            tasks.lora,
+            tasks.client_ranks,
+            tasks,
+            marker,
+            run_root / "watermark",
+            list(client_names),
+            config.federation.rounds,
+        )
+        tasks, observers = downlink, [downlink, *observers]
+    if start is not None:
+        tasks = MarkedStart(tasks.config, tasks.aggregator, tasks.lora, tasks.client_ranks, tasks, start)
+    return tasks, aggregation, observers

@@ -25,6 +25,12 @@ class WatermarkConfig(Section):
     per_client: bool = Field(False, description="leak tracing: every client downloads its own marked copy; the aggregation uses the unmarked model")
     client_size: int = Field(32, ge=1, le=4096, description="triggers in each client's own set (per_client)")
     client_steps: int = Field(10, ge=1, description="fine-tuning steps of each client's copy on its set and the shared one (per_client)")
+    start_steps: int = Field(
+        0,
+        ge=0,
+        description="WAFFLE's pre-training: steps on the shared triggers of the initial model before round 1 (with `until`, the most); "
+        "0: the first mark comes after round 1's aggregation",
+    )
     retain: int = Field(
         0,
         ge=0,
