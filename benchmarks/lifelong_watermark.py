@@ -43,14 +43,9 @@ SECRET = "fedlm-benchmark-key"
 def runs(args: argparse.Namespace) -> tuple[Path, Path]:
     """The clean and the watermarked run (the same config and seed otherwise)."""
     base = {"model.name": args.model, "federation.rounds": args.rounds, "eval.every": args.rounds, "eval.at_start": False}
-    mark = {
-        "watermark.secret": SECRET,
-        "watermark.size": args.size,
-        "watermark.steps": args.wm_steps,
-        "watermark.per_client": True,
-        "watermark.client_size": args.client_size,
-        "watermark.client_steps": args.client_steps,
-    }
+    mark: dict[str, Any] = {"watermark.secret": SECRET, "watermark.size": args.size, "watermark.steps": args.wm_steps}
+    if not args.shared_only:
+        mark.update({"watermark.per_client": True, "watermark.client_size": args.client_size, "watermark.client_steps": args.client_steps})
     if args.wm_lr is not None:
         mark["watermark.lr"] = args.wm_lr
     if args.wm_retain:
@@ -152,8 +147,12 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"Model `{args.model}`, {summary.get('dtype', 'float32')} on {summary.get('cpu', 'CPU')}; quickstart config, {args.rounds} rounds; "
         f"watermark: {args.size} shared triggers, {args.wm_steps} server steps per round at lr {args.wm_lr or 'of the federation'} "
-        f"({args.wm_retain} retain conversations, {args.retain_loss}; {args.start_steps} pre-training steps before round 1), per-client sets of {args.client_size} "
-        f"({args.client_steps} steps per copy)"
+        f"({args.wm_retain} retain conversations, {args.retain_loss}; {args.start_steps} pre-training steps before round 1), "
+        + (
+            "no per-client copies (the stolen model is the global one)"
+            if args.shared_only
+            else f"per-client sets of {args.client_size} ({args.client_steps} steps per copy)"
+        )
         + (
             f"; embeddings stop at trigger accuracy {args.until} (checked every {args.check_every} steps, the steps above the most)"
             if args.until
@@ -205,6 +204,7 @@ def main() -> None:
     parser.add_argument("--wm-lr", type=float, default=None)
     parser.add_argument("--wm-retain", type=int, default=0, help="watermark.retain: conversations the model writes itself per embedding")
     parser.add_argument("--retain-loss", choices=["sft", "kl"], default="sft", help="watermark.retain_loss")
+    parser.add_argument("--shared-only", action="store_true", help="no per-client copies: attack the global model, verify only")
     parser.add_argument("--start-steps", type=int, default=0, help="watermark.start_steps: pre-training of the initial model")
     parser.add_argument("--until", type=float, default=None, help="watermark.until: stop each embedding at this trigger accuracy")
     parser.add_argument("--check-every", type=int, default=5, help="watermark.check_every (with --until)")
@@ -213,10 +213,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     clean, marked = runs(args)
-    clients = read_registry(marked)["clients"]
-    copies: dict[str, dict[str, Any]] = {"global": {"as trained": check(open_suspect(marked), marked, clients, args.size, args.client_size)}}
-    for client in clients[: args.copies]:
-        copies[client] = attack_copy(marked / "watermark" / client, marked, clients, args)
+    if args.shared_only:  # every client holds the global model: the thief attacks it, there is no copy to trace
+        clients: list[str] = []
+        copies = {"global": attack_copy(marked, marked, clients, args)}
+    else:
+        clients = read_registry(marked)["clients"]
+        copies = {"global": {"as trained": check(open_suspect(marked), marked, clients, args.size, args.client_size)}}
+        for client in clients[: args.copies]:
+            copies[client] = attack_copy(marked / "watermark" / client, marked, clients, args)
     clean_loss, marked_loss = final_loss(clean), final_loss(marked)
     summary = {
         "clean_loss": clean_loss,
@@ -228,7 +232,19 @@ def main() -> None:
         "embeddings": embeddings(marked),
         "copies": copies,
     }
-    publish(args.out, summary, markdown(summary, args), args.write_results, START, END, "Lifelong: model ownership (watermark and leak tracing)")
+    if args.shared_only:  # its own block: the shared mark alone, attacked on the global model
+        start, end = START.replace("watermark:", "watermark-shared:"), END.replace("watermark:", "watermark-shared:")
+        publish(
+            args.out,
+            summary,
+            markdown(summary, args),
+            args.write_results,
+            start,
+            end,
+            "Lifelong: the shared watermark alone, attacked on the global model",
+        )
+    else:
+        publish(args.out, summary, markdown(summary, args), args.write_results, START, END, "Lifelong: model ownership (watermark and leak tracing)")
 
 
 if __name__ == "__main__":
