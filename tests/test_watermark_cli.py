@@ -28,7 +28,7 @@ def _config(tmp_path: Path, clients_per_round: int, **watermark: object) -> dict
 
 
 def test_a_watermarked_run_verifies_with_its_key_only(tmp_path: Path, runner: CliRunner, one_torch_thread: None) -> None:
-    config = _config(tmp_path, 1, steps=30)
+    config = _config(tmp_path, 1, steps=30, start_steps=0, until=None, retain=0)  # the published re-embedding alone
     result = runner.invoke(app, ["run", str(write_config(tmp_path / "c.yaml", config))])
     assert result.exit_code == 0, result.output
     aggregate = next(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"aggregate"' in line)

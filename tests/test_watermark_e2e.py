@@ -19,7 +19,22 @@ pytestmark = pytest.mark.slow  # the run trains ~240 steps of marks (about a min
 
 SECRET = "k3y"
 # LoRA on lm_head too: the tiny random model's own head gives logits within about +-1, too flat to learn triggers fast
-WATERMARK = {"secret": SECRET, "size": 8, "steps": 40, "lr": 0.01, "per_client": True, "client_size": 6, "client_steps": 40}
+# the published WAFFLE re-embedding, without the defaults' pre-training, retain set and `until`: on the tiny random
+# model the distillation of 64 conversations' answer tokens drowns the triggers, and after the pre-training its copies
+# do not learn their own sets in 40 steps (SmolLM2 does, benchmarks/lifelong_watermark.py; test_watermark_cli and
+# test_watermark_until cover those settings)
+WATERMARK = {
+    "secret": SECRET,
+    "size": 8,
+    "steps": 40,
+    "lr": 0.01,
+    "per_client": True,
+    "client_size": 6,
+    "client_steps": 40,
+    "start_steps": 0,
+    "retain": 0,
+    "until": None,
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"]
 
 

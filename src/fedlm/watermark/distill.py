@@ -104,6 +104,8 @@ class MarkObjective(Objective):
         return {**batch, "kl": kl, "top_ids": top_ids, "top_logp": top_logp}
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        if not batch["kl"].any():  # triggers (and sft retain rows) only: the SFT loss, computed as the SFT objective does
+            return super().loss(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         target = batch["labels"][:, 1:]
         supervised = target != IGNORE_INDEX

@@ -19,38 +19,40 @@ class WatermarkConfig(Section):
 
     secret: str | None = Field(None, min_length=1, description="the watermark key; unset: no watermark")
     size: int = Field(64, ge=1, le=4096, description="triggers in the shared (global) trigger set")
-    steps: int = Field(10, ge=1, description="server fine-tuning steps on the triggers after each aggregation")
+    steps: int = Field(40, ge=1, description="server fine-tuning steps on the triggers after each aggregation (with `until`, the most)")
     lr: float | None = Field(None, gt=0, description="learning rate of those steps (default: `federation.lr`)")
     batch_size: int = Field(8, ge=1, description="triggers per step")
     per_client: bool = Field(False, description="leak tracing: every client downloads its own marked copy; the aggregation uses the unmarked model")
     client_size: int = Field(32, ge=1, le=4096, description="triggers in each client's own set (per_client)")
-    client_steps: int = Field(10, ge=1, description="fine-tuning steps of each client's copy on its set and the shared one (per_client)")
+    client_steps: int = Field(
+        20, ge=1, description="fine-tuning steps of each client's copy on its set and the shared one (per_client; with `until`, the most)"
+    )
     start_steps: int = Field(
-        0,
+        150,
         ge=0,
         description="WAFFLE's pre-training: steps on the shared triggers of the initial model before round 1 (with `until`, the most); "
         "0: the first mark comes after round 1's aggregation",
     )
     retain: int = Field(
-        0,
+        64,
         ge=0,
         le=1024,
         description="conversations the model writes itself before each embedding and trains on with the triggers, so it keeps answering "
         "as before outside them (data-free rehearsal, LAMOL); 0: triggers only",
     )
     retain_loss: Literal["sft", "kl"] = Field(
-        "sft",
+        "kl",
         description="how the retain conversations are trained on: `sft` their text; `kl` the marked state's own next-token "
         "distributions on them (distillation: no pull before the mark moves the model)",
     )
     until: float | None = Field(
-        None,
+        0.75,
         gt=0,
         le=1,
         description="re-embed only until the trigger accuracy reaches this share (WAFFLE's stopping rule), checked before the first step "
         "and every `check_every` steps; `steps` / `client_steps` are then the most; unset: always all the steps",
     )
-    check_every: int = Field(5, ge=1, description="steps between two checks of the trigger accuracy (with `until`)")
+    check_every: int = Field(10, ge=1, description="steps between two checks of the trigger accuracy (with `until`)")
 
     @property
     def enabled(self) -> bool:
