@@ -17,6 +17,7 @@ watermark's cost is the relative change of the final global test loss against th
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -190,7 +191,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``; default: ``sys.argv``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rounds", type=int, default=4)
@@ -210,7 +212,16 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=5, help="watermark.check_every (with --until)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "lifelong_watermark")
     parser.add_argument("--write-results", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--publish-only", action="store_true", help="rewrite the tables from --out's summary.json, computing nothing")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.publish_only:
+        summary = json.loads((args.out / "summary.json").read_text())
+        write_block(summary, args)
+        return
     torch.manual_seed(0)
     clean, marked = runs(args)
     if args.shared_only:  # every client holds the global model: the thief attacks it, there is no copy to trace
@@ -232,6 +243,11 @@ def main() -> None:
         "embeddings": embeddings(marked),
         "copies": copies,
     }
+    write_block(summary, args)
+
+
+def write_block(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """``summary`` and its table into ``--out`` (and RESULTS.md with ``--write-results``), in the block of its kind."""
     if args.shared_only:  # its own block: the shared mark alone, attacked on the global model
         start, end = START.replace("watermark:", "watermark-shared:"), END.replace("watermark:", "watermark-shared:")
         publish(
