@@ -159,8 +159,12 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
             if args.until
             else ""
         )
-        + "; K = 10 answers (chance 0.1); verified / traced at p < 1e-3 (trace: Bonferroni over "
-        f"{len(summary['clients'])} clients).",
+        + "; K = 10 answers (chance 0.1); "
+        + (
+            f"verified / traced at p < 1e-3 (trace: Bonferroni over {len(summary['clients'])} clients)."
+            if summary["clients"]
+            else "verified at p < 1e-3."
+        ),
         "",
         f"Clean test loss {summary['clean_loss']:.4f}, watermarked {summary['watermarked_loss']:.4f}: cost {cost:+.2%} (goal <= 1%).",
         "",
@@ -178,15 +182,15 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
         )
         + ".",
         "",
-        "| model | attack | shared trigger acc. | p-value | verified | traced as | traced right |",
-        "| --- | --- | ---: | ---: | :---: | --- | :---: |",
+        "| model | attack | shared trigger acc. | p-value | verified |" + (" traced as | traced right |" if summary["clients"] else ""),
+        "| --- | --- | ---: | ---: | :---: |" + (" --- | :---: |" if summary["clients"] else ""),
     ]
     for who, rows in summary["copies"].items():
         for attack, row in rows.items():
             expected = None if who == "global" else who
+            traced = f" {row['leaked'] or 'nobody'} | {'yes' if row['leaked'] == expected else 'no'} |" if summary["clients"] else ""
             lines.append(
-                f"| {who} | {attack} | {row['shared_accuracy']:.3f} | {row['shared_p']:.2g} | {'yes' if row['verified'] else 'no'} | "
-                f"{row['leaked'] or 'nobody'} | {'yes' if row['leaked'] == expected else 'no'} |"
+                f"| {who} | {attack} | {row['shared_accuracy']:.3f} | {row['shared_p']:.2g} | {'yes' if row['verified'] else 'no'} |" + traced
             )
     return "\n".join(lines)
 
