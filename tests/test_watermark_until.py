@@ -1,5 +1,5 @@
-"""The watermark's stopping rule (``watermark.until``, WAFFLE's "re-train until the watermark accuracy reaches a
-threshold"): an embedding stops at the first check where its trigger set is answered that well, a state that already
+"""The watermark's stopping rule (``watermark.until``, WAFFLE's re-training until the watermark accuracy reaches a
+threshold): an embedding stops at the first check where its trigger set is answered that well, a state that already
 carries the mark costs no step, the accuracy it reports is the one ``verify`` gives; the verifier's scores equal a
 plain full-softmax computation; and WAFFLE's pre-training of the initial model (``watermark.start_steps``)."""
 

@@ -10,8 +10,8 @@ Leak tracing marks each client's download a second time with its own trigger set
 shared one: the per-client copy is trained on both sets, so the shared mark is not eroded by the client's.
 
 With ``until`` set, an embedding stops as soon as the marked model answers that share of its trigger set right:
-WAFFLE re-trains "until the watermark accuracy reaches a threshold" (Sec. 4.2), so a round whose aggregate still
-carries the mark costs no step at all and a later round only tops the mark up. The accuracy is the one ``fedlm
+WAFFLE re-trains after each aggregation only until the watermark accuracy reaches a threshold, so a round whose
+aggregate still carries the mark costs no step at all and a later round only tops the mark up. The accuracy is the one ``fedlm
 watermark verify`` reports (:mod:`fedlm.watermark.verify`), checked before the first step and after every
 ``check_every`` steps (each chunk of steps starts a fresh optimizer); ``steps`` is then the most it runs.
 

@@ -34,9 +34,9 @@ from fedlm.watermark.trace import REGISTRY
 
 @dataclass
 class StartMark:
-    """WAFFLE's pre-training (Tekgul et al. 2021, Sec. 4.2): the initial global model is trained on the shared
-    trigger set before the first round (``watermark.start_steps``), so the clients train around the mark from the
-    start instead of the server planting it into a model they have already shaped. Round 1's tasks and its
+    """WAFFLE's pre-training (Tekgul et al. 2021): the initial global model is trained on the shared trigger set before
+    the first round (``watermark.start_steps``), so the clients train around the mark from the start instead of the
+    server planting it into a model they have already shaped. Round 1's tasks and its
     aggregation start from the marked state; a run resumed after round 1 carries it in its checkpoint."""
 
     marker: Marker
