@@ -71,17 +71,17 @@ class MarkObjective(Objective):
     name = "watermark-mark"
 
     def check_records(self, records: Sequence[Record], field_name: str, data: DataConfig) -> None:
-        raise NotImplementedError("the watermark's objective trains on trigger and retain examples only")
+        raise TypeError("the watermark's objective trains on trigger and retain examples only, never on records")
 
     def train_examples(
         self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataConfig, who: str, where: Sequence[str]
     ) -> list[TokenizedExample]:
-        raise NotImplementedError("the watermark's objective trains on trigger and retain examples only")
+        raise TypeError("the watermark's objective trains on trigger and retain examples only, never on records")
 
     def test_examples(
         self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, data: DataConfig, owners: Sequence[str | None], where: str
     ) -> list[TestExample]:
-        raise NotImplementedError("the watermark's objective is not evaluated on records")
+        raise TypeError("the watermark's objective is never evaluated on records")
 
     def collate(self, examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
         """The SFT batch plus, for distilled rows, ``kl`` (B, T-1) marking their supervised positions and the
